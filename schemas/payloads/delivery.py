@@ -1,0 +1,58 @@
+"""Facts the consumer engine records about deliveries: settlements, expiries, dead letters."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from schemas.envelope import Payload
+
+Outcome = Literal["handled", "retried", "failed", "dead_lettered", "expired"]
+
+
+class Settlement(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How one delivery attempt ended. `envelope_id` is None when the bytes did not decode."""
+
+    stream_seq: int
+    attempt: int
+    outcome: Outcome
+    envelope_id: str | None = None
+    kind: str | None = None
+    handler_ms: float = 0.0
+    error: str | None = None
+
+
+class DeliveryReport(Payload, frozen=True, kw_only=True, tag="delivery.report"):
+    """Settlements of one consumer, recorded *before* the acks they describe are sent, so the
+    log never shows fewer outcomes than the broker has settled."""
+
+    agent: str
+    consumer: str
+    settlements: list[Settlement]
+
+
+class DeadLettered(Payload, frozen=True, kw_only=True, tag="delivery.dead_lettered"):
+    """A message that will not be handled, with why and the exact original bytes."""
+
+    reason: str
+    agent: str
+    consumer: str
+    original_subject: str
+    original_seq: int
+    original: bytes
+    deliveries: int
+    original_id: str | None = None
+    original_kind: str | None = None
+    error: str | None = None
+
+
+class DeliveryExpired(Payload, frozen=True, kw_only=True, tag="delivery.expired"):
+    """An envelope that reached its agent after `expires_at` and was therefore not handled."""
+
+    agent: str
+    original_id: str
+    original_kind: str
+    original_seq: int
+    expired_at: datetime

@@ -1,0 +1,54 @@
+"""Publishing into the log: durability receipt, dedup, optimistic concurrency, fsync check."""
+
+from __future__ import annotations
+
+import pytest
+
+from bus import Bus, BusConfig, ConcurrencyConflict, ConfigurationError
+from schemas import decode_loose, new_id
+from schemas.payloads import Note
+
+
+async def test_send_is_stored_with_its_sequence(bus: Bus) -> None:
+    """A sent envelope is in the stream at the sequence its ack reports, on the inbox subject."""
+    sent = await bus.send("alice", Note(text="hello"))
+    msg = await bus.js.get_msg(bus.subjects.stream, seq=sent.ack.seq)
+    assert msg.subject == "default.inbox.alice.tester"
+    assert decode_loose(msg.data).id == sent.envelope.id
+    assert msg.headers["Nats-Msg-Id"] == sent.envelope.id
+
+
+async def test_resent_envelope_is_stored_once(bus: Bus) -> None:
+    """Publishing the same envelope twice stores it once; the second ack is a duplicate of the first."""
+    envelope = bus.envelope(Note(text="once"), to="alice")
+    first = await bus.publish(envelope)
+    second = await bus.publish(envelope)
+    assert second.ack.duplicate and second.ack.seq == first.ack.seq
+    assert await bus.last_seq() == first.ack.seq
+
+
+async def test_fenced_record_rejects_a_stale_writer(bus: Bus) -> None:
+    """record(expected_seq=...) appends only on the expected last sequence; a stale one conflicts."""
+    first = await bus.record("alice", Note(text="v1"), expected_seq=0)
+    await bus.record("alice", Note(text="v2"), expected_seq=first.ack.seq)
+    with pytest.raises(ConcurrencyConflict) as info:
+        await bus.record("alice", Note(text="stale"), expected_seq=first.ack.seq, id=new_id())
+    assert info.value.actual == first.ack.seq + 1
+
+
+async def test_bus_refuses_a_server_that_does_not_fsync(tmp_path, nats_server) -> None:
+    """With a monitor URL, the bus reads /varz and refuses a server without sync_interval: always."""
+    from bus.server import EmbeddedServer, ServerSettings, free_port
+
+    lazy_conf = tmp_path / "lazy.conf"
+    lazy_conf.write_text("jetstream {}\n")
+    settings = ServerSettings(
+        store_dir=tmp_path / "lazy", port=free_port(), monitor_port=free_port(), config_file=lazy_conf
+    )
+    async with EmbeddedServer(settings) as lazy:
+        config = BusConfig(url=lazy.url, monitor_url=settings.monitor_url)
+        with pytest.raises(ConfigurationError, match="sync_interval: always"):
+            async with Bus(config):
+                pass
+        async with Bus(BusConfig(url=lazy.url, monitor_url=settings.monitor_url, require_fsync=False)):
+            pass
