@@ -1,0 +1,44 @@
+"""`bus bench`: measured figures, each section against a fresh server it starts itself.
+
+A section is a module with `async def run(env: BenchEnv) -> dict[str, float]`; the figures of
+every section are merged into one JSON object. Baselines are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bus.server import EmbeddedServer, ServerSettings, free_port
+
+SECTIONS = (
+    "bus.bench.publish",      # durable_publish_per_s, baseline_publish_async_per_s
+    "bus.bench.consume",      # consume_ack_per_s, baseline_fetch_ack_per_s, latency_p50_ms, latency_p99_ms
+    "projections.bench",      # fold_per_s, rebuild_1m_s, query_p50_ms, query_p99_ms, lag_p99_ms
+    "agents.bench",           # agent_start_ms, agent_restart_ms, agent_rss_mb, step_overhead_us, ...
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchEnv:
+    """What a section gets: a scratch directory, a size scale, and a way to start servers."""
+
+    workdir: Path
+    # 1.0 = the sizes the targets are stated for; smaller for a quick smoke run.
+    scale: float = 1.0
+    repeats: int = 3
+
+    @contextlib.asynccontextmanager
+    async def server(self, name: str) -> AsyncIterator[EmbeddedServer]:
+        """A fresh nats-server from the repo's nats.conf (fsync on every write)."""
+        settings = ServerSettings(
+            store_dir=self.workdir / f"nats-{name}-{free_port()}", port=free_port(), monitor_port=free_port()
+        )
+        async with EmbeddedServer(settings) as server:
+            yield server
+
+    def n(self, count: int) -> int:
+        """`count` scaled, at least 100."""
+        return max(100, int(count * self.scale))

@@ -1,0 +1,1 @@
+"""The `bus` command. `main.py` assembles subcommands registered by command modules."""

@@ -1,0 +1,86 @@
+"""What every `bus` subcommand shares: building config from arguments, metrics, output, errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from bus.config import DEFAULT_URL, BusConfig
+
+# Where `bus up` keeps its server, pid and state unless told otherwise (relative to cwd).
+DEFAULT_HOME = Path(".continuum")
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as `error: <message>` and exit code 2. Say what was wrong
+    and how to fix it."""
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """--url, --namespace and --home, with defaults from BUS_URL, BUS_NAMESPACE, BUS_HOME."""
+    parser.add_argument(
+        "--url", default=os.environ.get("BUS_URL", DEFAULT_URL),
+        help="NATS server URL (env BUS_URL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--namespace", default=os.environ.get("BUS_NAMESPACE", "default"),
+        help="namespace: one log stream per namespace (env BUS_NAMESPACE; default %(default)s)",
+    )
+    parser.add_argument(
+        "--home", type=Path, default=Path(os.environ.get("BUS_HOME", DEFAULT_HOME)),
+        help="directory for the embedded server's store, pid file and views (env BUS_HOME; default %(default)s)",
+    )
+
+
+def add_metrics_option(parser: argparse.ArgumentParser) -> None:
+    """--metrics-port for long-running commands."""
+    parser.add_argument(
+        "--metrics-port", type=int, default=None,
+        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics while running",
+    )
+
+
+def bus_config(args: argparse.Namespace, *, name: str = "cli", **overrides: object) -> BusConfig:
+    """The BusConfig for a command, from its connection options (and the monitor URL that
+    `bus up` recorded, so the fsync check runs against the embedded server)."""
+    from bus.cli.state import read_state  # local: state depends on common for CliError
+
+    monitor_url = os.environ.get("BUS_MONITOR_URL") or None
+    state = read_state(args.home)
+    if monitor_url is None and state is not None and state.url == args.url:
+        monitor_url = state.monitor_url
+    fields: dict[str, object] = {"url": args.url, "namespace": args.namespace, "name": name, "monitor_url": monitor_url}
+    fields.update(overrides)
+    return BusConfig(**fields)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def metrics_server(registry: CollectorRegistry, port: int | None) -> Iterator[None]:
+    """Serve `registry` on 127.0.0.1:`port` for the duration of the block (no-op when None).
+
+    Raises CliError when the port cannot be bound.
+    """
+    if port is None:
+        yield
+        return
+    try:
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on 127.0.0.1:{port}: {exc}; pick another --metrics-port") from exc
+    try:
+        yield
+    finally:
+        server.shutdown()
+        thread.join(timeout=2)
+
+
+def out(line: str) -> None:
+    """Print one line of command output and flush (output is often piped and watched live)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,76 @@
+"""Entry point of the `bus` command.
+
+Subcommands come from command modules, each exposing `register(subparsers)`; a subcommand sets
+`func=` to `async def run(args) -> int`. Modules of layers above the bus (projections, agents) are
+looked up by name: the CLI is the composition root, the one place that sees every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from bus.cli.common import CliError
+from bus.errors import BusError, BusUnavailable, ConfigurationError
+
+COMMAND_MODULES = (
+    "bus.cli.server_commands",     # up, down
+    "bus.cli.message_commands",    # send, broadcast, request, tail
+    "bus.cli.ops_commands",        # status, schema
+    "bus.cli.bench_command",       # bench
+    "projections.cli",             # projections run|rebuild|status, query
+    "agents.cli",                  # agent start|ps|stop|logs, demo, replay, trace
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"error: {message}\n(run `{self.prog} --help` for the options)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bus", description="Continuum: an event-sourced message bus for stateful AI agents.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # that layer has no commands yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code = asyncio.run(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, ConfigurationError, BusUnavailable) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except BusError as exc:
+        sys.stderr.write(f"error: {type(exc).__name__}: {exc}\n")
+        return 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(os.sys.argv[1:]))
