@@ -24,7 +24,8 @@ COMMAND_MODULES = (
     "bus.cli.ops_commands",        # status, schema
     "bus.cli.bench_command",       # bench
     "projections.cli",             # projections run|rebuild|status, query
-    "agents.cli",                  # agent start|ps|stop|logs, demo, replay, trace
+    "agents.cli",                  # agent start|ps|stop|logs
+    "agents.research.cli",         # demo research, replay, trace
 )
 
 
