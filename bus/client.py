@@ -122,9 +122,14 @@ class Bus:
                 await self._publisher.__aexit__(exc_type, exc, tb)
         finally:
             self._publisher = None
-            if self._nc is not None and not self._nc.is_closed:
-                await self._nc.drain()
-            self._nc = None
+            nc, self._nc = self._nc, None
+            if nc is not None and not nc.is_closed:
+                try:
+                    await nc.drain()
+                except (nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError,
+                        nats.errors.FlushTimeoutError, asyncio.TimeoutError):
+                    # The server is gone: nothing left to drain, just release the connection.
+                    await nc.close()
 
     async def _check_fsync(self) -> None:
         if self.config.monitor_url is None:
@@ -233,14 +238,21 @@ class Bus:
         return await self.publish(self.envelope(payload, tag=check_name(tag, "tag"), **fields))
 
     async def record(
-        self, agent: str, payload: Any, *, expected_seq: int | None = None, **fields: Any
+        self,
+        agent: str,
+        payload: Any,
+        *,
+        expected_seq: int | None = None,
+        fence: str | None = None,
+        **fields: Any,
     ) -> Sent:
         """Append an event about `agent` to the log at `<ns>.event.<agent>.<kind>`.
 
         With `expected_seq`, the append succeeds only if the agent's last event is at that stream
         sequence (0: it has none) and raises ConcurrencyConflict otherwise: a fenced, single-writer
-        append. The previous sequence is carried in the `Bus-Prev-Seq` header so projections can
-        detect a missing or rewritten event.
+        append. `fence` narrows the check to one subject filter (e.g. the subject of the agent's
+        state alone, so heartbeats do not conflict with it). The previous sequence is carried in
+        the `Bus-Prev-Seq` header so projections can detect a missing or rewritten event.
         """
         envelope = self.envelope(payload, sender=fields.pop("sender", agent), **fields)
         subject = self.subjects.event(agent, envelope.kind)
@@ -253,7 +265,7 @@ class Bus:
             envelope,
             subject,
             expected_last_subject_seq=expected_seq,
-            expected_last_subject=self.subjects.event_filter(agent),
+            expected_last_subject=fence or self.subjects.event_filter(agent),
         )
 
     # -- request / reply ------------------------------------------------------------------

@@ -69,8 +69,19 @@ class PublisherSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Group commit: concurrent publishes are coalesced into JetStream atomic batches."""
 
     max_batch: int = 1000  # the server's atomic batch limit
+    # Units on their way: one committing, the rest already staged at the server (the server
+    # allows 50 uncommitted batches per stream, shared by every publisher).
     max_inflight_batches: int = 4
+    # A publish() call is answered (ack or BusUnavailable) within this long.
     ack_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= 1000:
+            raise ConfigurationError("max_batch must be 1..1000 (the server's atomic batch limit)")
+        if not 1 <= self.max_inflight_batches <= 16:
+            raise ConfigurationError("max_inflight_batches must be 1..16")
+        if self.ack_timeout_s <= 0:
+            raise ConfigurationError("ack_timeout_s must be positive")
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
