@@ -1,0 +1,71 @@
+"""Entry point of a detached supervisor: `python -m agents.supervisor.main '<SupervisorLaunch>'`.
+
+Started by `bus agent start` in its own session. It connects to the bus (to record lifecycle
+events), runs the Supervisor until SIGTERM or SIGINT, stops the replicas gracefully, flushes its
+events and exits. Exit codes: 0 stopped, 1 crashed, 3 bus unreachable at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import msgspec
+
+from agents.supervisor.control import SupervisorLaunch
+from agents.supervisor.recorder import EventRecorder
+from agents.supervisor.supervisor import Supervisor
+from bus.client import Bus
+from bus.errors import BusUnavailable
+
+log = logging.getLogger("continuum.agents.supervisor")
+
+EXIT_OK, EXIT_NO_BUS = 0, 3
+
+
+async def serve(launch: SupervisorLaunch) -> None:
+    """Supervise until SIGTERM/SIGINT. Raises BusUnavailable if the bus cannot be reached."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    config = msgspec.structs.replace(launch.spec.bus, name="supervisor")
+    async with Bus(config) as bus:
+        recorder = EventRecorder(bus)
+        supervisor = Supervisor(launch.spec, launch.settings, recorder=recorder)
+        async with asyncio.TaskGroup() as tasks:
+            recording = tasks.create_task(recorder.run())
+            log.info("supervising %s (%s) with %d replica(s)", launch.spec.name, launch.spec.target, launch.spec.replicas)
+            await supervisor.run(stop)
+            if not await recorder.flush(5.0):
+                log.warning("stopped before every lifecycle event was recorded")
+            recording.cancel()
+    log.info("supervisor of %s stopped", launch.spec.name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [supervisor {os.getpid()}] %(name)s %(message)s",
+    )
+    launch = msgspec.json.decode(args[0], type=SupervisorLaunch)
+    try:
+        asyncio.run(serve(launch))
+    except Exception as exc:
+        cause = exc
+        while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        if isinstance(cause, BusUnavailable):
+            log.error("cannot reach the bus: %s", cause)
+            return EXIT_NO_BUS
+        raise
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

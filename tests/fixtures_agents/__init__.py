@@ -1,0 +1,1 @@
+"""Agent classes used by the agent, supervisor and exactly-once tests (run in real processes)."""
