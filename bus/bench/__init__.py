@@ -18,6 +18,7 @@ SECTIONS = (
     "bus.bench.consume",      # consume_ack_per_s, baseline_fetch_ack_per_s, latency_p50_ms, latency_p99_ms
     "projections.bench",      # fold_per_s, rebuild_1m_s, query_p50_ms, query_p99_ms, lag_p99_ms
     "agents.bench",           # agent_start_ms, agent_restart_ms, agent_rss_mb, step_overhead_us, ...
+    "agents.memory.bench",    # context_compile_ms
 )
 
 
