@@ -13,7 +13,9 @@ Every envelope is published durably (the call returns after the server stored it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -56,6 +58,25 @@ _query_response = msgspec.json.Decoder(QueryResult | QueryFailure)
 _query_encoder = msgspec.json.Encoder()
 
 
+async def server_reachable(url: str, timeout_s: float = 2.0) -> bool:
+    """True if something accepts TCP connections at `url` (any of a comma-separated list)."""
+    for part in url.split(","):
+        parsed = urllib.parse.urlsplit(part.strip() if "://" in part else f"nats://{part.strip()}")
+        if not parsed.hostname:
+            continue
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parsed.hostname, parsed.port or 4222), timeout_s
+            )
+        except (OSError, asyncio.TimeoutError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
+
+
 class Sent(msgspec.Struct, frozen=True):
     """A published envelope and the server's receipt for it."""
 
@@ -84,6 +105,13 @@ class Bus:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> "Bus":
+        # nats-py retries a refused *first* connect forever when reconnects are unlimited, so
+        # look before leaping: a clear error now beats a silent hang.
+        if not await server_reachable(self.config.url, self.config.connect_timeout_s):
+            raise BusUnavailable(
+                f"no NATS server is running at {self.config.url}: start one with `bus up --detach`, "
+                "or point BUS_URL at a running server"
+            )
         await self._check_fsync()
         try:
             self._nc = await nats.connect(

@@ -489,7 +489,7 @@ class Publisher:
             self._encode(unit)
         except Exception as exc:  # a bug in encoding: fail these callers, keep serving the rest
             log.exception("cannot encode a publish unit")
-            self._fail_unit(unit, lambda: BusUnavailable(f"cannot encode the publish: {exc!r}"))
+            self._fail_unit(unit, lambda error=exc: BusUnavailable(f"cannot encode the publish: {error!r}"))
             self._slots.release()
             return
         self._metrics.publish_batch_size.observe(len(unit.entries))
@@ -537,7 +537,7 @@ class Publisher:
                 raise
             except Exception as exc:  # a bug while settling: fail this unit's callers, go on
                 log.exception("a publish unit failed unexpectedly")
-                self._fail_unit(unit, lambda: BusUnavailable(f"publish failed: {exc!r}"))
+                self._fail_unit(unit, lambda error=exc: BusUnavailable(f"publish failed: {error!r}"))
             finally:
                 self._slots.release()
 

@@ -52,3 +52,12 @@ async def test_bus_refuses_a_server_that_does_not_fsync(tmp_path, nats_server) -
                 pass
         async with Bus(BusConfig(url=lazy.url, monitor_url=settings.monitor_url, require_fsync=False)):
             pass
+
+
+async def test_bus_without_a_server_fails_fast_with_a_hint(unused_tcp_port: int) -> None:
+    """Entering a Bus with no server listening raises BusUnavailable naming `bus up`, not a hang."""
+    from bus import BusUnavailable
+
+    with pytest.raises(BusUnavailable, match="bus up"):
+        async with Bus(BusConfig(url=f"nats://127.0.0.1:{unused_tcp_port}", connect_timeout_s=0.5)):
+            pass

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 
 from bus.config import DEFAULT_URL, BusConfig
+
+if TYPE_CHECKING:
+    from bus.client import Bus
+    from schemas import PayloadRegistry
 
 # Where `bus up` keeps its server, pid and state unless told otherwise (relative to cwd).
 DEFAULT_HOME = Path(".continuum")
@@ -78,6 +84,48 @@ def metrics_server(registry: CollectorRegistry, port: int | None) -> Iterator[No
     finally:
         server.shutdown()
         thread.join(timeout=2)
+
+
+NO_SERVER_HINT = "run `bus up --detach` to start the embedded server, or set BUS_URL (or --url) to a running one"
+
+
+async def probe_server(url: str, timeout_s: float = 2.0) -> None:
+    """Raise CliError saying how to start a server when nothing accepts connections at `url`."""
+    from bus.client import server_reachable
+
+    if not await server_reachable(url, timeout_s):
+        raise CliError(f"no NATS server is running at {url}: {NO_SERVER_HINT}")
+
+
+@contextlib.asynccontextmanager
+async def open_bus(
+    args: argparse.Namespace,
+    *,
+    name: str = "cli",
+    registry: "PayloadRegistry | None" = None,
+    metrics_registry: CollectorRegistry | None = None,
+) -> AsyncIterator["Bus"]:
+    """A connected `Bus` for a command, after checking a server answers at `args.url`.
+
+    Raises CliError (exit 2) when no server is running or the connection cannot be made.
+    """
+    from bus.client import Bus
+    from bus.errors import BusUnavailable
+
+    config = bus_config(args, name=name)
+    await probe_server(config.url)
+    bus = Bus(config, registry=registry, metrics_registry=metrics_registry)
+    try:
+        async with asyncio.timeout(config.connect_timeout_s + 10.0):
+            await bus.__aenter__()
+    except (BusUnavailable, TimeoutError) as exc:
+        raise CliError(f"cannot connect to NATS at {config.url} ({exc or 'timed out'}): {NO_SERVER_HINT}") from exc
+    try:
+        yield bus
+    except BaseException as exc:
+        await bus.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    await bus.__aexit__(None, None, None)
 
 
 def out(line: str) -> None:

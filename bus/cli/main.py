@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "bus.cli.message_commands",    # send, broadcast, request, tail
     "bus.cli.ops_commands",        # status, schema
     "bus.cli.bench_command",       # bench
+    "bus.cli.smoke_command",       # smoke
     "projections.cli",             # projections run|rebuild|status, query
     "agents.cli",                  # agent start|ps|stop|logs
     "agents.research.cli",         # demo research, replay, trace
@@ -45,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # that layer has no commands yet
+            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+                continue  # that layer (or its package) has no commands yet
             raise
         module.register(sub)
     return parser

@@ -14,6 +14,8 @@ class ServerState(msgspec.Struct, frozen=True, kw_only=True):
     store_dir: str
     # Pid of the projection service started alongside the server, if any.
     projections_pid: int | None = None
+    # Pid of a foreground `bus up` that owns both children: `bus down` asks it to stop them.
+    supervisor_pid: int | None = None
 
 
 def state_path(home: Path) -> Path:

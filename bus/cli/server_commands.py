@@ -1,0 +1,604 @@
+"""`bus up` and `bus down`: the embedded NATS server (and the projection service) on this machine.
+
+`bus up` runs both in the foreground until Ctrl-C or SIGTERM, or with `--detach` starts them in
+sessions of their own and returns once the server accepts clients and the log stream exists.
+Either way it records pids and URLs in `<home>/server.json`: `bus down` and every other command
+read it. Children get sessions of their own so that a Ctrl-C in the terminal reaches only
+`bus up`, which then stops them in order: the projection service first, then the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_server, out
+from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
+from bus.config import BusConfig, check_name
+from bus.errors import BusUnavailable, QueryError
+from bus.server import ServerSettings, free_port, read_varz, wait_until_listening
+
+DEFAULT_PORT = 4222
+DEFAULT_MONITOR_PORT = 8222
+PROJECTIONS_MODULE = "projections.cli"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser(
+        "up",
+        help="start the embedded NATS server and the projection service",
+        description="Start nats-server from the repo's nats.conf (127.0.0.1 only, JetStream, fsync on "
+        "every write) and, unless --no-projections, the projection service. Runs until Ctrl-C, or "
+        "with --detach returns once the server is ready (stop it with `bus down`).",
+    )
+    up.add_argument("--port", type=_port, default=DEFAULT_PORT, help="client port (default %(default)s)")
+    up.add_argument(
+        "--monitor-port", type=_port, default=None,
+        help=f"HTTP monitoring port (default {DEFAULT_MONITOR_PORT}, or a free one when that is taken)",
+    )
+    up.add_argument("--store", type=Path, default=None, help="JetStream store directory (default <home>/nats)")
+    up.add_argument("--config", type=Path, default=None, help="nats-server config (default ./nats.conf, else the repo's)")
+    up.add_argument("--detach", action="store_true", help="start in the background and return when ready")
+    up.add_argument("--no-projections", action="store_true", help="do not start the projection service")
+    up.add_argument(
+        "--start-timeout", type=float, default=20.0,
+        help="seconds to wait for the server (and the projection service) to be ready (default %(default)s)",
+    )
+    _add_home_option(up)
+    up.add_argument(
+        "--namespace", default=os.environ.get("BUS_NAMESPACE", "default"),
+        help="namespace the projection service folds (env BUS_NAMESPACE; default %(default)s)",
+    )
+    add_metrics_option(up)
+    up.set_defaults(func=run_up)
+
+    down = sub.add_parser(
+        "down", help="stop what `bus up` started",
+        description="Stop the projection service and the server recorded in <home>/server.json "
+        "(SIGTERM, then SIGKILL after --grace seconds) and clear that state.",
+    )
+    _add_home_option(down)
+    down.add_argument(
+        "--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default %(default)s)"
+    )
+    down.set_defaults(func=run_down)
+
+
+def _add_home_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--home", type=Path, default=Path(os.environ.get("BUS_HOME", DEFAULT_HOME)),
+        help="directory for the server's store, state file and views (env BUS_HOME; default %(default)s)",
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..65535")
+    return value
+
+
+# -- bus up ------------------------------------------------------------------------------------
+
+
+async def run_up(args: argparse.Namespace) -> int:
+    """Start the server (and projections); foreground or detached. Raises CliError on failure."""
+    check_name(args.namespace, "namespace")
+    home: Path = args.home.resolve()
+    existing = read_state(home)
+    if existing is not None:
+        if _is_running(existing.pid, _is_nats_server):
+            out(f"already running: {existing.url} (nats-server pid {existing.pid}, store {existing.store_dir})")
+            out(f"  recorded in {state_path(home)}; stop it with `bus down{_home_flag(args.home)}`, "
+                "or use another --home to run a second server")
+            return 0
+        await _clear_stale(home, existing)
+    if args.detach and args.metrics_port is not None:
+        raise CliError(
+            "--metrics-port needs a foreground `bus up` (a detached one exits at once); the server's "
+            "own metrics are at its monitoring URL (/varz, /jsz)"
+        )
+    await _check_port_free(args.port, "--port")
+    if args.monitor_port is not None:
+        await _check_port_free(args.monitor_port, "--monitor-port")
+        monitor_port = args.monitor_port
+    else:
+        monitor_port = DEFAULT_MONITOR_PORT if _port_free(DEFAULT_MONITOR_PORT) else free_port()
+    settings = ServerSettings(
+        store_dir=(args.store or home / "nats").resolve(),
+        port=args.port,
+        monitor_port=monitor_port,
+        config_file=args.config,
+        start_timeout_s=args.start_timeout,
+    )
+    settings.command()  # fail early (exit 2) if the binary or the config is missing
+    projections = _projections_command(args, settings.url, home)
+    if args.detach:
+        return await _up_detached(args, home, settings, projections)
+    return await _up_foreground(args, home, settings, projections)
+
+
+def _projections_command(args: argparse.Namespace, url: str, home: Path) -> list[str] | None:
+    """The projection service's command line, or None when it is off or not installed."""
+    if args.no_projections or not _projections_installed():
+        return None
+    return [
+        sys.executable, "-m", "bus.cli.main", "projections", "run",
+        "--url", url, "--namespace", args.namespace, "--home", str(home),
+    ]
+
+
+def _projections_installed() -> bool:
+    try:
+        return importlib.util.find_spec(PROJECTIONS_MODULE) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+async def _up_detached(
+    args: argparse.Namespace, home: Path, settings: ServerSettings, projections_cmd: list[str] | None
+) -> int:
+    server_log = settings.store_dir / "nats-server.log"
+    server = _spawn_detached(settings.command(), server_log)
+    state = ServerState(
+        pid=server.pid, url=settings.url, monitor_url=settings.monitor_url, store_dir=str(settings.store_dir)
+    )
+    # Recorded before waiting, so `bus down` can clean up even if this command is interrupted.
+    write_state(home, state)
+    projections: subprocess.Popen[bytes] | None = None
+    try:
+        await _wait_server_ready(settings, server.poll, server_log)
+        fsync = await _prepare_log(settings, args.namespace)
+        if projections_cmd is not None:
+            projections_log = home / "projections.log"
+            projections = _spawn_detached(projections_cmd, projections_log)
+            state = msgspec.structs.replace(state, projections_pid=projections.pid)
+            write_state(home, state)
+            answering = await _wait_projections_ready(
+                settings.url, args.namespace, projections.poll, projections_log, args.start_timeout
+            )
+        else:
+            answering = False
+    except BaseException:
+        if projections is not None:
+            await _terminate(projections.pid, 5.0)
+        await _terminate(server.pid, 5.0)
+        clear_state(home)
+        raise
+    _print_summary(args, home, state, fsync, projections_cmd, answering, detached=True)
+    return 0
+
+
+async def _up_foreground(
+    args: argparse.Namespace, home: Path, settings: ServerSettings, projections_cmd: list[str] | None
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    children = _Children()
+    try:
+        with metrics_server(_up_metrics(children, settings.monitor_url), args.metrics_port):
+            settings.store_dir.mkdir(parents=True, exist_ok=True)
+            server_log = settings.store_dir / "nats-server.log"
+            try:
+                with open(server_log, "ab") as log:
+                    children.server = await asyncio.create_subprocess_exec(
+                        *settings.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        start_new_session=True,
+                    )
+                state = ServerState(
+                    pid=children.server.pid, url=settings.url, monitor_url=settings.monitor_url,
+                    store_dir=str(settings.store_dir), supervisor_pid=os.getpid(),
+                )
+                write_state(home, state)
+                server = children.server
+                await _wait_server_ready(settings, lambda: server.returncode, server_log)
+                fsync = await _prepare_log(settings, args.namespace)
+                answering = False
+                if projections_cmd is not None:
+                    children.projections = await asyncio.create_subprocess_exec(
+                        *projections_cmd, stdin=subprocess.DEVNULL, start_new_session=True
+                    )
+                    state = msgspec.structs.replace(state, projections_pid=children.projections.pid)
+                    write_state(home, state)
+                    projections = children.projections
+                    answering = await _wait_projections_ready(
+                        settings.url, args.namespace, lambda: projections.returncode, None, args.start_timeout
+                    )
+                _print_summary(args, home, state, fsync, projections_cmd, answering, detached=False)
+                code = await _supervise(children, stop, server_log)
+            finally:
+                await children.stop(grace_s=10.0)
+                current = read_state(home)
+                if current is not None and children.server is not None and current.pid == children.server.pid:
+                    clear_state(home)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    out("stopped: projection service and server are down")
+    return code
+
+
+class _Children:
+    """The foreground `bus up`'s child processes, stopped in order: projections, then server."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.subprocess.Process | None = None
+        self.projections: asyncio.subprocess.Process | None = None
+
+    async def stop(self, grace_s: float) -> None:
+        await _stop_child(self.projections, grace_s)
+        await _stop_child(self.server, grace_s)
+
+
+async def _stop_child(proc: asyncio.subprocess.Process | None, grace_s: float) -> None:
+    """SIGTERM, wait up to `grace_s`, then SIGKILL; reaps the child."""
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def _supervise(children: _Children, stop: asyncio.Event, server_log: Path) -> int:
+    """Run until `stop` is set (signal) or the server exits. Returns the exit code for `bus up`."""
+    server_exit: list[int] = []
+
+    async def watch_server(proc: asyncio.subprocess.Process) -> None:
+        server_exit.append(await proc.wait())
+        stop.set()
+
+    async def watch_projections(proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        out(f"warning: the projection service exited with code {code}; the server keeps running "
+            "(restart both with Ctrl-C and `bus up`)")
+
+    async with asyncio.TaskGroup() as tg:
+        watchers = []
+        if children.server is not None:
+            watchers.append(tg.create_task(watch_server(children.server)))
+        if children.projections is not None:
+            watchers.append(tg.create_task(watch_projections(children.projections)))
+        await stop.wait()
+        for task in watchers:
+            task.cancel()
+    if server_exit:
+        out(f"error: nats-server exited with code {server_exit[0]}; its log ends with:\n{_log_tail(server_log)}")
+        return 1
+    out("stopping: projection service first, then the server ...")
+    return 0
+
+
+# -- readiness ---------------------------------------------------------------------------------
+
+
+async def _wait_server_ready(settings: ServerSettings, exit_code: Callable[[], int | None], log_file: Path) -> None:
+    """Wait until the server greets clients. Raises CliError if it exits or times out."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.start_timeout_s
+    while True:
+        code = exit_code()
+        if code is not None:
+            raise CliError(f"nats-server exited with code {code} during start: {_start_failure(settings, log_file)}")
+        try:
+            await wait_until_listening(settings.port, 0.2)
+        except BusUnavailable:
+            if loop.time() > deadline:
+                raise CliError(
+                    f"nats-server did not accept clients on 127.0.0.1:{settings.port} within "
+                    f"{settings.start_timeout_s}s (raise --start-timeout); its log ends with:\n{_log_tail(log_file)}"
+                ) from None
+            continue
+        if exit_code() is None:
+            return
+
+
+def _start_failure(settings: ServerSettings, log_file: Path) -> str:
+    tail = _log_tail(log_file)
+    if "address already in use" in tail:
+        return (f"a port it needs is in use (client port {settings.port}, monitoring port "
+                f"{settings.monitor_port}): pick others with --port / --monitor-port\n{tail}")
+    return f"its log ends with:\n{tail}"
+
+
+def _log_tail(log_file: Path | None, chars: int = 1500) -> str:
+    if log_file is None:
+        return "(see its output above)"
+    try:
+        return log_file.read_text(errors="replace")[-chars:].rstrip() or "(empty log)"
+    except OSError:
+        return f"(no log at {log_file})"
+
+
+async def _prepare_log(settings: ServerSettings, namespace: str) -> bool | None:
+    """Create the namespace's log and advisory streams (the Bus declares them on connect) and
+    report whether the server fsyncs every write (None when unknown)."""
+    from bus.client import Bus
+
+    config = BusConfig(url=settings.url, namespace=namespace, name="bus-up", monitor_url=settings.monitor_url)
+    async with asyncio.timeout(settings.start_timeout_s):
+        async with Bus(config):
+            pass
+    if settings.monitor_url is None:
+        return None
+    try:
+        varz = await asyncio.to_thread(read_varz, settings.monitor_url)
+    except (OSError, ValueError):
+        return None
+    return bool(varz.get("jetstream", {}).get("config", {}).get("sync_always"))
+
+
+async def _wait_projections_ready(
+    url: str, namespace: str, exit_code: Callable[[], int | None], log_file: Path | None, timeout_s: float
+) -> bool:
+    """Wait until the projection service answers a query. Returns False if it is running but did
+    not answer in time; raises CliError if it exited."""
+    from bus.client import Bus
+
+    config = BusConfig(url=url, namespace=namespace, name="bus-up", require_fsync=False)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with Bus(config) as bus:
+        while loop.time() < deadline:
+            code = exit_code()
+            if code is not None:
+                raise CliError(
+                    f"the projection service exited with code {code} during start (start without it with "
+                    f"--no-projections); its log ends with:\n{_log_tail(log_file)}"
+                )
+            try:
+                await bus.query("SELECT 1", timeout_s=1.0)
+                return True
+            except QueryError as exc:
+                if exc.kind != "timeout":
+                    return True  # it answered, even if it refused this query
+            except BusUnavailable:
+                pass  # no responder yet
+            await asyncio.sleep(0.1)
+    return False
+
+
+# -- bus down ----------------------------------------------------------------------------------
+
+
+async def run_down(args: argparse.Namespace) -> int:
+    """Stop what `bus up` started from this home and clear its state."""
+    home: Path = args.home.resolve()
+    state = read_state(home)
+    if state is None:
+        out(f"nothing to stop: no server was started from {home} (no {state_path(home)})")
+        return 0
+    stopped_any = False
+    if state.supervisor_pid is not None and _is_running(state.supervisor_pid, _is_bus_up):
+        # A foreground `bus up` owns the children: ask it, so it stops them in order itself.
+        os.kill(state.supervisor_pid, signal.SIGTERM)
+        if await _wait_gone(state.supervisor_pid, 2 * args.grace + 5.0):
+            out(f"stopped the foreground `bus up` (pid {state.supervisor_pid}) and its children")
+            stopped_any = True
+    for pid, label, marker in (
+        (state.projections_pid, "projection service", _is_projections),
+        (state.pid, "nats-server", _is_nats_server),
+    ):
+        if pid is None:
+            continue
+        if not _is_running(pid, marker):
+            continue
+        killed = await _terminate(pid, args.grace)
+        how = f"killed after {args.grace}s without exiting" if killed else "stopped"
+        out(f"{how}: {label} (pid {pid})")
+        stopped_any = True
+    clear_state(home)
+    if stopped_any:
+        out(f"bus is down ({state.url}); the store stays in {state.store_dir}")
+    else:
+        out(f"nothing was running: the server recorded in {state_path(home)} ({state.url}, pid {state.pid}) "
+            "had already exited; cleared that state")
+    return 0
+
+
+async def _clear_stale(home: Path, state: ServerState) -> None:
+    """The recorded server is gone: stop an orphaned projection service and forget the state."""
+    if state.projections_pid is not None and _is_running(state.projections_pid, _is_projections):
+        await _terminate(state.projections_pid, 5.0)
+    clear_state(home)
+    out(f"note: the server recorded in {state_path(home)} (pid {state.pid}) is gone; starting a new one")
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+# Checks that a recorded pid still runs what we started (pids get reused), from its argv.
+def _is_nats_server(argv: list[str]) -> bool:
+    return bool(argv) and "nats-server" in argv[0]
+
+
+def _is_projections(argv: list[str]) -> bool:
+    return "projections" in argv
+
+
+def _is_bus_up(argv: list[str]) -> bool:
+    return "up" in argv
+
+
+def _spawn_detached(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `cmd` in a session of its own (it outlives this process), output to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(  # noqa: S603 - our own binaries, no shell
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+
+
+def _alive(pid: int) -> bool:
+    """True if `pid` exists and has not exited (a zombie has exited: nobody may reap it here)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _is_running(pid: int, is_ours: Callable[[list[str]], bool]) -> bool:
+    """True if `pid` is alive and (where /proc tells) still runs the program we started."""
+    if not _alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    return is_ours([a.decode(errors="replace") for a in argv if a])
+
+
+async def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """Wait until `pid` has exited; False after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while _alive(pid):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def _terminate(pid: int, grace_s: float) -> bool:
+    """SIGTERM `pid`, then SIGKILL after `grace_s`. Returns True if it had to be killed.
+    Raises CliError if it survives SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if await _wait_gone(pid, grace_s):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not await _wait_gone(pid, 5.0):
+        raise CliError(f"process {pid} is still running after SIGKILL; stop it by hand")
+    return True
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # Like nats-server's own listener, so a port with only TIME_WAIT leftovers counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _check_port_free(port: int, option: str) -> None:
+    """Raise CliError naming the port and the option when 127.0.0.1:`port` is taken."""
+    if _port_free(port):
+        return
+    try:
+        await wait_until_listening(port, 0.5)
+        what = f"a NATS server not started from this --home is already listening on 127.0.0.1:{port}"
+        hint = f"use it (BUS_URL=nats://127.0.0.1:{port}), or start another with {option} {free_port()}"
+    except BusUnavailable:
+        what = f"port {port} on 127.0.0.1 is in use by another program"
+        hint = f"pick another with {option} (e.g. {option} {free_port()})"
+    raise CliError(f"{what}: {hint}")
+
+
+# -- output and metrics ------------------------------------------------------------------------
+
+
+def _home_flag(home: Path) -> str:
+    default = Path(os.environ.get("BUS_HOME", DEFAULT_HOME))
+    return "" if home == default else f" --home {home}"
+
+
+def _print_summary(
+    args: argparse.Namespace,
+    home: Path,
+    state: ServerState,
+    fsync: bool | None,
+    projections_cmd: list[str] | None,
+    answering: bool,
+    *,
+    detached: bool,
+) -> None:
+    fsync_text = {True: "fsync on every write", False: "NOT fsyncing every write", None: "fsync unknown"}[fsync]
+    if projections_cmd is None:
+        projections = "off (--no-projections)" if args.no_projections else f"not installed (no {PROJECTIONS_MODULE})"
+    else:
+        log = f", log {home / 'projections.log'}" if detached else ""
+        ready = "answering queries" if answering else "started, not answering queries yet"
+        projections = f"pid {state.projections_pid}, {ready}{log}"
+    out(f"bus is up at {state.url} (namespace {args.namespace})")
+    out(f"  server       pid {state.pid}, store {state.store_dir} ({fsync_text})")
+    out(f"  monitoring   {state.monitor_url}")
+    out(f"  projections  {projections}")
+    out(f"  state        {state_path(home)}")
+    steps = [
+        ("bus tail", "watch envelopes as they are stored"),
+        ("bus send alice '{\"kind\":\"note\",\"text\":\"hi\"}'", "send one"),
+        ("bus status", "the log and its consumers"),
+    ]
+    if detached:
+        steps.append((f"bus down{_home_flag(args.home)}", "stop it"))
+    width = max(len(command) for command, _ in steps)
+    out("next:")
+    if state.url != f"nats://127.0.0.1:{DEFAULT_PORT}" or args.namespace != "default":
+        out(f"  export BUS_URL={state.url} BUS_NAMESPACE={args.namespace} BUS_HOME={home}")
+    for command, what in steps:
+        out(f"  {command:<{width}}   {what}")
+    if not detached:
+        out("press Ctrl-C to stop")
+
+
+def _up_metrics(children: _Children, monitor_url: str | None) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(_UpCollector(children, monitor_url))
+    return registry
+
+
+class _UpCollector(Collector):
+    """Liveness of `bus up`'s children and the server's own counters, read at scrape time."""
+
+    def __init__(self, children: _Children, monitor_url: str | None) -> None:
+        self._children = children
+        self._monitor_url = monitor_url
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("continuum_child_up", "1 while a child process of `bus up` runs.", labels=["child"])
+        for name, proc in (("nats-server", self._children.server), ("projections", self._children.projections)):
+            if proc is not None:
+                up.add_metric([name], 1.0 if proc.returncode is None else 0.0)
+        yield up
+        if self._monitor_url is None:
+            return
+        try:
+            varz = read_varz(self._monitor_url, timeout_s=1.0)  # runs in the metrics HTTP thread
+        except (OSError, ValueError):
+            return
+        for key in ("connections", "in_msgs", "out_msgs", "in_bytes", "out_bytes", "mem", "slow_consumers"):
+            if key in varz:
+                yield GaugeMetricFamily(f"continuum_nats_{key}", f"nats-server /varz {key}.", value=float(varz[key]))
