@@ -52,6 +52,8 @@ def advisory_stream_config(subjects: Subjects) -> js_api.StreamConfig:
         retention=js_api.RetentionPolicy.LIMITS,
         storage=js_api.StorageType.FILE,
         max_age=7 * 24 * 3600,
+        # The server's default, stated: left at nats-py's 0 it reads as drift on every start.
+        duplicate_window=120.0,
         num_replicas=1,
     )
 
@@ -91,6 +93,25 @@ def group_consumer_config(
         sorted(subjects.group_filter(t) for t in tags),
         js_api.DeliverPolicy.NEW,
         settings,
+    )
+
+
+def dead_letter_consumer_config(subjects: Subjects, agent: str) -> js_api.ConsumerConfig:
+    """The max-deliveries advisories of an agent's two consumers, on the advisory stream, read
+    by its dead-letter watcher (replicas share it). Unlimited redelivery: an advisory is only
+    acked once its dead letter is stored."""
+    watched = (subjects.inbox_consumer(agent), subjects.group_consumer(agent))  # validates `agent`
+    name = f"{agent}__deadletters"
+    return js_api.ConsumerConfig(
+        durable_name=name,
+        name=name,
+        deliver_policy=js_api.DeliverPolicy.ALL,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=-1,
+        max_ack_pending=1000,
+        filter_subjects=sorted(subjects.max_deliveries_advisory(c) for c in watched),
+        max_waiting=512,
     )
 
 

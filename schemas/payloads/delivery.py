@@ -9,7 +9,8 @@ import msgspec
 
 from schemas.envelope import Payload
 
-Outcome = Literal["handled", "retried", "failed", "dead_lettered", "expired"]
+# "skipped": acked without running the handler (a broadcast the agent sent itself).
+Outcome = Literal["handled", "retried", "failed", "dead_lettered", "expired", "skipped"]
 
 
 class Settlement(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

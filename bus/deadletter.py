@@ -1,0 +1,224 @@
+"""Dead letters: the record of a message that will not be handled, with its exact bytes and why.
+
+Two writers, one record. The consumer engine writes a dead letter itself when it terminates a
+message (permanent error, last attempt failed, undecodable bytes, unknown kind). When the process
+died on every attempt, nobody decided anything: the server then emits a MAX_DELIVERIES advisory,
+which the advisory stream keeps. The `DeadLetterWatcher` inside every engine reads its agent's
+advisories, fetches the original by stream sequence (direct get) and writes the dead letter.
+
+Both writers use the id `stable_id(stream, seq, "dead")`, so within the log's duplicate window
+the dead letter is stored once whoever writes it (and however often); readers key on that id,
+so a duplicate written after the window is harmless.
+
+A dead request is first answered with `RequestFailed`, so its requester gets RemoteError at once
+instead of waiting for its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from bus.errors import BusUnavailable, ConfigurationError
+from bus.pull import PullSettings, RawPull
+from bus.topology import dead_letter_consumer_config, ensure_consumer
+from schemas import DecodeError, Envelope, decode_loose, stable_id
+from schemas.payloads import DeadLettered, RequestFailed
+from schemas.registry import kind_of_raw
+
+if TYPE_CHECKING:
+    from bus.client import Bus
+
+log = logging.getLogger("continuum.deadletter")
+
+_RETRY_NS = 1_000_000_000
+
+
+def dead_letter_id(stream: str, stream_seq: int) -> str:
+    """The one id of the dead letter of the message at `stream_seq`, whoever writes it."""
+    return stable_id(stream, stream_seq, "dead")
+
+
+async def write_dead_letter(
+    bus: "Bus",
+    *,
+    agent: str,
+    consumer: str,
+    stream: str,
+    stream_seq: int,
+    subject: str,
+    original: bytes,
+    reason: str,
+    deliveries: int,
+    error: str | None,
+    envelope: Envelope[Any] | None,
+) -> None:
+    """Answer a dead request with RequestFailed, then store the dead letter on
+    `<ns>.dead.<agent>`. `envelope` is the original, decoded as far as it could be (None when
+    the bytes are not an envelope). Raises BusUnavailable when either cannot be stored."""
+    if envelope is not None:
+        await answer_failed(bus, envelope, reason=error or reason, error_type=reason, sender=agent)
+    kind: str | None = None
+    if envelope is not None:
+        kind = envelope.kind if not isinstance(envelope.payload, msgspec.Raw) else kind_of_raw(envelope.payload)
+    letter = bus.envelope(
+        DeadLettered(
+            reason=reason,
+            agent=agent,
+            consumer=consumer,
+            original_subject=subject,
+            original_seq=stream_seq,
+            original=original,
+            deliveries=deliveries,
+            original_id=None if envelope is None else envelope.id,
+            original_kind=kind,
+            error=error,
+        ),
+        sender=agent,
+        id=dead_letter_id(stream, stream_seq),
+        correlation_id=None if envelope is None else envelope.correlation_id,
+        causation_id=None if envelope is None else envelope.id,
+    )
+    await bus.publish(letter, bus.subjects.dead(agent))
+
+
+async def answer_failed(
+    bus: "Bus", request: Envelope[Any], *, reason: str, error_type: str, sender: str
+) -> None:
+    """Reply `RequestFailed` to `request` if it is a request (has `reply_to`); else do nothing.
+    A `reply_to` that is not a valid name cannot be answered and is only logged. Raises
+    BusUnavailable when the reply cannot be stored."""
+    if request.reply_to is None:
+        return
+    try:
+        await bus.reply(request, RequestFailed(reason=reason, error_type=error_type), sender=sender)
+    except ConfigurationError as exc:
+        log.warning("cannot answer request %s: %s", request.id, exc)
+
+
+def loose_envelope(data: bytes) -> Envelope[Any] | None:
+    """The envelope fields of `data` with the payload left raw, or None if it is not one."""
+    try:
+        return decode_loose(data)
+    except DecodeError:
+        return None
+
+
+class _MaxDeliveries(msgspec.Struct):
+    """`io.nats.jetstream.advisory.v1.max_deliver`, the fields used here."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int = 0
+
+
+_advisory = msgspec.json.Decoder(_MaxDeliveries)
+
+
+class DeadLetterWatcher:
+    """Writes the dead letters of messages the server gave up on (MAX_DELIVERIES advisories)
+    for one agent's consumers. `start()` ensures its durable consumer on the advisory stream and
+    starts pulling; `run()` is its task body (until cancelled); `close()` stops pulling."""
+
+    def __init__(self, bus: "Bus", *, agent: str, settings: PullSettings | None = None) -> None:
+        self._bus = bus
+        self._agent = agent
+        self._config = dead_letter_consumer_config(bus.subjects, agent)
+        self._settings = settings
+        self._queue: deque[Msg] = deque()
+        self._ready = asyncio.Event()
+        self._pull: RawPull | None = None
+
+    async def start(self) -> None:
+        """Ensure the watcher's consumer and issue the first pull. Raises nats errors."""
+        await self._ensure()
+        self._pull = RawPull(
+            self._bus.nc,
+            stream=self._bus.subjects.advisory_stream,
+            consumer=self._config.durable_name,
+            window=8,
+            on_message=self._enqueue,
+            settings=self._settings,
+            recover=self._ensure,
+        )
+        await self._pull.start()
+
+    async def _ensure(self) -> None:
+        await ensure_consumer(self._bus.js, self._bus.subjects.advisory_stream, self._config)
+
+    def _enqueue(self, pull: RawPull, msg: Msg) -> None:
+        self._queue.append(msg)
+        self._ready.set()
+
+    async def run(self) -> None:
+        """Handle advisories one at a time until cancelled."""
+        if self._pull is None:
+            raise RuntimeError("DeadLetterWatcher.run() before start()")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._pull.run())
+            while True:
+                await self._ready.wait()
+                while self._queue:
+                    msg = self._queue.popleft()
+                    try:
+                        await self._handle(msg)
+                    finally:
+                        if self._pull.release():
+                            await self._pull.pull()
+                self._ready.clear()
+
+    async def close(self) -> None:
+        """Stop pulling and unsubscribe."""
+        if self._pull is not None:
+            self._pull.stop()
+            await self._pull.close()
+
+    async def _handle(self, msg: Msg) -> None:
+        nc = self._bus.nc
+        try:
+            advisory = _advisory.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.warning("ignoring an unreadable max-deliveries advisory: %s", exc)
+            await nc.publish(msg.reply, b"+TERM unreadable")
+            return
+        try:
+            await self._dead_letter(advisory)
+        except (BusUnavailable, nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("cannot write the dead letter of %s seq %d yet (%s); retrying",
+                        advisory.consumer, advisory.stream_seq, exc)
+            await nc.publish(msg.reply, b'-NAK {"delay":%d}' % _RETRY_NS)
+            return
+        self._bus.metrics.dead_lettered.labels(advisory.consumer, "max_deliveries").inc()
+        await nc.publish(msg.reply, b"+ACK")
+
+    async def _dead_letter(self, advisory: _MaxDeliveries) -> None:
+        try:
+            stored = await self._bus.js.get_msg(advisory.stream, seq=advisory.stream_seq, direct=True)
+        except NotFoundError:
+            data, subject, note = b"", "", " (the original is no longer in the log)"
+        else:
+            data, subject, note = stored.data or b"", stored.subject or "", ""
+        log.warning("dead-lettering %s seq %d: not settled after %d deliveries",
+                    advisory.consumer, advisory.stream_seq, advisory.deliveries)
+        await write_dead_letter(
+            self._bus,
+            agent=self._agent,
+            consumer=advisory.consumer,
+            stream=advisory.stream,
+            stream_seq=advisory.stream_seq,
+            subject=subject,
+            original=data,
+            reason="max_deliveries",
+            deliveries=advisory.deliveries,
+            error=f"not settled after {advisory.deliveries} deliveries: the process handling it "
+                  f"died or hung on every attempt{note}",
+            envelope=loose_envelope(data) if data else None,
+        )
