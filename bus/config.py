@@ -74,6 +74,10 @@ class PublisherSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_inflight_batches: int = 4
     # A publish() call is answered (ack or BusUnavailable) within this long.
     ack_timeout_s: float = 10.0
+    # Fewer messages than this go out as pipelined single requests instead of an atomic batch.
+    # A batch costs the server a few ms whatever its size; a single fsynced write ~0.2 ms. Measured
+    # here: 8 messages 3.0 ms batched vs 1.7 ms single, 32 messages 3.2 ms vs 5.9 ms.
+    min_atomic_batch: int = 16
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= 1000:
@@ -82,6 +86,8 @@ class PublisherSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigurationError("max_inflight_batches must be 1..16")
         if self.ack_timeout_s <= 0:
             raise ConfigurationError("ack_timeout_s must be positive")
+        if not 2 <= self.min_atomic_batch <= self.max_batch + 1:
+            raise ConfigurationError("min_atomic_batch must be 2..max_batch+1 (max_batch+1: never batch)")
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,7 +11,9 @@ batches, which the server fsyncs a few times per commit instead of once per mess
                                      unit (acks, recovery, errors) before the next commit
 
 No linger timer: a lone publish goes out at once as a plain request, and batches form from
-what queued while earlier units were committing. Up to `max_inflight_batches` units are on
+what queued while earlier units were committing. A unit smaller than `min_atomic_batch` is sent
+as pipelined single requests: an atomic batch has a fixed server-side cost of a few ms, so group
+commit only pays once the queue is deep (light traffic keeps sub-millisecond latency). Up to `max_inflight_batches` units are on
 their way (staged at the server or committing), but only one commit is outstanding: the
 server applies a stream's writes one at a time anyway, and a unit that needs recovery (a
 duplicate id, a lost ack) is settled before any later unit commits, so publishes fired in order
@@ -508,6 +510,8 @@ class Publisher:
         reply = unit.reply.encode()
         if len(unit.entries) == 1:
             unit.staged, unit.commit = b"", _encode_single(unit.entries[0], reply)
+        elif not self._batched(unit):
+            unit.staged, unit.commit = b"", b""  # sent one by one when settled
         else:
             unit.staged, unit.commit = _encode_batch(unit.entries, self._next_batch_id(), reply)
         unit.staged_on = None
@@ -541,10 +545,18 @@ class Publisher:
             finally:
                 self._slots.release()
 
+    def _batched(self, unit: _Unit) -> bool:
+        """Whether a unit goes out as an atomic batch: only when it is big enough for the
+        batch's fixed server-side cost to beat one fsynced write per message."""
+        return len(unit.entries) >= self._settings.min_atomic_batch
+
     async def _settle(self, unit: _Unit) -> None:
         deadline = unit.deadline
         if len(unit.entries) == 1:
             await self._publish_one_by_one(unit.entries, deadline, first=unit)
+            return
+        if not self._batched(unit):
+            await self._publish_one_by_one(unit.entries, deadline)
             return
         outcome = await self._commit_batch(unit, deadline)
         while outcome == "resend":

@@ -226,8 +226,9 @@ async def test_message_no_stream_captures_fails_alone(bus: Bus) -> None:
 async def test_batch_rejected_as_a_whole_gives_every_caller_the_servers_reason(
     nats_server: EmbeddedServer,
 ) -> None:
-    """On a stream without atomic batches, a lone publish (a plain request) is stored, and
-    the callers of a batch get BusUnavailable carrying the server's reason."""
+    """On a stream without atomic batches, a lone publish and a unit smaller than
+    min_atomic_batch (pipelined plain requests) are stored, and the callers of a batch get
+    BusUnavailable carrying the server's reason."""
     subjects = Subjects("plain")
     nc = await nats.connect(nats_server.url)
     try:
@@ -239,10 +240,12 @@ async def test_batch_rejected_as_a_whole_gives_every_caller_the_servers_reason(
         ) as publisher:
             subject = subjects.inbox("alice", "tester")
             alone = await publisher.publish(subject, b"{}", msg_id=new_id())
+            small = await asyncio.gather(*(publisher.publish(subject, b"{}", msg_id=new_id()) for _ in range(5)))
             results = await asyncio.gather(
-                *(publisher.publish(subject, b"{}", msg_id=new_id()) for _ in range(10)), return_exceptions=True
+                *(publisher.publish(subject, b"{}", msg_id=new_id()) for _ in range(40)), return_exceptions=True
             )
         assert alone.seq == 1
+        assert [ack.seq for ack in small] == [2, 3, 4, 5, 6]
         assert all(isinstance(r, BusUnavailable) and "atomic publish is disabled" in str(r) for r in results)
     finally:
         await nc.close()
