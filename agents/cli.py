@@ -66,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add_connection_options(logs)
     logs.set_defaults(func=run_logs)
 
+    from agents.trace import register as register_trace
+
+    register_trace(subparsers)  # `bus trace <correlation-id>`
+
 
 async def run_start(args: argparse.Namespace) -> int:
     from agents.errors import AgentDefinitionError, AgentLoadError, SupervisorError

@@ -6,6 +6,7 @@ as an event.
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from typing import Any, Literal
 
 import msgspec
@@ -25,7 +26,8 @@ class QueryRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
 
 
 class QueryResult(msgspec.Struct, frozen=True, kw_only=True, tag="result", tag_field="status"):
-    """Columns, their DuckDB type names, and rows in column order."""
+    """Columns, their DuckDB type names, and rows in column order (as JSON values: times as
+    ISO 8601 text, JSON columns as text; `records()` converts them back)."""
 
     columns: list[str]
     types: list[str]
@@ -33,6 +35,27 @@ class QueryResult(msgspec.Struct, frozen=True, kw_only=True, tag="result", tag_f
     applied_seq: int
     truncated: bool = False
     elapsed_ms: float = 0.0
+
+    def records(self) -> list[dict[str, Any]]:
+        """The rows as dicts by column name, with timestamps and dates as `datetime`/`date` and
+        JSON columns decoded."""
+        convert = [_CONVERTERS.get(t) for t in self.types]
+        return [
+            {name: (value if fn is None or value is None else fn(value)) for name, fn, value in zip(self.columns, convert, row)}
+            for row in self.rows
+        ]
+
+
+def _decode_json(value: Any) -> Any:
+    return msgspec.json.decode(value) if isinstance(value, str) else value
+
+
+_CONVERTERS: dict[str, Any] = {
+    "TIMESTAMP WITH TIME ZONE": lambda v: msgspec.convert(v, datetime),
+    "TIMESTAMP": lambda v: msgspec.convert(v, datetime),
+    "DATE": lambda v: msgspec.convert(v, date),
+    "JSON": _decode_json,
+}
 
 
 class QueryFailure(msgspec.Struct, frozen=True, kw_only=True, tag="failure", tag_field="status"):

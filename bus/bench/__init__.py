@@ -19,6 +19,7 @@ SECTIONS = (
     "projections.bench",      # fold_per_s, rebuild_1m_s, query_p50_ms, query_p99_ms, lag_p99_ms
     "agents.bench",           # agent_start_ms, agent_restart_ms, agent_rss_mb, step_overhead_us, ...
     "agents.memory.bench",    # context_compile_ms
+    "agents.memory.bench_views",  # memory_write_p99_ms, recall_query_p95_ms (views over the bus)
 )
 
 

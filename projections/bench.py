@@ -1,0 +1,241 @@
+"""`bus bench` projections section: folding, rebuilding, querying, and read-your-writes lag.
+
+    fold_per_s       events/s the runner applies (decode thread + DuckDB writer thread, all
+                     built-in views, checkpoint per batch) over a log already read into memory
+    read_per_s       events/s the log reader alone delivers from the server (for comparison)
+    catchup_per_s    events/s of a cold start of `bus projections run` (its own process): read
+                     from the server and fold, end to end
+    rebuild_1m_s     seconds to rebuild every view from seq 1 (read + fold + swap) while the
+                     service runs and serves, scaled to a 1,000,000-event log
+    query_p50_ms     point lookup on `messages` by id over the bus (request/reply), with the
+    query_p99_ms     whole log folded
+    lag_p50_ms       publish ack -> visible to a `min_seq` query, while events are published at
+    lag_p99_ms       a steady rate (target 5,000/s; `lag_rate_per_s` says what was reached)
+
+The service runs as its own process, as `bus up` starts it; the benchmark is its client.
+
+Setup (not measured): a synthetic log of `env.n(1_000_000)` events appended with atomic
+batches. Medians over `env.repeats` where a figure is repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+
+from bus.client import Bus
+from bus.config import BusConfig
+from bus.errors import BusUnavailable, QueryError
+from projections.config import ProjectionSettings, tuned_gc
+from projections.metrics import ProjectionMetrics
+from projections.progress import Watermark
+from projections.reader import LogReader, LogRecord
+from projections.rebuild import request_rebuild
+from projections.runner import Runner, Writer
+from projections.store import Store
+from projections.workload import append_batches, synthetic_log
+from schemas.payloads import Note
+
+if TYPE_CHECKING:
+    from bus.bench import BenchEnv
+
+_FULL_LOG = 1_000_000
+_LAG_RATE = 5_000
+_LAG_SAMPLE_EVERY = 25
+
+
+class _Replay:
+    """A log already in memory, served the way a LogReader serves it."""
+
+    restarts = 0
+
+    def __init__(self, records: list[LogRecord]) -> None:
+        self._records = records
+        self._at = 0
+
+    @property
+    def head_seq(self) -> int:
+        return self._records[-1].seq
+
+    async def read(self, max_records: int) -> list[LogRecord]:
+        if self._at >= len(self._records):
+            await asyncio.Event().wait()  # the end of this log: nothing more will come
+        chunk = self._records[self._at:self._at + max_records]
+        self._at += len(chunk)
+        await asyncio.sleep(0)
+        return chunk
+
+
+async def _read_all(bus: Bus, last: int) -> tuple[list[LogRecord], float]:
+    records: list[LogRecord] = []
+    started = time.perf_counter()
+    async with LogReader(bus, start_seq=1) as reader:
+        while not records or records[-1].seq < last:
+            records += await reader.read(20_000)
+    return records, len(records) / (time.perf_counter() - started)
+
+
+async def _fold_rate(bus: Bus, env: "BenchEnv", records: list[LogRecord], run: int) -> float:
+    settings = ProjectionSettings(db_path=str(env.workdir / f"fold-{run}.duckdb"))
+    store = Store(settings.db_path, stream=bus.subjects.stream)
+    writer = Writer(store)
+    try:
+        await writer.call(store.open)
+        runner = Runner(bus, writer, settings, ProjectionMetrics(CollectorRegistry()), Watermark())
+        try:
+            started = time.perf_counter()
+            await runner.fold_from(_Replay(records), records[-1].seq)
+            return len(records) / (time.perf_counter() - started)
+        finally:
+            runner.close()
+            await writer.call(store.close)
+    finally:
+        writer.close()
+
+
+async def _query_latencies(bus: Bus, ids: list[str]) -> list[float]:
+    latencies = []
+    for envelope_id in ids:
+        started = time.perf_counter()
+        result = await bus.query("SELECT * FROM messages WHERE id = ?", [envelope_id])
+        latencies.append(time.perf_counter() - started)
+        assert len(result.rows) == 1
+    return latencies
+
+
+async def _lag(bus: Bus, seconds: float) -> tuple[list[float], float]:
+    """Publish at `_LAG_RATE`/s for `seconds`; every `_LAG_SAMPLE_EVERY`th publish measures ack ->
+    answered by a min_seq query. Returns the samples and the rate reached."""
+    samples: list[float] = []
+    in_flight = asyncio.Semaphore(2_000)
+    payload = Note(text="steady traffic", data={"n": 1})
+
+    async def one(index: int) -> None:
+        try:
+            sent = await bus.send("lagbench", payload)
+            if index % _LAG_SAMPLE_EVERY == 0:
+                acked = time.perf_counter()
+                await bus.query("SELECT 1", min_seq=sent.ack.seq, timeout_s=10)
+                samples.append(time.perf_counter() - acked)
+        finally:
+            in_flight.release()
+
+    total = int(_LAG_RATE * seconds)
+    tick = 0.01
+    per_tick = int(_LAG_RATE * tick)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.TaskGroup() as tasks:
+        for index in range(total):
+            if index % per_tick == 0:
+                # Pace the publishes: wait for this tick's slot in the schedule.
+                delay = started + (index // per_tick) * tick - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await in_flight.acquire()
+            tasks.create_task(one(index))
+    return samples, total / (loop.time() - started)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@asynccontextmanager
+async def _service_process(bus: Bus, home: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`bus projections run` in its own process, as `bus up` starts it (so the publishers and
+    clients of the benchmark do not share its event loop)."""
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "projections.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bus.cli.main", "projections", "run", "--url", bus.config.url,
+            "--namespace", bus.subjects.ns, "--home", str(home),
+            stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+        )
+    finally:
+        log.close()
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _answering(bus: Bus, min_seq: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await bus.query("SELECT 1", min_seq=min_seq, timeout_s=30)
+            return
+        except BusUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)  # the service is still starting: ask again shortly
+        except QueryError as exc:
+            if exc.kind != "lag" or time.monotonic() > deadline:
+                raise
+
+
+async def run(env: "BenchEnv") -> dict[str, float]:
+    """The projections figures (see the module docstring)."""
+    count = env.n(_FULL_LOG)
+    async with env.server("projections") as server:
+        config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bench")
+        async with Bus(config) as bus:
+            last = await append_batches(bus, list(synthetic_log(bus, count, seed=1)))
+
+            reads, folds = [], []
+            records: list[LogRecord] = []
+            for run_index in range(env.repeats):
+                records, read_rate = await _read_all(bus, last)
+                reads.append(read_rate)
+                with tuned_gc():
+                    folds.append(await _fold_rate(bus, env, records, run_index))
+            del records
+
+            async with _service_process(bus, env.workdir / "service"):
+                started = time.perf_counter()
+                await _answering(bus, last, timeout_s=3600)
+                catchup = count / (time.perf_counter() - started)
+
+                rebuilds = []
+                for _ in range(env.repeats):
+                    report = await request_rebuild(bus, (), timeout_s=3600)
+                    rebuilds.append(report.seconds)
+
+                sample = await bus.query("SELECT id FROM messages USING SAMPLE reservoir(400 ROWS) REPEATABLE (7)")
+                ids = [row[0] for row in sample.rows]
+                random.Random(7).shuffle(ids)
+                await _query_latencies(bus, ids[:20])  # warm the connections
+                latencies = await _query_latencies(bus, ids)
+
+                lag, lag_rate = await _lag(bus, seconds=max(2.0, 10.0 * min(1.0, env.scale)))
+
+    return {
+        "fold_per_s": round(statistics.median(folds)),
+        "read_per_s": round(statistics.median(reads)),
+        "catchup_per_s": round(catchup),
+        "rebuild_1m_s": round(statistics.median(rebuilds) * _FULL_LOG / count, 2),
+        "query_p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),
+        "query_p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
+        "lag_p50_ms": round(_percentile(lag, 0.50) * 1000, 2),
+        "lag_p99_ms": round(_percentile(lag, 0.99) * 1000, 2),
+        "lag_rate_per_s": round(lag_rate),
+    }

@@ -1,0 +1,268 @@
+"""`bus projections run|rebuild|status` and `bus query`.
+
+    bus projections run [--db PATH] [--metrics-port P]      keep the views current, answer queries
+    bus projections rebuild [--view NAME ...]                rebuild from seq 1, then swap
+    bus projections status [--format text|json]              checkpoints, lag, integrity
+    bus query "SELECT ..." [--format table|json|csv] [--min-seq N] [--param V ...]
+
+Only the running service opens the views file; the other commands ask it over the bus. When no
+service runs, `rebuild` and `status` open the file themselves, and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import gc
+import io
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from bus.cli.common import (
+    CliError,
+    add_connection_options,
+    add_metrics_option,
+    metrics_server,
+    open_bus,
+    out,
+)
+from bus.errors import BusUnavailable
+from projections.config import DEFAULT_BATCH_MAX, VIEWS_FILE, ProjectionSettings, QuerySettings, tuned_gc
+from projections.errors import ProjectionError, RebuildError, StoreLocked, StoreMismatch
+from projections.rebuild import rebuild_file, request_rebuild
+from projections.service import ProjectionService
+from projections.protocol import StatusReport
+from projections.status import format_report, report_from_file, request_status
+from schemas.query import QueryResult
+
+
+def register(subparsers: Any) -> None:
+    """Add `projections` (run, rebuild, status) and `query` to the `bus` command."""
+    projections = subparsers.add_parser(
+        "projections", help="fold the log into DuckDB views (run | rebuild | status)",
+        description="The projection service folds the log into DuckDB views and answers queries on them.",
+    )
+    sub = projections.add_subparsers(dest="projections_command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="keep the views current and answer queries, until stopped")
+    _common(run)
+    add_metrics_option(run)
+    run.add_argument("--batch-max", type=int, default=DEFAULT_BATCH_MAX,
+                     help="events per transaction at most (default %(default)s)")
+    run.add_argument("--query-workers", type=int, default=2, help="threads answering queries (default %(default)s)")
+    run.add_argument("--memory-limit", default=None, help="DuckDB memory limit, e.g. 2GB (default: DuckDB's)")
+    run.set_defaults(func=_run)
+
+    rebuild = sub.add_parser("rebuild", help="rebuild views from seq 1 while the current ones serve, then swap")
+    _common(rebuild)
+    rebuild.add_argument("--view", action="append", default=[], metavar="NAME",
+                         help="a view to rebuild (repeatable; default: all)")
+    rebuild.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the swap (default %(default)s)")
+    rebuild.set_defaults(func=_rebuild)
+
+    status = sub.add_parser("status", help="each view's checkpoint and lag, and integrity problems")
+    _common(status)
+    status.add_argument("--format", choices=("text", "json"), default="text")
+    status.set_defaults(func=_status)
+
+    query = subparsers.add_parser(
+        "query", help="run read-only SQL on the views",
+        description="Run one read-only SELECT on the views (events, messages, agents, dead_letters, "
+                    "conversations, integrity, ...), answered by the projection service.",
+    )
+    add_connection_options(query)
+    query.add_argument("sql", help='one SELECT statement, e.g. "SELECT * FROM messages LIMIT 5"')
+    query.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    query.add_argument("--min-seq", type=int, default=None,
+                       help="wait until the views have applied this stream sequence (read-your-writes)")
+    query.add_argument("--param", action="append", default=[], metavar="VALUE",
+                       help="a value for the next `?` (JSON if it parses, else text; repeatable)")
+    query.add_argument("--max-rows", type=int, default=10_000)
+    query.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
+    query.set_defaults(func=_query)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    add_connection_options(parser)
+    parser.add_argument("--db", type=Path, default=None, help=f"the views file (default: <home>/{VIEWS_FILE})")
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> ProjectionSettings:
+    path = args.db if args.db is not None else Path(args.home) / VIEWS_FILE
+    return ProjectionSettings(db_path=str(path), **overrides)
+
+
+# -- run ---------------------------------------------------------------------------------
+
+
+async def _run(args: argparse.Namespace) -> int:
+    settings = _settings(
+        args, batch_max=args.batch_max, read_ahead=2 * args.batch_max,
+        memory_limit=args.memory_limit, query=QuerySettings(workers=args.query_workers),
+    )
+    registry = CollectorRegistry()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        with tuned_gc():
+            async with open_bus(args, name="projections", metrics_registry=registry) as bus:
+                with metrics_server(registry, args.metrics_port):
+                    async with ProjectionService(bus, settings, registry=registry) as service:
+                        # What exists now lives as long as the process: keep the cycle
+                        # collector from re-scanning it.
+                        gc.freeze()
+                        try:
+                            out(f"projections: {bus.subjects.stream} -> {settings.db_path}, applied up to "
+                                f"seq {service.applied_seq}; answering queries on {bus.subjects.query}")
+                            await stop.wait()
+                        finally:
+                            gc.unfreeze()
+    except (StoreLocked, StoreMismatch) as exc:
+        raise CliError(str(exc)) from exc
+    except BaseExceptionGroup as group:
+        failures = [e for e in _leaves(group) if isinstance(e, ProjectionError)]
+        if failures:
+            raise CliError(f"the projection service stopped: {failures[0]}") from group
+        raise
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    out("projections: stopped")
+    return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out_: list[BaseException] = []
+    for exc in group.exceptions:
+        out_.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out_
+
+
+# -- rebuild / status ----------------------------------------------------------------------
+
+
+async def _rebuild(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    async with open_bus(args, name="cli") as bus:
+        try:
+            report = await request_rebuild(bus, args.view, timeout_s=args.timeout)
+        except BusUnavailable:
+            out(f"no projection service is running: rebuilding {settings.db_path} directly")
+            try:
+                report = await rebuild_file(bus, settings, args.view)
+            except (StoreLocked, StoreMismatch) as exc:
+                raise CliError(str(exc)) from exc
+        except RebuildError as exc:
+            raise CliError(f"rebuild refused or failed: {exc}") from exc
+    out(f"rebuilt {', '.join(report.views)}: {report.events} events in {report.seconds:.2f}s; "
+        f"swapped in at seq {report.applied_seq}")
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        async with open_bus(args, name="cli") as bus:
+            try:
+                report = await request_status(bus)
+            except BusUnavailable:
+                report = await _status_from_file(settings, bus.subjects.stream, await bus.last_seq())
+    except CliError:
+        # No NATS at all: the file still says how far the views got.
+        from bus.subjects import Subjects
+
+        report = await _status_from_file(settings, Subjects(args.namespace).stream, None)
+    if args.format == "json":
+        out(msgspec.json.encode(report).decode())
+    else:
+        for line in format_report(report):
+            out(line)
+    return 0
+
+
+async def _status_from_file(settings: ProjectionSettings, stream: str, last_seq: int | None) -> StatusReport:
+    if not Path(settings.db_path).exists():
+        raise CliError(
+            f"no projection service is running and there is no views file at {settings.db_path}: "
+            "start `bus projections run` (or `bus up`)"
+        )
+    try:
+        return await asyncio.to_thread(report_from_file, settings.db_path, stream=stream, log_last_seq=last_seq)
+    except (StoreLocked, StoreMismatch) as exc:
+        raise CliError(str(exc)) from exc
+
+
+# -- query -------------------------------------------------------------------------------
+
+
+async def _query(args: argparse.Namespace) -> int:
+    params = [_param(value) for value in args.param]
+    async with open_bus(args, name="cli") as bus:
+        result = await bus.query(
+            args.sql, params, min_seq=args.min_seq, max_rows=args.max_rows, timeout_s=args.timeout
+        )
+    sys.stdout.write(render(result, args.format))
+    sys.stdout.flush()
+    if result.truncated:
+        sys.stderr.write(f"(truncated at {len(result.rows)} rows; raise --max-rows or add a LIMIT)\n")
+    return 0
+
+
+def _param(text: str) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text
+
+
+def render(result: QueryResult, fmt: str) -> str:
+    """A query result as `table` (aligned text), `json` (an array of row objects; JSON columns
+    as JSON) or `csv` (with a header row)."""
+    if fmt == "json":
+        records = [
+            {name: _json_cell(value, typ) for name, typ, value in zip(result.columns, result.types, row)}
+            for row in result.rows
+        ]
+        return msgspec.json.encode(records).decode() + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(result.columns)
+        writer.writerows([_text(value) for value in row] for row in result.rows)
+        return buffer.getvalue()
+    cells = [result.columns] + [[_text(value, limit=80) for value in row] for row in result.rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(result.columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.append(f"({len(result.rows)} row{'s' if len(result.rows) != 1 else ''}; views at seq {result.applied_seq})")
+    return "\n".join(lines) + "\n"
+
+
+def _json_cell(value: Any, typ: str) -> Any:
+    if typ == "JSON" and isinstance(value, str):
+        try:
+            return msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            return value
+    return value
+
+
+def _text(value: Any, limit: int | None = None) -> str:
+    if value is None:
+        text = "" if limit is None else "NULL"
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = msgspec.json.encode(value).decode()
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text

@@ -1,0 +1,42 @@
+"""The projections' error tree, split by what the caller should do.
+
+    ProjectionError
+    ├── StoreLocked       another process holds the views file: stop it, or use another --db
+    ├── StoreMismatch     the file belongs to another namespace, or is ahead of the log: fix the
+    │                     configuration, or move the file away and let it be rebuilt
+    ├── ReaderError       the log could not be read (connection lost, consumer gone); the runner
+    │                     retries these itself
+    ├── FoldError         a batch could not be applied for a reason other than its data (disk full,
+    │                     out of memory): nothing of it was committed; retry later
+    └── RebuildError      a rebuild could not start or finish (unknown view, one already running)
+
+Query failures are not exceptions on the service side: they are `schemas.query.QueryFailure`
+answers, raised on the client as `bus.errors.QueryError`. Foreign errors (duckdb, nats, OS) are
+translated here with `raise ... from`.
+"""
+
+from __future__ import annotations
+
+
+class ProjectionError(Exception):
+    """Base of every error the projections raise."""
+
+
+class StoreLocked(ProjectionError):
+    """The DuckDB file is open in another process (DuckDB's lock is exclusive, even read-only)."""
+
+
+class StoreMismatch(ProjectionError):
+    """The views file does not fit this log: another namespace, or a checkpoint past its end."""
+
+
+class ReaderError(ProjectionError):
+    """Reading the log failed; reading again from the last applied sequence may succeed."""
+
+
+class FoldError(ProjectionError):
+    """A batch was not applied (rolled back) for a reason that does not lie in its events."""
+
+
+class RebuildError(ProjectionError):
+    """A rebuild was refused or failed; the views being served are unchanged."""

@@ -1,0 +1,131 @@
+"""Running one read-only query on one DuckDB connection, safely.
+
+Layers of protection, each enough on its own for what it covers:
+1. The SQL must be exactly one statement, and a SELECT (DESCRIBE, SHOW, SUMMARIZE, FROM-first
+   and VALUES parse as SELECT too). Anything else is `not_allowed` before it runs.
+2. It runs in a `BEGIN TRANSACTION READ ONLY` transaction that is always rolled back: no write
+   to the views or the checkpoints can happen, whatever the SQL turns out to do.
+3. The database was opened with `enable_external_access = false`, extension autoload off and
+   `lock_configuration = true`: no host file, no network, no extension, no SET.
+4. A row limit (rows past it are not read; the result says `truncated`) and a time limit (a
+   timer interrupts the connection).
+
+`QueryExecutor` is synchronous and not thread-safe: one per query thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import duckdb
+
+from schemas.query import QueryErrorKind, QueryFailure, QueryResult
+
+_READ_BATCH = 4096
+_BAD_SQL: tuple[type[duckdb.Error], ...] = (
+    duckdb.ParserException,
+    duckdb.CatalogException,
+    duckdb.BinderException,
+    duckdb.ConversionException,
+    duckdb.InvalidInputException,
+    duckdb.OutOfRangeException,
+    duckdb.NotImplementedException,
+    duckdb.TypeMismatchException,
+    duckdb.SyntaxException,
+)
+_NOT_ALLOWED: tuple[type[duckdb.Error], ...] = (duckdb.PermissionException, duckdb.TransactionException)
+
+
+class QueryExecutor:
+    """Answers queries on one connection (a cursor of the views database)."""
+
+    def __init__(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        self._cursor = cursor
+        self._running = threading.Lock()
+
+    def interrupt(self) -> None:
+        """Stop the query running now, if any (from another thread)."""
+        self._cursor.interrupt()
+
+    def close(self) -> None:
+        self._cursor.close()
+
+    def run(
+        self, sql: str, params: list[Any], *, max_rows: int, timeout_s: float, applied_seq: int
+    ) -> QueryResult | QueryFailure:
+        """Run `sql` read-only; at most `max_rows` rows, at most `timeout_s` seconds. Never raises
+        for anything the SQL does: the failure is the answer."""
+        started = time.perf_counter()
+        refusal = self._check(sql)
+        if refusal is not None:
+            return refusal
+        cursor = self._cursor
+        with self._running:
+            timer = threading.Timer(timeout_s, cursor.interrupt)
+            timer.daemon = True
+            try:
+                cursor.execute("BEGIN TRANSACTION READ ONLY").fetchall()
+                timer.start()
+                try:
+                    columns, types, rows, truncated = self._fetch(sql, params, max_rows)
+                finally:
+                    timer.cancel()
+                    cursor.execute("ROLLBACK").fetchall()
+            except duckdb.InterruptException:
+                return _failure("timeout", f"the query ran past its time limit of {timeout_s:.3g}s; narrow it or add a LIMIT")
+            except _NOT_ALLOWED as exc:
+                return _failure("not_allowed", f"not allowed on the read-only query service: {_first_line(exc)}")
+            except _BAD_SQL as exc:
+                return _failure("bad_sql", str(exc))
+            except duckdb.OutOfMemoryException as exc:
+                return _failure("too_large", f"the query needs more memory than the service has: {_first_line(exc)}")
+            except duckdb.Error as exc:
+                return _failure("internal", f"{type(exc).__name__}: {exc}")
+        return QueryResult(
+            columns=columns, types=types, rows=rows, applied_seq=applied_seq, truncated=truncated,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    def _check(self, sql: str) -> QueryFailure | None:
+        try:
+            statements = self._cursor.extract_statements(sql)
+        except duckdb.Error as exc:
+            return _failure("bad_sql", str(exc))
+        if len(statements) != 1:
+            return _failure("not_allowed", f"send exactly one statement per query (got {len(statements)})")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            name = str(kind).rsplit(".", 1)[-1]
+            return _failure("not_allowed", f"only SELECT queries are answered (this is {name}); the views are read-only")
+        return None
+
+    def _fetch(self, sql: str, params: list[Any], max_rows: int) -> tuple[list[str], list[str], list[list[Any]], bool]:
+        relation = self._cursor.sql(sql, params=params or None)
+        columns = list(relation.columns)
+        types = [str(t) for t in relation.types]
+        reader = relation.to_arrow_reader(batch_size=min(_READ_BATCH, max_rows + 1))
+        rows: list[list[Any]] = []
+        truncated = False
+        try:
+            for record_batch in reader:
+                room = max_rows - len(rows)
+                if record_batch.num_rows > room:
+                    record_batch = record_batch.slice(0, room)
+                    truncated = True
+                cells = [column.to_pylist() for column in record_batch.columns]
+                rows.extend(map(list, zip(*cells)))
+                if truncated:
+                    break
+        finally:
+            reader.close()
+        return columns, types, rows, truncated
+
+
+def _failure(kind: QueryErrorKind, message: str) -> QueryFailure:
+    return QueryFailure(kind=kind, message=message)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,0 +1,315 @@
+"""Reading the log in stream order, fast: a push consumer read over a plain NATS connection.
+
+nats-py turns every delivered message into a `Msg` object, parses its headers, queues it and
+wakes a task for it: about 60k msg/s on this machine. A projection needs only four things per
+message (stream sequence, timestamp, subject, bytes), all in the frame itself: the sequence and
+timestamp sit in the `$JS.ACK...` reply subject. So the reader keeps its own connection to the
+server and parses frames in bulk (4x the rate; see README "Design notes").
+
+The consumer is ephemeral and server-side cheap: `ack_policy: none`, in memory, flow controlled,
+with idle heartbeats, starting at `start_seq`. Ordered-consumer rules apply: the consumer
+sequence must advance by one; on a gap, a stall (no heartbeat) or a deleted consumer the reader
+starts a new consumer after the last sequence it delivered. Control (creating and deleting the
+consumer) goes through the `Bus`'s own connection.
+
+Plain `nats://` connections only (user/password or token auth). Raises ReaderError for TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple
+
+import nats.errors
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
+
+from projections.errors import ReaderError
+
+if TYPE_CHECKING:
+    from bus import Bus
+
+log = logging.getLogger("continuum.projections.reader")
+
+_CHUNK = 256 * 1024
+_CRLF = b"\r\n"
+_ACK_PREFIX = b"$JS.ACK."
+
+
+class LogRecord(NamedTuple):
+    """One stored message: stream sequence, server timestamp (ns since the epoch), subject, bytes,
+    and its raw NATS header block (b"" when it has none)."""
+
+    seq: int
+    time_ns: int
+    subject: bytes
+    data: bytes
+    header: bytes = b""
+
+
+class _Restart(Exception):
+    """The consumer must be recreated after the last delivered sequence (gap, stall, deleted)."""
+
+
+class LogReader:
+    """Reads `bus`'s stream from `start_seq` in order. An async context manager.
+
+        async with LogReader(bus, start_seq=checkpoint + 1) as reader:
+            records = await reader.read(10_000)   # waits until at least one is there
+
+    `read` never returns a sequence twice, nor out of order. Raises ReaderError when the server
+    cannot be reached or refuses the consumer.
+    """
+
+    def __init__(self, bus: "Bus", *, start_seq: int = 1, heartbeat_s: float = 2.0, name: str = "projection") -> None:
+        self._bus = bus
+        self._stream = bus.subjects.stream
+        self._heartbeat_s = heartbeat_s
+        self._name = name
+        self._next_seq = max(1, start_seq)  # the next sequence we want delivered
+        self._head_seq = 0
+        self.restarts = 0
+        self._r: asyncio.StreamReader | None = None
+        self._w: asyncio.StreamWriter | None = None
+        self._consumer: str | None = None
+        self._inbox = b""
+        self._sid = 0
+        self._cseq = 0
+        self._buf = b""
+        self._ready: list[LogRecord] = []
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence handed out by `read` (or queued for it)."""
+        return self._next_seq - 1
+
+    @property
+    def head_seq(self) -> int:
+        """The log's last sequence as of the latest delivery (sequence + pending)."""
+        return max(self._head_seq, self.last_seq)
+
+    async def __aenter__(self) -> "LogReader":
+        await self._start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stop()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read(self, max_records: int) -> list[LogRecord]:
+        """Return 1..`max_records` records in sequence order, waiting for the first one.
+
+        Raises ReaderError if the connection is lost or the consumer cannot be recreated.
+        """
+        while not self._ready:
+            try:
+                await self._fill()
+            except _Restart as why:
+                log.info("log reader restarting after seq %d: %s", self.last_seq, why)
+                self.restarts += 1
+                await self._stop()
+                await self._start()
+        out = self._ready[:max_records]
+        del self._ready[:max_records]
+        return out
+
+    async def _fill(self) -> None:
+        assert self._r is not None
+        try:
+            chunk = await asyncio.wait_for(self._r.read(_CHUNK), timeout=3 * self._heartbeat_s)
+        except asyncio.TimeoutError:
+            raise _Restart(f"no message or heartbeat for {3 * self._heartbeat_s:.1f}s") from None
+        except OSError as exc:
+            raise ReaderError(f"lost the connection to NATS while reading the log: {exc}") from exc
+        if not chunk:
+            raise ReaderError("NATS closed the connection while the log was being read")
+        self._buf = self._buf + chunk if self._buf else chunk
+        self._parse()
+
+    def _parse(self) -> None:
+        """Consume every complete frame in the buffer; keep a trailing partial frame."""
+        buf = self._buf
+        end_of_buf = len(buf)
+        pos = 0
+        ready = self._ready
+        write = self._write
+        while True:
+            eol = buf.find(_CRLF, pos)
+            if eol < 0:
+                break
+            op = buf[pos:pos + 4]
+            if op == b"HMSG":
+                parts = buf[pos + 5:eol].split(b" ")
+                total = int(parts[-1])
+                end = eol + 2 + total
+                if end + 2 > end_of_buf:
+                    break
+                start = eol + 2 + int(parts[-2])
+                if len(parts) == 5 and parts[2].startswith(_ACK_PREFIX):
+                    self._data(parts[1], parts[2], parts[0], buf[start:end], buf[eol + 2:start], ready)
+                else:
+                    self._status(parts[1], parts[2] if len(parts) == 5 else b"", buf[eol + 2:start])
+                pos = end + 2
+            elif op == b"MSG ":
+                parts = buf[pos + 4:eol].split(b" ")
+                end = eol + 2 + int(parts[-1])
+                if end + 2 > end_of_buf:
+                    break
+                if len(parts) == 4 and parts[2].startswith(_ACK_PREFIX):
+                    self._data(parts[1], parts[2], parts[0], buf[eol + 2:end], b"", ready)
+                pos = end + 2
+            elif op == b"PING":
+                write(b"PONG\r\n")
+                pos = eol + 2
+            elif op == b"-ERR":
+                raise ReaderError(f"NATS refused the log reader: {buf[pos:eol].decode(errors='replace')}")
+            else:  # +OK, PONG, INFO
+                pos = eol + 2
+        self._buf = buf[pos:]
+
+    def _data(
+        self, sid: bytes, reply: bytes, subject: bytes, data: bytes, header: bytes, ready: list[LogRecord]
+    ) -> None:
+        if int(sid) != self._sid:
+            return  # a late frame of a consumer we already replaced
+        tokens = reply.split(b".")
+        # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        # v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>.<token>
+        base = 5 if len(tokens) == 9 else 7
+        seq = int(tokens[base])
+        cseq = int(tokens[base + 1])
+        if cseq != self._cseq + 1:
+            raise _Restart(f"consumer sequence jumped from {self._cseq} to {cseq}")
+        self._cseq = cseq
+        if seq < self._next_seq:
+            return  # already delivered by a previous consumer
+        self._next_seq = seq + 1
+        self._head_seq = seq + int(tokens[base + 3])
+        ready.append(LogRecord(seq, int(tokens[base + 2]), subject, data, header))
+
+    def _status(self, sid: bytes, reply: bytes, header: bytes) -> None:
+        if int(sid) != self._sid:
+            return
+        first_line, _, rest = header.partition(_CRLF)
+        status = first_line[9:12]  # "NATS/1.0 100 Idle Heartbeat"
+        if status != b"100":
+            raise _Restart(f"consumer status {first_line.decode(errors='replace')}")
+        if reply:  # flow control request: answering it lets the server send more
+            self._write(b"PUB " + reply + b" 0\r\n\r\n")
+            return
+        for line in rest.split(_CRLF):
+            name, _, value = line.partition(b":")
+            value = value.strip()
+            if name == b"Nats-Consumer-Stalled" and value:
+                self._write(b"PUB " + value + b" 0\r\n\r\n")
+            elif name == b"Nats-Last-Consumer" and value and int(value) > self._cseq:
+                raise _Restart(f"heartbeat says consumer seq {int(value)}, we have {self._cseq}")
+
+    def _write(self, data: bytes) -> None:
+        assert self._w is not None
+        self._w.write(data)
+
+    # -- connection and consumer -----------------------------------------------------------
+
+    async def _start(self) -> None:
+        try:
+            await self._connect()
+            await self._subscribe()
+        except BaseException:
+            await self._close_socket()
+            raise
+
+    async def _subscribe(self) -> None:
+        self._sid += 1
+        self._cseq = 0
+        self._buf = b""
+        self._inbox = f"_INBOX.continuum.{self._name}.{os.urandom(8).hex()}".encode()
+        self._write(b"SUB " + self._inbox + b" " + str(self._sid).encode() + b"\r\nPING\r\n")
+        await self._await_pong()
+        config = js_api.ConsumerConfig(
+            description=f"continuum {self._name} reader",
+            deliver_subject=self._inbox.decode(),
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self._next_seq,
+            ack_policy=js_api.AckPolicy.NONE,
+            replay_policy=js_api.ReplayPolicy.INSTANT,
+            flow_control=True,
+            idle_heartbeat=self._heartbeat_s,
+            inactive_threshold=max(10.0, 5 * self._heartbeat_s),
+            mem_storage=True,
+            num_replicas=1,
+        )
+        try:
+            info = await self._bus.js.add_consumer(self._stream, config)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise ReaderError(f"cannot create the log consumer on {self._stream}: {exc}") from exc
+        self._consumer = info.name
+
+    async def _stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        await self._close_socket()
+        if consumer is not None:
+            # The server removes it after inactive_threshold anyway; this is just tidiness.
+            with contextlib.suppress(nats.errors.Error, NotFoundError, asyncio.TimeoutError, RuntimeError):
+                await self._bus.js.delete_consumer(self._stream, consumer)
+
+    async def _connect(self) -> None:
+        nc = self._bus.nc
+        url = nc.connected_url
+        if url is None:
+            raise ReaderError("the bus is not connected to NATS")
+        if url.scheme == "tls" or nc._server_info.get("tls_required"):  # noqa: SLF001 - nats-py keeps it private
+            raise ReaderError("the log reader speaks plain NATS only; a TLS server is not supported")
+        try:
+            self._r, self._w = await asyncio.wait_for(
+                asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222, limit=4 * _CHUNK),
+                timeout=self._bus.config.connect_timeout_s,
+            )
+            info_line = await asyncio.wait_for(self._r.readline(), timeout=self._bus.config.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ReaderError(f"cannot connect the log reader to {url.netloc}: {exc}") from exc
+        if not info_line.startswith(b"INFO "):
+            raise ReaderError(f"{url.netloc} did not greet like a NATS server")
+        connect = {
+            "verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
+            "lang": "python/continuum-reader", "version": "1", "name": f"continuum:{self._name}:reader",
+        }
+        options = nc.options
+        if url.username or options.get("user"):
+            connect["user"] = url.username or options.get("user")
+            connect["pass"] = url.password or options.get("password") or ""
+        elif options.get("token"):
+            connect["auth_token"] = options["token"]
+        self._write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
+        await self._await_pong()
+
+    async def _await_pong(self) -> None:
+        assert self._r is not None
+        try:
+            while True:
+                line = await asyncio.wait_for(self._r.readline(), timeout=self._bus.config.connect_timeout_s)
+                if not line:
+                    raise ReaderError("NATS closed the log reader's connection")
+                if line.startswith(b"PONG"):
+                    return
+                if line.startswith(b"-ERR"):
+                    raise ReaderError(f"NATS refused the log reader: {line.decode(errors='replace').strip()}")
+                if line.startswith(b"PING"):
+                    self._write(b"PONG\r\n")
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ReaderError(f"the log reader's connection did not answer: {exc}") from exc
+
+    async def _close_socket(self) -> None:
+        writer, self._w, self._r = self._w, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)

@@ -1,0 +1,332 @@
+"""Keeping the views current: read the log from the checkpoint, decode, fold, commit, repeat.
+
+Three stages run at once, connected by bounded buffers, so reading, decoding and DuckDB work
+overlap (DuckDB releases the GIL while it works):
+
+    LogReader --records--> [read-ahead buffer] --> decode thread --Batch--> writer thread
+    (event loop)                                    build_batch()             Store.apply()
+
+A stage takes everything waiting (up to `batch_max`), so batches are large while catching up
+and small (low latency) when live. After each commit the watermark advances, which releases
+queries waiting for read-your-writes.
+
+A rebuild runs the same pipeline from sequence 1 into `building` generations, on the same
+writer thread (so it interleaves with live batches and swaps between two of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from projections.batch import Batch, build_batch
+from projections.config import ProjectionSettings
+from projections.errors import ReaderError, RebuildError
+from projections.metrics import ProjectionMetrics
+from projections.progress import Watermark
+from projections.protocol import RebuildReport
+from projections.reader import LogReader, LogRecord
+from projections.store import Applied, Store
+
+if TYPE_CHECKING:
+    from bus import Bus
+
+log = logging.getLogger("continuum.projections.runner")
+
+T = TypeVar("T")
+_REBUILD_READER_ATTEMPTS = 5
+
+
+class Source(Protocol):
+    """What the pipeline reads from: a LogReader, or anything shaped like one."""
+
+    restarts: int
+
+    @property
+    def head_seq(self) -> int: ...
+
+    async def read(self, max_records: int) -> list[LogRecord]: ...
+
+
+class Writer:
+    """The one thread that touches the Store (DuckDB connections are not thread-safe)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="continuum-duckdb-writer")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the writer thread. If the caller is cancelled, `fn` still finishes
+        (a DuckDB transaction is never abandoned half-way); later calls queue behind it."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        """Wait for the queued work, then stop the thread."""
+        self._pool.shutdown(wait=True)
+
+
+class _ReadAhead:
+    """Records read but not yet decoded; `put` waits while `limit` are waiting.
+
+    `take` hands out records when the fold is waiting for work, or when a full batch is there.
+    So while catching up, the next batch is decoded during the current commit (throughput);
+    when live, records are taken fresh the moment the fold is free, instead of being decoded
+    early into a batch that then waits a whole commit (latency).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._items: list[LogRecord] = []
+        self._limit = limit
+        self._changed = asyncio.Condition()
+        self._fold_waiting = True
+
+    async def put(self, records: list[LogRecord]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self._items) < self._limit)
+            self._items.extend(records)
+            self._changed.notify_all()
+
+    async def take(self, max_records: int) -> list[LogRecord]:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: bool(self._items) and (self._fold_waiting or len(self._items) >= max_records)
+            )
+            taken = self._items[:max_records]
+            del self._items[:max_records]
+            self._changed.notify_all()
+            return taken
+
+    async def fold_waiting(self, waiting: bool) -> None:
+        """Tell the decoder whether the fold is idle (then it takes whatever has arrived)."""
+        async with self._changed:
+            self._fold_waiting = waiting
+            self._changed.notify_all()
+
+
+class Runner:
+    """Folds the log into the store: `run_live()` forever, `rebuild()` on request."""
+
+    def __init__(
+        self,
+        bus: "Bus",
+        writer: Writer,
+        settings: ProjectionSettings,
+        metrics: ProjectionMetrics,
+        watermark: Watermark,
+    ) -> None:
+        self._bus = bus
+        self._writer = writer
+        self._store = writer.store
+        self._settings = settings
+        self._metrics = metrics
+        self.watermark = watermark
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="continuum-decode")
+        self._build_lock = asyncio.Lock()
+        self.rebuilding: list[str] = []
+        self.head_seq = 0  # the log's end as last seen by the live reader
+        self.lag_seconds: float | None = None
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=True)
+
+    # -- live -----------------------------------------------------------------------------
+
+    async def run_live(self) -> None:
+        """Keep the active views current until cancelled. Reader failures (server restart,
+        lost connection) are retried from the checkpoint with backoff; fold failures raise."""
+        backoff = 0.2
+        while True:
+            start = self.watermark.seq + 1
+            began = time.monotonic()
+            try:
+                await self._pipeline(start_seq=start, fold=self._store.apply, target="live")
+            except (ReaderError, BaseExceptionGroup) as exc:
+                _reraise_if_cancelling(exc)
+                failure = _only(exc, ReaderError)
+                if time.monotonic() - began > 10:
+                    backoff = 0.2
+                log.warning("reading the log failed (%s); reading again from seq %d in %.1fs", failure, start, backoff)
+                self._metrics.reader_restarts.inc()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # -- rebuild --------------------------------------------------------------------------
+
+    async def rebuild(self, views: Sequence[str] = (), *, wait: bool = False) -> RebuildReport:
+        """Rebuild `views` (all when empty) from sequence 1 while the active ones keep serving,
+        then swap them in. With `wait`, first wait for a rebuild already running; else that is
+        refused. Raises RebuildError (unknown view, one already running, the log could not be
+        read); the active views are then unchanged."""
+        if self._build_lock.locked() and not wait:
+            raise RebuildError(f"a rebuild of {', '.join(self.rebuilding)} is already running; wait for it to finish")
+        async with self._build_lock:
+            try:
+                names = await self._writer.call(self._store.start_build, list(views))
+            except ValueError as exc:
+                raise RebuildError(str(exc)) from exc
+            self.rebuilding = names
+            started = time.perf_counter()
+            folded = 0
+
+            def done(applied: Applied) -> bool:
+                nonlocal folded
+                folded += applied.events
+                return applied.swapped
+
+            try:
+                if not await self._writer.call(self._store.catch_up_build):
+                    await self._build(done)
+            except Exception:
+                self._metrics.rebuilds.labels("failed").inc()
+                await self._writer.call(self._store.abandon_build)
+                raise
+            finally:
+                self.rebuilding = []
+        self._metrics.rebuilds.labels("swapped").inc()
+        seconds = time.perf_counter() - started
+        log.info("rebuilt %s: %d events in %.2fs", ", ".join(names), folded, seconds)
+        return RebuildReport(views=names, applied_seq=self.watermark.seq, events=folded, seconds=round(seconds, 3))
+
+    async def _build(self, done: Callable[[Applied], bool]) -> None:
+        for attempt in range(1, _REBUILD_READER_ATTEMPTS + 1):
+            start = await self._writer.call(lambda: self._store.build_seq) + 1
+            try:
+                await self._pipeline(start_seq=start, fold=self._store.apply_build, target="rebuild", done=done)
+                return
+            except (ReaderError, BaseExceptionGroup) as exc:
+                _reraise_if_cancelling(exc)
+                failure = _only(exc, ReaderError)
+                log.warning("rebuild could not read the log (attempt %d): %s", attempt, failure)
+                if attempt == _REBUILD_READER_ATTEMPTS:
+                    raise RebuildError(f"the rebuild could not read the log: {failure}") from failure
+                await asyncio.sleep(0.2 * attempt)
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    async def _pipeline(
+        self,
+        *,
+        start_seq: int,
+        fold: Callable[[Batch], Applied],
+        target: str,
+        done: Callable[[Applied], bool] | None = None,
+    ) -> None:
+        async with LogReader(self._bus, start_seq=start_seq, heartbeat_s=self._settings.heartbeat_s, name=target) as reader:
+            await self._stages(reader, fold, target, done)
+
+    async def fold_from(self, reader: "Source", until_seq: int) -> None:
+        """Fold what `reader` yields into the active views until `until_seq` is applied: the live
+        pipeline over any source of records (the benchmark folds a log read into memory)."""
+        await self._stages(reader, self._store.apply, "live", lambda applied: applied.last_seq >= until_seq)
+
+    async def _stages(
+        self,
+        reader: "Source",
+        fold: Callable[[Batch], Applied],
+        target: str,
+        done: Callable[[Applied], bool] | None,
+    ) -> None:
+        read_ahead = _ReadAhead(self._settings.read_ahead)
+        decoded: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
+        async with asyncio.TaskGroup() as tasks:
+            reading = tasks.create_task(self._read(reader, read_ahead), name=f"{target}-read")
+            decoding = tasks.create_task(self._decode(read_ahead, decoded), name=f"{target}-decode")
+            try:
+                await self._apply(decoded, read_ahead, fold, target, reader, done)
+            finally:
+                reading.cancel()
+                decoding.cancel()
+
+    async def _read(self, reader: "Source", read_ahead: _ReadAhead) -> None:
+        while True:
+            await read_ahead.put(await reader.read(self._settings.batch_max))
+
+    async def _decode(self, read_ahead: _ReadAhead, decoded: asyncio.Queue[Batch]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            records = await read_ahead.take(self._settings.batch_max)
+            batch = await loop.run_in_executor(self._decoder, build_batch, records)
+            await decoded.put(batch)
+
+    async def _apply(
+        self,
+        decoded: asyncio.Queue[Batch],
+        read_ahead: _ReadAhead,
+        fold: Callable[[Batch], Applied],
+        target: str,
+        reader: "Source",
+        done: Callable[[Applied], bool] | None,
+    ) -> None:
+        metrics = self._metrics
+        restarts_seen = reader.restarts
+        while True:
+            if decoded.empty():
+                await read_ahead.fold_waiting(True)
+                batch = await decoded.get()
+                await read_ahead.fold_waiting(False)
+            else:
+                batch = decoded.get_nowait()
+            started = time.perf_counter()
+            applied = await self._writer.call(fold, batch)
+            metrics.batch_seconds.labels(target).observe(time.perf_counter() - started)
+            if applied.events:
+                metrics.batch_size.labels(target).observe(applied.events)
+                metrics.applied.labels(target).inc(applied.events)
+            undecodable = batch.table.column("error").length() - batch.table.column("error").null_count
+            if undecodable and target == "live":
+                metrics.undecodable.inc(undecodable)
+            if applied.poisoned:
+                metrics.poisoned.inc(applied.poisoned)
+            if applied.rows.get("integrity") and target == "live":
+                metrics.integrity_violations.inc(applied.rows["integrity"])
+                log.warning("integrity problems found in seq %d..%d: see the `integrity` view", batch.first_seq, batch.last_seq)
+            if reader.restarts > restarts_seen:
+                metrics.reader_restarts.inc(reader.restarts - restarts_seen)
+                restarts_seen = reader.restarts
+            if target == "live":
+                self._after_live(batch, applied, reader)
+            elif applied.swapped:
+                self._after_swap()
+            if done is not None and done(applied):
+                return
+
+    def _after_live(self, batch: Batch, applied: Applied, reader: "Source") -> None:
+        self.watermark.advance(applied.last_seq)
+        self.head_seq = max(self.head_seq, reader.head_seq)
+        lag = max(0, self.head_seq - self.watermark.seq)
+        self.lag_seconds = max(0.0, time.time() - batch.last_time_ns / 1e9)
+        self._metrics.lag_events.set(lag)
+        self._metrics.lag_seconds.set(self.lag_seconds)
+        for view in self._store.specs:  # a fixed set; the active generations change on the writer thread
+            self._metrics.checkpoint.labels(view).set(self.watermark.seq)
+
+    def _after_swap(self) -> None:
+        for view in self._store.specs:
+            self._metrics.checkpoint.labels(view).set(self.watermark.seq)
+
+
+def _reraise_if_cancelling(exc: BaseException) -> None:
+    """A reader error seen while this task is being cancelled (the server went away during
+    shutdown) must not turn into a retry: the cancellation wins."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from exc
+
+
+def _only(exc: BaseException, kind: type[Exception]) -> Exception:
+    """`exc` if it is a `kind`, or the single `kind` inside an exception group; anything else is
+    re-raised (a fold failure must not be mistaken for a reader hiccup)."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(kind)
+        if rest is None and matched is not None:
+            first = matched.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            return first  # type: ignore[return-value]
+    raise exc

@@ -1,0 +1,329 @@
+"""The projection service: the one process that owns the views file. It keeps the views current
+and answers, over the bus, read-only SQL queries, status and rebuild requests.
+
+    async with ProjectionService(bus, settings) as service:
+        ...  # until the block exits; a failure of the fold cancels the block and is raised
+
+Queries arrive by core NATS request/reply on `bus.subjects.query` in a queue group (several
+services with their own files share the load), run on a small pool of threads with their own
+DuckDB connections, and never touch the writer thread. A query with `min_seq` first waits
+(bounded) for the watermark to pass that sequence.
+
+Shutdown is ordered and bounded: stop taking requests, interrupt running queries, cancel the
+fold (the batch being committed finishes), close the DuckDB file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.errors
+from prometheus_client import CollectorRegistry
+
+from bus.errors import BusError
+from projections.config import ProjectionSettings
+from projections.errors import RebuildError, StoreMismatch
+from projections.metrics import ProjectionMetrics
+from projections.progress import Watermark
+from projections.protocol import (
+    ControlFailure,
+    RebuildOk,
+    RebuildReport,
+    RebuildRequest,
+    StatusOk,
+    StatusReport,
+    rebuild_subject,
+    status_subject,
+)
+from projections.query import QueryExecutor
+from projections.runner import Runner, Writer
+from projections.status import build_report, collect
+from projections.store import Store
+from projections.views import VIEWS, ViewSpec
+from schemas.query import QueryFailure, QueryRequest, QueryResult
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from bus import Bus
+
+log = logging.getLogger("continuum.projections.service")
+
+_request_decoder = msgspec.json.Decoder(QueryRequest)
+_rebuild_decoder = msgspec.json.Decoder(RebuildRequest)
+
+
+def _to_json(value: Any) -> Any:
+    """Values DuckDB may return that JSON has no type for (intervals, big decimals...): as text."""
+    return str(value)
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_to_json, decimal_format="number")
+
+
+class ProjectionService:
+    """Folds the log into the views file and answers queries about it. An async context manager."""
+
+    def __init__(
+        self,
+        bus: "Bus",
+        settings: ProjectionSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        views: tuple[ViewSpec, ...] = VIEWS,
+    ) -> None:
+        self._bus = bus
+        self._settings = settings
+        self.metrics = ProjectionMetrics(registry or CollectorRegistry())
+        self._views = views
+        self.watermark = Watermark()
+        self._stack = contextlib.AsyncExitStack()
+        self._executors: list[QueryExecutor] = []
+        self._idle: asyncio.Queue[QueryExecutor] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(settings.query.max_concurrent)
+        self._subscriptions: list[Any] = []
+        self._tasks: asyncio.TaskGroup | None = None
+        self._background: list[asyncio.Task[Any]] = []
+        self.runner: Runner | None = None
+        self.store: Store | None = None
+        self._writer: Writer | None = None
+
+    @property
+    def applied_seq(self) -> int:
+        return self.watermark.seq
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "ProjectionService":
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.__aexit__(exc_type, exc, tb)
+
+    async def _start(self) -> None:
+        bus, settings = self._bus, self._settings
+        store = Store(
+            settings.db_path, stream=bus.subjects.stream, views=self._views,
+            memory_limit=settings.memory_limit, threads=settings.threads,
+        )
+        writer = Writer(store)
+        self._writer = writer
+        self._stack.callback(writer.close)
+        stale = await writer.call(store.open)
+        self._stack.push_async_callback(writer.call, store.close)
+        self.store = store
+        await self._check_log(writer)
+        self.watermark.advance(store.applied_seq)
+
+        cursors = await writer.call(lambda: [store.cursor() for _ in range(settings.query.workers)])
+        self._executors = [QueryExecutor(cursor) for cursor in cursors]
+        for executor in self._executors:
+            self._idle.put_nowait(executor)
+        pool = ThreadPoolExecutor(max_workers=settings.query.workers, thread_name_prefix="continuum-query")
+        self._query_pool = pool
+        self._stack.callback(self._close_queries, pool)
+
+        runner = Runner(bus, writer, settings, self.metrics, self.watermark)
+        self.runner = runner
+        self._stack.callback(runner.close)
+        self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.push_async_callback(self._stop)
+        self._background.append(self._tasks.create_task(runner.run_live(), name="projections-live"))
+        if stale:
+            log.info("views %s are new or changed: building them from seq 1", ", ".join(stale))
+            self._background.append(self._tasks.create_task(self._build_stale(stale), name="projections-build"))
+
+        group = settings.query.queue_group
+        nc = bus.nc
+        self._subscriptions = [
+            await nc.subscribe(bus.subjects.query, queue=group, cb=self._on_query, pending_msgs_limit=100_000),
+            await nc.subscribe(status_subject(bus.subjects), queue=group, cb=self._on_status),
+            await nc.subscribe(rebuild_subject(bus.subjects), queue=group, cb=self._on_rebuild),
+        ]
+        await nc.flush()
+        log.info("projections: %s folded into %s from seq %d; answering queries on %s",
+                 bus.subjects.stream, settings.db_path, self.watermark.seq + 1, bus.subjects.query)
+
+    async def _check_log(self, writer: Writer) -> None:
+        store = writer.store
+        try:
+            info = await self._bus.js.stream_info(self._bus.subjects.stream)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("cannot read the log's bounds (%s); folding without them", exc)
+            return
+        first, last = int(info.state.first_seq), int(info.state.last_seq)
+        if store.applied_seq > last:
+            raise StoreMismatch(
+                f"{store.path} is at seq {store.applied_seq} but the log {store.stream} ends at {last}: "
+                "the stream was recreated. Move the file away (the views are rebuilt from the log) "
+                "or point --db elsewhere"
+            )
+        store.log_floor = max(0, first - 1) if last else 0
+
+    async def _stop(self) -> None:
+        for subscription in self._subscriptions:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+        self._subscriptions = []
+        for executor in self._executors:
+            executor.interrupt()
+        for task in self._background:
+            task.cancel()
+
+    def _close_queries(self, pool: ThreadPoolExecutor) -> None:
+        pool.shutdown(wait=True)
+        for executor in self._executors:
+            executor.close()
+
+    async def _build_stale(self, views: list[str]) -> None:
+        try:
+            await self.rebuild(views)
+        except Exception as exc:  # noqa: BLE001 - keep serving the views we have
+            log.error("could not build %s: %s (they are served by their previous version, if any)", ", ".join(views), exc)
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def rebuild(self, views: list[str] | tuple[str, ...] = (), *, wait: bool = False) -> RebuildReport:
+        """Rebuild `views` (all when empty) from sequence 1 and swap them in; see Runner.rebuild."""
+        assert self.runner is not None
+        return await self.runner.rebuild(views, wait=wait)
+
+    async def status(self) -> StatusReport:
+        """The views' checkpoints and lag against the log's end, and integrity problems."""
+        assert self.store is not None and self.runner is not None
+        gens, integrity = await self._writer.call(collect, self.store)
+        try:
+            last: int | None = await self._bus.last_seq()
+        except (BusError, nats.errors.Error, asyncio.TimeoutError):
+            last = None
+        return build_report(
+            source="service", db_path=self._settings.db_path, stream=self._bus.subjects.stream, gens=gens,
+            integrity=integrity, log_last_seq=last, lag_seconds=self.runner.lag_seconds,
+            rebuilding=list(self.runner.rebuilding), pid=os.getpid(),
+        )
+
+    async def content_hashes(self) -> dict[str, str]:
+        """A hash of every active view's tables (see store.content_hashes)."""
+        assert self._writer is not None and self.store is not None
+        return await self._writer.call(self.store.content_hashes)
+
+    async def query(self, request: QueryRequest) -> QueryResult | QueryFailure:
+        """Answer one query (what a request on the query subject gets)."""
+        limits = self._settings.query
+        timeout_s = min(max(request.timeout_s, 0.001), limits.max_timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if request.min_seq is not None and request.min_seq > self.watermark.seq:
+            wait_s = min(limits.max_lag_wait_s, timeout_s)
+            if not await self.watermark.wait_for(request.min_seq, wait_s):
+                return QueryFailure(
+                    kind="lag",
+                    message=f"the views have applied up to seq {self.watermark.seq}; seq {request.min_seq} "
+                            f"was not applied within {wait_s:g}s (the projection is behind, or that "
+                            "sequence is past the end of the log)",
+                )
+        try:
+            executor = await asyncio.wait_for(self._idle.get(), max(0.001, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return QueryFailure(kind="timeout", message=f"no query slot became free within {timeout_s:g}s")
+        try:
+            return await loop.run_in_executor(
+                self._query_pool,
+                lambda: executor.run(
+                    request.sql, request.params,
+                    max_rows=max(1, min(request.max_rows, limits.max_rows)),
+                    timeout_s=max(0.001, deadline - loop.time()),
+                    applied_seq=self.watermark.seq,
+                ),
+            )
+        finally:
+            self._idle.put_nowait(executor)
+
+    # -- request handlers (subscription callbacks: they only hand work to the task group) ---
+
+    async def _on_query(self, msg: "Msg") -> None:
+        await self._slots.acquire()
+        assert self._tasks is not None
+        try:
+            self._tasks.create_task(self._answer_query(msg))
+        except RuntimeError:  # the task group is shutting down
+            self._slots.release()
+
+    async def _answer_query(self, msg: "Msg") -> None:
+        started = time.perf_counter()
+        try:
+            try:
+                request = _request_decoder.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                response: QueryResult | QueryFailure = QueryFailure(kind="bad_sql", message=f"malformed query request: {exc}")
+            else:
+                try:
+                    response = await self.query(request)
+                except Exception as exc:  # noqa: BLE001 - a bad query must never take the service down
+                    log.exception("query failed unexpectedly")
+                    response = QueryFailure(kind="internal", message=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._slots.release()
+        data = _encoder.encode(response)
+        if len(data) > self._bus.nc.max_payload:
+            response = QueryFailure(
+                kind="too_large",
+                message=f"the result is {len(data)} bytes, over the server's {self._bus.nc.max_payload}-byte "
+                        "message limit: select fewer rows or columns",
+            )
+            data = _encoder.encode(response)
+        outcome = "ok" if isinstance(response, QueryResult) else response.kind
+        self.metrics.query_seconds.labels(outcome).observe(time.perf_counter() - started)
+        await self._respond(msg, data)
+
+    async def _on_status(self, msg: "Msg") -> None:
+        assert self._tasks is not None
+        with contextlib.suppress(RuntimeError):
+            self._tasks.create_task(self._answer_status(msg))
+
+    async def _answer_status(self, msg: "Msg") -> None:
+        try:
+            data = _encoder.encode(StatusOk(report=await self.status()))
+        except Exception as exc:  # noqa: BLE001 - the requester gets the reason instead of a timeout
+            log.exception("status request failed")
+            data = _encoder.encode(ControlFailure(message=f"{type(exc).__name__}: {exc}"))
+        await self._respond(msg, data)
+
+    async def _on_rebuild(self, msg: "Msg") -> None:
+        assert self._tasks is not None
+        with contextlib.suppress(RuntimeError):
+            self._tasks.create_task(self._answer_rebuild(msg))
+
+    async def _answer_rebuild(self, msg: "Msg") -> None:
+        try:
+            request = _rebuild_decoder.decode(msg.data) if msg.data else RebuildRequest()
+            data = _encoder.encode(RebuildOk(report=await self.rebuild(request.views)))
+        except (msgspec.DecodeError, RebuildError) as exc:
+            data = _encoder.encode(ControlFailure(message=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - answer, and keep serving the views we have
+            log.exception("rebuild failed")
+            data = _encoder.encode(ControlFailure(message=f"rebuild failed: {type(exc).__name__}: {exc}"))
+        await self._respond(msg, data)
+
+    async def _respond(self, msg: "Msg", data: bytes) -> None:
+        if not msg.reply:
+            return
+        try:
+            await msg.respond(data)
+        except nats.errors.Error as exc:
+            log.warning("could not answer a request: %s", exc)

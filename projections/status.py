@@ -1,0 +1,135 @@
+"""The state of the views: each view's checkpoint and lag, integrity problems, rebuilds; from the
+running service or, when none runs, from the file itself. And its text rendering."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import duckdb
+import msgspec
+import nats.errors
+
+from bus.errors import BusUnavailable
+from projections.errors import ProjectionError
+from projections.protocol import ControlFailure, ControlResponse, StatusOk, StatusReport, ViewStatus, status_subject
+from projections.store import Generation, Store, generations_in, open_read_only
+
+if TYPE_CHECKING:
+    from bus import Bus
+
+_response = msgspec.json.Decoder(ControlResponse)
+
+
+def collect(store: Store) -> tuple[list[Generation], dict[str, int]]:
+    """Copies of the store's generations and the integrity counts (run on the writer thread)."""
+    gens = [dataclasses.replace(g) for g in store.generations()]
+    return gens, integrity_counts(store.con) if "integrity" in store.active else {}
+
+
+def integrity_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """problem -> count, from the `integrity` view (empty when it does not exist)."""
+    try:
+        rows = con.execute("SELECT problem, count(*) FROM main.integrity GROUP BY problem ORDER BY problem").fetchall()
+    except duckdb.CatalogException:
+        return {}
+    return {str(problem): int(count) for problem, count in rows}
+
+
+def build_report(
+    *,
+    source: str,
+    db_path: str,
+    stream: str,
+    gens: list[Generation],
+    integrity: dict[str, int],
+    log_last_seq: int | None,
+    lag_seconds: float | None = None,
+    rebuilding: list[str] | None = None,
+    pid: int | None = None,
+) -> StatusReport:
+    """A StatusReport from the parts (lag is measured against `log_last_seq` when known)."""
+    views = [
+        ViewStatus(
+            view=g.view, generation=g.generation, version=g.version, state=g.state,
+            applied_seq=g.applied_seq,
+            lag_events=None if log_last_seq is None else max(0, log_last_seq - g.applied_seq),
+            applied_event_at=None if not g.applied_us else datetime.fromtimestamp(g.applied_us / 1e6, timezone.utc),
+            relations=list(g.relations),
+        )
+        for g in sorted(gens, key=lambda g: (g.state != "active", g.view))
+    ]
+    active = [g.applied_seq for g in gens if g.state == "active"]
+    applied = min(active, default=0)
+    return StatusReport(
+        source=source, db_path=db_path, stream=stream, log_last_seq=log_last_seq, applied_seq=applied,
+        lag_events=None if log_last_seq is None else max(0, log_last_seq - applied),
+        lag_seconds=lag_seconds, views=views, integrity=integrity, rebuilding=rebuilding or [], pid=pid,
+    )
+
+
+def report_from_file(path: str | Path, *, stream: str, log_last_seq: int | None) -> StatusReport:
+    """Status read from a views file no service holds. Raises StoreLocked, StoreMismatch."""
+    con = open_read_only(path)
+    try:
+        gens = generations_in(con, path)
+        counts = integrity_counts(con)
+    finally:
+        con.close()
+    return build_report(
+        source="file", db_path=str(path), stream=stream, gens=gens, integrity=counts, log_last_seq=log_last_seq,
+    )
+
+
+def format_report(report: StatusReport) -> list[str]:
+    """Lines for `bus projections status`."""
+    where = (
+        f"service pid {report.pid}" if report.source == "service"
+        else "no projection service is running: read the file directly"
+    )
+    log_end = "unknown (NATS not reachable)" if report.log_last_seq is None else str(report.log_last_seq)
+    lines = [
+        f"views file: {report.db_path} ({where})",
+        f"log: {report.stream}, last seq {log_end}",
+        f"applied: seq {report.applied_seq}, lag {_or_dash(report.lag_events)} events"
+        + ("" if report.lag_seconds is None else f", last event visible {report.lag_seconds * 1000:.1f} ms after it was stored"),
+    ]
+    if report.rebuilding:
+        lines.append(f"rebuilding: {', '.join(report.rebuilding)}")
+    header = ("VIEW", "GEN", "VER", "STATE", "CHECKPOINT", "LAG", "LAST EVENT AT")
+    table = [header] + [
+        (v.view, str(v.generation), str(v.version), v.state, str(v.applied_seq), _or_dash(v.lag_events),
+         "-" if v.applied_event_at is None else v.applied_event_at.isoformat(timespec="milliseconds"))
+        for v in report.views
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    if report.integrity:
+        problems = ", ".join(f"{problem}: {count}" for problem, count in report.integrity.items())
+        lines.append(f"INTEGRITY PROBLEMS: {problems} (SELECT * FROM integrity)")
+    else:
+        lines.append("integrity: no problems found")
+    return lines
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+
+async def request_status(bus: "Bus", *, timeout_s: float = 5.0) -> StatusReport:
+    """Ask the running service for its status. Raises BusUnavailable when none answers."""
+    try:
+        msg = await bus.nc.request(status_subject(bus.subjects), b"", timeout=timeout_s)
+    except nats.errors.NoRespondersError as exc:
+        raise BusUnavailable("no projection service is running") from exc
+    except (nats.errors.TimeoutError, TimeoutError) as exc:
+        raise BusUnavailable(f"the projection service did not answer within {timeout_s:g}s") from exc
+    response = _response.decode(msg.data)
+    if isinstance(response, StatusOk):
+        return response.report
+    if isinstance(response, ControlFailure):
+        raise ProjectionError(f"the projection service could not report its status: {response.message}")
+    raise ProjectionError(f"unexpected answer to a status request: {type(response).__name__}")

@@ -1,0 +1,110 @@
+"""The views: one module per view, each holding its tables (DDL), its public relations and its
+fold. `VIEWS` lists them; adding a view is writing a module like `events.py` and adding it here.
+
+A view module defines:
+
+    NAME       the view's name (its checkpoint and generation are kept under it)
+    VERSION    bump it when the tables or the fold change: the view is then rebuilt from
+               sequence 1 in the background while the old version keeps serving
+    TABLES     DDL creating its tables in schema `{s}` (statements separated by ';'; `{s}` is
+               replaced by `render`, never str.format)
+    RELATIONS  public name -> SELECT over `{s}` (what queries see, as views in `main`)
+    fold(tx, s, batch) -> int
+               apply one batch: SQL over the relation `batch` (see projections.batch) into the
+               tables of schema `s`; returns the rows it wrote. Synchronous and pure with respect
+               to I/O: no awaiting, no network, no clock. It must give the same tables whatever
+               the batch boundaries (the store checks rebuilt == incremental by content hash).
+
+Folds run inside the store's transaction, which also advances the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from projections.batch import Batch
+
+
+class Tx:
+    """What a fold may do: run SQL on the store's writer connection, inside its transaction.
+    Every result is consumed (DuckDB 2.0 requires it before the next statement)."""
+
+    def __init__(self, con: Any) -> None:
+        self._con = con
+
+    def run(self, sql: str, params: list[Any] | None = None) -> int:
+        """Execute one statement; return the row count it reports (0 for DDL)."""
+        rows = self._con.execute(sql, params).fetchall() if params else self._con.execute(sql).fetchall()
+        return int(rows[0][0]) if rows and rows[0] and isinstance(rows[0][0], int) else 0
+
+    def rows(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Execute a query and return its rows (avoid TIMESTAMPTZ columns: fetch epochs instead)."""
+        return self._con.execute(sql, params).fetchall() if params else self._con.execute(sql).fetchall()
+
+
+Fold = Callable[[Tx, str, "Batch"], int]
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view, as read from its module."""
+
+    name: str
+    version: int
+    tables: str
+    relations: Mapping[str, str]
+    fold: Fold
+    doc: str = ""
+
+    @classmethod
+    def from_module(cls, module: ModuleType) -> "ViewSpec":
+        return cls(
+            name=module.NAME,
+            version=module.VERSION,
+            tables=module.TABLES,
+            relations=dict(module.RELATIONS),
+            fold=module.fold,
+            doc=(module.__doc__ or "").strip(),
+        )
+
+    def ddl(self, schema: str) -> list[str]:
+        """The CREATE statements of this view's tables in `schema`."""
+        return [stmt.strip() for stmt in render(self.tables, schema).split(";") if stmt.strip()]
+
+    def public(self, schema: str) -> dict[str, str]:
+        """Public relation name -> SELECT over `schema`."""
+        return {name: render(select, schema) for name, select in self.relations.items()}
+
+
+def render(template: str, schema: str) -> str:
+    """`template` with `{s}` replaced by the (generated, trusted) schema name. Not str.format:
+    SQL is full of braces (JSON, struct literals)."""
+    return template.replace("{s}", schema)
+
+
+from projections.views import (  # noqa: E402 - the modules use Tx from above
+    agents,
+    blocks,
+    contradictions,
+    conversations,
+    dead_letters,
+    events,
+    facts,
+    integrity,
+    llm_calls,
+    messages,
+    recall,
+    steps,
+)
+
+VIEWS: tuple[ViewSpec, ...] = tuple(
+    ViewSpec.from_module(module)
+    for module in (events, messages, agents, dead_letters, conversations, integrity, steps,
+                   facts, contradictions, blocks, recall, llm_calls)
+)
+
+__all__ = ["VIEWS", "Fold", "Tx", "ViewSpec", "render"]

@@ -1,0 +1,115 @@
+"""`bus trace`: the causal tree of one correlation id, read over the bus from the projection
+service, as indented text and as a Mermaid diagram."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agents.trace import build_trace, load_trace, render_mermaid, render_text
+from bus import Bus
+from bus.cli.common import CliError
+from bus.cli.main import build_parser
+from bus.server import EmbeddedServer
+from projections.config import ProjectionSettings
+from projections.service import ProjectionService
+from schemas.payloads import Note, Notice, TaskCompleted, TaskRequested
+
+
+@pytest.fixture
+async def service(bus: Bus, tmp_path: Path) -> AsyncIterator[ProjectionService]:
+    async with ProjectionService(bus, ProjectionSettings(db_path=str(tmp_path / "views.duckdb"))) as svc:
+        yield svc
+
+
+async def _run(bus: Bus) -> tuple[str, dict[str, int], int]:
+    """A small run: lead asks reader, reader delegates to scout and broadcasts, scout answers,
+    reader answers lead; plus noise in another conversation. Returns (correlation id, seq by
+    step name, last seq)."""
+    ask = await bus.send("reader", TaskRequested(title="survey"), sender="lead")
+    corr = ask.envelope.correlation_id
+    dig = await bus.send("scout", TaskRequested(title="dig"), sender="reader", correlation_id=corr, causation_id=ask.envelope.id)
+    note = await bus.broadcast("team", Notice(text="digging", topic="status"), sender="reader",
+                               correlation_id=corr, causation_id=ask.envelope.id)
+    found = await bus.send("reader", TaskCompleted(task_id=dig.envelope.id), sender="scout",
+                           correlation_id=corr, causation_id=dig.envelope.id)
+    await bus.send("lead", Note(text="unrelated"), sender="critic")
+    done = await bus.send("lead", TaskCompleted(task_id=ask.envelope.id), sender="reader",
+                          correlation_id=corr, causation_id=found.envelope.id)
+    seqs = {"ask": ask.ack.seq, "dig": dig.ack.seq, "note": note.ack.seq, "found": found.ack.seq, "done": done.ack.seq}
+    return corr, seqs, done.ack.seq
+
+
+async def test_trace_builds_the_causal_tree_of_a_real_run(bus: Bus, service: ProjectionService) -> None:
+    """The trace holds exactly the run's envelopes, each under its cause, children in log
+    order; the text form indents by depth and the Mermaid form has one node per envelope and
+    one edge per cause."""
+    corr, s, last = await _run(bus)
+
+    trace = await load_trace(bus, corr, min_seq=last)
+
+    assert trace.count == 5 and [r.seq for r in trace.roots] == [s["ask"]]
+    root = trace.roots[0]
+    assert [c.seq for c in root.children] == [s["dig"], s["note"]]
+    assert [c.seq for c in root.children[0].children] == [s["found"]]
+    assert [c.seq for c in root.children[0].children[0].children] == [s["done"]]
+
+    lines = render_text(trace)
+    assert lines[0] == f"trace {corr}: 5 envelope(s)"
+    body = [line.split("  +")[0] for line in lines[1:]]
+    assert body == [
+        f"- #{s['ask']} task.requested lead → reader",
+        f"  - #{s['dig']} task.requested reader → scout",
+        f"    - #{s['found']} task.completed scout → reader",
+        f"      - #{s['done']} task.completed reader → lead",
+        f"  - #{s['note']} notice reader → #team",
+    ]
+
+    mermaid = render_mermaid(trace)
+    assert mermaid[0] == "graph TD"
+    nodes = [line for line in mermaid if line.lstrip().startswith("n") and "[" in line]
+    edges = sorted(line.strip() for line in mermaid if "-->" in line)
+    assert len(nodes) == 5 and f'n{s["dig"]}["#{s["dig"]} task.requested<br/>reader → scout' in nodes[1]
+    assert edges == sorted([
+        f"n{s['ask']} --> n{s['dig']}", f"n{s['ask']} --> n{s['note']}",
+        f"n{s['dig']} --> n{s['found']}", f"n{s['found']} --> n{s['done']}",
+    ])
+
+
+async def test_bus_trace_command_prints_text_and_mermaid(
+    bus: Bus, service: ProjectionService, nats_server: EmbeddedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bus trace ID` prints the indented tree, `--format mermaid` the diagram; an unknown id is
+    a clear error, not an empty tree."""
+    corr, s, last = await _run(bus)
+    parser = build_parser()
+
+    args = parser.parse_args(["trace", corr, "--url", nats_server.url, "--min-seq", str(last)])
+    assert await args.func(args) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == f"trace {corr}: 5 envelope(s)" and text[1].startswith(f"- #{s['ask']} task.requested lead → reader")
+
+    args = parser.parse_args(["trace", corr, "--url", nats_server.url, "--format", "mermaid"])
+    assert await args.func(args) == 0
+    mermaid = capsys.readouterr().out.splitlines()
+    assert mermaid[0] == "graph TD" and f"    n{s['found']} --> n{s['done']}" in mermaid
+
+    args = parser.parse_args(["trace", "no-such-run", "--url", nats_server.url])
+    with pytest.raises(CliError, match="no envelopes with correlation id 'no-such-run'"):
+        await args.func(args)
+
+
+def test_a_cause_outside_the_trace_or_later_in_the_log_makes_a_root() -> None:
+    """Malformed causation (a cause not in the conversation, or one stored after its effect)
+    never loses an envelope or loops: the envelope becomes a root and says why."""
+    rows = [
+        {"seq": 5, "id": "a", "kind": "note", "sender": "x", "recipient": "y", "causation_id": "elsewhere"},
+        {"seq": 6, "id": "b", "kind": "note", "sender": "y", "recipient": "x", "causation_id": "c"},
+        {"seq": 7, "id": "c", "kind": "note", "sender": "x", "recipient": "y", "causation_id": "b"},
+    ]
+    trace = build_trace("r", rows)
+    assert [r.seq for r in trace.roots] == [5, 6] and [c.seq for c in trace.roots[1].children] == [7]
+    assert trace.roots[0].foreign_cause and trace.roots[1].foreign_cause
+    assert "not earlier in this trace" in render_text(trace)[1]
