@@ -8,7 +8,6 @@ The request/response types are the wire types of schemas.payloads.llm, so every 
 recorded in full as an `llm.call.completed` event (`call_model` builds it).
 """
 
-from agents.llm.claude import AnthropicModel, AnthropicSettings
 from agents.llm.cost import PRICES, Price, cost_usd
 from agents.llm.errors import (
     AccessDenied,
@@ -26,6 +25,7 @@ from agents.llm.errors import (
 from agents.llm.model import Model, call_model, failed_call, request_fingerprint
 from agents.llm.offline import OfflineModel
 from agents.llm.replay import ReplayModel
+from agents.llm.settings import AnthropicSettings
 from schemas.payloads.llm import (
     ContentBlock,
     LlmCallCompleted,
@@ -41,6 +41,17 @@ from schemas.payloads.llm import (
     ToolUseBlock,
     Usage,
 )
+
+
+def __getattr__(name: str) -> object:
+    # The Claude adapter imports the anthropic SDK (~2 s of CPU); agent processes running the
+    # offline model should not pay for it, so it is loaded on first use.
+    if name == "AnthropicModel":
+        from agents.llm.claude import AnthropicModel
+
+        return AnthropicModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PRICES",

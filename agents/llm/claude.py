@@ -20,7 +20,7 @@ Errors: every anthropic/httpx error is translated into agents.llm.errors with `r
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import anthropic
 import httpx2
@@ -36,6 +36,7 @@ from agents.llm.errors import (
     Overloaded,
     RateLimited,
 )
+from agents.llm.settings import AnthropicSettings
 from agents.llm.validate import validate_request
 from schemas.payloads.llm import (
     ContentBlock,
@@ -51,21 +52,6 @@ from schemas.payloads.llm import (
 )
 
 MAX_CACHE_BREAKPOINTS = 4
-DEFAULT_BASE_URL = "https://api.anthropic.com"
-
-
-class AnthropicSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """How to reach Claude. Read the key from the environment in the entry point, not here."""
-
-    api_key: str
-    base_url: str = DEFAULT_BASE_URL
-    # SDK-level retries per call; the bus's redeliveries multiply them (see module docstring).
-    max_retries: int = 2
-    timeout_s: float = 120.0
-    connect_timeout_s: float = 5.0
-    cache_ttl: Literal["5m", "1h"] = "5m"
-
-
 class AnthropicModel:
     """`Model` backed by `anthropic.AsyncAnthropic`. Does no I/O until the first call.
 

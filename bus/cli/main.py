@@ -25,8 +25,8 @@ COMMAND_MODULES = (
     "bus.cli.bench_command",       # bench
     "bus.cli.smoke_command",       # smoke
     "projections.cli",             # projections run|rebuild|status, query
-    "agents.cli",                  # agent start|ps|stop|logs
-    "agents.research.cli",         # demo research, replay, trace
+    "agents.cli",                  # agent start|ps|stop|logs, trace
+    "agents.research.cli",         # demo research, replay
 )
 
 

@@ -1,4 +1,5 @@
-"""The research team, played offline: rules for the reader, critic and lead roles.
+"""The research team, played offline: rules for the researcher, synthesiser, writer and reviewer
+roles (and the reader, critic and lead of the smaller in-process team).
 
 Each rule reads the request the way a model would (papers rendered by
 `agents.research.corpus.render_papers` in the task, fact lines rendered by
@@ -19,11 +20,27 @@ lead (tools: core_memory_rethink, broadcast)
     2. broadcast a one-line notice to "Team tag: <tag>", if any
     3. a closing summary
 
+researcher: the reader's rules.
+synthesiser (tools: archival_search, flag_contradiction, core_memory_rethink)
+    1-2. the critic's search and flags
+    3. core_memory_rethink of its "digest" block (shared with the writer and reviewer) with the
+       synthesis, when it has one
+    4. a closing synthesis: contradictions and refinements, one line each
+writer (tools: core_memory_append)
+    1. a line in its "log" block, when it has one and it fits
+    2. the report: one claim line per finding in the task ("- subject: effect. statement [ref]"),
+       then the synthesis lines; or, given corrections, the report with the corrected claims
+reviewer (tools: archival_search)
+    1. one archival_search per subject claimed in the report
+    2. the review: every claim checked against the fact recorded from its cited source (same
+       effect, same statement); one "- correction [ref] ..." line per claim that does not hold
+
 Role names are configurable; a request from any other role is left to the next policy.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from agents.llm.offline.view import Decision, RequestView, ToolCall
@@ -42,13 +59,19 @@ class ResearchPolicy:
     def __init__(
         self,
         *,
-        reader_roles: Iterable[str] = ("reader",),
-        critic_roles: Iterable[str] = ("critic", "reviewer"),
+        reader_roles: Iterable[str] = ("reader", "researcher"),
+        critic_roles: Iterable[str] = ("critic",),
         lead_roles: Iterable[str] = ("lead", "editor"),
+        synthesiser_roles: Iterable[str] = ("synthesiser", "synthesizer"),
+        writer_roles: Iterable[str] = ("writer",),
+        reviewer_roles: Iterable[str] = ("reviewer",),
     ) -> None:
         self.reader_roles = frozenset(reader_roles)
         self.critic_roles = frozenset(critic_roles)
         self.lead_roles = frozenset(lead_roles)
+        self.synthesiser_roles = frozenset(synthesiser_roles)
+        self.writer_roles = frozenset(writer_roles)
+        self.reviewer_roles = frozenset(reviewer_roles)
 
     def decide(self, view: RequestView) -> Decision | None:
         role = view.role
@@ -58,6 +81,12 @@ class ResearchPolicy:
             return _critic(view)
         if role in self.lead_roles:
             return _lead(view)
+        if role in self.synthesiser_roles:
+            return _synthesiser(view)
+        if role in self.writer_roles:
+            return _writer(view)
+        if role in self.reviewer_roles:
+            return _reviewer(view)
         return None
 
 
@@ -180,6 +209,137 @@ def _review(findings: list, pairs: list[tuple[FactLine, FactLine]], facts: dict[
         for f in refinements
     ]
     return "\n".join(lines)
+
+
+# -- synthesiser ----------------------------------------------------------------------------------
+
+
+def _synthesiser(view: RequestView) -> Decision | None:
+    findings = parse_findings(view.task_text)
+    if not findings:
+        return None
+    called = view.names_called
+    subjects = list(dict.fromkeys(f.subject for f in findings))
+    bases = list(dict.fromkeys(s.split("@", 1)[0] for s in subjects))
+    if "archival_search" not in called and "archival_search" in view.tools:
+        calls = [ToolCall("archival_search", {"subject": s, "limit": 50}) for s in bases]
+        return Decision(text=f"Checking {len(bases)} subjects against what we know.", calls=calls)
+    today = {f.finding_id for f in findings}
+    facts = _facts_from(view.called("archival_search"))
+    pairs = _conflicts(facts, subjects, today)
+    if "flag_contradiction" not in called and "flag_contradiction" in view.tools and pairs:
+        calls = [
+            ToolCall(
+                "flag_contradiction",
+                {
+                    "fact_a": old.fact_id,
+                    "fact_b": new.fact_id,
+                    "rule": CONTRADICTION_RULE,
+                    "note": f"{old.source} reports {old.value}; {new.source} reports {new.value} on {new.subject}",
+                },
+            )
+            for old, new in pairs
+        ]
+        return Decision(calls=calls)
+    synthesis = _review(findings, pairs, facts).replace("Review of", "Synthesis of", 1)
+    block = view.blocks.get(DIGEST_LABEL)
+    if "core_memory_rethink" not in called and "core_memory_rethink" in view.tools and block is not None:
+        digest = _fit(synthesis, block.limit)
+        return Decision(calls=[ToolCall("core_memory_rethink", {"label": DIGEST_LABEL, "value": digest,
+                                                               "reason": "new findings integrated"})])
+    return Decision(text=synthesis)
+
+
+# -- writer ---------------------------------------------------------------------------------------
+
+WRITER_LOG_LABEL = "log"
+_DAY = re.compile(r"\bday (\d+)\b", re.IGNORECASE)
+_CLAIM = re.compile(r"^- (?P<subject>\S+): (?P<effect>[\w-]+)\. (?P<statement>.+) \[(?P<ref>[^\]\s]+)\]$")
+_CORRECTION = re.compile(
+    r"^- correction \[(?P<ref>[^\]\s]+)\] subject=(?P<subject>\S+) effect=(?P<effect>[\w-]+): (?P<statement>.+)$"
+)
+
+
+def claim_line(subject: str, effect: str, statement: str, ref: str) -> str:
+    """One claim of a report, in the form the reviewer checks."""
+    return f"- {subject}: {effect}. {' '.join(statement.split())} [{ref}]"
+
+
+def parse_claims(text: str) -> list[dict[str, str]]:
+    """The claim lines of a report: subject, effect, statement, ref."""
+    return [m.groupdict() for line in text.splitlines() if (m := _CLAIM.match(line.strip()))]
+
+
+def parse_corrections(text: str) -> list[dict[str, str]]:
+    """The correction lines of a review: ref, subject, effect, statement."""
+    return [m.groupdict() for line in text.splitlines() if (m := _CORRECTION.match(line.strip()))]
+
+
+def _writer(view: RequestView) -> Decision | None:
+    task = view.task_text
+    corrections = parse_corrections(task)
+    if corrections:
+        return Decision(text=_revise(task, corrections))
+    findings = parse_findings(task)
+    if not findings:
+        return None
+    day = _DAY.search(task)
+    label = f"day {day.group(1)}" if day else "today"
+    papers = sorted({f.paper_id for f in findings})
+    note = f"{label}: reported {len(findings)} new findings from {len(papers)} papers"
+    block = view.blocks.get(WRITER_LOG_LABEL)
+    if ("core_memory_append" not in view.names_called and "core_memory_append" in view.tools
+            and block is not None and block.chars + len(note) + 1 <= block.limit):
+        return Decision(calls=[ToolCall("core_memory_append", {"label": WRITER_LOG_LABEL, "text": note})])
+    lines = [f"Report for {label}: {len(findings)} new findings from {_span(papers)}", "", "New findings:"]
+    lines += [claim_line(f.subject, f.effect, f.statement, f.finding_id) for f in findings]
+    synthesis = [line.strip() for line in task.splitlines()
+                 if line.strip().startswith(("- contradiction on", "- refinement of"))]
+    contradictions = [line for line in synthesis if line.startswith("- contradiction")]
+    refinements = [line for line in synthesis if line.startswith("- refinement")]
+    lines += ["", f"Contradictions with earlier findings: {len(contradictions)}", *contradictions]
+    if refinements:
+        lines += ["", "Refinements:", *refinements]
+    return Decision(text="\n".join(lines))
+
+
+def _revise(task: str, corrections: list[dict[str, str]]) -> str:
+    by_ref = {c["ref"]: c for c in corrections}
+    report = task.split("Report:", 1)[-1].split("Corrections:", 1)[0].strip("\n")
+    out = []
+    for line in report.splitlines():
+        m = _CLAIM.match(line.strip())
+        fix = by_ref.get(m["ref"]) if m else None
+        out.append(claim_line(fix["subject"], fix["effect"], fix["statement"], fix["ref"]) if fix else line)
+    return "\n".join(out).strip()
+
+
+# -- reviewer -------------------------------------------------------------------------------------
+
+
+def _reviewer(view: RequestView) -> Decision | None:
+    claims = parse_claims(view.task_text)
+    if not claims:
+        return None
+    bases = list(dict.fromkeys(c["subject"].split("@", 1)[0] for c in claims))
+    if "archival_search" not in view.names_called and "archival_search" in view.tools:
+        calls = [ToolCall("archival_search", {"subject": s, "limit": 50, "include_inactive": True}) for s in bases]
+        return Decision(text=f"Checking {len(claims)} claims against their sources.", calls=calls)
+    by_source: dict[str, FactLine] = {}
+    for fact in _facts_from(view.called("archival_search")).values():
+        by_source.setdefault(fact.source, fact)
+    problems = []
+    for claim in claims:
+        fact = by_source.get(claim["ref"])
+        if fact is None:
+            problems.append(f"- unsupported [{claim['ref']}]: no recorded fact cites this source")
+        elif fact.value != claim["effect"] or " ".join(fact.statement.split()) != " ".join(claim["statement"].split()):
+            problems.append(
+                f"- correction [{claim['ref']}] subject={fact.subject} effect={fact.value}: {fact.statement}"
+            )
+    head = (f"Review: {len(claims)} claims checked against their cited sources; "
+            f"{len(problems)} need correcting.")
+    return Decision(text="\n".join([head, *problems]))
 
 
 # -- lead -----------------------------------------------------------------------------------------

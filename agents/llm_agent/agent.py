@@ -1,0 +1,341 @@
+"""`LLMAgent`: an agent whose handlers think with a language model, with memory from the log.
+
+    class Writer(LLMAgent):
+        name = "writer"
+        role = "writer"
+        system_prompt = "You write the day's report. Cite every claim."
+        tool_names = ("archival_search", "core_memory_append")
+        core_blocks = (BlockSpec(label="log", limit=2000),)
+
+        async def respond(self, note: Note, ctx: Context) -> None:
+            result = await self.converse(ctx, note.text)
+            await ctx.send("reviewer", Note(text=result.text))
+
+Per inbound message, `converse` runs the tool loop, every effect a step of the runtime:
+
+1. catch up memory from the log (facts, blocks, its own turns) and record the position reached;
+2. record the inbound text as a user turn;
+3. each round: compile the context within the token budget, record the evictions first, call the
+   model, record the call (`llm.call.completed`, full request and response) and the assistant
+   turn: one step, so a redelivered message gets the recorded answer and never calls the model
+   again;
+4. execute each tool call in order as its own step, recording its memory events and folding them
+   before the next call; send what the tools asked to send; tell the other holders of a shared
+   block it changed;
+5. record the tool results as the next user turn; stop when the model ends its turn (or after
+   `max_rounds`).
+
+Memory events carry the inbound message as their causation and its correlation id, so a whole
+workflow can be traced and replayed (agents.research.replay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+
+from agents.llm import Model, ModelError, call_model
+from agents.llm_agent.memory_log import BLOCK_WRITES, MemoryLog
+from agents.llm_agent.models import build_model, choose_model
+from agents.memory import (
+    AgentMemory,
+    ContextCompiler,
+    ContextConfig,
+    MemoryTools,
+    ToolContext,
+    ToolOutcome,
+)
+from agents.memory.errors import BlockExists, BlockLimitExceeded
+from agents.runtime import Agent, Context, handler
+from bus.config import ConsumerSettings
+from bus.errors import ConcurrencyConflict
+from schemas import derived_id, stable_id
+from schemas.payloads.llm import ModelResponse, ToolResultBlock, ToolUseBlock
+from schemas.payloads.memory import MemoryEvent
+from schemas.payloads.messaging import Note, Notice
+
+if TYPE_CHECKING:
+    from bus.client import Bus
+
+# Topic of the notice telling a block's other holders that it changed.
+BLOCK_CHANGED = "memory.block.changed"
+# A block write that keeps losing to other writers gives up after this many fresh tries.
+MAX_FENCE_RETRIES = 8
+
+
+class BlockSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A core block an agent makes sure exists when it starts. Give the same `block_id` and
+    `holders` in every holder's spec to share one block; whoever starts first creates it."""
+
+    label: str
+    limit: int
+    block_id: str | None = None
+    holders: tuple[str, ...] = ()
+    description: str = ""
+    value: str = ""
+
+
+class ConversationResult(msgspec.Struct, frozen=True, kw_only=True):
+    """How a `converse` ended: the model's final text, the rounds it took, and the memory events
+    its tool calls recorded (facts, contradictions, block writes), in order."""
+
+    text: str
+    rounds: int
+    events: list[MemoryEvent] = []
+    stopped: bool = False  # True when the loop hit max_rounds
+
+
+class _CallStep(msgspec.Struct, frozen=True, kw_only=True):
+    """The recorded result of one model call step."""
+
+    call_id: str
+    request_sha256: str
+    response: ModelResponse
+    events: list[MemoryEvent]  # evictions, then the assistant turn
+
+
+class LLMAgent(Agent):
+    """Base class of agents run by a model with memory tools. See the module docstring.
+
+    Class attributes: `role` (the "Role:" line the model and the offline policies read),
+    `system_prompt`, `tool_names` (memory tools offered), `core_blocks`, `budget_tokens`,
+    `max_rounds`, `max_output_tokens`. The model is Claude when ANTHROPIC_API_KEY is set, else the
+    offline model (agents.llm_agent.models); pass `model=` to choose one explicitly.
+    """
+
+    role: ClassVar[str] = "assistant"
+    system_prompt: ClassVar[str] = ""
+    tool_names: ClassVar[tuple[str, ...]] = ()
+    core_blocks: ClassVar[tuple[BlockSpec, ...]] = ()
+    budget_tokens: ClassVar[int] = 24_000
+    max_rounds: ClassVar[int] = 12
+    max_output_tokens: ClassVar[int] = 4096
+    # One message at a time: turns of one conversation must not interleave. A short ack_wait is
+    # safe for long model calls (the consumer engine sends in-progress while a handler runs) and
+    # brings a killed process's message back quickly.
+    consumer: ClassVar[ConsumerSettings | None] = ConsumerSettings(concurrency=1, prefetch=0, ack_wait_s=3.0)
+
+    def __init__(self, model: Model | None = None, *, model_name: str | None = None) -> None:
+        self._model_arg = model
+        self._model_name_arg = model_name
+        self._log: MemoryLog | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def on_start(self, bus: Bus) -> None:
+        """Pick the model, rebuild memory from the log, and create missing core blocks."""
+        choice = choose_model()
+        self.attach(
+            MemoryLog(bus, bus.config.name),
+            self._model_arg or build_model(choice),
+            model_name=self._model_name_arg or choice.model,
+        )
+        await self.log.catch_up()
+        if await self._ensure_blocks():
+            # Fold again in log order: blocks show in creation order, and a block another
+            # holder created just before ours must come first here too, as in any replay.
+            self._log = MemoryLog(bus, self.agent_name)
+            await self.log.catch_up()
+
+    def attach(self, log: MemoryLog, model: Model, *, model_name: str) -> None:
+        """Bind the agent to its memory log and model (on_start does this; a replay binds a log
+        that captures instead of publishing, and a model that answers from the record)."""
+        self.agent_name = log.agent
+        self.model = model
+        self.compiler = ContextCompiler(
+            ContextConfig(
+                model=model_name, agent=self.agent_name, role=self.role, system_prompt=self.prompt(),
+                budget_tokens=self.budget_tokens, max_output_tokens=self.max_output_tokens,
+            )
+        )
+        self.tools = MemoryTools(self.tool_names)
+        self._log = log
+
+    async def on_stop(self) -> None:
+        close = getattr(self.model, "aclose", None)
+        if close is not None:
+            await close()
+
+    def prompt(self) -> str:
+        """The system prompt (override to compute it)."""
+        return self.system_prompt
+
+    @property
+    def log(self) -> MemoryLog:
+        if self._log is None:
+            raise RuntimeError("the agent has not started (on_start not run)")
+        return self._log
+
+    @property
+    def memory(self) -> AgentMemory:
+        return self.log.memory
+
+    async def _ensure_blocks(self) -> bool:
+        """Create the missing core blocks; True if any was created."""
+        created = False
+        for spec in self.core_blocks:
+            block_id = spec.block_id or f"{self.agent_name}/{spec.label}"
+            for _ in range(MAX_FENCE_RETRIES):
+                if self.memory.blocks.by_id(block_id) is not None:
+                    break
+                try:
+                    event = self.memory.blocks.create(
+                        spec.label, limit=spec.limit, actor=self.agent_name, value=spec.value,
+                        description=spec.description, holders=list(spec.holders) or None, block_id=block_id,
+                    )
+                except BlockExists:
+                    break
+                try:
+                    # A fixed id: two holders starting at once store one creation.
+                    await self.log.record(event, id=stable_id("block.created", self.log.bus.subjects.ns, block_id))
+                    created = True
+                except ConcurrencyConflict:
+                    await self.log.catch_up()
+        return created
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    @handler
+    async def on_note(self, note: Note, ctx: Context) -> Note | None:
+        """A message for this agent: `respond` to it."""
+        return await self.respond(note, ctx)
+
+    @handler
+    async def on_notice(self, notice: Notice, ctx: Context) -> None:
+        """A shared block changed: read it now, so the next call shows the new value."""
+        if notice.topic == BLOCK_CHANGED:
+            await self.log.catch_up()
+
+    async def respond(self, note: Note, ctx: Context) -> Note | None:
+        """Default: converse on the note's text; answer a request with the final text."""
+        result = await self.converse(ctx, note.text)
+        return Note(text=result.text) if ctx.envelope.reply_to is not None else None
+
+    # -- the tool loop -------------------------------------------------------------------------
+
+    async def converse(self, ctx: Context, text: str, *, sender: str | None = None) -> ConversationResult:
+        """Run the model on `text` to the end of its tool loop (see the module docstring).
+
+        Raises ModelError (its failure recorded as `llm.call.failed`; retryable ones are
+        redelivered), BusUnavailable, and the runtime's step errors.
+        """
+        now = ctx.envelope.created_at  # the same on every attempt: decisions replay identically
+        await self.log.catch_up()
+        await ctx.step("memory.position", lambda: self.log.position, type=int)
+        await self._write(ctx, "turn:user", lambda: [self.memory.recall.record(
+            "user", at=now, text=text, sender=sender or ctx.envelope.sender, envelope_id=ctx.envelope.id,
+        )])
+        produced: list[Any] = []
+        for round_ in range(self.max_rounds):
+            call = await ctx.step(f"llm:{round_}", lambda: self._call(ctx, now), type=_CallStep)
+            for event in call.events:
+                self.memory.apply(event)
+            uses = call.response.tool_uses
+            if not uses:
+                return ConversationResult(text=call.response.text, rounds=round_ + 1, events=produced)
+            results: list[ToolResultBlock] = []
+            for i, use in enumerate(uses):
+                outcome = await ctx.step(
+                    f"tool:{round_}.{i}:{use.name}", lambda u=use: self._execute(ctx, u, now), type=ToolOutcome
+                )
+                for event in outcome.events:
+                    self.memory.apply(event)
+                produced += outcome.events
+                await self._deliver(ctx, outcome)
+                results.append(outcome.result)
+            await self._write(ctx, f"turn:results:{round_}", lambda r=results: [
+                self.memory.recall.record("user", at=now, content=r)
+            ])
+        return ConversationResult(
+            text=f"(stopped: the tool loop did not end within {self.max_rounds} rounds)",
+            rounds=self.max_rounds, events=produced, stopped=True,
+        )
+
+    async def _call(self, ctx: Context, now: datetime) -> _CallStep:
+        step_id = ctx.step_id
+        call_id = derived_id(step_id, "call")
+        events: list[Any] = []
+        # An earlier attempt that died after the model answered (before this step's record) left
+        # its call in the log: adopt it rather than asking the model again.
+        call = await self.log.recorded_call(call_id) if ctx.attempt > 1 else None
+        if call is None:
+            compiled = self.compiler.compile(self.memory, tools=self.tools.specs(), now=now)
+            events = [
+                await self.log.record(e, id=derived_id(step_id, f"evict/{k}"), cause=ctx.envelope)
+                for k, e in enumerate(compiled.evictions)
+            ]
+            try:
+                call = await call_model(
+                    self.model, compiled.request, agent=self.agent_name, call_id=call_id, step=step_id
+                )
+            except ModelError as exc:
+                if exc.failed_call is not None:
+                    failed_id = derived_id(step_id, f"failed/{ctx.attempt}")
+                    await self.log.record(exc.failed_call, id=failed_id, cause=ctx.envelope)
+                raise
+            await self.log.record(call, id=call_id, cause=ctx.envelope)
+        # Decided again on a retry, under the same id: a turn stored before a crash is adopted.
+        turn = self.memory.recall.record_message(call.response.as_message(), at=now)
+        events.append(await self.log.record(turn, id=derived_id(step_id, "turn"), cause=ctx.envelope))
+        return _CallStep(call_id=call_id, request_sha256=call.request_sha256, response=call.response, events=events)
+
+    async def _execute(self, ctx: Context, use: ToolUseBlock, now: datetime) -> ToolOutcome:
+        """Execute one tool call and record its events; a block write that lost a race is
+        decided again on the fresh value."""
+        step_id = ctx.step_id
+        tool_ctx = ToolContext(agent=self.agent_name, now=now)
+        for _ in range(MAX_FENCE_RETRIES):
+            outcome = self.tools.execute(use, self.memory, tool_ctx)
+            try:
+                # The same ids on every try: a refused append stores nothing, and a write stored
+                # by an attempt that died before recording this step comes back as a duplicate
+                # (its stored event is adopted) instead of being applied a second time.
+                stored = [
+                    await self.log.record(e, id=derived_id(step_id, f"ev/{k}"), cause=ctx.envelope)
+                    for k, e in enumerate(outcome.events)
+                ]
+            except ConcurrencyConflict:
+                await self.log.catch_up()
+                continue
+            except BlockLimitExceeded as exc:
+                return _error(use, f"{use.name} failed: {exc}")
+            return msgspec.structs.replace(outcome, events=stored)
+        return _error(use, f"{use.name} failed: the block kept changing under {MAX_FENCE_RETRIES} attempts; try again")
+
+    async def _deliver(self, ctx: Context, outcome: ToolOutcome) -> None:
+        for message in outcome.messages:
+            if message.to is not None:
+                await ctx.send(message.to, message.payload)
+            elif message.tag is not None:
+                await ctx.broadcast(message.tag, message.payload)
+        notified: set[str] = set()
+        for event in outcome.events:
+            if not isinstance(event, BLOCK_WRITES):
+                continue
+            block = self.memory.blocks.by_id(event.block_id)
+            for holder in block.holders if block is not None else ():
+                if holder != self.agent_name and holder not in notified:
+                    notified.add(holder)
+                    await ctx.send(holder, Notice(text=event.block_id, topic=BLOCK_CHANGED))
+
+    async def _write(self, ctx: Context, name: str, decide: Callable[[], Sequence[Any]]) -> list[Any]:
+        """A step that decides memory events, records them, and folds them."""
+
+        async def run() -> list[Any]:
+            step_id = ctx.step_id
+            return [
+                await self.log.record(e, id=derived_id(step_id, f"ev/{k}"), cause=ctx.envelope)
+                for k, e in enumerate(decide())
+            ]
+
+        events = await ctx.step(name, run, type=list[MemoryEvent])
+        for event in events:
+            self.memory.apply(event)
+        return events
+
+
+def _error(use: ToolUseBlock, text: str) -> ToolOutcome:
+    return ToolOutcome(result=ToolResultBlock(tool_use_id=use.id, content=text, is_error=True))
