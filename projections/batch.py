@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import pyarrow as pa
@@ -54,7 +54,7 @@ class _Undecodable:
 
     id = sender = to = tag = reply_to = correlation_id = causation_id = None
     priority = created_at = expires_at = payload = None
-    headers: dict[str, str] = {}
+    headers: ClassVar[dict[str, str]] = {}
 
 
 _UNDECODABLE = _Undecodable()
@@ -101,7 +101,7 @@ class Batch:
     def last_seq(self) -> int:
         return self.seqs[-1]
 
-    def window(self, after: int, upto: int | None = None) -> "Batch | None":
+    def window(self, after: int, upto: int | None = None) -> Batch | None:
         """The records with `after` < seq <= `upto` (a zero-copy slice), or None if none."""
         from bisect import bisect_right
 

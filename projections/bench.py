@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from prometheus_client import CollectorRegistry
 
@@ -85,9 +85,9 @@ async def _read_all(bus: Bus, last: int) -> tuple[list[LogRecord], float]:
     return records, len(records) / (time.perf_counter() - started)
 
 
-async def _fold_rate(bus: Bus, env: "BenchEnv", records: list[LogRecord], run: int) -> float:
+async def _fold_rate(bus: Bus, env: BenchEnv, records: list[LogRecord], run: int) -> float:
     settings = ProjectionSettings(db_path=str(env.workdir / f"fold-{run}.duckdb"))
-    store = Store(settings.db_path, stream=bus.subjects.stream)
+    store = Store(settings.db_path, stream=bus.subjects.stream, lanes=settings.lanes)
     writer = Writer(store)
     try:
         await writer.call(store.open)
@@ -152,12 +152,17 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _log_file(path: Path) -> BinaryIO:
+    """The child's stdout/stderr (closed here once the child has its own copy)."""
+    return open(path, "ab")
+
+
 @asynccontextmanager
 async def _service_process(bus: Bus, home: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     """`bus projections run` in its own process, as `bus up` starts it (so the publishers and
     clients of the benchmark do not share its event loop)."""
     home.mkdir(parents=True, exist_ok=True)
-    log = open(home / "projections.log", "ab")  # noqa: SIM115 - handed to the child
+    log = _log_file(home / "projections.log")
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bus.cli.main", "projections", "run", "--url", bus.config.url,
@@ -173,7 +178,7 @@ async def _service_process(bus: Bus, home: Path) -> AsyncIterator[asyncio.subpro
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), 60)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
 
@@ -193,7 +198,7 @@ async def _answering(bus: Bus, min_seq: int, timeout_s: float) -> None:
                 raise
 
 
-async def run(env: "BenchEnv") -> dict[str, float]:
+async def run(env: BenchEnv) -> dict[str, float]:
     """The projections figures (see the module docstring)."""
     count = env.n(_FULL_LOG)
     async with env.server("projections") as server:

@@ -33,11 +33,17 @@ from bus.cli.common import (
     out,
 )
 from bus.errors import BusUnavailable
-from projections.config import DEFAULT_BATCH_MAX, VIEWS_FILE, ProjectionSettings, QuerySettings, tuned_gc
+from projections.config import (
+    DEFAULT_BATCH_MAX,
+    VIEWS_FILE,
+    ProjectionSettings,
+    QuerySettings,
+    tuned_gc,
+)
 from projections.errors import ProjectionError, RebuildError, StoreLocked, StoreMismatch
+from projections.protocol import StatusReport
 from projections.rebuild import rebuild_file, request_rebuild
 from projections.service import ProjectionService
-from projections.protocol import StatusReport
 from projections.status import format_report, report_from_file, request_status
 from schemas.query import QueryResult
 

@@ -46,6 +46,9 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     read_ahead: int = 2 * DEFAULT_BATCH_MAX
     # The push consumer's idle heartbeat; a reader that hears nothing for 3 of them restarts.
     heartbeat_s: float = 2.0
+    # Connections folding at once, each with a share of the views (DuckDB runs these
+    # statements on one core each; two lanes fold ~1.4x faster than one on two cores).
+    lanes: int = 2
     # DuckDB resources (None: DuckDB's defaults, 80% of RAM and one thread per core).
     memory_limit: str | None = None
     threads: int | None = None
@@ -54,11 +57,11 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.batch_max < 1 or self.read_ahead < self.batch_max:
             raise ValueError("batch_max must be >= 1 and read_ahead >= batch_max")
-        if self.heartbeat_s <= 0:
-            raise ValueError("heartbeat_s must be positive")
+        if self.heartbeat_s <= 0 or self.lanes < 1:
+            raise ValueError("heartbeat_s must be positive and lanes at least 1")
 
     @classmethod
-    def for_home(cls, home: Path, **overrides: object) -> "ProjectionSettings":
+    def for_home(cls, home: Path, **overrides: object) -> ProjectionSettings:
         """Settings with the views file at `<home>/views.duckdb`."""
         return cls(db_path=str(Path(home) / VIEWS_FILE), **overrides)  # type: ignore[arg-type]
 

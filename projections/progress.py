@@ -41,7 +41,7 @@ class Watermark:
         heapq.heappush(self._waiters, (seq, next(self._order), future))
         try:
             await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return seq <= self._seq
         finally:
             # A waiter that gave up (or was cancelled) leaves its future behind; drop them lazily.

@@ -48,6 +48,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     integrity: dict[str, int]  # problem -> count
     rebuilding: list[str] = []
     pid: int | None = None
+    fold_errors: dict[str, int] = {}  # view -> events it could not fold
 
 
 class RebuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

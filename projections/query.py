@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from typing import Any
 
 import duckdb
@@ -102,10 +103,14 @@ class QueryExecutor:
         return None
 
     def _fetch(self, sql: str, params: list[Any], max_rows: int) -> tuple[list[str], list[str], list[list[Any]], bool]:
-        relation = self._cursor.sql(sql, params=params or None)
-        columns = list(relation.columns)
-        types = [str(t) for t in relation.types]
-        reader = relation.to_arrow_reader(batch_size=min(_READ_BATCH, max_rows + 1))
+        cursor = self._cursor
+        cursor.execute(sql, params or None)
+        columns = [d[0] for d in cursor.description]
+        types = [str(d[1]) for d in cursor.description]
+        # Through Arrow, not fetchall(): DuckDB's Python rows need pytz for TIMESTAMPTZ.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "extra copy of the rows": negligible for capped results
+            reader = cursor.to_arrow_reader(min(_READ_BATCH, max_rows + 1))
         rows: list[list[Any]] = []
         truncated = False
         try:

@@ -39,6 +39,8 @@ log = logging.getLogger("continuum.projections.reader")
 _CHUNK = 256 * 1024
 _CRLF = b"\r\n"
 _ACK_PREFIX = b"$JS.ACK."
+# "NATS/1.0\r\nNats-Msg-Id: <36-char id>\r\n\r\n" is 64 bytes; longer headers carry more.
+_PLAIN_HEADER = 96
 
 
 class LogRecord(NamedTuple):
@@ -66,7 +68,7 @@ class LogReader:
     cannot be reached or refuses the consumer.
     """
 
-    def __init__(self, bus: "Bus", *, start_seq: int = 1, heartbeat_s: float = 2.0, name: str = "projection") -> None:
+    def __init__(self, bus: Bus, *, start_seq: int = 1, heartbeat_s: float = 2.0, name: str = "projection") -> None:
         self._bus = bus
         self._stream = bus.subjects.stream
         self._heartbeat_s = heartbeat_s
@@ -93,7 +95,7 @@ class LogReader:
         """The log's last sequence as of the latest delivery (sequence + pending)."""
         return max(self._head_seq, self.last_seq)
 
-    async def __aenter__(self) -> "LogReader":
+    async def __aenter__(self) -> LogReader:
         await self._start()
         return self
 
@@ -125,7 +127,7 @@ class LogReader:
         assert self._r is not None
         try:
             chunk = await asyncio.wait_for(self._r.read(_CHUNK), timeout=3 * self._heartbeat_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _Restart(f"no message or heartbeat for {3 * self._heartbeat_s:.1f}s") from None
         except OSError as exc:
             raise ReaderError(f"lost the connection to NATS while reading the log: {exc}") from exc
@@ -135,69 +137,104 @@ class LogReader:
         self._parse()
 
     def _parse(self) -> None:
-        """Consume every complete frame in the buffer; keep a trailing partial frame."""
+        """Consume every complete frame in the buffer; keep a trailing partial frame.
+
+        The hot loop of the projections, written for CPython: no per-message method calls, no
+        NamedTuple constructor, consumer-sequence contiguity checked once per chunk.
+        """
         buf = self._buf
         end_of_buf = len(buf)
         pos = 0
         ready = self._ready
-        write = self._write
+        sid = str(self._sid).encode()
+        new = tuple.__new__
+        record = LogRecord
+        next_seq = self._next_seq
+        first_cseq: bytes | None = None
+        last_cseq: bytes | None = None
+        count = 0
+        last_tokens: list[bytes] | None = None
+        # Records of the deliveries not yet checked for contiguity: on a hole they are dropped
+        # and read again from the new consumer (which starts at `segment_seq`).
+        segment, segment_seq = len(ready), next_seq
         while True:
             eol = buf.find(_CRLF, pos)
             if eol < 0:
                 break
-            op = buf[pos:pos + 4]
-            if op == b"HMSG":
+            if buf.startswith(b"HMSG", pos):
                 parts = buf[pos + 5:eol].split(b" ")
-                total = int(parts[-1])
-                end = eol + 2 + total
+                end = eol + 2 + int(parts[-1])
                 if end + 2 > end_of_buf:
                     break
-                start = eol + 2 + int(parts[-2])
-                if len(parts) == 5 and parts[2].startswith(_ACK_PREFIX):
-                    self._data(parts[1], parts[2], parts[0], buf[start:end], buf[eol + 2:start], ready)
-                else:
-                    self._status(parts[1], parts[2] if len(parts) == 5 else b"", buf[eol + 2:start])
+                hlen = int(parts[-2])
+                if len(parts) == 5 and parts[2].startswith(_ACK_PREFIX) and parts[1] == sid:
+                    tokens = parts[2].split(b".")
+                    base = 5 if len(tokens) == 9 else 7
+                    seq = int(tokens[base])
+                    if first_cseq is None:
+                        first_cseq = tokens[base + 1]
+                    last_cseq = tokens[base + 1]
+                    count += 1
+                    if seq >= next_seq:  # else: already delivered by a consumer we replaced
+                        start = eol + 2 + hlen
+                        # A header beyond the message id may carry the fence of a checked append.
+                        header = buf[eol + 2:start] if hlen > _PLAIN_HEADER else b""
+                        ready.append(new(record, (seq, int(tokens[base + 2]), parts[0], buf[start:end], header)))
+                        next_seq = seq + 1
+                        last_tokens = tokens
+                elif parts[1] == sid:
+                    self._next_seq = next_seq
+                    self._check(first_cseq, last_cseq, count, segment, segment_seq)
+                    first_cseq, count = None, 0
+                    segment, segment_seq = len(ready), next_seq
+                    self._status(parts[2] if len(parts) == 5 else b"", buf[eol + 2:eol + 2 + hlen])
                 pos = end + 2
-            elif op == b"MSG ":
+            elif buf.startswith(b"MSG ", pos):
                 parts = buf[pos + 4:eol].split(b" ")
                 end = eol + 2 + int(parts[-1])
                 if end + 2 > end_of_buf:
                     break
-                if len(parts) == 4 and parts[2].startswith(_ACK_PREFIX):
-                    self._data(parts[1], parts[2], parts[0], buf[eol + 2:end], b"", ready)
+                if len(parts) == 4 and parts[2].startswith(_ACK_PREFIX) and parts[1] == sid:
+                    tokens = parts[2].split(b".")
+                    base = 5 if len(tokens) == 9 else 7
+                    seq = int(tokens[base])
+                    if first_cseq is None:
+                        first_cseq = tokens[base + 1]
+                    last_cseq = tokens[base + 1]
+                    count += 1
+                    if seq >= next_seq:
+                        ready.append(new(record, (seq, int(tokens[base + 2]), parts[0], buf[eol + 2:end], b"")))
+                        next_seq = seq + 1
+                        last_tokens = tokens
                 pos = end + 2
-            elif op == b"PING":
-                write(b"PONG\r\n")
+            elif buf.startswith(b"PING", pos):
+                self._write(b"PONG\r\n")
                 pos = eol + 2
-            elif op == b"-ERR":
+            elif buf.startswith(b"-ERR", pos):
                 raise ReaderError(f"NATS refused the log reader: {buf[pos:eol].decode(errors='replace')}")
             else:  # +OK, PONG, INFO
                 pos = eol + 2
         self._buf = buf[pos:]
+        self._next_seq = next_seq
+        self._check(first_cseq, last_cseq, count, segment, segment_seq)
+        if last_tokens is not None:
+            base = 5 if len(last_tokens) == 9 else 7
+            self._head_seq = int(last_tokens[base]) + int(last_tokens[base + 3])
 
-    def _data(
-        self, sid: bytes, reply: bytes, subject: bytes, data: bytes, header: bytes, ready: list[LogRecord]
-    ) -> None:
-        if int(sid) != self._sid:
-            return  # a late frame of a consumer we already replaced
-        tokens = reply.split(b".")
-        # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        # v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>.<token>
-        base = 5 if len(tokens) == 9 else 7
-        seq = int(tokens[base])
-        cseq = int(tokens[base + 1])
-        if cseq != self._cseq + 1:
-            raise _Restart(f"consumer sequence jumped from {self._cseq} to {cseq}")
-        self._cseq = cseq
-        if seq < self._next_seq:
-            return  # already delivered by a previous consumer
-        self._next_seq = seq + 1
-        self._head_seq = seq + int(tokens[base + 3])
-        ready.append(LogRecord(seq, int(tokens[base + 2]), subject, data, header))
-
-    def _status(self, sid: bytes, reply: bytes, header: bytes) -> None:
-        if int(sid) != self._sid:
+    def _check(self, first: bytes | None, last: bytes | None, count: int, segment: int, segment_seq: int) -> None:
+        """`count` deliveries had consumer sequences `first`..`last`: they must follow the
+        previous ones without a hole (the ordered-consumer rule). Else their records (from
+        index `segment` of the ready list) are dropped and reading starts over at `segment_seq`."""
+        if first is None or last is None:
             return
+        first_seq, last_seq = int(first), int(last)
+        if first_seq != self._cseq + 1 or last_seq - first_seq + 1 != count:
+            del self._ready[segment:]
+            self._next_seq = segment_seq
+            raise _Restart(f"consumer sequence jumped (expected {self._cseq + 1}, got {first_seq}..{last_seq} in {count})")
+        self._cseq = last_seq
+
+    def _status(self, reply: bytes, header: bytes) -> None:
         first_line, _, rest = header.partition(_CRLF)
         status = first_line[9:12]  # "NATS/1.0 100 Idle Heartbeat"
         if status != b"100":
@@ -249,7 +286,7 @@ class LogReader:
         )
         try:
             info = await self._bus.js.add_consumer(self._stream, config)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             raise ReaderError(f"cannot create the log consumer on {self._stream}: {exc}") from exc
         self._consumer = info.name
 
@@ -266,7 +303,7 @@ class LogReader:
         url = nc.connected_url
         if url is None:
             raise ReaderError("the bus is not connected to NATS")
-        if url.scheme == "tls" or nc._server_info.get("tls_required"):  # noqa: SLF001 - nats-py keeps it private
+        if url.scheme == "tls" or nc._server_info.get("tls_required"):
             raise ReaderError("the log reader speaks plain NATS only; a TLS server is not supported")
         try:
             self._r, self._w = await asyncio.wait_for(
@@ -274,7 +311,7 @@ class LogReader:
                 timeout=self._bus.config.connect_timeout_s,
             )
             info_line = await asyncio.wait_for(self._r.readline(), timeout=self._bus.config.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise ReaderError(f"cannot connect the log reader to {url.netloc}: {exc}") from exc
         if not info_line.startswith(b"INFO "):
             raise ReaderError(f"{url.netloc} did not greet like a NATS server")
@@ -304,7 +341,7 @@ class LogReader:
                     raise ReaderError(f"NATS refused the log reader: {line.decode(errors='replace').strip()}")
                 if line.startswith(b"PING"):
                     self._write(b"PONG\r\n")
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise ReaderError(f"the log reader's connection did not answer: {exc}") from exc
 
     async def _close_socket(self) -> None:

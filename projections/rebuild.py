@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 _response = msgspec.json.Decoder(ControlResponse)
 
 
-async def request_rebuild(bus: "Bus", views: Sequence[str], *, timeout_s: float) -> RebuildReport:
+async def request_rebuild(bus: Bus, views: Sequence[str], *, timeout_s: float) -> RebuildReport:
     """Ask the running service to rebuild `views` (all when empty) and wait for the swap.
 
     Raises BusUnavailable when no service answers, RebuildError when it refuses or fails.
@@ -57,7 +57,7 @@ async def request_rebuild(bus: "Bus", views: Sequence[str], *, timeout_s: float)
     return response.report
 
 
-async def rebuild_file(bus: "Bus", settings: ProjectionSettings, views: Sequence[str]) -> RebuildReport:
+async def rebuild_file(bus: Bus, settings: ProjectionSettings, views: Sequence[str]) -> RebuildReport:
     """Rebuild `views` in the file at `settings.db_path` with a service started for the purpose.
 
     Raises StoreLocked when another process holds the file, RebuildError when it fails.

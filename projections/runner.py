@@ -112,7 +112,7 @@ class Runner:
 
     def __init__(
         self,
-        bus: "Bus",
+        bus: Bus,
         writer: Writer,
         settings: ProjectionSettings,
         metrics: ProjectionMetrics,
@@ -129,6 +129,9 @@ class Runner:
         self.rebuilding: list[str] = []
         self.head_seq = 0  # the log's end as last seen by the live reader
         self.lag_seconds: float | None = None
+        # Set by a swap: the live pipeline starts over from the (new) checkpoint, so records it
+        # read but could not apply (every view frozen during a rebuild) are read again.
+        self._restart_live = asyncio.Event()
 
     def close(self) -> None:
         self._decoder.shutdown(wait=True)
@@ -143,7 +146,7 @@ class Runner:
             start = self.watermark.seq + 1
             began = time.monotonic()
             try:
-                await self._pipeline(start_seq=start, fold=self._store.apply, target="live")
+                await self._live_until_restart(start)
             except (ReaderError, BaseExceptionGroup) as exc:
                 _reraise_if_cancelling(exc)
                 failure = _only(exc, ReaderError)
@@ -153,6 +156,16 @@ class Runner:
                 self._metrics.reader_restarts.inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _live_until_restart(self, start: int) -> None:
+        """The live pipeline from `start`, until it fails or a swap asks for a fresh start."""
+        async with asyncio.TaskGroup() as tasks:
+            pipeline = tasks.create_task(self._pipeline(start_seq=start, fold=self._store.apply, target="live"))
+            restart = tasks.create_task(self._restart_live.wait())
+            await asyncio.wait({pipeline, restart}, return_when=asyncio.FIRST_COMPLETED)
+            pipeline.cancel()
+            restart.cancel()
+        self._restart_live.clear()
 
     # -- rebuild --------------------------------------------------------------------------
 
@@ -180,14 +193,16 @@ class Runner:
             try:
                 if not await self._writer.call(self._store.catch_up_build):
                     await self._build(done)
+                self._restart_live.set()  # frozen views were swapped: read again from their checkpoint
             except Exception:
                 self._metrics.rebuilds.labels("failed").inc()
                 await self._writer.call(self._store.abandon_build)
                 raise
             finally:
                 self.rebuilding = []
+            seconds = time.perf_counter() - started
+            await self._writer.call(self._store.drop_retired)
         self._metrics.rebuilds.labels("swapped").inc()
-        seconds = time.perf_counter() - started
         log.info("rebuilt %s: %d events in %.2fs", ", ".join(names), folded, seconds)
         return RebuildReport(views=names, applied_seq=self.watermark.seq, events=folded, seconds=round(seconds, 3))
 
@@ -218,14 +233,14 @@ class Runner:
         async with LogReader(self._bus, start_seq=start_seq, heartbeat_s=self._settings.heartbeat_s, name=target) as reader:
             await self._stages(reader, fold, target, done)
 
-    async def fold_from(self, reader: "Source", until_seq: int) -> None:
+    async def fold_from(self, reader: Source, until_seq: int) -> None:
         """Fold what `reader` yields into the active views until `until_seq` is applied: the live
         pipeline over any source of records (the benchmark folds a log read into memory)."""
         await self._stages(reader, self._store.apply, "live", lambda applied: applied.last_seq >= until_seq)
 
     async def _stages(
         self,
-        reader: "Source",
+        reader: Source,
         fold: Callable[[Batch], Applied],
         target: str,
         done: Callable[[Applied], bool] | None,
@@ -241,7 +256,7 @@ class Runner:
                 reading.cancel()
                 decoding.cancel()
 
-    async def _read(self, reader: "Source", read_ahead: _ReadAhead) -> None:
+    async def _read(self, reader: Source, read_ahead: _ReadAhead) -> None:
         while True:
             await read_ahead.put(await reader.read(self._settings.batch_max))
 
@@ -258,7 +273,7 @@ class Runner:
         read_ahead: _ReadAhead,
         fold: Callable[[Batch], Applied],
         target: str,
-        reader: "Source",
+        reader: Source,
         done: Callable[[Applied], bool] | None,
     ) -> None:
         metrics = self._metrics
@@ -294,7 +309,7 @@ class Runner:
             if done is not None and done(applied):
                 return
 
-    def _after_live(self, batch: Batch, applied: Applied, reader: "Source") -> None:
+    def _after_live(self, batch: Batch, applied: Applied, reader: Source) -> None:
         self.watermark.advance(applied.last_seq)
         self.head_seq = max(self.head_seq, reader.head_seq)
         lag = max(0, self.head_seq - self.watermark.seq)

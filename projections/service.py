@@ -74,7 +74,7 @@ class ProjectionService:
 
     def __init__(
         self,
-        bus: "Bus",
+        bus: Bus,
         settings: ProjectionSettings,
         *,
         registry: CollectorRegistry | None = None,
@@ -102,7 +102,7 @@ class ProjectionService:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def __aenter__(self) -> "ProjectionService":
+    async def __aenter__(self) -> ProjectionService:
         try:
             await self._start()
         except BaseException:
@@ -119,7 +119,7 @@ class ProjectionService:
         bus, settings = self._bus, self._settings
         store = Store(
             settings.db_path, stream=bus.subjects.stream, views=self._views,
-            memory_limit=settings.memory_limit, threads=settings.threads,
+            memory_limit=settings.memory_limit, threads=settings.threads, lanes=settings.lanes,
         )
         writer = Writer(store)
         self._writer = writer
@@ -163,7 +163,7 @@ class ProjectionService:
         store = writer.store
         try:
             info = await self._bus.js.stream_info(self._bus.subjects.stream)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             log.warning("cannot read the log's bounds (%s); folding without them", exc)
             return
         first, last = int(info.state.first_seq), int(info.state.last_seq)
@@ -206,15 +206,15 @@ class ProjectionService:
     async def status(self) -> StatusReport:
         """The views' checkpoints and lag against the log's end, and integrity problems."""
         assert self.store is not None and self.runner is not None
-        gens, integrity = await self._writer.call(collect, self.store)
+        gens, integrity, fold_errors = await self._writer.call(collect, self.store)
         try:
             last: int | None = await self._bus.last_seq()
-        except (BusError, nats.errors.Error, asyncio.TimeoutError):
+        except (TimeoutError, BusError, nats.errors.Error):
             last = None
         return build_report(
             source="service", db_path=self._settings.db_path, stream=self._bus.subjects.stream, gens=gens,
             integrity=integrity, log_last_seq=last, lag_seconds=self.runner.lag_seconds,
-            rebuilding=list(self.runner.rebuilding), pid=os.getpid(),
+            rebuilding=list(self.runner.rebuilding), pid=os.getpid(), fold_errors=fold_errors,
         )
 
     async def content_hashes(self) -> dict[str, str]:
@@ -239,7 +239,7 @@ class ProjectionService:
                 )
         try:
             executor = await asyncio.wait_for(self._idle.get(), max(0.001, deadline - loop.time()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return QueryFailure(kind="timeout", message=f"no query slot became free within {timeout_s:g}s")
         try:
             return await loop.run_in_executor(
@@ -256,7 +256,7 @@ class ProjectionService:
 
     # -- request handlers (subscription callbacks: they only hand work to the task group) ---
 
-    async def _on_query(self, msg: "Msg") -> None:
+    async def _on_query(self, msg: Msg) -> None:
         await self._slots.acquire()
         assert self._tasks is not None
         try:
@@ -264,7 +264,7 @@ class ProjectionService:
         except RuntimeError:  # the task group is shutting down
             self._slots.release()
 
-    async def _answer_query(self, msg: "Msg") -> None:
+    async def _answer_query(self, msg: Msg) -> None:
         started = time.perf_counter()
         try:
             try:
@@ -274,7 +274,7 @@ class ProjectionService:
             else:
                 try:
                     response = await self.query(request)
-                except Exception as exc:  # noqa: BLE001 - a bad query must never take the service down
+                except Exception as exc:
                     log.exception("query failed unexpectedly")
                     response = QueryFailure(kind="internal", message=f"{type(exc).__name__}: {exc}")
         finally:
@@ -291,36 +291,36 @@ class ProjectionService:
         self.metrics.query_seconds.labels(outcome).observe(time.perf_counter() - started)
         await self._respond(msg, data)
 
-    async def _on_status(self, msg: "Msg") -> None:
+    async def _on_status(self, msg: Msg) -> None:
         assert self._tasks is not None
         with contextlib.suppress(RuntimeError):
             self._tasks.create_task(self._answer_status(msg))
 
-    async def _answer_status(self, msg: "Msg") -> None:
+    async def _answer_status(self, msg: Msg) -> None:
         try:
             data = _encoder.encode(StatusOk(report=await self.status()))
-        except Exception as exc:  # noqa: BLE001 - the requester gets the reason instead of a timeout
+        except Exception as exc:
             log.exception("status request failed")
             data = _encoder.encode(ControlFailure(message=f"{type(exc).__name__}: {exc}"))
         await self._respond(msg, data)
 
-    async def _on_rebuild(self, msg: "Msg") -> None:
+    async def _on_rebuild(self, msg: Msg) -> None:
         assert self._tasks is not None
         with contextlib.suppress(RuntimeError):
             self._tasks.create_task(self._answer_rebuild(msg))
 
-    async def _answer_rebuild(self, msg: "Msg") -> None:
+    async def _answer_rebuild(self, msg: Msg) -> None:
         try:
             request = _rebuild_decoder.decode(msg.data) if msg.data else RebuildRequest()
             data = _encoder.encode(RebuildOk(report=await self.rebuild(request.views)))
         except (msgspec.DecodeError, RebuildError) as exc:
             data = _encoder.encode(ControlFailure(message=str(exc)))
-        except Exception as exc:  # noqa: BLE001 - answer, and keep serving the views we have
+        except Exception as exc:
             log.exception("rebuild failed")
             data = _encoder.encode(ControlFailure(message=f"rebuild failed: {type(exc).__name__}: {exc}"))
         await self._respond(msg, data)
 
-    async def _respond(self, msg: "Msg", data: bytes) -> None:
+    async def _respond(self, msg: Msg, data: bytes) -> None:
         if not msg.reply:
             return
         try:

@@ -4,7 +4,7 @@ running service or, when none runs, from the file itself. And its text rendering
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +14,14 @@ import nats.errors
 
 from bus.errors import BusUnavailable
 from projections.errors import ProjectionError
-from projections.protocol import ControlFailure, ControlResponse, StatusOk, StatusReport, ViewStatus, status_subject
+from projections.protocol import (
+    ControlFailure,
+    ControlResponse,
+    StatusOk,
+    StatusReport,
+    ViewStatus,
+    status_subject,
+)
 from projections.store import Generation, Store, generations_in, open_read_only
 
 if TYPE_CHECKING:
@@ -23,10 +30,21 @@ if TYPE_CHECKING:
 _response = msgspec.json.Decoder(ControlResponse)
 
 
-def collect(store: Store) -> tuple[list[Generation], dict[str, int]]:
-    """Copies of the store's generations and the integrity counts (run on the writer thread)."""
+def collect(store: Store) -> tuple[list[Generation], dict[str, int], dict[str, int]]:
+    """Copies of the store's generations, the integrity counts and the fold errors of the
+    active views (run on the writer thread)."""
     gens = [dataclasses.replace(g) for g in store.generations()]
-    return gens, integrity_counts(store.con) if "integrity" in store.active else {}
+    integrity = integrity_counts(store.con) if "integrity" in store.active else {}
+    return gens, integrity, fold_error_counts(store.con)
+
+
+def fold_error_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """view -> events its active generation could not fold."""
+    rows = con.execute(
+        "SELECT e.view, count(*) FROM _continuum.fold_errors e JOIN _continuum.generations g "
+        "ON g.view = e.view AND g.generation = e.generation AND g.state = 'active' GROUP BY e.view ORDER BY 1"
+    ).fetchall()
+    return {str(view): int(count) for view, count in rows}
 
 
 def integrity_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
@@ -49,6 +67,7 @@ def build_report(
     lag_seconds: float | None = None,
     rebuilding: list[str] | None = None,
     pid: int | None = None,
+    fold_errors: dict[str, int] | None = None,
 ) -> StatusReport:
     """A StatusReport from the parts (lag is measured against `log_last_seq` when known)."""
     views = [
@@ -56,7 +75,7 @@ def build_report(
             view=g.view, generation=g.generation, version=g.version, state=g.state,
             applied_seq=g.applied_seq,
             lag_events=None if log_last_seq is None else max(0, log_last_seq - g.applied_seq),
-            applied_event_at=None if not g.applied_us else datetime.fromtimestamp(g.applied_us / 1e6, timezone.utc),
+            applied_event_at=None if not g.applied_us else datetime.fromtimestamp(g.applied_us / 1e6, UTC),
             relations=list(g.relations),
         )
         for g in sorted(gens, key=lambda g: (g.state != "active", g.view))
@@ -67,6 +86,7 @@ def build_report(
         source=source, db_path=db_path, stream=stream, log_last_seq=log_last_seq, applied_seq=applied,
         lag_events=None if log_last_seq is None else max(0, log_last_seq - applied),
         lag_seconds=lag_seconds, views=views, integrity=integrity, rebuilding=rebuilding or [], pid=pid,
+        fold_errors=fold_errors or {},
     )
 
 
@@ -76,10 +96,12 @@ def report_from_file(path: str | Path, *, stream: str, log_last_seq: int | None)
     try:
         gens = generations_in(con, path)
         counts = integrity_counts(con)
+        errors = fold_error_counts(con)
     finally:
         con.close()
     return build_report(
         source="file", db_path=str(path), stream=stream, gens=gens, integrity=counts, log_last_seq=log_last_seq,
+        fold_errors=errors,
     )
 
 
@@ -111,6 +133,9 @@ def format_report(report: StatusReport) -> list[str]:
         lines.append(f"INTEGRITY PROBLEMS: {problems} (SELECT * FROM integrity)")
     else:
         lines.append("integrity: no problems found")
+    if report.fold_errors:
+        errors = ", ".join(f"{view}: {count}" for view, count in report.fold_errors.items())
+        lines.append(f"EVENTS NOT FOLDED: {errors} (SELECT * FROM _continuum.fold_errors)")
     return lines
 
 
@@ -119,7 +144,7 @@ def _or_dash(value: int | None) -> str:
 
 
 
-async def request_status(bus: "Bus", *, timeout_s: float = 5.0) -> StatusReport:
+async def request_status(bus: Bus, *, timeout_s: float = 5.0) -> StatusReport:
     """Ask the running service for its status. Raises BusUnavailable when none answers."""
     try:
         msg = await bus.nc.request(status_subject(bus.subjects), b"", timeout=timeout_s)

@@ -5,47 +5,43 @@ Layout of the file:
     _continuum.store        key/value: the stream the file folds (a guard against mixing logs)
     _continuum.generations  one row per (view, generation): version, state (active | building),
                             applied_seq (the checkpoint) and the stream time of that event
+    _continuum.fold_errors  events a view could not fold (view, generation, seq, error)
     v_<view>_<gen>.*        the tables of one generation of one view
     main.<relation>         what queries see: a SQL view over the active generation's tables
 
 Exactly-once application: a batch's rows and the checkpoints of the generations it was applied
-to are committed in one transaction; records at or below a checkpoint are skipped. A rebuild
-fills a `building` generation from sequence 1 while the active one keeps serving, then swaps
-the public relations over in one transaction (`swap`).
+to are committed in one transaction per lane (see projections.fold); records at or below a
+checkpoint are skipped. A rebuild fills `building` generations from sequence 1 while the active
+ones keep serving, then swaps the public relations over in one transaction (`swap`).
 
-Not thread-safe: the owner calls every method from one writer thread. Query threads get their
-own connections from `cursor()`; the database is opened with external access disabled and its
-configuration locked, so no connection can read host files, load extensions or change settings.
+The owner calls every method from one writer thread; the store runs the other lanes on its own
+threads, each with its own connection. Query threads get connections from `cursor()`. The
+database is opened with external access disabled and its configuration locked, so no
+connection can read host files, load extensions or change settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from projections.batch import Batch
-from projections.errors import FoldError, StoreLocked, StoreMismatch
-from projections.views import VIEWS, Tx, ViewSpec
+from projections.errors import StoreLocked, StoreMismatch
+from projections.fold import Applied, Generation, Lane, after, rollback
+from projections.views import VIEWS, ViewSpec
+
+__all__ = ["Applied", "Generation", "Store", "content_hashes", "file_hashes", "generations_in", "open_read_only"]
 
 log = logging.getLogger("continuum.projections.store")
 
 FORMAT = "1"
 _IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-# Errors a batch's own content can cause; anything else (disk, memory) is not the data's fault.
-_DATA_ERRORS: tuple[type[duckdb.Error], ...] = (
-    duckdb.ConversionException,
-    duckdb.InvalidInputException,
-    duckdb.OutOfRangeException,
-    duckdb.ConstraintException,
-)
 _META = [
     "CREATE SCHEMA IF NOT EXISTS _continuum",
     "CREATE TABLE IF NOT EXISTS _continuum.store (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)",
@@ -53,40 +49,17 @@ _META = [
         view           VARCHAR NOT NULL,
         generation     INTEGER NOT NULL,
         version        INTEGER NOT NULL,
-        state          VARCHAR NOT NULL,   -- active | building
+        state          VARCHAR NOT NULL,   -- active | building | retired (replaced, to be dropped)
         applied_seq    BIGINT NOT NULL,    -- the checkpoint: last stream sequence applied
         applied_us     BIGINT,             -- stream time of that event, microseconds since the epoch
         relations      VARCHAR[] NOT NULL,
         PRIMARY KEY (view, generation))""",
+    """CREATE TABLE IF NOT EXISTS _continuum.fold_errors (
+        view       VARCHAR NOT NULL,
+        generation INTEGER NOT NULL,
+        seq        BIGINT NOT NULL,
+        error      VARCHAR NOT NULL)""",
 ]
-
-
-@dataclass
-class Generation:
-    """One generation of one view in the file."""
-
-    view: str
-    generation: int
-    version: int
-    state: str
-    applied_seq: int
-    applied_us: int | None
-    relations: list[str] = field(default_factory=list)
-
-    @property
-    def schema(self) -> str:
-        return f"v_{self.view}_{self.generation}"
-
-
-@dataclass(frozen=True)
-class Applied:
-    """What one call to `apply`/`apply_build` did."""
-
-    events: int = 0
-    last_seq: int = 0
-    rows: dict[str, int] = field(default_factory=dict)
-    poisoned: int = 0  # records whose fold failed on their content (marked in `events.error`)
-    swapped: bool = False
 
 
 class Store:
@@ -101,6 +74,7 @@ class Store:
         memory_limit: str | None = None,
         threads: int | None = None,
         checkpoint_threshold: str = "256MB",
+        lanes: int = 2,
     ) -> None:
         for spec in views:
             if not _IDENT.match(spec.name) or any(not _IDENT.match(r) for r in spec.relations):
@@ -112,8 +86,17 @@ class Store:
         self._threads = threads
         self._checkpoint_threshold = checkpoint_threshold
         self._con: duckdb.DuckDBPyConnection | None = None
+        # Views are spread over lanes in their listed order (neighbours differ in cost).
+        self._lane_count = max(1, lanes)
+        self._lane_of = {spec.name: i % self._lane_count for i, spec in enumerate(views)}
+        self._lanes: list[Lane] = []
+        self._lane_pool: ThreadPoolExecutor | None = None
         self.active: dict[str, Generation] = {}
         self.building: dict[str, Generation] = {}
+        # Views whose active generation was made by an older VERSION: it keeps serving, frozen
+        # at its checkpoint (the new fold may not fit its tables), until the rebuild swaps.
+        self.frozen: set[str] = set()
+        self._retired: list[Generation] = []
         # Records below this are not expected in the log (aged out): no stream_gap for them.
         self.log_floor = 0
 
@@ -157,13 +140,23 @@ class Store:
             for statement in _META:
                 self._run(statement)
             self._check_stream()
-            return self._reconcile()
+            stale = self._reconcile()
         except BaseException:
             self.close()
             raise
+        self._lanes = [Lane(con, self.specs)] + [Lane(con.cursor(), self.specs) for _ in range(self._lane_count - 1)]
+        if self._lane_count > 1:
+            self._lane_pool = ThreadPoolExecutor(self._lane_count - 1, thread_name_prefix="continuum-duckdb-lane")
+        return stale
 
     def close(self) -> None:
         """Close the file (checkpointing DuckDB's WAL). Safe to call twice."""
+        pool, self._lane_pool = self._lane_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for lane in self._lanes[1:]:
+            lane.con.close()
+        self._lanes = []
         con, self._con = self._con, None
         if con is not None:
             con.close()
@@ -180,8 +173,13 @@ class Store:
 
     @property
     def applied_seq(self) -> int:
-        """The checkpoint of the active views: every event up to it is applied."""
-        return min((g.applied_seq for g in self.active.values()), default=0)
+        """The checkpoint of the active views: every event up to it is applied (frozen views
+        are behind it until their rebuild swaps; when every view is frozen, theirs)."""
+        gens = self._live() or list(self.active.values())
+        return min((g.applied_seq for g in gens), default=0)
+
+    def _live(self) -> list[Generation]:
+        return [g for name, g in self.active.items() if name not in self.frozen]
 
     @property
     def build_seq(self) -> int:
@@ -209,8 +207,8 @@ class Store:
         self._begin()
         try:
             for gen in gens:
-                if gen.state == "building":
-                    log.info("dropping unfinished rebuild of %s (generation %d)", gen.view, gen.generation)
+                if gen.state in ("building", "retired"):
+                    log.info("dropping %s generation %d of %s", gen.state, gen.generation, gen.view)
                     self._drop(gen)
                 elif gen.view not in self.specs:
                     log.warning("dropping view %s: no module defines it any more", gen.view)
@@ -230,7 +228,10 @@ class Store:
         except BaseException:
             self._rollback()
             raise
-        return [] if fresh else stale
+        if fresh:
+            return []
+        self.frozen = {name for name in stale if name in self.active}
+        return stale
 
     # -- generations ----------------------------------------------------------------------
 
@@ -255,6 +256,7 @@ class Store:
                 self._run(f'DROP VIEW IF EXISTS main."{relation}"')
         self._run(f"DROP SCHEMA IF EXISTS {gen.schema} CASCADE")
         self._run("DELETE FROM _continuum.generations WHERE view = ? AND generation = ?", [gen.view, gen.generation])
+        self._run("DELETE FROM _continuum.fold_errors WHERE view = ? AND generation = ?", [gen.view, gen.generation])
 
     def _publish(self, gen: Generation) -> None:
         for relation, select in self.specs[gen.view].public(gen.schema).items():
@@ -296,14 +298,20 @@ class Store:
             self.building.clear()
 
     def swap(self) -> None:
-        """Make every `building` generation active, in one transaction, and drop the ones they
-        replace. Queries already running keep their snapshot of the old tables."""
+        """Make every `building` generation active, in one transaction; the ones they replace
+        are retired (dropped by `drop_retired`, or at the next open). Queries already running
+        keep their snapshot of the old tables."""
+        retired: list[Generation] = []
         self._begin()
         try:
             for name, gen in self.building.items():
                 old = self.active.get(name)
                 if old is not None:
-                    self._drop(old)
+                    self._run(
+                        "UPDATE _continuum.generations SET state = 'retired' WHERE view = ? AND generation = ?",
+                        [old.view, old.generation],
+                    )
+                    retired.append(old)
                 self._run(
                     "UPDATE _continuum.generations SET state = 'active' WHERE view = ? AND generation = ?",
                     [gen.view, gen.generation],
@@ -316,33 +324,47 @@ class Store:
         for name, gen in self.building.items():
             gen.state = "active"
             self.active[name] = gen
+            self.frozen.discard(name)
         self.building = {}
+        self._retired.extend(retired)
+
+    def drop_retired(self) -> None:
+        """Drop the tables of generations replaced by a swap (cleanup, after the swap itself:
+        dropping a million rows' tables takes a while and needs no hurry)."""
+        retired, self._retired = self._retired, []
+        if not retired:
+            return
+        self._begin()
+        try:
+            for gen in retired:
+                self._drop(gen)
+            self._run("COMMIT")
+        except BaseException:
+            self._rollback()
+            self._retired = retired + self._retired
+            raise
 
     # -- folding --------------------------------------------------------------------------
 
     def apply(self, batch: Batch) -> Applied:
-        """Apply the records of `batch` above the active checkpoint to every active view, and
-        advance the checkpoint, in one transaction. Raises FoldError (nothing committed)."""
-        seq = self.applied_seq
-        part = batch.window(seq)
-        if part is None:
-            return Applied(last_seq=seq)
-        return self._fold_robust(list(self.active.values()), _after(part, max(seq, self.log_floor)))
+        """Apply the records of `batch` above the active checkpoint to every active view (not
+        frozen) and advance their checkpoints, exactly once. Raises FoldError."""
+        live = self._live()
+        if not live:
+            return Applied(last_seq=self.applied_seq)
+        applied = self._fold_lanes(live, batch, upto=None)
+        return Applied(applied.events, self.applied_seq, applied.rows, applied.poisoned)
 
     def apply_build(self, batch: Batch) -> Applied:
         """Apply the records of `batch` between the building checkpoint and the active one to
         the building views; swap them in as soon as they reach the active checkpoint."""
         if not self.building:
             return Applied()
-        done = self.build_seq
-        part = batch.window(done, self.applied_seq)
-        applied = Applied(last_seq=done)
-        if part is not None:
-            applied = self._fold_robust(list(self.building.values()), _after(part, max(done, self.log_floor)))
+        applied = self._fold_lanes(list(self.building.values()), batch, upto=self.applied_seq)
         if self.build_seq >= self.applied_seq:
             self.swap()
-            return Applied(applied.events, applied.last_seq, applied.rows, applied.poisoned, swapped=True)
-        return applied
+            return Applied(applied.events, self.applied_seq, applied.rows, applied.poisoned, swapped=True)
+        return Applied(applied.events, self.build_seq, applied.rows, applied.poisoned)
 
     def catch_up_build(self) -> bool:
         """Swap at once if the building views are already at the active checkpoint (e.g. an
@@ -352,78 +374,42 @@ class Store:
             return True
         return False
 
-    def _fold_robust(self, gens: list[Generation], batch: Batch) -> Applied:
-        """Fold `batch`; when it fails on its content, find the culprit by halving. The culprit
-        is folded into the views that can take it; the ones that cannot (and `events`, which
-        keeps the reason in its `error` column) see it with `error` set, which folds skip. One
-        bad event never stops the views, deterministically: it fails the same way in a rebuild."""
-        try:
-            return self._fold(gens, batch)
-        except _DataError as failure:
-            if batch.size == 1:
-                return self._fold_poisoned(gens, batch, failure)
-        half = batch.size // 2
-        first = self._fold_robust(gens, _window(batch, batch.after_seq, batch.seqs[half - 1]))
-        second = self._fold_robust(gens, _window(batch, batch.seqs[half - 1], None))
-        rows = {k: first.rows.get(k, 0) + second.rows.get(k, 0) for k in {*first.rows, *second.rows}}
-        return Applied(first.events + second.events, second.last_seq, rows, first.poisoned + second.poisoned)
-
-    def _fold_poisoned(self, gens: list[Generation], batch: Batch, failure: "_DataError") -> Applied:
-        failing: dict[str, str] = {}
-        while True:
-            failing[failure.view] = _first_line(failure.cause)
-            reason = "; ".join(f"fold of view {view} failed: {why}" for view, why in failing.items())
-            log.warning("event %d cannot be folded (%s)", batch.first_seq, reason)
-            try:
-                done = self._fold(gens, batch, marked=_mark(batch, reason), marked_for={*failing, "events"})
-            except _DataError as again:
-                if again.view in failing:
-                    raise FoldError(
-                        f"view {again.view} cannot fold seq {batch.first_seq} even with its error set: {again.cause}"
-                    ) from again.cause
-                failure = again
-                continue
-            return Applied(done.events, done.last_seq, done.rows, 1)
-
-    def _fold(
-        self, gens: list[Generation], batch: Batch, *, marked: Batch | None = None, marked_for: set[str] = frozenset()
-    ) -> Applied:
-        con = self.con
-        tx = Tx(con)
-        registered: Batch | None = None
-        try:
-            self._begin()
-            rows: dict[str, int] = {}
-            try:
-                for gen in gens:
-                    wanted = marked if marked is not None and gen.view in marked_for else batch
-                    if wanted is not registered:
-                        con.register("batch", wanted.table)
-                        registered = wanted
-                    try:
-                        rows[gen.view] = self.specs[gen.view].fold(tx, gen.schema, wanted)
-                    except _DATA_ERRORS as exc:
-                        raise _DataError(gen.view, exc) from exc
-                applied_us = batch.last_time_ns // 1000
-                self._run(
-                    "UPDATE _continuum.generations SET applied_seq = ?, applied_us = ? WHERE state = ?",
-                    [batch.last_seq, applied_us, gens[0].state],
-                )
-                self._run("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-        except _DataError:
-            raise
-        except duckdb.Error as exc:
-            raise FoldError(f"could not apply seq {batch.first_seq}..{batch.last_seq}: {exc}") from exc
-        finally:
-            if registered is not None:
-                con.unregister("batch")
+    def _fold_lanes(self, gens: list[Generation], batch: Batch, *, upto: int | None) -> Applied:
+        """Fold each lane's share of `gens` on its own connection, all lanes at once; each from
+        its own checkpoint (after a crash, lanes can be a batch apart)."""
+        jobs: list[tuple[Lane, list[Generation], Batch]] = []
+        shares: dict[tuple[int, int], list[Generation]] = {}
         for gen in gens:
-            gen.applied_seq = batch.last_seq
-            gen.applied_us = applied_us
-        return Applied(events=batch.size, last_seq=batch.last_seq, rows=rows)
+            shares.setdefault((self._lane_of[gen.view], gen.applied_seq), []).append(gen)
+        for (lane, done), share in sorted(shares.items()):
+            part = batch.window(done, upto)
+            if part is not None:
+                jobs.append((self._lanes[lane], share, after(part, max(done, self.log_floor))))
+        if not jobs:
+            return Applied()
+        pool = self._lane_pool
+        futures: list[Future[Applied]] = []
+        if pool is not None:
+            futures = [pool.submit(lane.fold, share, part) for lane, share, part in jobs[1:]]
+        inline = jobs if pool is None else jobs[:1]
+        results: list[Applied] = []
+        failure: BaseException | None = None
+        for lane, share, part in inline:
+            try:
+                results.append(lane.fold(share, part))
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other lanes
+                failure = failure or exc
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        total = results[0]
+        for result in results[1:]:
+            total = total.merge(result)
+        return total
 
     # -- reading (status, hashes) ---------------------------------------------------------
 
@@ -447,40 +433,7 @@ class Store:
         self._run("BEGIN TRANSACTION")
 
     def _rollback(self) -> None:
-        try:
-            self._run("ROLLBACK")
-        except duckdb.Error:
-            pass  # no transaction open (it failed before BEGIN, or was already rolled back)
-
-
-class _DataError(Exception):
-    def __init__(self, view: str, cause: duckdb.Error) -> None:
-        super().__init__(f"{view}: {cause}")
-        self.view = view
-        self.cause = cause
-
-
-def _after(batch: Batch, after_seq: int) -> Batch:
-    if batch.after_seq == after_seq:
-        return batch
-    return dataclasses.replace(batch, after_seq=after_seq)
-
-
-def _window(batch: Batch, after: int, upto: int | None) -> Batch:
-    part = batch.window(after, upto)
-    assert part is not None
-    return part
-
-
-def _mark(batch: Batch, error: str) -> Batch:
-    table = batch.table.set_column(
-        batch.table.schema.get_field_index("error"), "error", pa.array([error] * batch.size, pa.string())
-    )
-    return dataclasses.replace(batch, table=table)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        rollback(self.con)
 
 
 def _lock_holder(message: str) -> str:

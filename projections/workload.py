@@ -47,7 +47,7 @@ class LogItem(NamedTuple):
     msg_id: str
 
 
-def synthetic_log(bus: "Bus", count: int, *, seed: int = 0, first_seq: int = 1) -> Iterator[LogItem]:
+def synthetic_log(bus: Bus, count: int, *, seed: int = 0, first_seq: int = 1) -> Iterator[LogItem]:
     """`count` items to append to an empty log starting at `first_seq`. Reports, dead letters and
     fenced chains refer to stream sequences, which is why the log must be appended in order and
     alone (nothing else publishing meanwhile)."""
@@ -133,7 +133,7 @@ def synthetic_log(bus: "Bus", count: int, *, seed: int = 0, first_seq: int = 1) 
                 last_event[to] = seq
 
 
-async def append_batches(bus: "Bus", items: Sequence[LogItem], *, batch: int = 1000, in_flight: int = 4) -> int:
+async def append_batches(bus: Bus, items: Sequence[LogItem], *, batch: int = 1000, in_flight: int = 4) -> int:
     """Append `items` in order as JetStream atomic batches (one fsync per batch, ~40k/s here);
     returns the last stream sequence. Batches are committed one after another (a batch's first
     message waits for the previous commit), so the order in the log is the order of `items`."""

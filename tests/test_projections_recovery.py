@@ -12,11 +12,12 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
-
-from bus import Bus, BusUnavailable
 from conftest import wait_for
+
+from bus import Bus, BusUnavailable, QueryError
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
 from projections.store import file_hashes
@@ -28,10 +29,15 @@ def _command(bus: Bus, home: Path, *args: str) -> list[str]:
             bus.subjects.ns, "--home", str(home)]
 
 
+def _log_file(path: Path) -> BinaryIO:
+    """The child's stdout/stderr (closed here once the child has its own copy)."""
+    return open(path, "ab")
+
+
 @asynccontextmanager
 async def service_process(bus: Bus, home: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     """`bus projections run` exactly as `bus up` starts it, as a child process."""
-    log = open(home / "projections.log", "ab")  # noqa: SIM115 - handed to the child
+    log = _log_file(home / "projections.log")
     try:
         proc = await asyncio.create_subprocess_exec(
             *_command(bus, home, "projections", "run"), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -48,8 +54,8 @@ async def service_process(bus: Bus, home: Path) -> AsyncIterator[asyncio.subproc
 
 async def answering(bus: Bus) -> bool:
     try:
-        await bus.query("SELECT 1", timeout_s=1)
-    except BusUnavailable:
+        await bus.query("SELECT 1", timeout_s=5)
+    except (BusUnavailable, QueryError):  # not started yet, or too busy starting to answer
         return False
     return True
 

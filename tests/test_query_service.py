@@ -158,7 +158,7 @@ async def test_writes_fail_even_when_disguised_as_a_select(service: ProjectionSe
     sequence) is refused by DuckDB itself."""
     store = service.store
     assert store is not None
-    await service._writer.call(lambda: store.con.execute("CREATE SEQUENCE _continuum.probe").fetchall())  # noqa: SLF001
+    await service._writer.call(lambda: store.con.execute("CREATE SEQUENCE _continuum.probe").fetchall())
 
     answer = await service.query(QueryRequest(sql="SELECT nextval('_continuum.probe')"))
 

@@ -61,7 +61,7 @@ class ViewSpec:
     doc: str = ""
 
     @classmethod
-    def from_module(cls, module: ModuleType) -> "ViewSpec":
+    def from_module(cls, module: ModuleType) -> ViewSpec:
         return cls(
             name=module.NAME,
             version=module.VERSION,
@@ -86,7 +86,7 @@ def render(template: str, schema: str) -> str:
     return template.replace("{s}", schema)
 
 
-from projections.views import (  # noqa: E402 - the modules use Tx from above
+from projections.views import (
     agents,
     blocks,
     contradictions,

@@ -52,6 +52,6 @@ WHERE error IS NULL AND correlation_id IS NOT NULL AND kind IS DISTINCT FROM 'de
 """
 
 
-def fold(tx: Tx, s: str, batch: "Batch") -> int:
+def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Append one step per envelope that belongs to a conversation."""
     return tx.run(render(_INSERT, s))

@@ -48,6 +48,6 @@ FROM (SELECT *, TRY(from_base64(payload->>'original')) AS original
 """
 
 
-def fold(tx: Tx, s: str, batch: "Batch") -> int:
+def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Append one row per `delivery.dead_lettered` event."""
     return tx.run(render(_INSERT, s)) if batch.has_kind("delivery.dead_lettered") else 0

@@ -49,6 +49,6 @@ FROM batch
 """
 
 
-def fold(tx: Tx, s: str, batch: "Batch") -> int:
+def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Append every record."""
     return tx.run(render(_INSERT, s))

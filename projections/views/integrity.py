@@ -119,7 +119,7 @@ ON CONFLICT (chain) DO UPDATE SET last_seq = greatest(last_seq, excluded.last_se
 """
 
 
-def fold(tx: Tx, s: str, batch: "Batch") -> int:
+def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Record the problems the batch shows, then move every chain's head to its last event.
     (Nothing to check without a claimed link or a hole; nothing to advance without events.)"""
     found = 0

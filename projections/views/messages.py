@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "messages"
-VERSION = 1
+VERSION = 2
 
 TABLES = """
 CREATE TABLE {s}.messages (
@@ -48,7 +48,9 @@ CREATE TABLE {s}.messages (
     dead_lettered_at TIMESTAMPTZ,
     dead_reason      VARCHAR,
     expired_at       TIMESTAMPTZ
-)
+);
+-- Point lookups by envelope id (the common question: "what became of my message?").
+CREATE INDEX messages_by_id ON {s}.messages (id)
 """
 
 RELATIONS = {
@@ -143,7 +145,7 @@ WHERE m.seq = a.target
 
 
 
-def fold(tx: Tx, s: str, batch: "Batch") -> int:
+def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Insert the batch's messages, then apply the batch's delivery facts to their rows."""
     written = tx.run(render(_INSERT, s)) if batch.has_category("inbox", "group", "reply") else 0
     if batch.has_kind("delivery.report", "delivery.dead_lettered", "delivery.expired"):

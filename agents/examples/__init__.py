@@ -1,0 +1,1 @@
+"""Small agents to start from: `bus agent start agents.examples.greeter:Greeter`."""

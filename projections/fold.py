@@ -1,0 +1,198 @@
+"""Applying batches to views, exactly once: one lane is one DuckDB connection and its thread.
+
+A lane folds a batch into its generations and advances their checkpoints in one transaction,
+so a crash leaves each view either before or after the batch, never half-way. The store splits
+the views over a few lanes that run at once: DuckDB runs each of these statements on one core,
+so two lanes fold ~1.6x faster on two cores (measured: 110k -> 181k events/s, all views).
+
+A record whose content makes a view's fold fail (a data error from DuckDB) is found by halving
+the batch, and folded into that view with its `error` set (folds skip such rows) and logged in
+`_continuum.fold_errors`: one bad event never stops the views, and it fails the same way in a
+rebuild, so rebuilt views still equal live ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from projections.batch import Batch
+from projections.errors import FoldError
+from projections.views import Tx, ViewSpec
+
+log = logging.getLogger("continuum.projections.fold")
+
+# Errors a batch's own content can cause; anything else (disk, memory) is not the data's fault.
+DATA_ERRORS: tuple[type[duckdb.Error], ...] = (
+    duckdb.ConversionException,
+    duckdb.InvalidInputException,
+    duckdb.OutOfRangeException,
+    duckdb.ConstraintException,
+)
+
+
+@dataclass
+class Generation:
+    """One generation of one view in the file."""
+
+    view: str
+    generation: int
+    version: int
+    state: str
+    applied_seq: int
+    applied_us: int | None
+    relations: list[str] = field(default_factory=list)
+
+    @property
+    def schema(self) -> str:
+        return f"v_{self.view}_{self.generation}"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What folding a batch did."""
+
+    events: int = 0
+    last_seq: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    poisoned: int = 0  # records a view could not fold (see `_continuum.fold_errors`)
+    swapped: bool = False
+
+    def merge(self, other: Applied) -> Applied:
+        """Two lanes' (or two halves') results as one."""
+        rows = {k: self.rows.get(k, 0) + other.rows.get(k, 0) for k in {*self.rows, *other.rows}}
+        return Applied(
+            max(self.events, other.events), max(self.last_seq, other.last_seq), rows,
+            self.poisoned + other.poisoned, self.swapped or other.swapped,
+        )
+
+
+class Lane:
+    """Folds batches into generations on one connection. Used by one thread at a time."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, specs: Mapping[str, ViewSpec]) -> None:
+        self.con = con
+        self._specs = specs
+
+    def fold(self, gens: list[Generation], batch: Batch) -> Applied:
+        """Fold `batch` (records above the gens' checkpoint) into `gens` and move their
+        checkpoint to its last sequence, in one transaction; isolate records whose content a
+        view cannot fold. Raises FoldError (nothing of the failing part committed)."""
+        try:
+            return self._fold(gens, batch)
+        except _DataError as failure:
+            if batch.size == 1:
+                return self._fold_poisoned(gens, batch, failure)
+        half = batch.seqs[batch.size // 2 - 1]
+        first = self.fold(gens, _window(batch, batch.after_seq, half))
+        return first.merge(self.fold(gens, _window(batch, half, None)))
+
+    def _fold_poisoned(self, gens: list[Generation], batch: Batch, failure: _DataError) -> Applied:
+        failing: dict[str, str] = {}
+        while True:
+            failing[failure.view] = first_line(failure.cause)
+            reason = "; ".join(f"fold of view {view} failed: {why}" for view, why in failing.items())
+            log.warning("event %d cannot be folded (%s)", batch.first_seq, reason)
+            try:
+                done = self._fold(gens, batch, marked=_mark(batch, reason), failing=failing)
+            except _DataError as again:
+                if again.view in failing:
+                    raise FoldError(
+                        f"view {again.view} cannot fold seq {batch.first_seq} even with its error set: {again.cause}"
+                    ) from again.cause
+                failure = again
+                continue
+            return dataclasses.replace(done, poisoned=1)
+
+    def _fold(
+        self,
+        gens: list[Generation],
+        batch: Batch,
+        *,
+        marked: Batch | None = None,
+        failing: Mapping[str, str] | None = None,
+    ) -> Applied:
+        con = self.con
+        tx = Tx(con)
+        registered: Batch | None = None
+        applied_us = batch.last_time_ns // 1000
+        try:
+            _run(con, "BEGIN TRANSACTION")
+            rows: dict[str, int] = {}
+            try:
+                for gen in gens:
+                    wanted = marked if marked is not None and failing and gen.view in failing else batch
+                    if wanted is not registered:
+                        con.register("batch", wanted.table)
+                        registered = wanted
+                    try:
+                        rows[gen.view] = self._specs[gen.view].fold(tx, gen.schema, wanted)
+                    except DATA_ERRORS as exc:
+                        raise _DataError(gen.view, exc) from exc
+                for view, why in (failing or {}).items():
+                    gen = next(g for g in gens if g.view == view)
+                    _run(con, "INSERT INTO _continuum.fold_errors VALUES (?, ?, ?, ?)",
+                         [gen.view, gen.generation, batch.first_seq, why])
+                _run(con, "UPDATE _continuum.generations SET applied_seq = ?, applied_us = ? "
+                          "WHERE state = ? AND list_contains(?, view)",
+                     [batch.last_seq, applied_us, gens[0].state, [g.view for g in gens]])
+                _run(con, "COMMIT")
+            except BaseException:
+                rollback(con)
+                raise
+        except _DataError:
+            raise
+        except duckdb.Error as exc:
+            raise FoldError(f"could not apply seq {batch.first_seq}..{batch.last_seq}: {exc}") from exc
+        finally:
+            if registered is not None:
+                con.unregister("batch")
+        for gen in gens:
+            gen.applied_seq = batch.last_seq
+            gen.applied_us = applied_us
+        return Applied(events=batch.size, last_seq=batch.last_seq, rows=rows)
+
+
+class _DataError(Exception):
+    def __init__(self, view: str, cause: duckdb.Error) -> None:
+        super().__init__(f"{view}: {cause}")
+        self.view = view
+        self.cause = cause
+
+
+def after(batch: Batch, after_seq: int) -> Batch:
+    """`batch` as following `after_seq` (what gap detection compares against)."""
+    return batch if batch.after_seq == after_seq else dataclasses.replace(batch, after_seq=after_seq)
+
+
+def _window(batch: Batch, after_seq: int, upto: int | None) -> Batch:
+    part = batch.window(after_seq, upto)
+    assert part is not None
+    return part
+
+
+def _mark(batch: Batch, error: str) -> Batch:
+    column = pa.array([error] * batch.size, pa.string())
+    return dataclasses.replace(batch, table=batch.table.set_column(batch.table.schema.get_field_index("error"), "error", column))
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> None:
+    (con.execute(sql, params) if params is not None else con.execute(sql)).fetchall()
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction, if there is one."""
+    try:
+        _run(con, "ROLLBACK")
+    except duckdb.Error:
+        pass  # no transaction open (it failed before BEGIN, or was already rolled back)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
