@@ -11,20 +11,17 @@ up on every message it handles without leaving server state behind.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import nats.errors
 
+from agents.runtime import reads
 from bus.client import Bus
-from bus.errors import BusUnavailable
 from schemas import DecodeError, Envelope
 
 BATCH = 256
 
-_encode = msgspec.json.encode
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -63,33 +60,6 @@ async def read_range(
 
 
 async def _batch(bus: Bus, subject_filter: str, start: int, timeout_s: float) -> list[tuple[int, str, bytes]]:
-    nc = bus.nc
-    inbox = nc.new_inbox()
-    request = _encode({"seq": start, "next_by_subj": subject_filter, "batch": BATCH})
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    out: list[tuple[int, str, bytes]] = []
-    try:
-        sub = await nc.subscribe(inbox)
-        try:
-            await nc.publish(f"$JS.API.DIRECT.GET.{bus.subjects.stream}", request, reply=inbox)
-            while True:
-                msg = await sub.next_msg(timeout=max(0.001, deadline - loop.time()))
-                headers = dict(msg.headers or {})
-                status = headers.get("Status")
-                if status in ("204", "404"):
-                    return out
-                if status:
-                    raise BusUnavailable(
-                        f"direct get of {subject_filter} refused: {status} {headers.get('Description', '')}"
-                    )
-                out.append((int(headers.get("Nats-Sequence", "0")), headers.get("Nats-Subject", ""), msg.data))
-                if len(out) >= BATCH:
-                    # The end-of-batch marker follows; not waiting for it saves a round trip.
-                    return out
-        finally:
-            await sub.unsubscribe()
-    except (TimeoutError, nats.errors.TimeoutError) as exc:
-        raise BusUnavailable(f"direct get of {subject_filter} not answered within {timeout_s}s") from exc
-    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-        raise BusUnavailable(f"not connected to NATS: {exc}") from exc
+    request = {"seq": start, "next_by_subj": subject_filter, "batch": BATCH}
+    stored = await reads.batch(bus, request, limit=BATCH, timeout_s=timeout_s)
+    return [(msg.seq, msg.subject, msg.data) for msg in stored]

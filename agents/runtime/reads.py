@@ -4,6 +4,7 @@
     by_seq           the message at one stream sequence
     multi_last       the last message of every subject matching filters, in one request
                      (every recorded step of one inbound message)
+    batch            any batched get (e.g. `next_by_subj` ranges), up to a limit
 
 Direct get replies are plain messages with `Nats-Subject`/`Nats-Sequence` headers; a batch ends
 with a `Status: 204` message, and `Status: 404` means nothing matched (ADR-31). nats-py has no
@@ -51,9 +52,18 @@ async def multi_last(bus: Bus, filters: list[str], *, timeout_s: float = 5.0) ->
     Raises BusUnavailable on a timeout or a server refusal (413: more than MULTI_LAST_LIMIT
     subjects matched).
     """
+    request = {"multi_last": filters, "batch": MULTI_LAST_LIMIT}
+    return await batch(bus, request, limit=MULTI_LAST_LIMIT, timeout_s=timeout_s)
+
+
+async def batch(bus: Bus, request: dict[str, object], *, limit: int, timeout_s: float = 5.0) -> list[StoredMsg]:
+    """One batched direct get (`request` holds `"batch": limit` and what to read): up to
+    `limit` messages in stream order, empty when nothing matched.
+
+    Raises BusUnavailable on a timeout, a lost connection or a server refusal.
+    """
     nc = bus.nc
     inbox = nc.new_inbox()
-    request = _encode({"multi_last": filters, "batch": MULTI_LAST_LIMIT})
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     out: list[StoredMsg] = []
@@ -61,7 +71,7 @@ async def multi_last(bus: Bus, filters: list[str], *, timeout_s: float = 5.0) ->
         sub = await nc.subscribe(inbox)
         try:
             # Same connection: the server sees the SUB before the request, no flush needed.
-            await nc.publish(_api(bus), request, reply=inbox)
+            await nc.publish(_api(bus), _encode(request), reply=inbox)
             while True:
                 msg = await sub.next_msg(timeout=max(0.001, deadline - loop.time()))
                 headers = dict(msg.headers or {})
@@ -69,12 +79,15 @@ async def multi_last(bus: Bus, filters: list[str], *, timeout_s: float = 5.0) ->
                 if status in ("204", "404"):
                     return out
                 if status:
-                    raise BusUnavailable(f"direct get of {filters} refused: {status} {headers.get('Description', '')}")
+                    raise BusUnavailable(f"direct get {request} refused: {status} {headers.get('Description', '')}")
                 out.append(_stored(headers, msg.data))
+                if len(out) >= limit:
+                    # The end-of-batch marker follows; not waiting for it saves a round trip.
+                    return out
         finally:
             await sub.unsubscribe()
     except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
-        raise BusUnavailable(f"direct get of {filters} not answered within {timeout_s}s") from exc
+        raise BusUnavailable(f"direct get {request} not answered within {timeout_s}s") from exc
     except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
         raise BusUnavailable(f"not connected to NATS: {exc}") from exc
 
