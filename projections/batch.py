@@ -45,8 +45,8 @@ class _Kind(msgspec.Struct):
     kind: Any = None
 
 
-_kinds_decoder = msgspec.json.Decoder(list[_Kind])
 _kind_decoder = msgspec.json.Decoder(_Kind)
+_KIND_PREFIX = b'{"kind":"'
 
 
 class _Undecodable:
@@ -143,7 +143,7 @@ def build_batch(records: Sequence[LogRecord], *, after_seq: int = 0) -> Batch:
         "stored_at": pa.array(times, _UTC_NS).cast(_UTC_US, safe=False),
         "subject": _text(subjects),
         "id": pa.array(ids, pa.string()),
-        "kind": pa.array(_kinds(payload_bytes), pa.string()),
+        "kind": _kinds(payload_bytes),
         "sender": pa.array(senders, pa.string()),
         "recipient": pa.array(tos, pa.string()),
         "tag": pa.array(tags, pa.string()),
@@ -191,24 +191,30 @@ def _decode_each(datas: Sequence[bytes]) -> tuple[list[Any], list[str | None]]:
     return envelopes, errors
 
 
-def _kinds(payloads: list[bytes | None]) -> list[Any]:
-    """The `kind` of each payload: one decode for the whole batch when every payload is an
-    object (the usual case), else one at a time."""
-    if None not in payloads:
-        try:
-            kinds = [k.kind for k in _kinds_decoder.decode(b"[" + b",".join(payloads) + b"]")]  # type: ignore[arg-type]
-        except msgspec.DecodeError:
-            pass
-        else:
-            return [k if isinstance(k, str) else None for k in kinds]
-    out: list[Any] = []
-    for payload in payloads:
-        try:
-            kind = None if payload is None else _kind_decoder.decode(payload).kind
-        except msgspec.DecodeError:
-            kind = None
-        out.append(kind if isinstance(kind, str) else None)
-    return out
+def _kinds(payloads: list[bytes | None]) -> pa.Array:
+    """The `kind` of each payload, as an Arrow string column.
+
+    msgspec writes a tagged payload's tag first, so `{"kind":"task.requested",...` is read
+    straight off the bytes; any payload not shaped so (other writers, escapes) is decoded."""
+    prefix = _KIND_PREFIX
+    start = len(prefix)
+    kinds: list[bytes | None] = [
+        p[start:p.find(b'"', start)] if p is not None and p.startswith(prefix) else None for p in payloads
+    ]
+    for i, kind in enumerate(kinds):
+        if kind is None or b"\\" in kind or not kind:
+            kinds[i] = _decoded_kind(payloads[i])
+    return _text(kinds)
+
+
+def _decoded_kind(payload: bytes | None) -> bytes | None:
+    if payload is None:
+        return None
+    try:
+        kind = _kind_decoder.decode(payload).kind
+    except msgspec.DecodeError:
+        return None
+    return kind.encode() if isinstance(kind, str) else None
 
 
 def _prev_seq(headers: dict[str, str]) -> int | None:

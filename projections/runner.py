@@ -143,6 +143,9 @@ class Runner:
         lost connection) are retried from the checkpoint with backoff; fold failures raise."""
         backoff = 0.2
         while True:
+            # From the store's checkpoint (after any fold still running on the writer thread):
+            # a batch committed after its awaiting task was cancelled still counts.
+            self.watermark.advance(await self._writer.call(lambda: self._store.applied_seq))
             start = self.watermark.seq + 1
             began = time.monotonic()
             try:

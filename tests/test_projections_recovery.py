@@ -62,7 +62,7 @@ async def answering(bus: Bus) -> bool:
 
 async def cli(bus: Bus, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, _command(bus, home, *args), capture_output=True, text=True, timeout=120
+        subprocess.run, _command(bus, home, *args), capture_output=True, text=True, timeout=300
     )
 
 
@@ -87,7 +87,7 @@ async def _kill_while_folding(bus: Bus, tmp_path: Path, *, events: int, kills: i
     for life in range(kills + 1):
         share = chunks[life * per_life:(life + 1) * per_life] if life < kills else chunks[kills * per_life:]
         async with service_process(bus, home) as proc:
-            await wait_for(lambda: answering(bus), timeout_s=30, what="the service to answer")
+            await wait_for(lambda: answering(bus), timeout_s=60, what="the service to answer")
 
             async def kill_at_a_random_instant() -> None:
                 # Fault injection, not a wait: the instant is the random variable under test.
@@ -173,7 +173,7 @@ async def test_cli_status_and_rebuild_talk_to_the_service_or_open_the_file(bus: 
     home.mkdir()
     last = await append_batches(bus, list(synthetic_log(bus, 800, seed=6)))
     async with service_process(bus, home) as proc:
-        await wait_for(lambda: answering(bus), timeout_s=30, what="the service to answer")
+        await wait_for(lambda: answering(bus), timeout_s=60, what="the service to answer")
         await bus.query("SELECT 1", min_seq=last)
         status = await cli(bus, home, "projections", "status")
         rebuilt = await cli(bus, home, "projections", "rebuild", "--view", "events")
@@ -209,7 +209,7 @@ async def test_metrics_port_serves_prometheus_text(bus: Bus, tmp_path: Path) -> 
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        await wait_for(lambda: answering(bus), timeout_s=30, what="the service to answer")
+        await wait_for(lambda: answering(bus), timeout_s=60, what="the service to answer")
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -15,7 +15,9 @@ A view module defines:
                to I/O: no awaiting, no network, no clock. It must give the same tables whatever
                the batch boundaries (the store checks rebuilt == incremental by content hash).
 
-Folds run inside the store's transaction, which also advances the checkpoint.
+Folds run inside the store's transaction, which also advances the checkpoint. Folds of
+different views may run at the same time on different connections: a fold reads `batch` and
+writes only the tables of its own schema `s`.
 """
 
 from __future__ import annotations
