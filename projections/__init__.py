@@ -3,8 +3,9 @@
     reader.py    LogReader: the stream in order from a sequence, fast (own NATS connection)
     batch.py     records decoded once per batch into the Arrow relation every fold reads
     views/       one module per view: its tables, public relations and fold
-    store.py     the views file: generations, checkpoints, exactly-once apply, swap
-    runner.py    read -> decode -> fold pipeline, live and rebuild
+    store.py     the views file: generations, checkpoints, rebuild swap, lanes
+    fold.py      a lane: one connection folding its views' share of a batch, exactly once
+    runner.py    read -> decode -> fold pipeline, live and rebuild; progress.py: the watermark
     query.py     one read-only query on one connection, sandboxed
     service.py   the process that owns the file: folds, answers queries/status/rebuild
     rebuild.py, status.py, protocol.py   the operator's requests and their answers

@@ -115,6 +115,9 @@ class LogReader:
             try:
                 await self._fill()
             except _Restart as why:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError() from why  # being stopped: no new consumer
                 log.info("log reader restarting after seq %d: %s", self.last_seq, why)
                 self.restarts += 1
                 await self._stop()
@@ -126,7 +129,10 @@ class LogReader:
     async def _fill(self) -> None:
         assert self._r is not None
         try:
-            chunk = await asyncio.wait_for(self._r.read(_CHUNK), timeout=3 * self._heartbeat_s)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # arrives as data does, and this loop would then outlive its task's cancellation.
+            async with asyncio.timeout(3 * self._heartbeat_s):
+                chunk = await self._r.read(_CHUNK)
         except TimeoutError:
             raise _Restart(f"no message or heartbeat for {3 * self._heartbeat_s:.1f}s") from None
         except OSError as exc:
@@ -306,11 +312,11 @@ class LogReader:
         if url.scheme == "tls" or nc._server_info.get("tls_required"):
             raise ReaderError("the log reader speaks plain NATS only; a TLS server is not supported")
         try:
-            self._r, self._w = await asyncio.wait_for(
-                asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222, limit=4 * _CHUNK),
-                timeout=self._bus.config.connect_timeout_s,
-            )
-            info_line = await asyncio.wait_for(self._r.readline(), timeout=self._bus.config.connect_timeout_s)
+            async with asyncio.timeout(self._bus.config.connect_timeout_s):
+                self._r, self._w = await asyncio.open_connection(
+                    url.hostname or "127.0.0.1", url.port or 4222, limit=4 * _CHUNK
+                )
+                info_line = await self._r.readline()
         except (TimeoutError, OSError) as exc:
             raise ReaderError(f"cannot connect the log reader to {url.netloc}: {exc}") from exc
         if not info_line.startswith(b"INFO "):
@@ -332,7 +338,8 @@ class LogReader:
         assert self._r is not None
         try:
             while True:
-                line = await asyncio.wait_for(self._r.readline(), timeout=self._bus.config.connect_timeout_s)
+                async with asyncio.timeout(self._bus.config.connect_timeout_s):
+                    line = await self._r.readline()
                 if not line:
                     raise ReaderError("NATS closed the log reader's connection")
                 if line.startswith(b"PONG"):
@@ -348,5 +355,6 @@ class LogReader:
         writer, self._w, self._r = self._w, None, None
         if writer is not None:
             writer.close()
-            with contextlib.suppress(OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()

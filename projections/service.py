@@ -238,7 +238,8 @@ class ProjectionService:
                             "sequence is past the end of the log)",
                 )
         try:
-            executor = await asyncio.wait_for(self._idle.get(), max(0.001, deadline - loop.time()))
+            async with asyncio.timeout(max(0.001, deadline - loop.time())):
+                executor = await self._idle.get()
         except TimeoutError:
             return QueryFailure(kind="timeout", message=f"no query slot became free within {timeout_s:g}s")
         try:

@@ -16,7 +16,7 @@ from bus.server import EmbeddedServer, ServerSettings, free_port
 SECTIONS = (
     "bus.bench.publish",      # durable_publish_per_s, baseline_publish_async_per_s
     "bus.bench.consume",      # consume_ack_per_s, baseline_fetch_ack_per_s, latency_p50_ms, latency_p99_ms
-    "projections.bench",      # fold_per_s, rebuild_1m_s, query_p50_ms, query_p99_ms, lag_p99_ms
+    "projections.bench",      # fold_per_s, read_per_s, catchup_per_s, rebuild_1m_s, query_p50/p99_ms, lag_p50/p99_ms
     "agents.bench",           # agent_start_ms, agent_restart_ms, agent_rss_mb, step_overhead_us, ...
     "agents.memory.bench",    # context_compile_ms
     "agents.memory.bench_views",  # memory_write_p99_ms, recall_query_p95_ms (views over the bus)
