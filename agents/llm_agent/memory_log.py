@@ -34,23 +34,19 @@ from agents.runtime.reads import by_seq, last_by_subject
 from bus.client import Bus
 from bus.errors import BusUnavailable
 from schemas import Envelope
+from agents.memory.state import BLOCK_EVENTS, RECALL_EVENTS
 from schemas.payloads.memory import (
     BlockAppended,
-    BlockAttached,
     BlockCreated,
-    BlockDetached,
     BlockReplaced,
     BlockSet,
     ContradictionFlagged,
-    ConversationClosed,
-    ConversationSummarised,
     FactRecorded,
-    TurnRecorded,
 )
 
-BLOCK_EVENTS = (BlockCreated, BlockSet, BlockAppended, BlockReplaced, BlockAttached, BlockDetached)
 BLOCK_WRITES = (BlockSet, BlockAppended, BlockReplaced)
-_OWN_ONLY = (TurnRecorded, ConversationSummarised, ConversationClosed)
+# Conversation events concern only the agent that recorded them.
+_OWN_ONLY = RECALL_EVENTS
 
 
 def block_token(block_id: str) -> str:

@@ -38,11 +38,11 @@ from schemas.payloads.memory import (
     TurnRecorded,
 )
 
-_BLOCK_EVENTS = (BlockCreated, BlockSet, BlockAppended, BlockReplaced, BlockAttached, BlockDetached)
-_RECALL_EVENTS = (TurnRecorded, ConversationSummarised, ConversationClosed)
-_FACT_EVENTS = (FactRecorded, FactSuperseded, FactRetracted, ContradictionFlagged)
+BLOCK_EVENTS = (BlockCreated, BlockSet, BlockAppended, BlockReplaced, BlockAttached, BlockDetached)
+RECALL_EVENTS = (TurnRecorded, ConversationSummarised, ConversationClosed)
+FACT_EVENTS = (FactRecorded, FactSuperseded, FactRetracted, ContradictionFlagged)
 
-MEMORY_EVENT_TYPES: tuple[type, ...] = (*_BLOCK_EVENTS, *_RECALL_EVENTS, *_FACT_EVENTS)
+MEMORY_EVENT_TYPES: tuple[type, ...] = (*BLOCK_EVENTS, *RECALL_EVENTS, *FACT_EVENTS)
 
 
 class MemoryStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,11 +88,11 @@ class AgentMemory:
     def apply(self, payload: Any, *, seq: int = 0) -> bool:
         """Fold one event. Returns False for a payload that is not a memory event. Never raises
         on an event's content: refusals are appended to `anomalies`."""
-        if isinstance(payload, _BLOCK_EVENTS):
+        if isinstance(payload, BLOCK_EVENTS):
             anomaly = self.blocks.apply(payload, seq)
-        elif isinstance(payload, _RECALL_EVENTS):
+        elif isinstance(payload, RECALL_EVENTS):
             anomaly = self.recall.apply(payload, seq)
-        elif isinstance(payload, _FACT_EVENTS):
+        elif isinstance(payload, FACT_EVENTS):
             anomaly = self.facts.apply(payload, seq)
         else:
             return False
