@@ -46,9 +46,10 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     read_ahead: int = 2 * DEFAULT_BATCH_MAX
     # The push consumer's idle heartbeat; a reader that hears nothing for 3 of them restarts.
     heartbeat_s: float = 2.0
-    # Connections folding at once, each with a share of the views (DuckDB runs these
-    # statements on one core each; two lanes fold ~1.4x faster than one on two cores).
-    lanes: int = 2
+    # Connections folding at once, at most one per lane of views (projections.views.LANES:
+    # log, runtime, memory). DuckDB runs these statements on one core each; a query waiting
+    # for its write is released when the lanes of the views it reads have committed.
+    lanes: int = 3
     # DuckDB resources (None: DuckDB's defaults, 80% of RAM and one thread per core).
     memory_limit: str | None = None
     threads: int | None = None

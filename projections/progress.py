@@ -3,52 +3,81 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+from collections.abc import Collection, Iterable
 
 
 class Watermark:
-    """The last stream sequence the active views have committed. Lives on the event loop:
-    `advance` after each commit; `wait_for(seq)` returns once it is reached.
+    """The last stream sequence the active views have committed. Lives on the event loop.
 
-    Waiters sit in a heap by sequence, so an advance wakes exactly those it satisfies.
+    `seq` is where every view is: `advance(seq)` after a whole batch is committed. A fold lane
+    commits before the others; `advance(seq, views)` records that for its views alone, so a
+    query reading only those views need not wait for the rest (`wait_for(seq, views=...)`).
+    Per-view marks only ever release a waiter sooner: a view is always at least at `seq`.
     """
 
     def __init__(self, seq: int = 0) -> None:
         self._seq = seq
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
+        self._views: dict[str, int] = {}
+        self._waiters: list[tuple[int, frozenset[str], asyncio.Future[None]]] = []
 
     @property
     def seq(self) -> int:
         return self._seq
 
-    def advance(self, seq: int) -> None:
-        """Record that everything up to `seq` is applied (never moves backwards)."""
-        if seq <= self._seq:
-            return
-        self._seq = seq
-        while self._waiters and self._waiters[0][0] <= seq:
-            _, _, future = heapq.heappop(self._waiters)
-            if not future.done():
-                future.set_result(None)
+    def seq_of(self, views: Collection[str] = ()) -> int:
+        """The sequence every one of `views` has reached (no views: all of them, `seq`)."""
+        if not views:
+            return self._seq
+        return max(self._seq, min(self._views.get(view, 0) for view in views))
 
-    async def wait_for(self, seq: int, timeout_s: float) -> bool:
-        """True once `seq` is applied; False if it is not within `timeout_s`."""
-        if seq <= self._seq:
+    def advance(self, seq: int, views: Iterable[str] | None = None) -> None:
+        """Record that everything up to `seq` is applied, in `views` or (None) in every view.
+        Never moves backwards."""
+        if views is None:
+            if seq <= self._seq:
+                return
+            self._seq = seq
+        else:
+            moved = False
+            for view in views:
+                if seq > self._views.get(view, 0):
+                    self._views[view] = seq
+                    moved = True
+            if not moved:
+                return
+        if self._waiters:
+            self._release()
+
+    def _release(self) -> None:
+        waiting = []
+        for waiter in self._waiters:
+            seq, views, future = waiter
+            if future.done():
+                continue
+            if seq <= self.seq_of(views):
+                future.set_result(None)
+            else:
+                waiting.append(waiter)
+        self._waiters = waiting
+
+    async def wait_for(self, seq: int, timeout_s: float, views: Collection[str] = ()) -> bool:
+        """True once `seq` is applied in `views` (none given: in every view); False if it is
+        not within `timeout_s`."""
+        wanted = frozenset(views)
+        if seq <= self.seq_of(wanted):
             return True
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (seq, next(self._order), future))
+        self._waiters.append((seq, wanted, future))
         try:
             async with asyncio.timeout(timeout_s):
                 await future
         except TimeoutError:
-            return seq <= self._seq
+            return seq <= self.seq_of(wanted)
         finally:
-            # A waiter that gave up (or was cancelled) leaves its future behind; drop them lazily.
+            # A waiter that gave up (or was cancelled) leaves its entry behind until the next
+            # release; drop such entries now and then so they cannot pile up.
             if not future.done():
                 future.cancel()
             if len(self._waiters) > 64:
                 self._waiters = [w for w in self._waiters if not w[2].done()]
-                heapq.heapify(self._waiters)
         return True

@@ -17,6 +17,7 @@ writer thread (so it interleaves with live batches and swaps between two of them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -163,7 +164,7 @@ class Runner:
     async def _live_until_restart(self, start: int) -> None:
         """The live pipeline from `start`, until it fails or a swap asks for a fresh start."""
         async with asyncio.TaskGroup() as tasks:
-            pipeline = tasks.create_task(self._pipeline(start_seq=start, fold=self._store.apply, target="live"))
+            pipeline = tasks.create_task(self._pipeline(start_seq=start, fold=self._live_fold(), target="live"))
             restart = tasks.create_task(self._restart_live.wait())
             await asyncio.wait({pipeline, restart}, return_when=asyncio.FIRST_COMPLETED)
             pipeline.cancel()
@@ -239,7 +240,22 @@ class Runner:
     async def fold_from(self, reader: Source, until_seq: int) -> None:
         """Fold what `reader` yields into the active views until `until_seq` is applied: the live
         pipeline over any source of records (the benchmark folds a log read into memory)."""
-        await self._stages(reader, self._store.apply, "live", lambda applied: applied.last_seq >= until_seq)
+        await self._stages(reader, self._live_fold(), "live", lambda applied: applied.last_seq >= until_seq)
+
+    def _live_fold(self) -> Callable[[Batch], Applied]:
+        """`Store.apply`, moving the watermark of each lane's views as soon as that lane has
+        committed (from the lane's thread, through the event loop)."""
+        loop = asyncio.get_running_loop()
+        advance = self.watermark.advance
+        store = self._store
+
+        def committed(views: list[str], seq: int) -> None:
+            # A lane can commit while the loop is being closed (shutdown mid-batch): the next
+            # start reads the checkpoint from the store, so the mark is not needed then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(advance, seq, views)
+
+        return lambda batch: store.apply(batch, committed)
 
     async def _stages(
         self,

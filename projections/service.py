@@ -44,6 +44,7 @@ from projections.protocol import (
     status_subject,
 )
 from projections.query import QueryExecutor
+from projections.relations import RelationReader
 from projections.runner import Runner, Writer
 from projections.status import build_report, collect
 from projections.store import Store
@@ -84,6 +85,8 @@ class ProjectionService:
         self._settings = settings
         self.metrics = ProjectionMetrics(registry or CollectorRegistry())
         self._views = views
+        self._view_of_relation = {relation: spec.name for spec in views for relation in spec.relations}
+        self._relations: RelationReader | None = None
         self.watermark = Watermark()
         self._stack = contextlib.AsyncExitStack()
         self._executors: list[QueryExecutor] = []
@@ -134,6 +137,8 @@ class ProjectionService:
         self._executors = [QueryExecutor(cursor) for cursor in cursors]
         for executor in self._executors:
             self._idle.put_nowait(executor)
+        self._relations = RelationReader()
+        self._stack.callback(self._relations.close)
         pool = ThreadPoolExecutor(max_workers=settings.query.workers, thread_name_prefix="continuum-query")
         self._query_pool = pool
         self._stack.callback(self._close_queries, pool)
@@ -228,12 +233,15 @@ class ProjectionService:
         timeout_s = min(max(request.timeout_s, 0.001), limits.max_timeout_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        views: frozenset[str] = frozenset()
         if request.min_seq is not None and request.min_seq > self.watermark.seq:
+            views = await self._views_read_by(request.sql)
+        if request.min_seq is not None and request.min_seq > self.watermark.seq_of(views):
             wait_s = min(limits.max_lag_wait_s, timeout_s)
-            if not await self.watermark.wait_for(request.min_seq, wait_s):
+            if not await self.watermark.wait_for(request.min_seq, wait_s, views):
                 return QueryFailure(
                     kind="lag",
-                    message=f"the views have applied up to seq {self.watermark.seq}; seq {request.min_seq} "
+                    message=f"the views have applied up to seq {self.watermark.seq_of(views)}; seq {request.min_seq} "
                             f"was not applied within {wait_s:g}s (the projection is behind, or that "
                             "sequence is past the end of the log)",
                 )
@@ -249,11 +257,20 @@ class ProjectionService:
                     request.sql, request.params,
                     max_rows=max(1, min(request.max_rows, limits.max_rows)),
                     timeout_s=max(0.001, deadline - loop.time()),
-                    applied_seq=self.watermark.seq,
+                    applied_seq=self.watermark.seq_of(views),
                 ),
             )
         finally:
             self._idle.put_nowait(executor)
+
+    async def _views_read_by(self, sql: str) -> frozenset[str]:
+        """The views `sql` reads, from its relation names (parsed on a query thread); empty,
+        meaning every view, when that is unknown: SQL that does not parse, no relation, or a
+        relation that is not a view's."""
+        assert self._relations is not None
+        names = await asyncio.get_running_loop().run_in_executor(self._query_pool, self._relations.names, sql)
+        views = {self._view_of_relation.get(name) for name in names or ()}
+        return frozenset() if not views or None in views else frozenset(v for v in views if v is not None)
 
     # -- request handlers (subscription callbacks: they only hand work to the task group) ---
 

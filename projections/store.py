@@ -33,10 +33,10 @@ import duckdb
 
 from projections.batch import Batch
 from projections.errors import StoreLocked, StoreMismatch
-from projections.fold import Applied, Generation, Lane, after, rollback
+from projections.fold import Applied, Committed, Generation, Lane, after, rollback
 from projections.views import VIEWS, ViewSpec
 
-__all__ = ["Applied", "Generation", "Store", "content_hashes", "file_hashes", "generations_in", "open_read_only"]
+__all__ = ["Applied", "Committed", "Generation", "Store", "content_hashes", "file_hashes", "generations_in", "open_read_only"]
 
 log = logging.getLogger("continuum.projections.store")
 
@@ -86,9 +86,11 @@ class Store:
         self._threads = threads
         self._checkpoint_threshold = checkpoint_threshold
         self._con: duckdb.DuckDBPyConnection | None = None
-        # Views are spread over lanes in their listed order (neighbours differ in cost).
-        self._lane_count = max(1, lanes)
-        self._lane_of = {spec.name: i % self._lane_count for i, spec in enumerate(views)}
+        # One lane per lane name of the views (see projections.views.LANES), at most `lanes`:
+        # with fewer, lane names share connections in turn.
+        names = list(dict.fromkeys(spec.lane for spec in views))
+        self._lane_count = max(1, min(lanes, len(names)))
+        self._lane_of = {spec.name: names.index(spec.lane) % self._lane_count for spec in views}
         self._lanes: list[Lane] = []
         self._lane_pool: ThreadPoolExecutor | None = None
         self.active: dict[str, Generation] = {}
@@ -346,13 +348,15 @@ class Store:
 
     # -- folding --------------------------------------------------------------------------
 
-    def apply(self, batch: Batch) -> Applied:
+    def apply(self, batch: Batch, committed: Committed | None = None) -> Applied:
         """Apply the records of `batch` above the active checkpoint to every active view (not
-        frozen) and advance their checkpoints, exactly once. Raises FoldError."""
+        frozen) and advance their checkpoints, exactly once. `committed(views, seq)` is called
+        on a lane's thread as soon as that lane has committed (before the other lanes may have).
+        Raises FoldError."""
         live = self._live()
         if not live:
             return Applied(last_seq=self.applied_seq)
-        applied = self._fold_lanes(live, batch, upto=None)
+        applied = self._fold_lanes(live, batch, upto=None, committed=committed)
         return Applied(applied.events, self.applied_seq, applied.rows, applied.poisoned)
 
     def apply_build(self, batch: Batch) -> Applied:
@@ -374,7 +378,9 @@ class Store:
             return True
         return False
 
-    def _fold_lanes(self, gens: list[Generation], batch: Batch, *, upto: int | None) -> Applied:
+    def _fold_lanes(
+        self, gens: list[Generation], batch: Batch, *, upto: int | None, committed: Committed | None = None
+    ) -> Applied:
         """Fold each lane's share of `gens` on its own connection, all lanes at once; each from
         its own checkpoint (after a crash, lanes can be a batch apart)."""
         jobs: list[tuple[Lane, list[Generation], Batch]] = []
@@ -390,13 +396,13 @@ class Store:
         pool = self._lane_pool
         futures: list[Future[Applied]] = []
         if pool is not None:
-            futures = [pool.submit(lane.fold, share, part) for lane, share, part in jobs[1:]]
+            futures = [pool.submit(lane.fold, share, part, committed) for lane, share, part in jobs[1:]]
         inline = jobs if pool is None else jobs[:1]
         results: list[Applied] = []
         failure: BaseException | None = None
         for lane, share, part in inline:
             try:
-                results.append(lane.fold(share, part))
+                results.append(lane.fold(share, part, committed))
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other lanes
                 failure = failure or exc
         for future in futures:

@@ -61,9 +61,10 @@ class ViewSpec:
     relations: Mapping[str, str]
     fold: Fold
     doc: str = ""
+    lane: str = "log"
 
     @classmethod
-    def from_module(cls, module: ModuleType) -> ViewSpec:
+    def from_module(cls, module: ModuleType, *, lane: str = "log") -> ViewSpec:
         return cls(
             name=module.NAME,
             version=module.VERSION,
@@ -71,6 +72,7 @@ class ViewSpec:
             relations=dict(module.RELATIONS),
             fold=module.fold,
             doc=(module.__doc__ or "").strip(),
+            lane=lane,
         )
 
     def ddl(self, schema: str) -> list[str]:
@@ -103,10 +105,19 @@ from projections.views import (
     steps,
 )
 
+# The fold lanes and their views, in fold order. Each lane is one DuckDB connection on its own
+# thread; the lanes of a batch fold at once, and a query waiting for its own write (`min_seq`) is
+# released when the lanes of the views it reads have committed. Views read together share a lane:
+# the bus's own views, the agents' runtime views, and memory (so a memory write is visible after
+# the memory lane's statements alone, not behind every view's).
+LANES: dict[str, tuple[ModuleType, ...]] = {
+    "log": (events, messages, dead_letters, conversations),
+    "runtime": (agents, integrity, steps, llm_calls),
+    "memory": (facts, contradictions, blocks, recall),
+}
+
 VIEWS: tuple[ViewSpec, ...] = tuple(
-    ViewSpec.from_module(module)
-    for module in (events, messages, agents, dead_letters, conversations, integrity, steps,
-                   facts, contradictions, blocks, recall, llm_calls)
+    ViewSpec.from_module(module, lane=lane) for lane, modules in LANES.items() for module in modules
 )
 
-__all__ = ["VIEWS", "Fold", "Tx", "ViewSpec", "render"]
+__all__ = ["LANES", "VIEWS", "Fold", "Tx", "ViewSpec", "render"]
