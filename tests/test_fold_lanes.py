@@ -48,7 +48,7 @@ class StallingView:
 @pytest.fixture
 async def stalling(bus: Bus, tmp_path: Path) -> AsyncIterator[StallingView]:
     view = StallingView()
-    settings = ProjectionSettings(db_path=str(tmp_path / "views.duckdb"), query=QuerySettings(max_lag_wait_s=0.5))
+    settings = ProjectionSettings(db_path=str(tmp_path / "views.duckdb"), query=QuerySettings(max_lag_wait_s=20))
     try:
         async with ProjectionService(bus, settings, views=(*VIEWS, view.spec())):
             yield view
@@ -76,7 +76,7 @@ async def test_a_query_on_a_committed_lane_is_answered_while_another_lane_folds(
 
     for sql in ("SELECT count(*) FROM stall", "SELECT 1", "SELECT count(*) FROM events, stall"):
         with pytest.raises(QueryError) as lagging:
-            await bus.query(sql, min_seq=sent.ack.seq, timeout_s=5)
+            await bus.query(sql, min_seq=sent.ack.seq, timeout_s=0.5)
         assert lagging.value.kind == "lag", sql
 
     stalling.release.set()

@@ -27,10 +27,17 @@ Per inbound message, `converse` runs the tool loop, every effect a step of the r
 
 Memory events carry the inbound message as their causation and its correlation id, so a whole
 workflow can be traced and replayed (agents.research.replay).
+
+Retention (`retention = RetentionPolicy(idle_ttl=...)`, agents.memory.retention): conversations
+idle longer than the TTL are summarised and closed, as events, by a `memory.retention` step that
+runs on every message before its turn is recorded (as of the message's time) and on a
+`memory.retention.sweep` notice, which the agent's timer (`background`) sends itself every
+`sweep_every` when something looks idle, and anyone may send as a request.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,16 +56,32 @@ from agents.memory import (
     ToolOutcome,
 )
 from agents.memory.errors import BlockExists, BlockLimitExceeded
+from agents.memory.retention import (
+    SWEEP_TOPIC,
+    Clock,
+    RetentionPolicy,
+    SystemClock,
+    decide,
+    event_id,
+    format_duration,
+    idle_conversations,
+    run_timer,
+    sweep_id,
+    sweep_instant,
+    sweep_notice,
+)
 from agents.runtime import Agent, Context, handler
 from bus.config import ConsumerSettings
-from bus.errors import ConcurrencyConflict
+from bus.errors import BusError, ConcurrencyConflict, PermanentError
 from schemas import derived_id, stable_id
 from schemas.payloads.llm import ModelResponse, ToolResultBlock, ToolUseBlock
-from schemas.payloads.memory import MemoryEvent
+from schemas.payloads.memory import ConversationClosed, MemoryEvent
 from schemas.payloads.messaging import Note, Notice
 
 if TYPE_CHECKING:
     from bus.client import Bus
+
+log = logging.getLogger("continuum.agents.llm_agent")
 
 # Topic of the notice telling a block's other holders that it changed.
 BLOCK_CHANGED = "memory.block.changed"
@@ -102,8 +125,10 @@ class LLMAgent(Agent):
 
     Class attributes: `role` (the "Role:" line the model and the offline policies read),
     `system_prompt`, `tool_names` (memory tools offered), `core_blocks`, `budget_tokens`,
-    `max_rounds`, `max_output_tokens`. The model is Claude when ANTHROPIC_API_KEY is set, else the
-    offline model (agents.llm_agent.models); pass `model=` to choose one explicitly.
+    `max_rounds`, `max_output_tokens`, `retention` (None: conversations are never closed). The
+    model is Claude when ANTHROPIC_API_KEY is set, else the offline model
+    (agents.llm_agent.models); pass `model=` to choose one explicitly, and `clock=` for the
+    retention timer (tests pass a ManualClock).
     """
 
     role: ClassVar[str] = "assistant"
@@ -113,14 +138,18 @@ class LLMAgent(Agent):
     budget_tokens: ClassVar[int] = 24_000
     max_rounds: ClassVar[int] = 12
     max_output_tokens: ClassVar[int] = 4096
+    retention: ClassVar[RetentionPolicy | None] = None
     # One message at a time: turns of one conversation must not interleave. A short ack_wait is
     # safe for long model calls (the consumer engine sends in-progress while a handler runs) and
     # brings a killed process's message back quickly.
     consumer: ClassVar[ConsumerSettings | None] = ConsumerSettings(concurrency=1, prefetch=0, ack_wait_s=3.0)
 
-    def __init__(self, model: Model | None = None, *, model_name: str | None = None) -> None:
+    def __init__(
+        self, model: Model | None = None, *, model_name: str | None = None, clock: Clock | None = None
+    ) -> None:
         self._model_arg = model
         self._model_name_arg = model_name
+        self.clock: Clock = clock or SystemClock()
         self._log: MemoryLog | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -204,10 +233,23 @@ class LLMAgent(Agent):
         return await self.respond(note, ctx)
 
     @handler
-    async def on_notice(self, notice: Notice, ctx: Context) -> None:
-        """A shared block changed: read it now, so the next call shows the new value."""
+    async def on_notice(self, notice: Notice, ctx: Context) -> Note | None:
+        """A shared block changed: read it now, so the next call shows the new value. A
+        retention sweep: close what is idle as of the instant it states (`sweep`); asked as a
+        request, answer with what was closed. A sweep notice without an ISO 8601 instant is a
+        PermanentError (dead-lettered, with the reason)."""
         if notice.topic == BLOCK_CHANGED:
             await self.log.catch_up()
+        elif notice.topic == SWEEP_TOPIC:
+            try:
+                as_of = sweep_instant(notice)
+            except ValueError as exc:
+                raise PermanentError(str(exc)) from exc
+            await self.log.catch_up()
+            closed = await self.sweep(ctx, as_of)
+            if ctx.envelope.reply_to is not None:
+                return _sweep_answer(self.agent_name, self.retention, as_of, closed)
+        return None
 
     async def respond(self, note: Note, ctx: Context) -> Note | None:
         """Default: converse on the note's text; answer a request with the final text."""
@@ -225,6 +267,7 @@ class LLMAgent(Agent):
         now = ctx.envelope.created_at  # the same on every attempt: decisions replay identically
         await self.log.catch_up()
         await ctx.step("memory.position", lambda: self.log.position, type=int)
+        await self.sweep(ctx, now)  # before the new turn, which would end the idleness
         await self._write(ctx, "turn:user", lambda: [self.memory.recall.record(
             "user", at=now, text=text, sender=sender or ctx.envelope.sender, envelope_id=ctx.envelope.id,
         )])
@@ -253,6 +296,58 @@ class LLMAgent(Agent):
             text=f"(stopped: the tool loop did not end within {self.max_rounds} rounds)",
             rounds=self.max_rounds, events=produced, stopped=True,
         )
+
+    # -- retention -----------------------------------------------------------------------------
+
+    async def sweep(self, ctx: Context, as_of: datetime) -> list[ConversationClosed]:
+        """Close this agent's conversations idle past the retention TTL as of `as_of`
+        (agents.memory.retention.decide): a `memory.retention` step recording each closure's
+        summary and close, and folding them. A redelivery gets the recorded events back; an
+        event is stored under an id derived from what it closes, so a sweep retried after a
+        crash, or decided again, stores nothing twice. Returns the closes; without a policy it
+        runs no step and returns []. Raises BusUnavailable and the runtime's step errors."""
+        policy = self.retention
+        if policy is None or not policy.enabled:
+            return []
+
+        async def run() -> list[Any]:
+            cfg = self.compiler.config
+            closures = decide(
+                self.memory, policy, now=as_of, summariser=self.compiler.summariser,
+                summary_chars=cfg.summary_chars, chars_per_token=cfg.chars_per_token,
+            )
+            ns = self.log.bus.subjects.ns
+            return [
+                await self.log.record(event, id=event_id(ns, event), cause=ctx.envelope)
+                for closure in closures for event in closure.events
+            ]
+
+        events = await ctx.step("memory.retention", run, type=list[MemoryEvent])
+        for event in events:
+            self.memory.apply(event)
+        return [e for e in events if isinstance(e, ConversationClosed)]
+
+    async def background(self, bus: Bus) -> None:
+        """The retention timer: every `retention.sweep_every` (on `self.clock`), when a
+        conversation looks idle past the TTL in this process's memory, send the agent a sweep
+        notice, under one id per time bucket (replicas and restarts store one). The handler
+        decides on the caught-up log. Returns at once without a policy or an interval."""
+        policy = self.retention
+        if policy is None or not policy.enabled or policy.sweep_every is None:
+            return
+
+        async def fire(bucket: int, as_of: datetime) -> None:
+            if not idle_conversations(self.memory.recall, policy, as_of):
+                return
+            try:
+                await bus.send(
+                    self.agent_name, sweep_notice(as_of), id=sweep_id(bus.subjects.ns, self.agent_name, bucket)
+                )
+            except BusError as exc:
+                # The next bucket tries again; a lazy sweep on the next message covers it too.
+                log.warning("%s: could not send the retention sweep as of %s: %s", self.agent_name, as_of, exc)
+
+        await run_timer(policy.sweep_every, self.clock, fire)
 
     async def _call(self, ctx: Context, now: datetime) -> _CallStep:
         step_id = ctx.step_id
@@ -335,6 +430,18 @@ class LLMAgent(Agent):
         for event in events:
             self.memory.apply(event)
         return events
+
+
+def _sweep_answer(
+    agent: str, policy: RetentionPolicy | None, as_of: datetime, closed: Sequence[ConversationClosed]
+) -> Note:
+    if policy is None or policy.idle_ttl is None:
+        return Note(text=f"{agent}: retention is off", data={"closed": []})
+    lines = [f"{agent}: closed {c.conversation} up to turn {c.last_turn}: {c.reason}" for c in closed]
+    text = "\n".join(lines) or f"{agent}: nothing idle > {format_duration(policy.idle_ttl)} as of {as_of.isoformat()}"
+    return Note(text=text, data={"closed": [
+        {"conversation": c.conversation, "last_turn": c.last_turn, "reason": c.reason} for c in closed
+    ]})
 
 
 def _error(use: ToolUseBlock, text: str) -> ToolOutcome:

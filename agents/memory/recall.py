@@ -1,8 +1,8 @@
 """Recall memory: the agent's conversation, turn by turn, with the context window over it.
 
 Every turn stays in recall (searchable with `search`); the window is the turns after the last
-summarised range. Turn numbers run 1, 2, ... per conversation; `record` decides the next one.
-The fold never raises: a duplicate turn is ignored, a gap is applied and reported.
+summarised or closed range. Turn numbers run 1, 2, ... per conversation; `record` decides the
+next one. The fold never raises: a duplicate turn is ignored, a gap is applied and reported.
 """
 
 from __future__ import annotations
@@ -179,6 +179,12 @@ class RecallLog:
                 return None
             case ConversationClosed(last_turn=last_turn):
                 conv.closed_upto = max(conv.closed_upto, last_turn)
+                # A closed range leaves the window (it stays in recall): the next message
+                # starts a fresh window.
+                if last_turn > conv.evicted_upto:
+                    conv.evicted_upto = last_turn
+                    while conv.window_start < len(conv.entries) and conv.entries[conv.window_start].turn <= last_turn:
+                        conv.window_start += 1
                 return None
         return None
 

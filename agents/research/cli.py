@@ -96,7 +96,9 @@ async def run_demo(args: argparse.Namespace) -> int:
         )
         try:
             async with demo.team():
-                for day in days:
+                for i, day in enumerate(days):
+                    if i:
+                        await demo.night()
                     result = await demo.run_day(day)
                     results.append(result)
                     _print_report(result)

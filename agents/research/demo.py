@@ -8,6 +8,11 @@
 own OS process and restarts it when it dies. `run_day` sends the researcher the day (from
 "coordinator"; the envelope id becomes the day's correlation id), tails the log, printing one
 line per meaningful event, and returns when the writer's report to the coordinator is stored.
+
+`night()` stands for the time between two days: the demo's clock moves on a day and each agent
+is asked, in turn, to sweep retention as of then; every conversation idle past the team's TTL
+is summarised and closed (one line each), so the next day starts a fresh context window. Turns
+keep their real times; only the sweep's instant is moved on.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 import msgspec
 
 from agents.errors import AgentError
 from agents.llm_agent.logread import StoredEvent, read_range
+from agents.memory.retention import format_duration, sweep_notice
 from agents.research.narrate import describe
-from agents.research.team import COORDINATOR, TEAM, target
+from agents.research.team import COORDINATOR, RETENTION, TEAM, target
 from agents.supervisor import (
     AgentSpec,
     EventRecorder,
@@ -32,9 +39,12 @@ from agents.supervisor import (
     SupervisorSettings,
 )
 from bus.client import Bus
-from schemas.payloads import LlmCallCompleted, Note
+from bus.errors import RequestTimeout
+from schemas import utcnow
+from schemas.payloads import ConversationClosed, LlmCallCompleted, Note
 
 POLL_S = 0.05
+NIGHT = timedelta(days=1)
 
 
 class DemoSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -139,3 +149,23 @@ class ResearchDemo:
                     "see `bus agent logs <agent>` for the agents' logs"
                 )
             await asyncio.sleep(POLL_S)
+
+    async def night(self, *, length: timedelta = NIGHT) -> list[ConversationClosed]:
+        """Move the demo's clock on by `length` and ask each agent in turn (a request) to sweep
+        retention as of then; print each close as it is recorded and return them.
+        Raises DemoError when an agent does not answer within the day timeout."""
+        as_of = utcnow() + length
+        ttl = format_duration(RETENTION.idle_ttl) if RETENTION.idle_ttl else "off"
+        self.say(f"── night ─ the clock moves on {format_duration(length)}; retention closes conversations idle > {ttl}")
+        position = await self.bus.last_seq()
+        closed: list[ConversationClosed] = []
+        for name in TEAM:
+            try:
+                await self.bus.request(name, sweep_notice(as_of), timeout_s=self.settings.day_timeout_s)
+            except RequestTimeout as exc:
+                raise DemoError(f"{name} did not answer the retention sweep: {exc}") from exc
+            subject = self.bus.subjects.event(name, "memory.conversation.closed")
+            async for stored in read_range(self.bus, subject, after=position):
+                closed.append(stored.envelope.payload)
+                self.say(f"  {describe(stored)}")
+        return closed

@@ -3,6 +3,7 @@
     researcher   fact           p01.f1  fec:capacity-retention = increases  (confidence 0.70)
     synthesiser  contradiction  p14.f1 (decreases) vs p03.f2 (increases) on fec:gas-evolution
     writer       → reviewer     Report for day 1: 15 new findings ...
+    writer       closed         main up to turn 8: idle 1d 0h > ttl 12h (summarised)
 
 Heartbeats, steps, turns and delivery reports are left out: they are in the log and the views.
 """
@@ -21,6 +22,7 @@ from schemas.payloads import (
     BlockReplaced,
     BlockSet,
     ContradictionFlagged,
+    ConversationClosed,
     DeadLettered,
     FactRecorded,
     LlmCallCompleted,
@@ -54,6 +56,9 @@ def describe(stored: StoredEvent) -> str | None:
             what = f"tool_use {_counts(tools)}" if tools else r.stop_reason or "end_turn"
             return (f"{who} llm            {p.model}: {r.usage.input_tokens:,} in / {r.usage.output_tokens:,} out, "
                     f"{what} ({p.latency_ms:.0f} ms)")
+        case ConversationClosed():
+            summarised = " (summarised)" if p.summary_id else ""
+            return f"{who} closed         {p.conversation} up to turn {p.last_turn}: {p.reason}{summarised}"
         case LlmCallFailed():
             return f"{who} llm FAILED     {p.error_type}: {_clip(p.message, 80)}"
         case Note() if env.to is not None:

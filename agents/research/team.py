@@ -17,16 +17,22 @@ reviewer     checks every claim against the fact recorded from its cited source 
 Messages are `Note`s whose `data` says the stage and the day; every one carries the day run's
 correlation id. A day with nothing new goes researcher → synthesiser → writer → coordinator
 without further model calls and says so.
+
+Retention (RETENTION): a conversation idle for half a day is summarised and closed, so each day
+starts a fresh context window with the earlier days as a summary (the demo's night moves the
+clock on a day and asks each agent to sweep).
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import msgspec
 
 from agents.llm.offline.research import parse_corrections
 from agents.llm_agent import BlockSpec, LLMAgent
+from agents.memory.retention import RetentionPolicy
 from agents.research.corpus import Paper, load_corpus, render_papers
 from agents.runtime import Context
 from schemas.payloads.memory import ContradictionFlagged, FactRecorded
@@ -39,6 +45,7 @@ DIGEST = BlockSpec(
     label="digest", limit=3000, block_id="research/digest", holders=("synthesiser", "writer", "reviewer"),
     description="The team's running synthesis: the latest day's contradictions and refinements.",
 )
+RETENTION = RetentionPolicy(idle_ttl=timedelta(hours=12), sweep_every=timedelta(minutes=10))
 
 
 def _data(note: Note, **more: Any) -> dict[str, Any]:
@@ -49,6 +56,7 @@ class Researcher(LLMAgent):
     name = "researcher"
     tags = (TEAM_TAG,)
     role = "researcher"
+    retention = RETENTION
     system_prompt = (
         "You are the team's researcher. Read the day's papers and record every key finding as a "
         "fact with archival_insert: a normalised subject, the effect as value (increases, "
@@ -81,6 +89,7 @@ class Synthesiser(LLMAgent):
     name = "synthesiser"
     tags = (TEAM_TAG,)
     role = "synthesiser"
+    retention = RETENTION
     system_prompt = (
         "You are the team's synthesiser. Integrate new findings with what the team already knows: "
         "search archival memory for each subject, flag every contradiction with an earlier fact "
@@ -104,6 +113,7 @@ class Writer(LLMAgent):
     name = "writer"
     tags = (TEAM_TAG,)
     role = "writer"
+    retention = RETENTION
     system_prompt = (
         "You are the team's writer. Write the day's report: only what is new, one line per claim "
         "in the form '- subject: effect. statement [source id]', then the contradictions with "
@@ -138,6 +148,7 @@ class Reviewer(LLMAgent):
     name = "reviewer"
     tags = (TEAM_TAG,)
     role = "reviewer"
+    retention = RETENTION
     system_prompt = (
         "You are the team's reviewer. Check every claim of the report against the fact recorded "
         "from its cited source (archival_search). For each claim that does not hold, write one "

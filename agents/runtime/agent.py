@@ -55,7 +55,7 @@ class Agent:
       consumer  ConsumerSettings for its consumers (default: the bus config's)
 
     Override `on_start` / `on_stop` to open and close resources; they run in the agent's
-    process, before the first message and after the last.
+    process, before the first message and after the last. Override `background` for timed work.
     """
 
     name: ClassVar[str] = ""
@@ -67,6 +67,13 @@ class Agent:
 
     async def on_stop(self) -> None:
         """Called after the last in-flight message has been handled."""
+
+    async def background(self, bus: Bus) -> None:
+        """Timed work beside the handlers (default: none). Runs from when the consumers pull
+        until stop, and is cancelled first at stop, before fetching stops; it must let
+        CancelledError through, and what it raises ends the replica (the supervisor restarts
+        it). An effect on the agent's memory or state belongs in a handler: send the agent a
+        message, so it runs as recorded steps, one message at a time."""
 
     @classmethod
     def default_name(cls) -> str:

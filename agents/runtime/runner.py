@@ -98,7 +98,11 @@ class AgentRuntime:
                         on_ready()
                     async with asyncio.TaskGroup() as tasks:
                         beats = tasks.create_task(self._heartbeats())
+                        work = tasks.create_task(self.agent.background(bus))
                         await stop.wait()
+                        # Timed work stops before fetching does; a message it sent and nobody
+                        # fetched yet stays in the log for the next start.
+                        work.cancel()
                         beats.cancel()
                 # Leaving the consumer block stopped fetching and let in-flight handlers finish.
             finally:

@@ -1,6 +1,7 @@
 """`recall`: every conversation turn of every agent (`memory.turn.recorded`), searchable by
-text, role, agent, conversation and time; and `recall_summaries`, the summaries that stood in
-for turns evicted from the context window.
+text, role, agent, conversation and time; `recall_summaries`, the summaries that stood in for
+turns evicted from the context window; and `recall_closures`, every close of a conversation
+(`memory.conversation.closed`) with the rule and reason (retention: "idle 2d 3h > ttl 1d").
 
 A turn numbered at or below the last one of its conversation is a redelivered duplicate (no
 row). A turn keeps its row after eviction: `summarised_by`/`evicted_seq` name the first summary
@@ -9,6 +10,9 @@ that covered it, `closed`/`closed_seq` the close of its conversation.
     SELECT agent, conversation, turn, role, text, turn_at FROM recall
     WHERE agent = ? AND text ILIKE '%' || ? || '%' AND role = 'user' AND turn_at >= ?
     ORDER BY seq DESC LIMIT 20
+
+    SELECT agent, conversation, last_turn, reason, closed_at FROM recall_closures
+    WHERE rule = 'retention.idle_ttl' ORDER BY seq
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "recall"
-VERSION = 1
+VERSION = 2
 
 TABLES = """
 CREATE TABLE {s}.recall (
@@ -62,12 +66,26 @@ CREATE TABLE {s}.recall_summaries (
     block_versions JSON,
     summarised_at  TIMESTAMPTZ,
     seq            BIGINT NOT NULL
+);
+CREATE TABLE {s}.recall_closures (
+    agent         VARCHAR NOT NULL,
+    conversation  VARCHAR NOT NULL,
+    last_turn     BIGINT NOT NULL,  -- the conversation is closed up to this turn
+    rule          VARCHAR,          -- the policy that closed it ('retention.idle_ttl'), NULL if unstated
+    reason        VARCHAR,          -- in words ('idle 1d 0h > ttl 12h')
+    idle_s        DOUBLE,           -- retention: how long the conversation had been idle
+    ttl_s         DOUBLE,           -- retention: the idle time allowed
+    summary_id    VARCHAR,          -- the summary of its last unsummarised turns
+    closed_at     TIMESTAMPTZ,      -- the event's `at` (the instant the sweep ran as of)
+    seq           BIGINT NOT NULL,
+    PRIMARY KEY (agent, conversation, last_turn)
 )
 """
 
 RELATIONS = {
     "recall": "SELECT * FROM {s}.recall",
     "recall_summaries": "SELECT * FROM {s}.recall_summaries",
+    "recall_closures": "SELECT * FROM {s}.recall_closures",
 }
 
 # A turn applies iff its number is above every turn before it in its conversation (stored head
@@ -148,6 +166,23 @@ WHERE r.agent = c.agent AND r.conversation = c.conversation AND r.turn = c.turn
 """
 
 
+# One row per close of a conversation up to a turn; a repeated close of the same turn keeps the
+# first (as the agent's fold does).
+_CLOSURES = """
+INSERT INTO {s}.recall_closures
+SELECT payload->>'agent', coalesce(payload->>'conversation', 'main'), TRY_CAST(payload->>'last_turn' AS BIGINT),
+       nullif(payload->>'rule', ''), payload->>'reason', TRY_CAST(payload->>'idle_s' AS DOUBLE),
+       TRY_CAST(payload->>'ttl_s' AS DOUBLE), payload->>'summary_id', TRY_CAST(payload->>'at' AS TIMESTAMPTZ), seq
+FROM batch
+WHERE kind = 'memory.conversation.closed' AND error IS NULL AND payload->>'agent' IS NOT NULL
+  AND TRY_CAST(payload->>'last_turn' AS BIGINT) IS NOT NULL
+QUALIFY row_number() OVER (
+    PARTITION BY payload->>'agent', coalesce(payload->>'conversation', 'main'), TRY_CAST(payload->>'last_turn' AS BIGINT)
+    ORDER BY seq) = 1
+ON CONFLICT (agent, conversation, last_turn) DO NOTHING
+"""
+
+
 def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Append new turns and summaries, then mark the turns the batch's summaries and closes cover."""
     kinds = kinds_in(batch)
@@ -160,4 +195,5 @@ def fold(tx: Tx, s: str, batch: Batch) -> int:
         tx.run(render(_EVICTED, s), [batch.after_seq])
     if "memory.conversation.closed" in kinds:
         tx.run(render(_CLOSED, s))
+        written += tx.run(render(_CLOSURES, s))
     return written

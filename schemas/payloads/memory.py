@@ -136,13 +136,22 @@ class ConversationSummarised(
 
 
 class ConversationClosed(Payload, frozen=True, kw_only=True, omit_defaults=True, tag="memory.conversation.closed"):
-    """The conversation ended at `last_turn`; retention may archive turns up to it."""
+    """The conversation ended at `last_turn`: its context window starts afresh after it. The
+    turns stay in recall (searchable); nothing is deleted.
+
+    `rule` names the policy that closed it ("retention.idle_ttl": idle for `idle_s` seconds, over
+    the `ttl_s` allowed); `summary_id` the summary recorded for its last unsummarised turns.
+    """
 
     agent: str
     last_turn: int
     reason: str
     at: datetime
     conversation: str = "main"
+    rule: str = ""
+    idle_s: float | None = None
+    ttl_s: float | None = None
+    summary_id: str | None = None
 
 
 # -- archival: facts --------------------------------------------------------------------------
