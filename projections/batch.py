@@ -120,6 +120,25 @@ class Batch:
         )
 
 
+def merge(batches: Sequence[Batch]) -> Batch:
+    """Consecutive batches (in sequence order) as one: a lane that fell behind folds what
+    waits for it in one transaction, paying a statement's fixed cost once."""
+    if len(batches) == 1:
+        return batches[0]
+    kinds = [b.kinds for b in batches]
+    categories = [b.categories for b in batches]
+    claims = [b.claims for b in batches]
+    return Batch(
+        table=pa.concat_tables([b.table for b in batches]),
+        seqs=[seq for b in batches for seq in b.seqs],
+        last_time_ns=batches[-1].last_time_ns,
+        after_seq=batches[0].after_seq,
+        kinds=None if None in kinds else frozenset().union(*kinds),  # type: ignore[arg-type]
+        categories=None if None in categories else frozenset().union(*categories),  # type: ignore[arg-type]
+        claims=True if True in claims else (None if None in claims else False),
+    )
+
+
 def _time_at(table: pa.Table, index: int) -> int:
     value = table.column("stored_at")[index].value
     return int(value) * 1000

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,23 +80,18 @@ class Lane:
         self.con = con
         self._specs = specs
 
-    def fold(self, gens: list[Generation], batch: Batch, committed: Committed | None = None) -> Applied:
+    def fold(self, gens: list[Generation], batch: Batch) -> Applied:
         """Fold `batch` (records above the gens' checkpoint) into `gens` and move their
         checkpoint to its last sequence, in one transaction; isolate records whose content a
-        view cannot fold. After each commit, `committed(views, seq)` (if given) is told.
-        Raises FoldError (nothing of the failing part committed)."""
+        view cannot fold. Raises FoldError (nothing of the failing part committed)."""
         try:
-            applied = self._fold(gens, batch)
+            return self._fold(gens, batch)
         except _DataError as failure:
             if batch.size == 1:
-                applied = self._fold_poisoned(gens, batch, failure)
-            else:
-                half = batch.seqs[batch.size // 2 - 1]
-                first = self.fold(gens, _window(batch, batch.after_seq, half), committed)
-                return first.merge(self.fold(gens, _window(batch, half, None), committed))
-        if committed is not None:
-            committed([g.view for g in gens], batch.last_seq)
-        return applied
+                return self._fold_poisoned(gens, batch, failure)
+        half = batch.seqs[batch.size // 2 - 1]
+        first = self.fold(gens, _window(batch, batch.after_seq, half))
+        return first.merge(self.fold(gens, _window(batch, half, None)))
 
     def _fold_poisoned(self, gens: list[Generation], batch: Batch, failure: _DataError) -> Applied:
         failing: dict[str, str] = {}
@@ -162,11 +157,6 @@ class Lane:
             gen.applied_seq = batch.last_seq
             gen.applied_us = applied_us
         return Applied(events=batch.size, last_seq=batch.last_seq, rows=rows)
-
-
-# Told on a lane's thread, right after it committed: the views it folded, and the sequence
-# they are now at. Must be quick and thread-safe (e.g. `loop.call_soon_threadsafe`).
-Committed = Callable[[list[str], int], None]
 
 
 class _DataError(Exception):

@@ -1,30 +1,32 @@
 """Keeping the views current: read the log from the checkpoint, decode, fold, commit, repeat.
 
-Three stages run at once, connected by bounded buffers, so reading, decoding and DuckDB work
-overlap (DuckDB releases the GIL while it works):
+Reading, decoding and folding run at once, connected by bounded buffers (DuckDB releases the
+GIL while it works):
 
-    LogReader --records--> [read-ahead buffer] --> decode thread --Batch--> writer thread
-    (event loop)                                    build_batch()             Store.apply()
+    LogReader --records--> [read-ahead] --> decode thread --Batch--> lane queues --> lane threads
+    (event loop)                             build_batch()                         Store.fold_lane()
 
-A stage takes everything waiting (up to `batch_max`), so batches are large while catching up
-and small (low latency) when live. After each commit the watermark advances, which releases
-queries waiting for read-your-writes.
+Each fold lane (a group of views on its own DuckDB connection and thread, see
+projections.views.LANES) takes everything waiting for it, so batches are large while catching
+up, small (low latency) when live, and a slow lane holds back only its own views. After a lane
+commits, its views' watermark advances, releasing the queries that read only them; once every
+lane is past a sequence, the whole watermark does.
 
-A rebuild runs the same pipeline from sequence 1 into `building` generations, on the same
-writer thread (so it interleaves with live batches and swaps between two of them).
+A rebuild runs the same reading and decoding from sequence 1 into `building` generations, batch
+by batch on the writer thread with every lane paused (`Store.apply_build`), so it interleaves
+with the live folds and swaps between two of them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from projections.batch import Batch, build_batch
+from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
 from projections.errors import ReaderError, RebuildError
 from projections.metrics import ProjectionMetrics
@@ -108,6 +110,58 @@ class _ReadAhead:
             self._changed.notify_all()
 
 
+class _LaneQueue:
+    """Batches waiting for one lane; `put` waits while `limit` records wait."""
+
+    def __init__(self, limit: int) -> None:
+        self._batches: list[Batch] = []
+        self._records = 0
+        self._limit = limit
+        self._changed = asyncio.Condition()
+
+    async def put(self, batch: Batch) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._records < self._limit)
+            self._batches.append(batch)
+            self._records += batch.size
+            self._changed.notify_all()
+
+    async def take(self, max_records: int) -> Batch:
+        """Everything waiting (at least one batch, at most `max_records` unless one batch is
+        larger), as one batch."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._batches))
+            taken = [self._batches.pop(0)]
+            size = taken[0].size
+            while self._batches and size + self._batches[0].size <= max_records:
+                taken.append(self._batches.pop(0))
+                size += taken[-1].size
+            self._records -= size
+            self._changed.notify_all()
+        return merge(taken)
+
+
+class _LaneProgress:
+    """The sequence (and its stream time) each lane has folded; all of them: the least."""
+
+    def __init__(self, lanes: int, seq: int) -> None:
+        self._seqs = [seq] * lanes
+        self._times = [0] * lanes
+        self.seq = seq
+        self.time_ns = 0
+
+    def folded(self, lane: int, seq: int, time_ns: int) -> bool:
+        """Record a lane's fold; True if every lane is now further than before."""
+        self._seqs[lane] = max(self._seqs[lane], seq)
+        self._times[lane] = max(self._times[lane], time_ns)
+        least = min(self._seqs)
+        if least <= self.seq:
+            return False
+        self.seq = least
+        self.time_ns = min(self._times)
+        return True
+
+
 class Runner:
     """Folds the log into the store: `run_live()` forever, `rebuild()` on request."""
 
@@ -146,7 +200,7 @@ class Runner:
         while True:
             # From the store's checkpoint (after any fold still running on the writer thread):
             # a batch committed after its awaiting task was cancelled still counts.
-            self.watermark.advance(await self._writer.call(lambda: self._store.applied_seq))
+            self.watermark.advance(await self._writer.call(self._store.settled_applied_seq))
             start = self.watermark.seq + 1
             began = time.monotonic()
             try:
@@ -164,7 +218,7 @@ class Runner:
     async def _live_until_restart(self, start: int) -> None:
         """The live pipeline from `start`, until it fails or a swap asks for a fresh start."""
         async with asyncio.TaskGroup() as tasks:
-            pipeline = tasks.create_task(self._pipeline(start_seq=start, fold=self._live_fold(), target="live"))
+            pipeline = tasks.create_task(self._pipeline(start_seq=start, fold=None, target="live"))
             restart = tasks.create_task(self._restart_live.wait())
             await asyncio.wait({pipeline, restart}, return_when=asyncio.FIRST_COMPLETED)
             pipeline.cancel()
@@ -230,39 +284,28 @@ class Runner:
         self,
         *,
         start_seq: int,
-        fold: Callable[[Batch], Applied],
+        fold: Callable[[Batch], Applied] | None,
         target: str,
         done: Callable[[Applied], bool] | None = None,
     ) -> None:
+        """Read from `start_seq` and fold: with `fold` (the rebuild's), batch by batch; without,
+        into the active views lane by lane."""
         async with LogReader(self._bus, start_seq=start_seq, heartbeat_s=self._settings.heartbeat_s, name=target) as reader:
             await self._stages(reader, fold, target, done)
 
     async def fold_from(self, reader: Source, until_seq: int) -> None:
         """Fold what `reader` yields into the active views until `until_seq` is applied: the live
         pipeline over any source of records (the benchmark folds a log read into memory)."""
-        await self._stages(reader, self._live_fold(), "live", lambda applied: applied.last_seq >= until_seq)
-
-    def _live_fold(self) -> Callable[[Batch], Applied]:
-        """`Store.apply`, moving the watermark of each lane's views as soon as that lane has
-        committed (from the lane's thread, through the event loop)."""
-        loop = asyncio.get_running_loop()
-        advance = self.watermark.advance
-        store = self._store
-
-        def committed(views: list[str], seq: int) -> None:
-            # A lane can commit while the loop is being closed (shutdown mid-batch): the next
-            # start reads the checkpoint from the store, so the mark is not needed then.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(advance, seq, views)
-
-        return lambda batch: store.apply(batch, committed)
+        await self._stages(reader, None, "live", None, until_seq=until_seq)
 
     async def _stages(
         self,
         reader: Source,
-        fold: Callable[[Batch], Applied],
+        fold: Callable[[Batch], Applied] | None,
         target: str,
         done: Callable[[Applied], bool] | None,
+        *,
+        until_seq: int | None = None,
     ) -> None:
         read_ahead = _ReadAhead(self._settings.read_ahead)
         decoded: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
@@ -270,7 +313,10 @@ class Runner:
             reading = tasks.create_task(self._read(reader, read_ahead), name=f"{target}-read")
             decoding = tasks.create_task(self._decode(read_ahead, decoded), name=f"{target}-decode")
             try:
-                await self._apply(decoded, read_ahead, fold, target, reader, done)
+                if fold is None:
+                    await self._fold_in_lanes(decoded, read_ahead, reader, until_seq)
+                else:
+                    await self._apply(decoded, read_ahead, fold, target, reader, done)
             finally:
                 reading.cancel()
                 decoding.cancel()
@@ -310,29 +356,99 @@ class Runner:
             if applied.events:
                 metrics.batch_size.labels(target).observe(applied.events)
                 metrics.applied.labels(target).inc(applied.events)
-            undecodable = batch.table.column("error").length() - batch.table.column("error").null_count
-            if undecodable and target == "live":
-                metrics.undecodable.inc(undecodable)
             if applied.poisoned:
                 metrics.poisoned.inc(applied.poisoned)
-            if applied.rows.get("integrity") and target == "live":
-                metrics.integrity_violations.inc(applied.rows["integrity"])
-                log.warning("integrity problems found in seq %d..%d: see the `integrity` view", batch.first_seq, batch.last_seq)
             if reader.restarts > restarts_seen:
                 metrics.reader_restarts.inc(reader.restarts - restarts_seen)
                 restarts_seen = reader.restarts
-            if target == "live":
-                self._after_live(batch, applied, reader)
-            elif applied.swapped:
+            if applied.swapped:
                 self._after_swap()
             if done is not None and done(applied):
                 return
 
-    def _after_live(self, batch: Batch, applied: Applied, reader: Source) -> None:
-        self.watermark.advance(applied.last_seq)
+    # -- live: one fold loop per lane -----------------------------------------------------
+
+    async def _fold_in_lanes(
+        self, decoded: asyncio.Queue[Batch], read_ahead: _ReadAhead, reader: Source, until_seq: int | None
+    ) -> None:
+        """Hand every decoded batch to each lane, and let each lane fold at its own pace (a
+        slow view holds back only its own lane; a lane that fell behind folds what waits for it
+        at once). Returns once every lane has applied `until_seq` (None: runs until cancelled)."""
+        store = self._store
+        progress = _LaneProgress(store.lane_count, self.watermark.seq)
+        queues = [_LaneQueue(self._settings.batch_max) for _ in range(store.lane_count)]
+        reached = asyncio.Event()
+        async with asyncio.TaskGroup() as tasks:
+            running = [
+                tasks.create_task(self._fold_lane(lane, queue, progress, reader, until_seq, reached),
+                                  name=f"live-lane-{lane}")
+                for lane, queue in enumerate(queues)
+            ]
+            running.append(tasks.create_task(self._feed_lanes(decoded, read_ahead, queues, reader), name="live-feed"))
+            try:
+                await reached.wait()
+            finally:
+                for task in running:
+                    task.cancel()
+
+    async def _feed_lanes(
+        self, decoded: asyncio.Queue[Batch], read_ahead: _ReadAhead, queues: list[_LaneQueue], reader: Source
+    ) -> None:
+        restarts_seen = reader.restarts
+        while True:
+            if decoded.empty():
+                await read_ahead.fold_waiting(True)
+                batch = await decoded.get()
+                await read_ahead.fold_waiting(False)
+            else:
+                batch = decoded.get_nowait()
+            undecodable = batch.table.column("error").length() - batch.table.column("error").null_count
+            if undecodable:
+                self._metrics.undecodable.inc(undecodable)
+            if reader.restarts > restarts_seen:
+                self._metrics.reader_restarts.inc(reader.restarts - restarts_seen)
+                restarts_seen = reader.restarts
+            for queue in queues:
+                await queue.put(batch)
+
+    async def _fold_lane(
+        self,
+        lane: int,
+        queue: _LaneQueue,
+        progress: _LaneProgress,
+        reader: Source,
+        until_seq: int | None,
+        reached: asyncio.Event,
+    ) -> None:
+        store, metrics = self._store, self._metrics
+        thread = store.lane_thread(lane)
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await queue.take(self._settings.batch_max)
+            started = time.perf_counter()
+            # Cancelled meanwhile, the fold still finishes on the lane's thread (its commit
+            # counts: a restart reads the checkpoint only once no fold runs).
+            applied = await loop.run_in_executor(thread, store.fold_lane, lane, batch)
+            metrics.batch_seconds.labels("live").observe(time.perf_counter() - started)
+            self.watermark.advance(applied.last_seq, store.live_views(lane))
+            if lane == 0 and applied.events:  # the first lane holds `events`: every record counts once
+                metrics.batch_size.labels("live").observe(applied.events)
+                metrics.applied.labels("live").inc(applied.events)
+            if applied.poisoned:
+                metrics.poisoned.inc(applied.poisoned)
+            if applied.rows.get("integrity"):
+                metrics.integrity_violations.inc(applied.rows["integrity"])
+                log.warning("integrity problems found in seq %d..%d: see the `integrity` view", batch.first_seq, batch.last_seq)
+            if progress.folded(lane, applied.last_seq, batch.last_time_ns):
+                self._after_live(progress.seq, progress.time_ns, reader)
+            if until_seq is not None and self.watermark.seq >= until_seq:
+                reached.set()
+
+    def _after_live(self, seq: int, time_ns: int, reader: Source) -> None:
+        self.watermark.advance(seq)
         self.head_seq = max(self.head_seq, reader.head_seq)
         lag = max(0, self.head_seq - self.watermark.seq)
-        self.lag_seconds = max(0.0, time.time() - batch.last_time_ns / 1e9)
+        self.lag_seconds = max(0.0, time.time() - time_ns / 1e9)
         self._metrics.lag_events.set(lag)
         self._metrics.lag_seconds.set(self.lag_seconds)
         for view in self._store.specs:  # a fixed set; the active generations change on the writer thread

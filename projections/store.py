@@ -22,21 +22,25 @@ connection can read host files, load extensions or change settings.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import logging
 import re
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import duckdb
 
 from projections.batch import Batch
 from projections.errors import StoreLocked, StoreMismatch
-from projections.fold import Applied, Committed, Generation, Lane, after, rollback
+from projections.fold import Applied, Generation, Lane, after, rollback
 from projections.views import VIEWS, ViewSpec
 
-__all__ = ["Applied", "Committed", "Generation", "Store", "content_hashes", "file_hashes", "generations_in", "open_read_only"]
+__all__ = ["Applied", "Generation", "Store", "content_hashes", "file_hashes", "generations_in", "open_read_only"]
 
 log = logging.getLogger("continuum.projections.store")
 
@@ -60,6 +64,21 @@ _META = [
         seq        BIGINT NOT NULL,
         error      VARCHAR NOT NULL)""",
 ]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _lanes_paused(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
+    """Run a Store method with every lane paused (see `Store._lanes_held`)."""
+
+    @functools.wraps(method)
+    def paused(self: Store, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lanes_held():
+            return method(self, *args, **kwargs)
+
+    return paused
 
 
 class Store:
@@ -91,7 +110,14 @@ class Store:
         names = list(dict.fromkeys(spec.lane for spec in views))
         self._lane_count = max(1, min(lanes, len(names)))
         self._lane_of = {spec.name: names.index(spec.lane) % self._lane_count for spec in views}
+        self._lane_names = names
         self._lanes: list[Lane] = []
+        # Each lane's own thread: the live folds of its views, one batch at a time.
+        self._lane_threads: list[ThreadPoolExecutor] = []
+        # Held by a lane's live fold; the writer thread takes them all to change generations
+        # (build, swap, drop) while no live fold runs.
+        self._lane_locks: list[threading.Lock] = []
+        # Threads for the writer's own folds of several lanes at once (all lanes held).
         self._lane_pool: ThreadPoolExecutor | None = None
         self.active: dict[str, Generation] = {}
         self.building: dict[str, Generation] = {}
@@ -146,7 +172,12 @@ class Store:
         except BaseException:
             self.close()
             raise
-        self._lanes = [Lane(con, self.specs)] + [Lane(con.cursor(), self.specs) for _ in range(self._lane_count - 1)]
+        self._lanes = [Lane(con.cursor(), self.specs) for _ in range(self._lane_count)]
+        self._lane_locks = [threading.Lock() for _ in range(self._lane_count)]
+        self._lane_threads = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"continuum-lane-{self._lane_names[i]}")
+            for i in range(self._lane_count)
+        ]
         if self._lane_count > 1:
             self._lane_pool = ThreadPoolExecutor(self._lane_count - 1, thread_name_prefix="continuum-duckdb-lane")
         return stale
@@ -156,7 +187,10 @@ class Store:
         pool, self._lane_pool = self._lane_pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        for lane in self._lanes[1:]:
+        threads, self._lane_threads = self._lane_threads, []
+        for thread in threads:
+            thread.shutdown(wait=True)
+        for lane in self._lanes:
             lane.con.close()
         self._lanes = []
         con, self._con = self._con, None
@@ -179,6 +213,33 @@ class Store:
         are behind it until their rebuild swaps; when every view is frozen, theirs)."""
         gens = self._live() or list(self.active.values())
         return min((g.applied_seq for g in gens), default=0)
+
+    @property
+    def lane_count(self) -> int:
+        return self._lane_count
+
+    def lane_views(self, lane: int) -> list[str]:
+        """The views lane `lane` folds."""
+        return [name for name, index in self._lane_of.items() if index == lane]
+
+    def lane_thread(self, lane: int) -> ThreadPoolExecutor:
+        """The thread `fold_lane(lane, ...)` must run on."""
+        return self._lane_threads[lane]
+
+    @contextlib.contextmanager
+    def _lanes_held(self) -> Iterator[None]:
+        """Every lane paused: no live fold runs until the block ends (a fold in progress is
+        waited for). Lanes are always taken in order, and a lane thread takes only its own."""
+        with contextlib.ExitStack() as held:
+            for lock in self._lane_locks:
+                held.enter_context(lock)
+            yield
+
+    def settled_applied_seq(self) -> int:
+        """`applied_seq`, once no live fold is in progress (a fold whose caller went away still
+        finishes, and its commit counts)."""
+        with self._lanes_held():
+            return self.applied_seq
 
     def _live(self) -> list[Generation]:
         return [g for name, g in self.active.items() if name not in self.frozen]
@@ -264,6 +325,7 @@ class Store:
         for relation, select in self.specs[gen.view].public(gen.schema).items():
             self._run(f'CREATE OR REPLACE VIEW main."{relation}" AS {select}')
 
+    @_lanes_paused
     def start_build(self, names: Iterable[str]) -> list[str]:
         """Create empty `building` generations of `names` (all views when empty), to be filled
         by `apply_build` from sequence 1. Raises ValueError for an unknown view name."""
@@ -284,6 +346,7 @@ class Store:
             raise
         return names
 
+    @_lanes_paused
     def abandon_build(self) -> None:
         """Drop the `building` generations (the active ones are untouched)."""
         if not self.building:
@@ -330,6 +393,7 @@ class Store:
         self.building = {}
         self._retired.extend(retired)
 
+    @_lanes_paused
     def drop_retired(self) -> None:
         """Drop the tables of generations replaced by a swap (cleanup, after the swap itself:
         dropping a million rows' tables takes a while and needs no hurry)."""
@@ -348,17 +412,18 @@ class Store:
 
     # -- folding --------------------------------------------------------------------------
 
-    def apply(self, batch: Batch, committed: Committed | None = None) -> Applied:
+    @_lanes_paused
+    def apply(self, batch: Batch) -> Applied:
         """Apply the records of `batch` above the active checkpoint to every active view (not
-        frozen) and advance their checkpoints, exactly once. `committed(views, seq)` is called
-        on a lane's thread as soon as that lane has committed (before the other lanes may have).
-        Raises FoldError."""
+        frozen) and advance their checkpoints, exactly once: all lanes at once, from the
+        calling thread. Raises FoldError."""
         live = self._live()
         if not live:
             return Applied(last_seq=self.applied_seq)
-        applied = self._fold_lanes(live, batch, upto=None, committed=committed)
+        applied = self._fold_lanes(live, batch, upto=None)
         return Applied(applied.events, self.applied_seq, applied.rows, applied.poisoned)
 
+    @_lanes_paused
     def apply_build(self, batch: Batch) -> Applied:
         """Apply the records of `batch` between the building checkpoint and the active one to
         the building views; swap them in as soon as they reach the active checkpoint."""
@@ -370,6 +435,7 @@ class Store:
             return Applied(applied.events, self.applied_seq, applied.rows, applied.poisoned, swapped=True)
         return Applied(applied.events, self.build_seq, applied.rows, applied.poisoned)
 
+    @_lanes_paused
     def catch_up_build(self) -> bool:
         """Swap at once if the building views are already at the active checkpoint (e.g. an
         empty log). Returns True when it swapped."""
@@ -378,31 +444,44 @@ class Store:
             return True
         return False
 
-    def _fold_lanes(
-        self, gens: list[Generation], batch: Batch, *, upto: int | None, committed: Committed | None = None
-    ) -> Applied:
-        """Fold each lane's share of `gens` on its own connection, all lanes at once; each from
-        its own checkpoint (after a crash, lanes can be a batch apart)."""
-        jobs: list[tuple[Lane, list[Generation], Batch]] = []
+    def fold_lane(self, lane: int, batch: Batch) -> Applied:
+        """Apply the records of `batch` above their checkpoint to the live views of one lane, on
+        that lane's connection, exactly once; the other lanes go on meanwhile. Call it on
+        `lane_thread(lane)`. `last_seq` is the lane's checkpoint after it (with no live view
+        in the lane: `applied_seq`, the store's). Raises FoldError."""
+        with self._lane_locks[lane]:
+            gens = [g for g in self._live() if self._lane_of[g.view] == lane]
+            if not gens:
+                return Applied(last_seq=self.applied_seq)
+            applied = self._fold_lanes(gens, batch, upto=None, inline=True)
+            return dataclasses.replace(applied, last_seq=min(g.applied_seq for g in gens))
+
+    def live_views(self, lane: int) -> list[str]:
+        """The views lane `lane` folds now (not frozen for a rebuild)."""
+        return [name for name in self.lane_views(lane) if name in self.active and name not in self.frozen]
+
+    def _fold_lanes(self, gens: list[Generation], batch: Batch, *, upto: int | None, inline: bool = False) -> Applied:
+        """Fold each lane's share of `gens` on that lane's connection, the lanes at once (or,
+        `inline`, one after another on this thread); within a lane, each group of views from its
+        own checkpoint (after a crash, views can be a batch apart)."""
+        work: dict[int, list[tuple[list[Generation], Batch]]] = {}
         shares: dict[tuple[int, int], list[Generation]] = {}
         for gen in gens:
             shares.setdefault((self._lane_of[gen.view], gen.applied_seq), []).append(gen)
         for (lane, done), share in sorted(shares.items()):
             part = batch.window(done, upto)
             if part is not None:
-                jobs.append((self._lanes[lane], share, after(part, max(done, self.log_floor))))
-        if not jobs:
+                work.setdefault(lane, []).append((share, after(part, max(done, self.log_floor))))
+        if not work:
             return Applied()
-        pool = self._lane_pool
-        futures: list[Future[Applied]] = []
-        if pool is not None:
-            futures = [pool.submit(lane.fold, share, part, committed) for lane, share, part in jobs[1:]]
-        inline = jobs if pool is None else jobs[:1]
+        jobs = [functools.partial(self._fold_shares, self._lanes[lane], shares_of) for lane, shares_of in work.items()]
+        pool = None if inline else self._lane_pool
+        futures: list[Future[Applied]] = [pool.submit(job) for job in jobs[1:]] if pool is not None else []
         results: list[Applied] = []
         failure: BaseException | None = None
-        for lane, share, part in inline:
+        for job in jobs if pool is None else jobs[:1]:
             try:
-                results.append(lane.fold(share, part, committed))
+                results.append(job())
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other lanes
                 failure = failure or exc
         for future in futures:
@@ -417,12 +496,20 @@ class Store:
             total = total.merge(result)
         return total
 
+    @staticmethod
+    def _fold_shares(lane: Lane, shares: list[tuple[list[Generation], Batch]]) -> Applied:
+        total = Applied()
+        for share, part in shares:
+            total = total.merge(lane.fold(share, part))
+        return total
+
     # -- reading (status, hashes) ---------------------------------------------------------
 
     def generations(self) -> list[Generation]:
         """Every generation, active ones first."""
         return [*self.active.values(), *self.building.values()]
 
+    @_lanes_paused
     def content_hashes(self) -> dict[str, str]:
         """A hash of every table of every active view (see `content_hashes`)."""
         return content_hashes(self.con, self.active.values())
