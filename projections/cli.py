@@ -64,6 +64,9 @@ def register(subparsers: Any) -> None:
                      help="events per transaction at most (default %(default)s)")
     run.add_argument("--query-workers", type=int, default=2, help="threads answering queries (default %(default)s)")
     run.add_argument("--memory-limit", default=None, help="DuckDB memory limit, e.g. 2GB (default: DuckDB's)")
+    run.add_argument("--fsync", action="store_true",
+                     help="fsync the views file at every commit (default: unsynced; after an OS crash "
+                          "the views are folded again from the log)")
     run.set_defaults(func=_run)
 
     rebuild = sub.add_parser("rebuild", help="rebuild views from seq 1 while the current ones serve, then swap")
@@ -111,7 +114,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> ProjectionSettings:
 async def _run(args: argparse.Namespace) -> int:
     settings = _settings(
         args, batch_max=args.batch_max, read_ahead=2 * args.batch_max,
-        memory_limit=args.memory_limit, query=QuerySettings(workers=args.query_workers),
+        memory_limit=args.memory_limit, query=QuerySettings(workers=args.query_workers), fsync=args.fsync,
     )
     registry = CollectorRegistry()
     stop = asyncio.Event()

@@ -50,6 +50,9 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     # log, runtime, memory). DuckDB runs these statements on one core each; a query waiting
     # for its write is released when the lanes of the views it reads have committed.
     lanes: int = 3
+    # fsync the views file at every commit. Off: the views are rebuilt from the (fsynced) log
+    # if the machine goes down while the file is unsynced (projections.unsynced).
+    fsync: bool = False
     # DuckDB resources (None: DuckDB's defaults, 80% of RAM and one thread per core).
     memory_limit: str | None = None
     threads: int | None = None

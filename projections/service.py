@@ -122,7 +122,7 @@ class ProjectionService:
         bus, settings = self._bus, self._settings
         store = Store(
             settings.db_path, stream=bus.subjects.stream, views=self._views,
-            memory_limit=settings.memory_limit, threads=settings.threads, lanes=settings.lanes,
+            memory_limit=settings.memory_limit, threads=settings.threads, lanes=settings.lanes, fsync=settings.fsync,
         )
         writer = Writer(store)
         self._writer = writer

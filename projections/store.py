@@ -38,6 +38,7 @@ import duckdb
 from projections.batch import Batch
 from projections.errors import StoreLocked, StoreMismatch
 from projections.fold import Applied, Generation, Lane, after, rollback
+from projections.unsynced import UnsyncedFile, current_boot_id
 from projections.views import VIEWS, ViewSpec
 
 __all__ = ["Applied", "Generation", "Store", "content_hashes", "file_hashes", "generations_in", "open_read_only"]
@@ -94,6 +95,8 @@ class Store:
         threads: int | None = None,
         checkpoint_threshold: str = "256MB",
         lanes: int = 2,
+        fsync: bool = False,
+        boot_id: str | None = None,
     ) -> None:
         for spec in views:
             if not _IDENT.match(spec.name) or any(not _IDENT.match(r) for r in spec.relations):
@@ -105,6 +108,10 @@ class Store:
         self._threads = threads
         self._checkpoint_threshold = checkpoint_threshold
         self._con: duckdb.DuckDBPyConnection | None = None
+        # Unless asked to fsync every commit, write unsynced where a torn file can be told
+        # (projections.unsynced); `boot_id` stands in for this boot's (tests).
+        boot = boot_id or (None if fsync else current_boot_id())
+        self._unsynced = None if fsync or boot is None else UnsyncedFile(self.path, boot)
         # One lane per lane name of the views (see projections.views.LANES), at most `lanes`:
         # with fewer, lane names share connections in turn.
         names = list(dict.fromkeys(spec.lane for spec in views))
@@ -140,6 +147,10 @@ class Store:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {"autoinstall_known_extensions": False, "allow_community_extensions": False}
+        if self._unsynced is not None:
+            self._unsynced.set_aside_if_torn()
+            self._unsynced.mark()
+            config["fsync_mode"] = "NONE"
         if self._memory_limit:
             config["memory_limit"] = self._memory_limit
         if self._threads:
@@ -148,6 +159,7 @@ class Store:
             con = duckdb.connect(str(self.path), config=config)
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
+                # (The marker is the other process's now: same boot, same file.)
                 raise StoreLocked(
                     f"{self.path} is open in another process ({_lock_holder(str(exc))}): is "
                     "`bus projections run` already running? Stop it, or pass another --db"
@@ -196,6 +208,8 @@ class Store:
         con, self._con = self._con, None
         if con is not None:
             con.close()
+            if self._unsynced is not None:
+                self._unsynced.release()
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:

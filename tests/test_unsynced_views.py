@@ -1,0 +1,90 @@
+"""The views file is written without an fsync per commit, and is trusted again only within the
+boot that wrote it: a file left unsynced by another boot is set aside and refolded from the log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+from test_projections import read_log
+
+from bus import Bus
+from projections.batch import build_batch
+from projections.store import Store
+from projections.workload import append_batches, synthetic_log
+
+STREAM = "CONTINUUM_DEFAULT"
+
+
+def _fsync_mode(store: Store) -> str:
+    return store.con.execute("SELECT current_setting('fsync_mode')").fetchone()[0]
+
+
+async def _folded_file(bus: Bus, path: Path, boot_id: str) -> int:
+    """A views file with a log folded into it and closed cleanly; returns its checkpoint."""
+    last = await append_batches(bus, list(synthetic_log(bus, 200, seed=4)))
+    store = Store(path, stream=STREAM, boot_id=boot_id)
+    store.open()
+    try:
+        store.apply(build_batch(await read_log(bus, last)))
+        return store.applied_seq
+    finally:
+        store.close()
+
+
+async def test_an_open_file_is_marked_with_its_boot_and_a_clean_close_clears_the_mark(bus: Bus, tmp_path: Path) -> None:
+    """While open, the file is written unsynced and `<file>.unsynced` names the boot; after a
+    clean close the marker is gone. With `fsync=True` there is no marker and DuckDB syncs."""
+    path = tmp_path / "views.duckdb"
+    store = Store(path, stream=STREAM, boot_id="boot-a")
+    store.open()
+    try:
+        assert (tmp_path / "views.duckdb.unsynced").read_text().strip() == "boot-a"
+        assert _fsync_mode(store) == "NONE"
+    finally:
+        store.close()
+    assert not (tmp_path / "views.duckdb.unsynced").exists()
+
+    synced = Store(tmp_path / "synced.duckdb", stream=STREAM, fsync=True)
+    synced.open()
+    try:
+        assert _fsync_mode(synced) == "STANDARD"
+        assert not (tmp_path / "synced.duckdb.unsynced").exists()
+    finally:
+        synced.close()
+
+
+async def test_a_file_left_unsynced_by_another_boot_is_set_aside(bus: Bus, tmp_path: Path) -> None:
+    """A marker from another boot (the machine went down mid-write) makes the next open move the
+    file aside and start empty, so the views are folded again from the log; the old file is kept
+    for inspection."""
+    path = tmp_path / "views.duckdb"
+    applied = await _folded_file(bus, path, "boot-a")
+    assert applied > 0
+    (tmp_path / "views.duckdb.unsynced").write_text("boot-a\n")  # as a crash would leave it
+
+    store = Store(path, stream=STREAM, boot_id="boot-b")
+    store.open()
+    try:
+        assert store.applied_seq == 0
+    finally:
+        store.close()
+    [aside] = tmp_path.glob("views.duckdb.unclean-*")
+    with duckdb.connect(str(aside), read_only=True) as old:
+        assert old.execute("SELECT max(applied_seq) FROM _continuum.generations").fetchone()[0] == applied
+
+
+async def test_a_file_left_by_a_process_crash_in_this_boot_is_kept(bus: Bus, tmp_path: Path) -> None:
+    """A marker from this same boot is a process crash: the kernel wrote everything out, so the
+    file and its checkpoint are kept."""
+    path = tmp_path / "views.duckdb"
+    applied = await _folded_file(bus, path, "boot-a")
+    (tmp_path / "views.duckdb.unsynced").write_text("boot-a\n")
+
+    store = Store(path, stream=STREAM, boot_id="boot-a")
+    store.open()
+    try:
+        assert store.applied_seq == applied
+    finally:
+        store.close()
+    assert not list(tmp_path.glob("views.duckdb.unclean-*"))
