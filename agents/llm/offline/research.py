@@ -138,6 +138,22 @@ def _critic(view: RequestView) -> Decision | None:
     findings = parse_findings(view.task_text)
     if not findings:
         return None
+    checked = _check_against_memory(view, findings)
+    if isinstance(checked, Decision):
+        return checked
+    facts, pairs = checked
+    report = _review(findings, pairs, facts)
+    to = view.directive("Report to")
+    if "send_message" not in view.names_called and "send_message" in view.tools and to:
+        return Decision(calls=[ToolCall("send_message", {"to": to, "text": report})])
+    return Decision(text=report)
+
+
+def _check_against_memory(
+    view: RequestView, findings: list
+) -> Decision | tuple[dict[str, FactLine], list[tuple[FactLine, FactLine]]]:
+    """Search archival memory for the findings' subjects, then flag each contradiction with an
+    earlier fact (one tool round each); once both are done, the facts seen and the pairs."""
     called = view.names_called
     subjects = list(dict.fromkeys(f.subject for f in findings))
     # Search the unqualified subject: it also returns the "@qualified" forms, so refinements show.
@@ -145,10 +161,8 @@ def _critic(view: RequestView) -> Decision | None:
     if "archival_search" not in called and "archival_search" in view.tools:
         calls = [ToolCall("archival_search", {"subject": s, "limit": 50}) for s in bases]
         return Decision(text=f"Checking {len(bases)} subjects against what we know.", calls=calls)
-
-    today = {f.finding_id for f in findings}
     facts = _facts_from(view.called("archival_search"))
-    pairs = _conflicts(facts, subjects, today)
+    pairs = _conflicts(facts, subjects, {f.finding_id for f in findings})
     if "flag_contradiction" not in called and "flag_contradiction" in view.tools and pairs:
         calls = [
             ToolCall(
@@ -163,12 +177,7 @@ def _critic(view: RequestView) -> Decision | None:
             for old, new in pairs
         ]
         return Decision(calls=calls)
-
-    report = _review(findings, pairs, facts)
-    to = view.directive("Report to")
-    if "send_message" not in called and "send_message" in view.tools and to:
-        return Decision(calls=[ToolCall("send_message", {"to": to, "text": report})])
-    return Decision(text=report)
+    return facts, pairs
 
 
 def _facts_from(searches: list) -> dict[str, FactLine]:
@@ -218,29 +227,11 @@ def _synthesiser(view: RequestView) -> Decision | None:
     findings = parse_findings(view.task_text)
     if not findings:
         return None
+    checked = _check_against_memory(view, findings)
+    if isinstance(checked, Decision):
+        return checked
+    facts, pairs = checked
     called = view.names_called
-    subjects = list(dict.fromkeys(f.subject for f in findings))
-    bases = list(dict.fromkeys(s.split("@", 1)[0] for s in subjects))
-    if "archival_search" not in called and "archival_search" in view.tools:
-        calls = [ToolCall("archival_search", {"subject": s, "limit": 50}) for s in bases]
-        return Decision(text=f"Checking {len(bases)} subjects against what we know.", calls=calls)
-    today = {f.finding_id for f in findings}
-    facts = _facts_from(view.called("archival_search"))
-    pairs = _conflicts(facts, subjects, today)
-    if "flag_contradiction" not in called and "flag_contradiction" in view.tools and pairs:
-        calls = [
-            ToolCall(
-                "flag_contradiction",
-                {
-                    "fact_a": old.fact_id,
-                    "fact_b": new.fact_id,
-                    "rule": CONTRADICTION_RULE,
-                    "note": f"{old.source} reports {old.value}; {new.source} reports {new.value} on {new.subject}",
-                },
-            )
-            for old, new in pairs
-        ]
-        return Decision(calls=calls)
     synthesis = _review(findings, pairs, facts).replace("Review of", "Synthesis of", 1)
     block = view.blocks.get(DIGEST_LABEL)
     if "core_memory_rethink" not in called and "core_memory_rethink" in view.tools and block is not None:
