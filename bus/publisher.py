@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 import secrets
 from collections.abc import Callable
 from types import TracebackType
@@ -50,131 +49,26 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
 from bus.config import PublisherSettings
-from bus.errors import BusError, BusUnavailable, ConcurrencyConflict, ConfigurationError, PermissionDenied
+from bus.errors import BusUnavailable, ConcurrencyConflict, ConfigurationError
 from bus.metrics import BusMetrics
+from bus.puback import (
+    BATCH_LEVEL_ERRORS,
+    ERR_BATCH_INCOMPLETE,
+    ERR_WRONG_LAST_SEQUENCE,
+    PubAck,
+    WirePubAck,
+    ack_error,
+    decode_ack,
+    publish_headers,
+)
 from bus.subjects import Subjects
+from bus.wire.hpub import SPACE_OR_CONTROL, encode_batch, encode_single, header_block
+
+__all__ = ["PubAck", "Publisher"]
 
 log = logging.getLogger("continuum.publisher")
 
-
-class PubAck(msgspec.Struct, frozen=True, kw_only=True):
-    """The server's receipt: the stream and the sequence the message is stored at.
-    `duplicate` is True when the message id was already stored (the original seq is returned),
-    including by an earlier attempt of the same call whose ack was lost with the connection."""
-
-    stream: str
-    seq: int
-    duplicate: bool = False
-
-
-class _WirePubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    batch: str | None = None
-    count: int | None = None
-    error: "_WireError | None" = None
-
-
-class _WireError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-_ack_decoder = msgspec.json.Decoder(_WirePubAck)
-_WRONG_LAST = re.compile(r"wrong last sequence: (\d+)")
-ERR_WRONG_LAST_SEQUENCE = 10071
-ERR_BATCH_INCOMPLETE = 10176
-# Atomic-batch errors about the batch as a whole: re-sending its messages one by one would not
-# help, or would hide a misconfiguration, so the callers get the server's description.
-_BATCH_LEVEL_ERRORS = frozenset({
-    10174,  # atomic publish disabled on the stream
-    10175,  # batch sequence missing
-    10179,  # batch id invalid
-    10198,  # mirror with atomic publish
-    10199,  # batch too large
-    10200,  # batch commit invalid
-    10210,  # too many batches in flight on the server
-})
-# Any other rejection (10201 duplicate id, 10176 incomplete or abandoned, 10177 a header not
-# allowed in batches, a message too large, a subject no stream captures, ...) may come from one
-# message. Nothing of a rejected batch is stored, so its messages are re-sent one by one and
-# each caller gets its own message's outcome.
-
-
-def parse_puback(data: bytes, *, expected: int | None = None) -> PubAck:
-    """Turn a PubAck reply into a `PubAck`, or raise the bus error it stands for.
-
-    Raises ConcurrencyConflict (err 10071), PermissionDenied, or BusUnavailable for any other
-    server error (with the server's description).
-    """
-    wire = _decode_ack(data)
-    if wire.error is not None:
-        raise _ack_error(wire.error, expected)
-    if not wire.stream:
-        raise BusUnavailable(f"no stream stored the message (reply {data[:200]!r}); is the stream declared?")
-    return PubAck(stream=wire.stream, seq=wire.seq, duplicate=wire.duplicate)
-
-
-def _decode_ack(data: bytes) -> _WirePubAck:
-    try:
-        return _ack_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise BusUnavailable(f"unreadable publish ack {data[:200]!r}") from exc
-
-
-def _ack_error(err: _WireError, expected: int | None) -> BusError:
-    if err.err_code == ERR_WRONG_LAST_SEQUENCE:
-        match = _WRONG_LAST.search(err.description)
-        actual = int(match.group(1)) if match else None
-        return ConcurrencyConflict(
-            f"expected last sequence {expected}, server has {actual}", expected=expected, actual=actual
-        )
-    if "permission" in err.description.lower():
-        return PermissionDenied(err.description)
-    return BusUnavailable(f"publish rejected ({err.err_code}): {err.description}")
-
-
-def publish_headers(
-    msg_id: str,
-    headers: dict[str, str] | None,
-    expected_last_subject_seq: int | None,
-    expected_last_subject: str | None,
-) -> dict[str, str]:
-    """The NATS headers of one durable publish: dedup id and optional optimistic concurrency."""
-    out = dict(headers) if headers else {}
-    out["Nats-Msg-Id"] = msg_id
-    if expected_last_subject_seq is not None:
-        out["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
-        if expected_last_subject:
-            out["Nats-Expected-Last-Subject-Sequence-Subject"] = expected_last_subject
-    return out
-
-
-# -- wire encoding ---------------------------------------------------------------------------
-# nats-py has no batch helper, and its per-call `publish` (header dict, validation, a coroutine
-# per message) costs more than the server's share of a batched message. A unit is encoded here
-# as HPUB frames in one buffer and appended to the client's write buffer in one call.
-
-_HEADER_KEY = re.compile(r"[!-9;-~]+")  # printable ASCII except ':'
-_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _SUBJECT_CACHE_MAX = 4096
-
-
-def _header_block(headers: dict[str, str]) -> bytes:
-    """`NATS/1.0` and the header lines, without the blank line that ends the block.
-
-    Raises ConfigurationError for a name or value that would corrupt the protocol.
-    """
-    lines = [b"NATS/1.0\r\n"]
-    for key, value in headers.items():
-        if not _HEADER_KEY.fullmatch(key):
-            raise ConfigurationError(f"invalid header name {key!r}: use printable ASCII without ':' or spaces")
-        if "\r" in value or "\n" in value:
-            raise ConfigurationError(f"invalid value for header {key!r}: it contains a line break")
-        lines.append(f"{key}: {value}\r\n".encode())
-    return b"".join(lines)
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -192,36 +86,6 @@ class _Entry(msgspec.Struct, gc=False):
     deadline: float
     # Later calls with the same msg_id in the same unit: sent once, answered as duplicates.
     followers: list[_Entry] | None = None
-
-
-def _encode_single(entry: _Entry, reply: bytes) -> bytes:
-    hlen = len(entry.hdr) + 2
-    return b"HPUB %b %b %d %d\r\n%b\r\n%b\r\n" % (
-        entry.subject, reply, hlen, hlen + len(entry.data), entry.hdr, entry.data
-    )
-
-
-def _encode_batch(entries: list[_Entry], batch_id: bytes, reply: bytes) -> tuple[bytes, bytes]:
-    """An atomic batch as (staged frames, commit frame). Every message carries the batch id and
-    its position; only the last commits and carries a reply subject (the server answers the
-    commit, with the last sequence and the count)."""
-    seq_prefix = b"Nats-Batch-Id: " + batch_id + b"\r\nNats-Batch-Sequence: "
-    fixed = len(seq_prefix) + 4
-    parts: list[bytes] = []
-    add = parts.append
-    last = len(entries)
-    for position, entry in enumerate(entries[:-1], 1):
-        pos = b"%d" % position
-        hlen = len(entry.hdr) + fixed + len(pos)
-        add(b"HPUB %b %d %d\r\n%b%b%b\r\n\r\n%b\r\n" % (
-            entry.subject, hlen, hlen + len(entry.data), entry.hdr, seq_prefix, pos, entry.data
-        ))
-    tail = entries[-1]
-    hdr = b"%b%b%d\r\nNats-Batch-Commit: 1\r\n\r\n" % (tail.hdr, seq_prefix, last)
-    commit = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
-        tail.subject, reply, len(hdr), len(hdr) + len(tail.data), hdr, tail.data
-    )
-    return b"".join(parts), commit
 
 
 class _Unit:
@@ -396,9 +260,9 @@ class Publisher:
         if not msg_id or not msg_id.isprintable() or " " in msg_id:
             raise ConfigurationError(f"invalid msg_id {msg_id!r}: it must be non-empty, printable, without spaces")
         if headers or expected is not None:
-            if expected_subject is not None and _SPACE_OR_CONTROL.search(expected_subject):
+            if expected_subject is not None and SPACE_OR_CONTROL.search(expected_subject):
                 raise ConfigurationError(f"invalid expected_last_subject {expected_subject!r}")
-            hdr = _header_block(publish_headers(msg_id, headers, expected, expected_subject))
+            hdr = header_block(publish_headers(msg_id, headers, expected, expected_subject))
         else:
             hdr = b"NATS/1.0\r\nNats-Msg-Id: %b\r\n" % msg_id.encode()
         if len(hdr) + len(data) > self._nc.max_payload:
@@ -417,7 +281,7 @@ class Publisher:
         return future
 
     def _learn_subject(self, subject: str) -> tuple[bytes, str]:
-        if not subject or _SPACE_OR_CONTROL.search(subject):
+        if not subject or SPACE_OR_CONTROL.search(subject):
             raise ConfigurationError(f"invalid subject {subject!r}: it must be non-empty, without spaces")
         if len(self._subject_cache) >= _SUBJECT_CACHE_MAX:
             self._subject_cache.clear()  # subjects with request ids in them would grow it forever
@@ -509,11 +373,11 @@ class Publisher:
         unit.reply = self._next_reply()
         reply = unit.reply.encode()
         if len(unit.entries) == 1:
-            unit.staged, unit.commit = b"", _encode_single(unit.entries[0], reply)
+            unit.staged, unit.commit = b"", encode_single(unit.entries[0], reply)
         elif not self._batched(unit):
             unit.staged, unit.commit = b"", b""  # sent one by one when settled
         else:
-            unit.staged, unit.commit = _encode_batch(unit.entries, self._next_batch_id(), reply)
+            unit.staged, unit.commit = encode_batch(unit.entries, self._next_batch_id(), reply)
         unit.staged_on = None
 
     def _next_reply(self) -> str:
@@ -596,7 +460,7 @@ class Publisher:
         if _is_no_responders(msg):
             return "one_by_one"
         try:
-            wire = _decode_ack(msg.data)
+            wire = decode_ack(msg.data)
         except BusUnavailable:
             log.warning("unreadable batch ack %r; resolving one by one", msg.data[:200])
             return "one_by_one"
@@ -604,7 +468,7 @@ class Publisher:
             code = wire.error.err_code
             if code == ERR_BATCH_INCOMPLETE and split:
                 return "resend"  # staged frames dropped (idle timeout while we recovered): send whole
-            if code in _BATCH_LEVEL_ERRORS:
+            if code in BATCH_LEVEL_ERRORS:
                 description = f"group commit rejected ({code}): {wire.error.description}"
                 self._fail_unit(unit, lambda: BusUnavailable(description))
                 return "done"
@@ -644,7 +508,7 @@ class Publisher:
         the unanswered ones (same ids) after a lost connection, until the deadline."""
         pending = entries
         counts: dict[str, int] = {}
-        conflicts: list[tuple[_Entry, _WirePubAck]] = []
+        conflicts: list[tuple[_Entry, WirePubAck]] = []
         while pending:
             if not await self._wait_connected(deadline):
                 for entry in pending:
@@ -658,7 +522,7 @@ class Publisher:
                 replies, blob, first = [first.reply], first.commit, None
             else:
                 replies = [self._next_reply() for _ in pending]
-                blob = b"".join(_encode_single(e, r.encode()) for e, r in zip(pending, replies))
+                blob = b"".join(encode_single(e, r.encode()) for e, r in zip(pending, replies))
             futures = [self._expect_reply(r) for r in replies]
             reconnects = self._nc.stats["reconnects"]
             await self._write(blob, len(pending))
@@ -688,21 +552,21 @@ class Publisher:
         for entry, wire in conflicts:
             await self._settle_conflict(entry, wire, deadline)
 
-    def _settle_plain(self, entry: _Entry, msg: Msg, counts: dict[str, int]) -> _WirePubAck | None:
+    def _settle_plain(self, entry: _Entry, msg: Msg, counts: dict[str, int]) -> WirePubAck | None:
         """Resolve an entry from its own PubAck; a 10071 is handed back for a read-back."""
         if _is_no_responders(msg):
             subject = entry.subject.decode()
             self._fail(entry, BusUnavailable(f"no stream captures {subject}; is the stream declared?"))
             return None
         try:
-            wire = _decode_ack(msg.data)
+            wire = decode_ack(msg.data)
         except BusUnavailable as exc:
             self._fail(entry, exc)
             return None
         if wire.error is not None:
             if wire.error.err_code == ERR_WRONG_LAST_SEQUENCE:
                 return wire
-            self._fail(entry, _ack_error(wire.error, entry.expected))
+            self._fail(entry, ack_error(wire.error, entry.expected))
             return None
         if not wire.stream:
             self._fail(entry, BusUnavailable(f"no stream stored the message (reply {msg.data[:200]!r})"))
@@ -710,12 +574,12 @@ class Publisher:
         self._resolve(entry, PubAck(stream=wire.stream, seq=wire.seq, duplicate=wire.duplicate), counts)
         return None
 
-    async def _settle_conflict(self, entry: _Entry, wire: _WirePubAck, deadline: float) -> None:
+    async def _settle_conflict(self, entry: _Entry, wire: WirePubAck, deadline: float) -> None:
         """A failed expected-sequence check. The server checks it before dedup, so a re-sent
         message stored by an earlier attempt fails it too: if the message at the sequence the
         server reports carries this msg_id, it is this message, already stored."""
         assert wire.error is not None
-        error = _ack_error(wire.error, entry.expected)
+        error = ack_error(wire.error, entry.expected)
         assert isinstance(error, ConcurrencyConflict)
         if error.actual:
             assert self._loop is not None

@@ -1,9 +1,15 @@
-"""Callback-driven raw pull from one durable JetStream consumer.
+"""Callback-driven raw pull from one durable JetStream consumer, over a raw NATS connection.
 
 nats-py's `fetch()` tops out near 15k msg/s on the reference box because every message passes
 through `next_msg`. Publishing `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` requests ourselves,
-with every reply going to one callback subscription and several requests outstanding at once,
-measured 78k msg/s with explicit acks.
+with several requests outstanding at once, and reading the replies straight off the socket
+(bus.wire: no per-message `Msg`, header parsing, queue or task wake-up) removes nearly all of
+the client's per-message cost.
+
+Connection. Given a `WireConnection`, the pull subscribes on it and its owner runs the
+connection's `run()`; the owner may share it between pulls (one socket per consumer engine).
+Given a nats-py client instead, the pull opens a private connection to the same server with
+the same credentials and owns it (`run()` then keeps it alive too, `close()` closes it).
 
 Credit. `window` bounds the messages requested-but-not-yet-delivered plus the messages delivered
 and not yet `release()`d. A new request asks for the free part of the window once at least
@@ -19,10 +25,10 @@ Status replies (headers only, no reply subject):
     503  no responders: the consumer does not exist (it is recreated through `recover`)
 
 Lost requests. A server restart or a reconnect silently drops waiting requests. The watchdog
-resets the credit and pulls again when the client reconnected (its `reconnects` counter moved)
-or when a request is outstanding and nothing (message or heartbeat) arrived for two heartbeats.
-A reset can overlap with requests the server still holds: those deliver beyond the window until
-they expire (`expires_s`), never more than one extra window.
+resets the credit and pulls again when the connection reconnected (its `reconnects` counter
+moved) or when a request is outstanding and nothing (message or heartbeat) arrived for two
+heartbeats. A reset can overlap with requests the server still holds: those deliver beyond the
+window until they expire (`expires_s`), never more than one extra window.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 import msgspec
 import nats.errors
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+
+from bus.errors import BusError
+from bus.wire import WireConnection, WireSettings, header_value, parse_status
+from bus.wire.address import servers_of_client
+from bus.wire.protocol import pub_frame
 
 log = logging.getLogger("continuum.pull")
 
@@ -57,16 +66,36 @@ class PullSettings(msgspec.Struct, frozen=True, kw_only=True):
     retry_s: float = 0.5
 
 
+class Delivered(NamedTuple):
+    """One delivery as read off the wire, undecoded: its subject, its ack subject (the
+    JetStream reply subject, which carries the delivery facts, see `ack_facts`), its payload
+    and its raw header block (b"" if none; see bus.wire.parse_headers). `subject` and `reply`
+    give the two subjects as text."""
+
+    raw_subject: bytes
+    raw_reply: bytes
+    data: bytes
+    header: bytes
+
+    @property
+    def subject(self) -> str:
+        return self.raw_subject.decode()
+
+    @property
+    def reply(self) -> str:
+        return self.raw_reply.decode()
+
+
 # Delivery facts parsed from a JetStream reply subject, as a plain tuple (this runs per message):
 # (stream, consumer, delivered, stream_seq, consumer_seq, timestamp_ns, pending)
 AckFacts = tuple[str, str, int, int, int, int, int]
 
 
-def parse_ack_subject(reply: str) -> AckFacts | None:
-    """Parse `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` (v1) or the v2
-    form with domain and account hash (`$JS.ACK.<domain>.<hash>.<stream>...[.<token>]`).
+def ack_facts(reply: bytes) -> AckFacts | None:
+    """Parse `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` (v1) or the
+    v2 form with domain and account hash (`$JS.ACK.<domain>.<hash>.<stream>...[.<token>]`).
     Returns None for anything else."""
-    tokens = reply.split(".")
+    tokens = reply.split(b".")
     n = len(tokens)
     if n == 9:
         base = 2
@@ -74,20 +103,25 @@ def parse_ack_subject(reply: str) -> AckFacts | None:
         base = 4
     else:
         return None
-    if tokens[0] != "$JS" or tokens[1] != "ACK":
+    if tokens[0] != b"$JS" or tokens[1] != b"ACK":
         return None
     try:
         return (
-            tokens[base],
-            tokens[base + 1],
+            tokens[base].decode(),
+            tokens[base + 1].decode(),
             int(tokens[base + 2]),
             int(tokens[base + 3]),
             int(tokens[base + 4]),
             int(tokens[base + 5]),
             int(tokens[base + 6]),
         )
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         return None
+
+
+def parse_ack_subject(reply: str) -> AckFacts | None:
+    """`ack_facts` of a reply subject given as text."""
+    return ack_facts(reply.encode())
 
 
 class RawPull:
@@ -96,18 +130,18 @@ class RawPull:
     Lifecycle: `await start()` subscribes and issues the first request (readiness); `run()` is
     the watchdog task body; `stop()` stops requesting and hands back (naks) anything that still
     arrives; `close()` removes interest, after which nothing more arrives.
-    `on_message(pull, msg)` is called synchronously for every delivery and must not block; the
-    caller then owes one `release()` per delivery.
+    `on_message(pull, delivered)` is called synchronously for every delivery and must not
+    block; the caller then owes one `release()` per delivery.
     """
 
     def __init__(
         self,
-        nc: NATS,
+        conn: WireConnection | Any,
         *,
         stream: str,
         consumer: str,
         window: int,
-        on_message: Callable[["RawPull", Msg], None],
+        on_message: Callable[["RawPull", Delivered], None],
         settings: PullSettings | None = None,
         may_pull: Callable[[], bool] | None = None,
         recover: Callable[[], Awaitable[None]] | None = None,
@@ -117,19 +151,22 @@ class RawPull:
         self.stream = stream
         self.consumer = consumer
         self.window = window
-        self._nc = nc
+        self._owned = not isinstance(conn, WireConnection)
+        # A nats-py client: its servers and credentials, for a private connection (see start).
+        self._client = conn if self._owned else None
+        self._conn: WireConnection | None = None if self._owned else conn
         self._on_message = on_message
         self._settings = settings or PullSettings()
         if self._settings.heartbeat_s * 2 > self._settings.expires_s:
             raise ValueError("heartbeat_s must be at most expires_s / 2 (the server rejects more)")
         self._may_pull = may_pull or (lambda: True)
         self._recover = recover
-        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}".encode()
         self._min_request = max(1, window // 4)
         self._expires_ns = int(self._settings.expires_s * _NS)
         self._heartbeat_ns = int(self._settings.heartbeat_s * _NS)
-        self._inbox = ""
-        self._sub: Subscription | None = None
+        self._inbox = b""
+        self._sid: int | None = None
         self.held = 0  # delivered, not yet released
         self.requested = 0  # asked for, not yet delivered
         self._stopped = False
@@ -138,38 +175,64 @@ class RawPull:
         self._last_activity = time.monotonic()
         self._reconnects = 0
 
+    @property
+    def connection(self) -> WireConnection:
+        """The connection deliveries arrive on (and acks may go out on)."""
+        if self._conn is None:
+            raise RuntimeError("RawPull.connection before start()")
+        return self._conn
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Subscribe to a private inbox and issue the first request. Raises nats errors."""
-        self._inbox = self._nc.new_inbox()
-        self._reconnects = self._nc.stats["reconnects"]
-        # The window bounds what can be queued here; the limits only guard against a bug.
-        self._sub = await self._nc.subscribe(
-            self._inbox, cb=self._on_msg, pending_msgs_limit=max(65_536, self.window * 4)
-        )
+        """Subscribe to a private inbox and issue the first request; with a private connection,
+        connect it first. Raises BusError (BusUnavailable, PermissionDenied)."""
+        if self._conn is None:
+            inbox_prefix = (getattr(self._client, "options", {}) or {}).get("inbox_prefix") or "_INBOX"
+            if isinstance(inbox_prefix, bytes):
+                inbox_prefix = inbox_prefix.decode()
+            self._conn = WireConnection(
+                servers_of_client(self._client), name=f"continuum:pull:{self.consumer}",
+                settings=WireSettings(inbox_prefix=inbox_prefix),
+            )
+            await self._conn.connect()
+        conn = self._conn
+        inbox = conn.new_inbox()
+        self._inbox = inbox.encode()
+        self._reconnects = conn.reconnects
+        self._sid = conn.subscribe(inbox, self._on_frame)
         self._last_activity = time.monotonic()
         await self.pull()
 
     async def run(self) -> None:
-        """Watchdog: re-pull after reconnects, silence, expiries and refusals. Runs until cancelled."""
+        """Watchdog: re-pull after reconnects, silence, expiries and refusals. Runs until
+        cancelled; with a private connection it also keeps that connection alive."""
+        if self._owned and self._conn is not None:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._conn.run())
+                tg.create_task(self._watch())
+        else:
+            await self._watch()
+
+    async def _watch(self) -> None:
         tick = self._settings.tick_s
         silence = 2 * self._settings.heartbeat_s + tick
         while True:
             await asyncio.sleep(tick)
-            if self._stopped:
+            conn = self._conn
+            if self._stopped or conn is None:
                 continue
-            reconnects = self._nc.stats["reconnects"]
+            reconnects = conn.reconnects
             if reconnects != self._reconnects:
                 self._reconnects = reconnects
-                self._reset("the client reconnected")
+                self._reset("the connection to NATS was re-established")
             elif self.requested and time.monotonic() - self._last_activity > silence:
                 self._reset(f"no message or heartbeat for {silence:.1f}s")
-            if self._lost and self._recover is not None and self._nc.is_connected:
+            if self._lost and self._recover is not None and conn.is_connected:
                 self._lost = False
                 try:
                     await self._recover()
-                except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                except (nats.errors.Error, asyncio.TimeoutError, BusError) as exc:
                     self._lost = True
                     log.warning("cannot recreate consumer %s: %s", self.consumer, exc)
                     self._not_before = time.monotonic() + self._settings.retry_s
@@ -182,19 +245,17 @@ class RawPull:
     async def close(self) -> None:
         """Stop, then remove interest: deliveries already on their way are processed (handed
         back, see `stop`), and the server drops the requests it still holds for this inbox
-        (it checks for interest before delivering), so nothing handed back returns here."""
+        (it checks for interest before delivering), so nothing handed back returns here.
+        A private connection is closed. Never raises."""
         self._stopped = True
-        sub, self._sub = self._sub, None
-        if sub is None:
+        sid, self._sid = self._sid, None
+        conn = self._conn
+        if conn is None:
             return
-        try:
-            await sub.drain()
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
-            log.debug("cannot drain the pull inbox of %s (%s); unsubscribing", self.consumer, exc)
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
+        if sid is not None:
+            await conn.unsubscribe(sid)
+        if self._owned:
+            await conn.close()
 
     # -- credit ----------------------------------------------------------------------------
 
@@ -210,21 +271,26 @@ class RawPull:
 
     async def pull(self) -> None:
         """Request the free part of the window if it is large enough and pulling is allowed."""
+        self.request()
+
+    def request(self) -> None:
+        """`pull()` without awaiting: the request is written at the end of this loop turn."""
         free = self.window - self.held - self.requested
+        conn = self._conn
         if (
             free < self._min_request
             or self._stopped
-            or self._sub is None
-            or not self._nc.is_connected
+            or self._sid is None
+            or conn is None
+            or not conn.is_connected
             or not self._may_pull()
             or time.monotonic() < self._not_before
         ):
             return
         body = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (free, self._expires_ns, self._heartbeat_ns)
         try:
-            await self._nc.publish(self._api, body, reply=self._inbox)
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
-                nats.errors.ConnectionDrainingError) as exc:
+            conn.write(pub_frame(self._api, body, self._inbox))
+        except BusError as exc:
             log.debug("pull for %s not sent: %s", self.consumer, exc)
             return
         if self.requested == 0:
@@ -238,32 +304,30 @@ class RawPull:
         self.requested = 0
         self._last_activity = time.monotonic()
 
-    # -- incoming --------------------------------------------------------------------------
+    # -- incoming (called from the socket's read callback) -----------------------------------
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_frame(self, subject: bytes, reply: bytes, header: bytes, data: bytes) -> None:
         self._last_activity = time.monotonic()
-        if msg.reply:
+        if reply:
             if self.requested:
                 self.requested -= 1
             if self._stopped:
                 # Shutting down: give it back now rather than after ack_wait.
                 try:
-                    await self._nc.publish(msg.reply, _NAK)
-                except nats.errors.Error:
+                    self._conn.write(pub_frame(reply, _NAK))  # type: ignore[union-attr]
+                except BusError:
                     pass
                 return
             self.held += 1
-            self._on_message(self, msg)
+            self._on_message(self, Delivered(subject, reply, data, header))
             return
-        await self._on_status(msg)
+        self._on_status(header)
 
-    async def _on_status(self, msg: Msg) -> None:
-        headers = msg.headers or {}
-        status = headers.get("Status", "")
+    def _on_status(self, header: bytes) -> None:
+        status, description = parse_status(header)
         if status == "100":
             return
-        description = headers.get("Description", "")
-        unused = headers.get("Nats-Pending-Messages")
+        unused = header_value(header, "Nats-Pending-Messages")
         if status in ("404", "408"):
             self._return_credit(unused)
         elif status == "409":
@@ -279,10 +343,11 @@ class RawPull:
             self._lost = True
             self._not_before = time.monotonic() + self._settings.retry_s
         else:
-            log.warning("consumer %s: unexpected pull status %s %s", self.consumer, status, description)
+            log.warning("consumer %s: unexpected pull status %s %s", self.consumer, status or "(none)",
+                        description)
             self._reset(f"status {status}")
             self._not_before = time.monotonic() + self._settings.retry_s
-        await self.pull()
+        self.request()
 
     def _return_credit(self, unused: str | None) -> None:
         try:

@@ -115,19 +115,21 @@ def outcome(decision: Decision) -> Outcome:
     return "expired" if decision.reason == EXPIRED else "dead_lettered"
 
 
-class Outgoing:
+class Outgoing(msgspec.Struct, gc=False):
     """One settlement waiting for its report: where to send what, and what to record. (The
-    engine's held deliveries are Outgoing themselves: one object per message.)"""
+    engine's held deliveries are Outgoing themselves: one object per message.) `ack_subject`
+    is the delivery's reply subject, as the bytes read off the wire.
 
-    __slots__ = ("consumer", "ack_subject", "payload", "settlement")
+    Untracked by the garbage collector: thousands are alive at once under load, and tracking
+    them cost ~1 us per message in collections. An Outgoing must therefore never be part of a
+    reference cycle that only the collector could break; its owner drops it explicitly once it
+    is sent.
+    """
 
-    def __init__(
-        self, consumer: str, ack_subject: str, payload: bytes = b"", settlement: Settlement | None = None
-    ) -> None:
-        self.consumer = consumer
-        self.ack_subject = ack_subject
-        self.payload = payload
-        self.settlement = settlement
+    consumer: str
+    ack_subject: bytes
+    payload: bytes
+    settlement: Settlement | None
 
 
 RecordReport = Callable[[str, list[Settlement], str], Awaitable[None]]

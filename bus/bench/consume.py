@@ -6,6 +6,9 @@
                               until the server shows every message acked
     baseline_fetch_ack_per_s  the same N messages through nats-py pull_subscribe + fetch(1000) +
                               ack(), timed the same way
+    consume_cpu_us_per_msg    this process's CPU time (user + system) per message during the
+                              engine run (the server's share not included)
+    baseline_fetch_cpu_us_per_msg  the same, during the fetch run
     latency_p50_ms/_p99_ms    publish call -> handler start, at a steady 1,000 msg/s for a few
                               seconds (after a short warm-up), one process, monotonic clock
 
@@ -16,8 +19,10 @@ Targets: consume_ack_per_s >= 40,000 and latency_p99_ms <= 5. Every figure is th
 from __future__ import annotations
 
 import asyncio
+import resource
 import statistics
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from nats.js import api as js_api
@@ -40,18 +45,35 @@ async def run(env: BenchEnv) -> dict[str, float]:
     count = env.n(100_000)
     figures: dict[str, list[float]] = {
         "consume_ack_per_s": [], "baseline_fetch_ack_per_s": [], "latency_p50_ms": [], "latency_p99_ms": [],
+        "consume_cpu_us_per_msg": [], "baseline_fetch_cpu_us_per_msg": [],
     }
     async with env.server("consume") as server:
         config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bencher")
         async with Bus(config) as bus:
             await _prepublish(bus, count)
             for repeat in range(env.repeats):
-                figures["consume_ack_per_s"].append(await _engine_rate(bus, count))
-                figures["baseline_fetch_ack_per_s"].append(await _fetch_rate(bus, count))
+                rate, cpu_s = await _with_cpu(_engine_rate(bus, count))
+                figures["consume_ack_per_s"].append(rate)
+                figures["consume_cpu_us_per_msg"].append(cpu_s / count * 1e6)
+                rate, cpu_s = await _with_cpu(_fetch_rate(bus, count))
+                figures["baseline_fetch_ack_per_s"].append(rate)
+                figures["baseline_fetch_cpu_us_per_msg"].append(cpu_s / count * 1e6)
                 p50, p99 = await _latency(bus, env.n(3000), agent=f"{_LATENCY_AGENT}{repeat}")
                 figures["latency_p50_ms"].append(p50)
                 figures["latency_p99_ms"].append(p99)
     return {name: round(statistics.median(values), 3) for name, values in figures.items()}
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _with_cpu(run: Awaitable[float]) -> tuple[float, float]:
+    """(what `run` returns, this process's CPU seconds while it ran)."""
+    started = _cpu_s()
+    result = await run
+    return result, _cpu_s() - started
 
 
 async def _prepublish(bus: Bus, count: int) -> None:

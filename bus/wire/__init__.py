@@ -1,0 +1,41 @@
+"""The NATS protocol spoken directly, for the hot paths (pull deliveries and their acks).
+
+    protocol.py    frames as bytes: bulk parser of server frames, encoders of client frames,
+                   status/header helpers (no I/O)
+    address.py     server URLs and credentials (user/password, token, tls://)
+    connection.py  WireConnection: handshake (TLS when asked), subscriptions, batched writes,
+                   keepalive, reconnects; errors from bus.errors
+    hpub.py        the publisher's HPUB frames: one message, or a whole atomic batch
+
+The consumer engine's deliveries and settlements use a WireConnection; the publisher writes its
+hpub frames through nats-py's connection (see bus.publisher).
+"""
+
+from bus.wire.address import ServerAddress, parse_url, parse_urls, servers_of_client, with_credentials
+from bus.wire.connection import WireConnection, WireSettings
+from bus.wire.protocol import (
+    FrameParser,
+    MessageCallback,
+    ProtocolViolation,
+    header_value,
+    parse_headers,
+    parse_status,
+    pub_frame,
+)
+
+__all__ = [
+    "FrameParser",
+    "MessageCallback",
+    "ProtocolViolation",
+    "ServerAddress",
+    "WireConnection",
+    "WireSettings",
+    "header_value",
+    "parse_headers",
+    "parse_status",
+    "parse_url",
+    "parse_urls",
+    "pub_frame",
+    "servers_of_client",
+    "with_credentials",
+]
