@@ -162,7 +162,7 @@ class ConsumerEngine:
         self._conn = conn = self._connection()
         await conn.connect()
         try:
-            await self._watcher.start()
+            await self._watcher.start(conn)
         except BaseException as exc:
             await self._watcher.close()
             await conn.close()

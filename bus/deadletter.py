@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.errors
-from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from bus.errors import BusUnavailable, ConfigurationError
-from bus.pull import PullSettings, RawPull
+from bus.pull import Delivered, PullSettings, RawPull
 from bus.topology import dead_letter_consumer_config, ensure_consumer
+from bus.wire import WireConnection
 from schemas import DecodeError, Envelope, decode_loose, stable_id
 from schemas.payloads import DeadLettered, RequestFailed
 from schemas.registry import kind_of_raw
@@ -133,15 +133,18 @@ class DeadLetterWatcher:
         self._agent = agent
         self._config = dead_letter_consumer_config(bus.subjects, agent)
         self._settings = settings
-        self._queue: deque[Msg] = deque()
+        self._queue: deque[Delivered] = deque()
         self._ready = asyncio.Event()
         self._pull: RawPull | None = None
+        self._conn: WireConnection | None = None
 
-    async def start(self) -> None:
-        """Ensure the watcher's consumer and issue the first pull. Raises nats errors."""
+    async def start(self, conn: WireConnection) -> None:
+        """Ensure the watcher's consumer and issue the first pull, on `conn` (the consumer
+        engine's connection, which it shares). Raises nats errors."""
         await self._ensure()
+        self._conn = conn
         self._pull = RawPull(
-            self._bus.nc,
+            conn,
             stream=self._bus.subjects.advisory_stream,
             consumer=self._config.durable_name,
             window=8,
@@ -154,7 +157,7 @@ class DeadLetterWatcher:
     async def _ensure(self) -> None:
         await ensure_consumer(self._bus.js, self._bus.subjects.advisory_stream, self._config)
 
-    def _enqueue(self, pull: RawPull, msg: Msg) -> None:
+    def _enqueue(self, pull: RawPull, msg: Delivered) -> None:
         self._queue.append(msg)
         self._ready.set()
 
@@ -181,23 +184,24 @@ class DeadLetterWatcher:
             self._pull.stop()
             await self._pull.close()
 
-    async def _handle(self, msg: Msg) -> None:
-        nc = self._bus.nc
+    async def _handle(self, msg: Delivered) -> None:
+        conn = self._conn
+        assert conn is not None
         try:
             advisory = _advisory.decode(msg.data)
         except msgspec.DecodeError as exc:
             log.warning("ignoring an unreadable max-deliveries advisory: %s", exc)
-            await nc.publish(msg.reply, b"+TERM unreadable")
+            conn.publish(msg.raw_reply, b"+TERM unreadable")
             return
         try:
             await self._dead_letter(advisory)
         except (BusUnavailable, nats.errors.Error, asyncio.TimeoutError) as exc:
             log.warning("cannot write the dead letter of %s seq %d yet (%s); retrying",
                         advisory.consumer, advisory.stream_seq, exc)
-            await nc.publish(msg.reply, b'-NAK {"delay":%d}' % _RETRY_NS)
+            conn.publish(msg.raw_reply, b'-NAK {"delay":%d}' % _RETRY_NS)
             return
         self._bus.metrics.dead_lettered.labels(advisory.consumer, "max_deliveries").inc()
-        await nc.publish(msg.reply, b"+ACK")
+        conn.publish(msg.raw_reply, b"+ACK")
 
     async def _dead_letter(self, advisory: _MaxDeliveries) -> None:
         try:
