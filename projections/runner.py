@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -111,13 +111,20 @@ class _ReadAhead:
 
 
 class _LaneQueue:
-    """Batches waiting for one lane; `put` waits while `limit` records wait."""
+    """Batches waiting for one lane; `put` waits while `limit` records wait. A lane that finds
+    nothing waiting calls `on_idle` (the decoder then takes whatever records have arrived: a
+    busy lane's next batch grows meanwhile, instead of many tiny ones being decoded for it)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_idle: Callable[[], Awaitable[None]]) -> None:
         self._batches: list[Batch] = []
         self._records = 0
         self._limit = limit
+        self._on_idle = on_idle
         self._changed = asyncio.Condition()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._batches)
 
     async def put(self, batch: Batch) -> None:
         async with self._changed:
@@ -129,6 +136,8 @@ class _LaneQueue:
     async def take(self, max_records: int) -> Batch:
         """Everything waiting (at least one batch, at most `max_records` unless one batch is
         larger), as one batch."""
+        if not self._batches:
+            await self._on_idle()
         async with self._changed:
             await self._changed.wait_for(lambda: bool(self._batches))
             taken = [self._batches.pop(0)]
@@ -376,7 +385,10 @@ class Runner:
         at once). Returns once every lane has applied `until_seq` (None: runs until cancelled)."""
         store = self._store
         progress = _LaneProgress(store.lane_count, self.watermark.seq)
-        queues = [_LaneQueue(self._settings.batch_max) for _ in range(store.lane_count)]
+        queues = [
+            _LaneQueue(self._settings.batch_max, lambda: read_ahead.fold_waiting(True))
+            for _ in range(store.lane_count)
+        ]
         reached = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
             running = [
@@ -396,12 +408,7 @@ class Runner:
     ) -> None:
         restarts_seen = reader.restarts
         while True:
-            if decoded.empty():
-                await read_ahead.fold_waiting(True)
-                batch = await decoded.get()
-                await read_ahead.fold_waiting(False)
-            else:
-                batch = decoded.get_nowait()
+            batch = await decoded.get()
             undecodable = batch.table.column("error").length() - batch.table.column("error").null_count
             if undecodable:
                 self._metrics.undecodable.inc(undecodable)
@@ -410,6 +417,9 @@ class Runner:
                 restarts_seen = reader.restarts
             for queue in queues:
                 await queue.put(batch)
+            if all(queue.has_work for queue in queues):
+                # The next batch waits until a lane asks for one (`_LaneQueue.take`).
+                await read_ahead.fold_waiting(False)
 
     async def _fold_lane(
         self,
