@@ -166,6 +166,38 @@ async def test_a_replica_without_heartbeats_is_killed_and_restarted(bus_config: 
     assert crashes[0].pid == first and crashes[0].signal == "SIGKILL"
 
 
+async def test_a_replica_slower_to_start_than_the_liveness_timeout_is_not_killed(
+    bus_config: BusConfig, bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Liveness applies once a replica has spoken: one whose start (here a slow import) takes
+    longer than liveness_timeout_s is not presumed hung; it becomes ready, answers, and is never
+    killed or restarted."""
+    monkeypatch.setenv("CONTINUUM_TEST_IMPORT_S", "2.0")
+    spec = agent_spec(bus_config, "slow_start:SlowStart", "slow-start")
+    settings = SupervisorSettings(restart=QUICK, liveness_timeout_s=1.0, status_interval_s=0.2)
+    async with supervised(bus, spec, settings) as sup:
+        status = await sup.wait_ready(30)
+        assert status.replicas[0].restarts == 0 and status.replicas[0].start_ms >= 2000
+        reply = await bus.request("slow-start", Ping(), timeout_s=10)
+        assert reply.payload.responder == f"slow-start:{status.replicas[0].pid}"
+    assert not await payloads(bus, "default.event.slow-start.agent.crashed")
+
+
+async def test_a_replica_silent_since_launch_is_killed_after_the_start_timeout(
+    bus_config: BusConfig, bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that sends no status line within start_timeout_s of its launch (stuck before
+    its event loop runs) is killed and restarted like a hung one, and says why."""
+    monkeypatch.setenv("CONTINUUM_TEST_IMPORT_S", "60")
+    spec = agent_spec(bus_config, "slow_start:SlowStart", "slow-start")
+    settings = SupervisorSettings(restart=QUICK, start_timeout_s=1.0, stop_grace_s=0.5)
+    async with supervised(bus, spec, settings) as sup:
+        status = await sup.wait_until(lambda s: s.replicas[0].restarts >= 1, 20)
+        assert status.replicas[0].last_exit == "was killed: no status within 1.0s of its launch"
+    crashes = await payloads(bus, "default.event.slow-start.agent.crashed", AgentCrashed)
+    assert crashes[0].signal == "SIGKILL" and crashes[0].uptime_s >= 1.0
+
+
 async def test_a_poison_message_is_dead_lettered_and_the_agent_goes_on(bus_config: BusConfig, bus: Bus) -> None:
     """A message that kills the process on every attempt ends in the dead letters after
     max_deliver (3) attempts, via the server's advisory; the agent handles what comes next and

@@ -9,7 +9,8 @@ Per replica: launch, read its status pipe (ready, heartbeats), and when it ends 
 asked to, record `agent.crashed`, wait the policy's backoff and launch a replacement
 (`agent.restarted`). A replica that crashes `max_crashes` times within `window_s` is left down
 (`agent.circuit_opened`, state `circuit_open`). A replica whose status pipe stays silent for
-`liveness_timeout_s` is presumed hung and killed (then restarted like any crash).
+`liveness_timeout_s` is presumed hung and killed (then restarted like any crash); until its first
+status line (interpreter start, imports) the bound is `start_timeout_s` instead.
 
 Stop: SIGTERM to every replica (it stops fetching, finishes in-flight work and exits), then
 SIGKILL to those still running after `stop_grace_s` (`agent.stopped`, graceful=False).
@@ -60,6 +61,9 @@ class SupervisorSettings(msgspec.Struct, frozen=True, kw_only=True):
     restart: RestartPolicy = RestartPolicy()
     stop_grace_s: float = 10.0
     liveness_timeout_s: float = 15.0
+    # Launch to first status line (interpreter start and imports, which take seconds on a busy
+    # host): a tight liveness timeout must not kill a replica that is still starting.
+    start_timeout_s: float = 60.0
     status_interval_s: float = 1.0
     home: str | None = None
 
@@ -239,21 +243,25 @@ class Supervisor:
             await reader
         if replica.last_exit == "unresponsive":
             return "was killed: no heartbeat", code
+        if replica.last_exit == "silent since launch":
+            return f"was killed: no status within {self.settings.start_timeout_s}s of its launch", code
         return _describe_exit(code), code
 
     async def _read_status(self, replica: ReplicaStatus, launched: LaunchedReplica) -> None:
+        timeout_s, silence = self.settings.start_timeout_s, "silent since launch"
         while True:
             try:
-                line = await launched.next_status(self.settings.liveness_timeout_s)
+                line = await launched.next_status(timeout_s)
             except TimeoutError:
                 if launched.proc.returncode is None:
-                    log.warning("%s replica %d sent no heartbeat for %.0fs: killing it",
-                                self.spec.name, replica.replica, self.settings.liveness_timeout_s)
-                    replica.last_exit = "unresponsive"
+                    log.warning("%s replica %d sent no status for %.1fs (%s): killing it",
+                                self.spec.name, replica.replica, timeout_s, silence)
+                    replica.last_exit = silence
                     launched.proc.kill()
                 return
             if line is None:
                 return
+            timeout_s, silence = self.settings.liveness_timeout_s, "unresponsive"
             now = time.time()
             replica.last_heartbeat = now
             if line.type == "ready" or (line.ready and replica.state == "starting"):
