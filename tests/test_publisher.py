@@ -18,7 +18,7 @@ from bus import Bus, BusConfig, BusUnavailable, ConcurrencyConflict, Configurati
 from bus.config import StreamSettings
 from bus.metrics import BusMetrics
 from bus.publisher import Publisher
-from bus.server import EmbeddedServer, ServerSettings, free_port
+from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from bus.subjects import Subjects
 from bus.topology import ensure_stream, log_stream_config
 from schemas import new_id
@@ -346,9 +346,9 @@ async def test_close_flushes_what_is_queued_then_refuses(bus_config: BusConfig) 
 async def test_publish_to_a_dead_server_fails_within_the_ack_timeout(tmp_path: Path) -> None:
     """With the server gone, a publish raises BusUnavailable within ack_timeout_s, never
     hangs, and so does every concurrent one; leaving the publisher is bounded too."""
-    settings = ServerSettings(store_dir=tmp_path / "nats", port=free_port(), monitor_port=None)
-    server = EmbeddedServer(settings)
+    server = EmbeddedServer(ServerSettings(store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=None))
     await server.start()
+    settings = server.settings  # the port it chose: a server restarted with these binds it again
     subjects = Subjects("default")
     nc = await nats.connect(settings.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
@@ -380,9 +380,9 @@ async def test_commit_cut_off_by_a_lost_connection_is_resent(tmp_path: Path) -> 
     """A batch whose commit was on the wire when the server died is re-sent with the same ids
     once a server is back on the same store (within ack_timeout_s): every caller gets an ack,
     at the sequence holding its message, stored once."""
-    settings = ServerSettings(store_dir=tmp_path / "nats", port=free_port(), monitor_port=None)
-    server = EmbeddedServer(settings)
+    server = EmbeddedServer(ServerSettings(store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=None))
     await server.start()
+    settings = server.settings  # the port it chose: a server restarted with these binds it again
     try:
         config = BusConfig(url=settings.url, name="tester", publisher=PublisherSettings(ack_timeout_s=10.0))
         async with Bus(config) as bus:
@@ -407,9 +407,9 @@ async def test_server_killed_mid_stream_loses_no_acked_message(tmp_path: Path, k
     """Publishers run while the server is SIGKILLed and restarted on the same store: every
     publish either returned an ack whose message is at that sequence after the restart, or
     raised BusUnavailable; no message is stored twice."""
-    settings = ServerSettings(store_dir=tmp_path / "nats", port=free_port(), monitor_port=None)
-    server = EmbeddedServer(settings)
+    server = EmbeddedServer(ServerSettings(store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=None))
     await server.start()
+    settings = server.settings  # the port it chose: a server restarted with these binds it again
     outcomes: dict[str, Sent | BaseException] = {}
     try:
         config = BusConfig(url=settings.url, name="tester", publisher=PublisherSettings(ack_timeout_s=3.0))

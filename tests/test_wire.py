@@ -16,7 +16,7 @@ import nats
 import pytest
 
 from bus import Bus, BusConfig, BusUnavailable, ConfigurationError, ConsumerSettings, PermissionDenied
-from bus.server import EmbeddedServer, ServerSettings, free_port
+from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from bus.wire import (
     FrameParser,
     ProtocolViolation,
@@ -33,7 +33,7 @@ from bus.wire.address import servers_of_client
 from schemas import Delivery, Envelope
 from schemas.payloads import Note
 
-from conftest import wait_for
+from conftest import refused_port, wait_for
 
 # -- parsing (no server) ---------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ async def _server_with(tmp_path: Path, config: str) -> EmbeddedServer:
     conf = tmp_path / "server.conf"
     conf.write_text(f"host: 127.0.0.1\njetstream {{ sync_interval: always }}\n{config}\n")
     server = EmbeddedServer(ServerSettings(
-        store_dir=tmp_path / "nats", port=free_port(), monitor_port=None, config_file=conf,
+        store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=None, config_file=conf,
     ))
     await server.start()
     return server
@@ -318,10 +318,11 @@ async def test_permission_violation_surfaces_on_flush(auth_server: EmbeddedServe
 
 async def test_no_server_is_bus_unavailable() -> None:
     """Nobody listening: BusUnavailable after trying every server, within the timeout."""
-    conn = WireConnection(parse_urls(f"nats://127.0.0.1:{free_port()},nats://127.0.0.1:{free_port()}"),
-                          name="x", settings=_FAST)
-    with pytest.raises(BusUnavailable):
-        await conn.connect()
+    with refused_port() as first, refused_port() as second:
+        conn = WireConnection(parse_urls(f"nats://127.0.0.1:{first},nats://127.0.0.1:{second}"),
+                              name="x", settings=_FAST)
+        with pytest.raises(BusUnavailable):
+            await conn.connect()
 
 
 async def test_reconnects_after_a_server_restart(nats_server: EmbeddedServer) -> None:

@@ -7,11 +7,12 @@ every section are merged into one JSON object. Baselines are measured in the sam
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bus.server import EmbeddedServer, ServerSettings, free_port
+from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 
 SECTIONS = (
     "bus.bench.publish",      # durable_publish_per_s, baseline_publish_async_per_s
@@ -35,9 +36,9 @@ class BenchEnv:
     @contextlib.asynccontextmanager
     async def server(self, name: str) -> AsyncIterator[EmbeddedServer]:
         """A fresh nats-server from the repo's nats.conf (fsync on every write)."""
-        settings = ServerSettings(
-            store_dir=self.workdir / f"nats-{name}-{free_port()}", port=free_port(), monitor_port=free_port()
-        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        store_dir = Path(tempfile.mkdtemp(prefix=f"nats-{name}-", dir=self.workdir))
+        settings = ServerSettings(store_dir=store_dir, port=ANY_PORT, monitor_port=ANY_PORT)
         async with EmbeddedServer(settings) as server:
             yield server
 

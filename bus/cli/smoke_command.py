@@ -22,7 +22,7 @@ from bus.cli.common import CliError, out, probe_server
 from bus.client import Bus
 from bus.config import BusConfig, check_name
 from bus.errors import BusError
-from bus.server import EmbeddedServer, ServerSettings, free_port
+from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from schemas import Delivery, Envelope
 from schemas.payloads import Note, Notice, Ping, Pong
 
@@ -115,13 +115,13 @@ async def _server(args: argparse.Namespace, stack: contextlib.AsyncExitStack, st
         )
     t = time.perf_counter()
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="continuum-smoke-")))
-    settings = ServerSettings(store_dir=tmp / "nats", port=free_port(), monitor_port=free_port())
+    settings = ServerSettings(store_dir=tmp / "nats", port=ANY_PORT, monitor_port=ANY_PORT)
     try:
         server = await stack.enter_async_context(EmbeddedServer(settings))
     except BusError as exc:
         raise CliError(f"could not start a temporary nats-server: {exc}") from exc
     steps.show("server", f"nats-server on {server.url}, store {settings.store_dir} (fsync on every write) ({_ms(t)})")
-    return BusConfig(url=server.url, namespace=args.namespace, name="smoke", monitor_url=settings.monitor_url)
+    return BusConfig(url=server.url, namespace=args.namespace, name="smoke", monitor_url=server.settings.monitor_url)
 
 
 async def _scenario(bus: Bus, stack: contextlib.AsyncExitStack, steps: _Steps, timeout_s: float) -> None:
