@@ -38,6 +38,7 @@ from projections.config import (
     VIEWS_FILE,
     ProjectionSettings,
     QuerySettings,
+    quick_gil_handoff,
     tuned_gc,
 )
 from projections.errors import ProjectionError, RebuildError, StoreLocked, StoreMismatch
@@ -122,7 +123,7 @@ async def _run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        with tuned_gc():
+        with tuned_gc(), quick_gil_handoff():
             async with open_bus(args, name="projections", metrics_registry=registry) as bus:
                 with metrics_server(registry, args.metrics_port):
                     async with ProjectionService(bus, settings, registry=registry) as service:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +87,21 @@ def tuned_gc(threshold: int = 50_000) -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*previous)
+
+
+@contextlib.contextmanager
+def quick_gil_handoff(interval_s: float = 0.0005) -> Iterator[None]:
+    """Run the block with a shorter GIL switch interval (CPython's default is 5 ms).
+
+    Every DuckDB statement takes the GIL a few times (to start, to scan the Arrow batch, to hand
+    back its result). While another thread runs Python (the event loop, the decoder), each of
+    those waits up to one switch interval: measured on a 300-event live batch of the bus's own
+    views, 12 ms alone, 31 ms next to a thread busy 2 ms in every 3, 21 ms with 0.5 ms. For
+    entry points only: it is process-wide, and the previous interval is restored on exit.
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)

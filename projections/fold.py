@@ -9,12 +9,18 @@ A record whose content makes a view's fold fail (a data error from DuckDB) is fo
 the batch, and folded into that view with its `error` set (folds skip such rows) and logged in
 `_continuum.fold_errors`: one bad event never stops the views, and it fails the same way in a
 rebuild, so rebuilt views still equal live ones.
+
+A batch that no view of a lane has a statement for (most batches, for the memory views) costs
+that lane no transaction: its checkpoint moves in memory and reaches the file with the lane's
+next commit, within a second, or at close. After a crash the lane folds those records again,
+which again writes nothing, so the views are the same either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +33,11 @@ from projections.errors import FoldError
 from projections.views import Tx, ViewSpec
 
 log = logging.getLogger("continuum.projections.fold")
+
+# A fold that writes nothing (no view of the lane has a statement for the batch) skips its
+# transaction; its checkpoint is written with the lane's next commit, or after this long.
+SAVE_EVERY_S = 1.0
+SAVE_EVERY_EVENTS = 50_000
 
 # Errors a batch's own content can cause; anything else (disk, memory) is not the data's fault.
 DATA_ERRORS: tuple[type[duckdb.Error], ...] = (
@@ -79,6 +90,10 @@ class Lane:
     def __init__(self, con: duckdb.DuckDBPyConnection, specs: Mapping[str, ViewSpec]) -> None:
         self.con = con
         self._specs = specs
+        # Checkpoints of folds that wrote nothing, by (state, views), not yet in the file.
+        self._deferred: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
+        self._deferred_since: float | None = None
+        self._deferred_events = 0
 
     def fold(self, gens: list[Generation], batch: Batch) -> Applied:
         """Fold `batch` (records above the gens' checkpoint) into `gens` and move their
@@ -120,43 +135,76 @@ class Lane:
     ) -> Applied:
         con = self.con
         tx = Tx(con)
-        registered: Batch | None = None
         applied_us = batch.last_time_ns // 1000
+        key = (gens[0].state, tuple(g.view for g in gens))
+        checkpoints = {**self._deferred, key: (batch.last_seq, applied_us)}
         try:
-            _run(con, "BEGIN TRANSACTION")
             rows: dict[str, int] = {}
             try:
                 for gen in gens:
                     wanted = marked if marked is not None and failing and gen.view in failing else batch
-                    if wanted is not registered:
-                        con.register("batch", wanted.table)
-                        registered = wanted
+                    tx.use(wanted.table)
                     try:
                         rows[gen.view] = self._specs[gen.view].fold(tx, gen.schema, wanted)
                     except DATA_ERRORS as exc:
                         raise _DataError(gen.view, exc) from exc
                 for view, why in (failing or {}).items():
                     gen = next(g for g in gens if g.view == view)
-                    _run(con, "INSERT INTO _continuum.fold_errors VALUES (?, ?, ?, ?)",
-                         [gen.view, gen.generation, batch.first_seq, why])
-                _run(con, "UPDATE _continuum.generations SET applied_seq = ?, applied_us = ? "
-                          "WHERE state = ? AND list_contains(?, view)",
-                     [batch.last_seq, applied_us, gens[0].state, [g.view for g in gens]])
-                _run(con, "COMMIT")
+                    tx.run("INSERT INTO _continuum.fold_errors VALUES (?, ?, ?, ?)",
+                           [gen.view, gen.generation, batch.first_seq, why])
+                if tx.begun or self._checkpoints_due(batch.size):
+                    tx.begin()
+                    self._save(checkpoints)
+                    _run(con, "COMMIT")
+                    self._deferred, self._deferred_since, self._deferred_events = {}, None, 0
+                else:
+                    # Nothing written: the checkpoint can wait for the next commit (refolding
+                    # these records after a crash writes nothing either).
+                    self._deferred = checkpoints
+                    self._deferred_events += batch.size
+                    if self._deferred_since is None:
+                        self._deferred_since = time.monotonic()
             except BaseException:
-                rollback(con)
+                if tx.begun:
+                    rollback(con)
                 raise
         except _DataError:
             raise
         except duckdb.Error as exc:
             raise FoldError(f"could not apply seq {batch.first_seq}..{batch.last_seq}: {exc}") from exc
         finally:
-            if registered is not None:
-                con.unregister("batch")
+            tx.release()
         for gen in gens:
             gen.applied_seq = batch.last_seq
             gen.applied_us = applied_us
         return Applied(events=batch.size, last_seq=batch.last_seq, rows=rows)
+
+    def save_checkpoints(self) -> None:
+        """Write the checkpoints of folds that wrote nothing and so deferred them (at close).
+        Raises duckdb.Error."""
+        if not self._deferred:
+            return
+        _run(self.con, "BEGIN TRANSACTION")
+        try:
+            self._save(self._deferred)
+            _run(self.con, "COMMIT")
+        except BaseException:
+            rollback(self.con)
+            raise
+        self._deferred, self._deferred_since, self._deferred_events = {}, None, 0
+
+    def _checkpoints_due(self, events: int) -> bool:
+        """Deferred checkpoints are written at least every `SAVE_EVERY_S` seconds and every
+        `SAVE_EVERY_EVENTS` records, bounding what a restart folds again."""
+        if self._deferred_since is None:
+            return False
+        return (self._deferred_events + events >= SAVE_EVERY_EVENTS
+                or time.monotonic() - self._deferred_since >= SAVE_EVERY_S)
+
+    def _save(self, checkpoints: Mapping[tuple[str, tuple[str, ...]], tuple[int, int]]) -> None:
+        for (state, views), (seq, applied_us) in checkpoints.items():
+            _run(self.con, "UPDATE _continuum.generations SET applied_seq = ?, applied_us = ? "
+                           "WHERE state = ? AND list_contains(?, view)", [seq, applied_us, state, list(views)])
 
 
 class _DataError(Exception):

@@ -8,6 +8,7 @@ connection; the parse tree's base tables, minus the names its CTEs define, are t
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import duckdb
@@ -17,24 +18,46 @@ _tree = msgspec.json.Decoder()
 
 
 class RelationReader:
-    """Parses queries for their relation names. Thread-safe; `close()` when done."""
+    """Parses queries for their relation names, remembering the answers for the most recent
+    distinct queries (clients repeat the same SQL with new parameters). Thread-safe; `close()`
+    when done."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, remember: int = 1024) -> None:
         self._con = duckdb.connect(":memory:", config={"enable_external_access": False})
         self._lock = threading.Lock()
+        self._known: OrderedDict[str, frozenset[str] | None] = OrderedDict()
+        self._remember = remember
+
+    def known(self, sql: str) -> tuple[bool, frozenset[str] | None]:
+        """`(True, names)` if `sql` was parsed before (no parsing now: cheap enough for the event
+        loop), else `(False, None)`."""
+        with self._lock:
+            if sql in self._known:
+                self._known.move_to_end(sql)
+                return True, self._known[sql]
+        return False, None
 
     def names(self, sql: str) -> frozenset[str] | None:
         """The lower-cased names of the tables and views `sql` reads (schema dropped); None if
         it does not parse. A CTE's own name is not a relation read."""
+        hit, names = self.known(sql)
+        if hit:
+            return names
         with self._lock:
             serialized = self._con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()
         tree = _tree.decode(serialized[0]) if serialized else None
         if not isinstance(tree, dict) or tree.get("error"):
-            return None
-        tables: set[str] = set()
-        ctes: set[str] = set()
-        _walk(tree.get("statements"), tables, ctes)
-        return frozenset(tables - ctes)
+            names = None
+        else:
+            tables: set[str] = set()
+            ctes: set[str] = set()
+            _walk(tree.get("statements"), tables, ctes)
+            names = frozenset(tables - ctes)
+        with self._lock:
+            self._known[sql] = names
+            if len(self._known) > self._remember:
+                self._known.popitem(last=False)
+        return names
 
     def close(self) -> None:
         with self._lock:

@@ -268,7 +268,9 @@ class ProjectionService:
         meaning every view, when that is unknown: SQL that does not parse, no relation, or a
         relation that is not a view's."""
         assert self._relations is not None
-        names = await asyncio.get_running_loop().run_in_executor(self._query_pool, self._relations.names, sql)
+        hit, names = self._relations.known(sql)
+        if not hit:
+            names = await asyncio.get_running_loop().run_in_executor(self._query_pool, self._relations.names, sql)
         views = {self._view_of_relation.get(name) for name in names or ()}
         return frozenset() if not views or None in views else frozenset(v for v in views if v is not None)
 

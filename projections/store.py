@@ -203,6 +203,10 @@ class Store:
         for thread in threads:
             thread.shutdown(wait=True)
         for lane in self._lanes:
+            try:
+                lane.save_checkpoints()
+            except duckdb.Error as exc:
+                log.warning("could not write deferred checkpoints (they are folded again at the next start): %s", exc)
             lane.con.close()
         self._lanes = []
         con, self._con = self._con, None

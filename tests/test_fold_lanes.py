@@ -14,6 +14,7 @@ import pytest
 from bus import Bus, QueryError
 from projections.config import ProjectionSettings, QuerySettings
 from projections.progress import Watermark
+from projections.relations import RelationReader
 from projections.service import ProjectionService
 from projections.views import VIEWS, Tx, ViewSpec
 from schemas.payloads import Note
@@ -103,3 +104,20 @@ async def test_a_lane_mark_releases_only_waiters_on_its_views() -> None:
     mark.advance(12)
     assert await asyncio.wait_for(on_both, 1) is True and await asyncio.wait_for(on_all, 1) is True
     assert await mark.wait_for(13, 0.05, ["facts"]) is False
+
+
+def test_relation_names_are_remembered_for_recent_queries() -> None:
+    """A query parsed once is answered from memory the next time (no parse on the event loop's
+    path), unparseable SQL is remembered as unknown, and only the most recent queries are kept."""
+    reader = RelationReader(remember=2)
+    try:
+        assert reader.known("SELECT * FROM facts") == (False, None)
+        assert reader.names("SELECT * FROM facts") == frozenset({"facts"})
+        assert reader.known("SELECT * FROM facts") == (True, frozenset({"facts"}))
+        assert reader.names("SELEC nonsense") is None
+        assert reader.known("SELEC nonsense") == (True, None)
+        reader.names("WITH e AS (SELECT 1) SELECT * FROM e, messages")
+        assert reader.known("SELECT * FROM facts") == (False, None)  # the oldest, forgotten
+        assert reader.known("WITH e AS (SELECT 1) SELECT * FROM e, messages") == (True, frozenset({"messages"}))
+    finally:
+        reader.close()

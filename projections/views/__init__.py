@@ -33,18 +33,45 @@ if TYPE_CHECKING:
 
 class Tx:
     """What a fold may do: run SQL on the store's writer connection, inside its transaction.
-    Every result is consumed (DuckDB 2.0 requires it before the next statement)."""
+    Every result is consumed (DuckDB 2.0 requires it before the next statement).
+
+    The transaction begins, and the batch is registered as the relation `batch`, with the first
+    statement: a batch that no view of a lane has a statement for costs that lane nothing (see
+    `fold.Lane`)."""
 
     def __init__(self, con: Any) -> None:
         self._con = con
+        self.begun = False
+        self._table: Any = None
+        self._registered: Any = None
+
+    def use(self, table: Any) -> None:
+        """Make `table` (Arrow) the relation `batch` for the statements that follow."""
+        self._table = table
+
+    def begin(self) -> None:
+        """Open the transaction now, if it is not open yet."""
+        if not self.begun:
+            self._con.execute("BEGIN TRANSACTION").fetchall()
+            self.begun = True
+
+    def release(self) -> None:
+        """Unregister `batch` (the transaction is the caller's to end)."""
+        if self._registered is not None:
+            self._con.unregister("batch")
+            self._registered = None
 
     def run(self, sql: str, params: list[Any] | None = None) -> int:
         """Execute one statement; return the row count it reports (0 for DDL)."""
-        rows = self._con.execute(sql, params).fetchall() if params else self._con.execute(sql).fetchall()
+        rows = self.rows(sql, params)
         return int(rows[0][0]) if rows and rows[0] and isinstance(rows[0][0], int) else 0
 
     def rows(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         """Execute a query and return its rows (avoid TIMESTAMPTZ columns: fetch epochs instead)."""
+        self.begin()
+        if self._table is not self._registered:
+            self._con.register("batch", self._table)
+            self._registered = self._table
         return self._con.execute(sql, params).fetchall() if params else self._con.execute(sql).fetchall()
 
 
