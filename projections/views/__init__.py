@@ -136,10 +136,12 @@ from projections.views import (
 # thread; the lanes of a batch fold at once, and a query waiting for its own write (`min_seq`) is
 # released when the lanes of the views it reads have committed. Views read together share a lane:
 # the bus's own views, the agents' runtime views, and memory (so a memory write is visible after
-# the memory lane's statements alone, not behind every view's).
+# the memory lane's statements alone, not behind every view's). `conversations` folds with the
+# runtime views: on a log of messages and agent events that evens the two busy lanes' work
+# (measured per 25k events: log 194 ms and runtime 107 ms with it in `log`).
 LANES: dict[str, tuple[ModuleType, ...]] = {
-    "log": (events, messages, dead_letters, conversations),
-    "runtime": (agents, integrity, steps, llm_calls),
+    "log": (events, messages, dead_letters),
+    "runtime": (agents, integrity, steps, llm_calls, conversations),
     "memory": (facts, contradictions, blocks, recall),
 }
 
