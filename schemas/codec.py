@@ -44,7 +44,7 @@ class Codec:
             envelope = self._decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise DecodeError(f"invalid envelope: {exc}") from exc
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise DecodeError(f"undecodable bytes: {exc}") from exc
         if self.registry.has_upcasters:
             upcast = self.registry.apply_upcasters(envelope.payload)
@@ -62,5 +62,5 @@ def decode_loose(data: bytes) -> Envelope[msgspec.Raw]:
     """Decode the envelope fields and keep the payload as raw JSON. Raises DecodeError."""
     try:
         return _loose_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(f"invalid envelope: {exc}") from exc

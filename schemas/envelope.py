@@ -11,7 +11,7 @@ number, subject). Handlers receive both; only the consumer engine settles a mess
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
@@ -21,6 +21,9 @@ ENVELOPE_VERSION = 1
 PRIORITY_MIN = 0
 PRIORITY_MAX = 9
 PRIORITY_DEFAULT = 4
+# Out of range is invalid on the wire too (a consumer dead-letters it, a projection folds it as an
+# undecodable record), not only when sending.
+Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
 
 
 class Payload(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -48,7 +51,7 @@ class Envelope(msgspec.Struct, Generic[P], frozen=True, kw_only=True, omit_defau
     causation_id: str | None = None
     # Set on a request: the name replies are addressed to (the reply subject is derived from it).
     reply_to: str | None = None
-    priority: int = PRIORITY_DEFAULT
+    priority: Priority = PRIORITY_DEFAULT
     expires_at: datetime | None = None
     headers: dict[str, str] = {}
     v: int = ENVELOPE_VERSION

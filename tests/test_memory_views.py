@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from bus import Bus
@@ -36,6 +37,7 @@ from schemas.payloads.memory import (
     BlockAttached,
     BlockCreated,
     BlockDetached,
+    BlockReplaced,
     BlockSet,
     Citation,
     Claim,
@@ -380,3 +382,96 @@ async def test_rebuilt_memory_views_equal_the_live_ones(bus: Bus, tmp_path: Path
     assert sorted(report.views) == sorted(MEMORY_VIEWS) and report.applied_seq == last
     assert rebuilt == live
     assert int(rebuilt["facts.facts"].split(":")[0]) > 0
+
+
+# -- one write per batch ------------------------------------------------------------------------
+
+
+def _raw_log(payloads: list[bytes]) -> list[LogRecord]:
+    """Log records carrying these payload JSON texts verbatim (odd spellings included)."""
+    records = []
+    for seq, payload in enumerate(payloads, start=1):
+        data = msgspec.json.encode({"id": f"e{seq}", "sender": "t", "payload": msgspec.Raw(payload),
+                                    "created_at": f"2026-03-02T09:00:{seq % 60:02d}.{seq:06d}Z"})
+        records.append(LogRecord(seq, 1_772_442_000_000_000_000 + seq, b"continuum.event.t.memory", data))
+    return records
+
+
+def _one_write_payloads() -> list[bytes]:
+    """Facts and block writes in the shapes msgspec writes and in shapes it does not: explicit
+    nulls and empty strings, non-string fields, duplicate keys, spaces, escapes; repeats, stale,
+    duplicate, oversized, gapped and unknown-block writes."""
+    enc = msgspec.json.encode
+    full = fact("f1", "fec:retention@cell-a@x", "FEC raises retention é ✓", value="increases", tags=["fec", "anode"],
+                category="finding", valid_from=T0, valid_to=T0 + timedelta(days=2))
+    odd = [
+        (b'{"kind":"memory.fact.recorded","fact_id":"f2","subject":"@x","statement":"","value":"","category":"",'
+         b'"confidence":1,"recorded_by":null,"tags":"fec","source":{"ref":"r","title":null},'
+         b'"valid_from":"2026-03-02 10:00:00+02","valid_to":"not a time"}'),
+        b'{"kind":"memory.fact.recorded","fact_id":"f3","subject":"s","statement":"x","confidence":0.1,"tags":[]}',
+        b'{"kind":"memory.fact.recorded","fact_id":"f4","subject":"s","statement":"x","confidence":true}',
+        b'{"kind":"memory.fact.recorded","fact_id":"f5","subject":"s","statement":"x","tags":[1,"a"],"source":"p"}',
+        b'{"kind":"memory.fact.recorded","fact_id":"f6","fact_id":"f7","subject":"s","statement":"first key"}',
+        b'{"kind": "memory.fact.recorded", "fact_id": "f8", "subject": "s", "statement": "spaced"}',
+        b'{"kind":"memory.fact.recorded","fact_id":"f9","subject":"s","statement":"\\u00e9scaped"}',
+        b'{"kind":"memory.fact.recorded","subject":"s","statement":"no id"}',
+        b'{"kind":"memory.fact.recorded","fact_id":"f10","subject":"s","statement":"nul \\u0000"}',
+    ]
+    blocks = [
+        BlockSet(block_id="b2", value="before creation", version=2, actor="a"),
+        BlockCreated(block_id="b1", label="plan", limit=10, actor="lead", value="v1"),
+        BlockCreated(block_id="b2", label="plan", limit=10, actor="lead"),
+        BlockSet(block_id="b1", value="ab", version=2, actor="a", reason="why"),
+        BlockAppended(block_id="b1", text="b", value="ab", version=2, actor="a"),
+        BlockSet(block_id="b1", value="zz", version=2, actor="b"),
+        BlockSet(block_id="b1", value="jump", version=5, actor="a"),
+        BlockSet(block_id="b1", value="x" * 11, version=6, actor="a"),
+        BlockSet(block_id="b1", value="ok", version=0, actor="a"),
+        BlockSet(block_id="nope", value="?", version=2, actor="a"),
+        BlockReplaced(block_id="b1", old="jump", new="é✓", value="é✓", version=6, actor="a"),
+    ]
+    odd_blocks = [
+        b'{"kind":"memory.block.set","block_id":"b1","value":"no version","actor":"a"}',
+        b'{"kind":"memory.block.set","block_id":"b1","value":"text version","version":"7","actor":"a"}',
+        b'{"kind":"memory.block.set","block_id":"b1","value":8,"version":8,"actor":"a"}',
+        b'{"kind":"memory.block.set","block_id":"b1","value":"","version":9,"actor":null,"reason":null}',
+        b'{"kind":"memory.block.set","block_id":"b2","value":"fits","version":3,"actor":"a"}',
+        b'{"kind":"memory.block.set","block_id":"b2","value":"fits","version":3,"actor":"a"}',
+    ]
+    return [enc(full), *odd, enc(full), *map(enc, blocks), *odd_blocks, enc(fact("f2", "s", "repeat of a raw record"))]
+
+
+async def test_one_write_batches_fold_as_the_general_statements_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of one fact record or one block write takes the one-record statements when its
+    payload reads the same in Python as in SQL, and gives the same tables as the general
+    statements, one record per batch or all in one; payloads with odd shapes fall back to the
+    general statements and fold as they always did."""
+    from projections.views import blocks, facts
+
+    records = _raw_log(_one_write_payloads())
+    taken: list[str] = []
+    recorded_row, fold_one = facts._recorded_row, blocks._fold_one
+
+    def counting_row(one: Any) -> Any:
+        row = recorded_row(one)
+        taken.extend(["fact"] if row is not None else [])
+        return row
+
+    def counting_fold(tx: Any, s: str, one: Any) -> Any:
+        done = fold_one(tx, s, one)
+        taken.extend(["block"] if done is not None else [])
+        return done
+
+    monkeypatch.setattr(facts, "_recorded_row", counting_row)
+    monkeypatch.setattr(blocks, "_fold_one", counting_fold)
+    fast = _fold_hashes(tmp_path / "fast.duckdb", records, [1] * len(records))
+    assert taken.count("fact") == 5 and taken.count("block") == 13  # the others fell back
+
+    monkeypatch.setattr(facts, "single_record", lambda batch, kinds: None)
+    monkeypatch.setattr(blocks, "single_record", lambda batch, kinds: None)
+    general = _fold_hashes(tmp_path / "general.duckdb", records, [1] * len(records))
+    whole = _fold_hashes(tmp_path / "whole.duckdb", records, [len(records)])
+
+    assert fast == general == whole
+    assert int(fast["facts.facts"].split(":")[0]) == 9 and int(fast["facts.fact_anomalies"].split(":")[0]) == 2
+    assert int(fast["blocks.block_versions"].split(":")[0]) >= 12

@@ -20,10 +20,11 @@ created with and `memory.block.attached`/`.detached` (attaching a holder twice c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from projections.views import Tx, render
 from projections.views._kinds import kinds_in
+from projections.views._single import Single, Unfit, single_record, text
 
 if TYPE_CHECKING:
     from projections.batch import Batch
@@ -186,6 +187,72 @@ SELECT block_id, agent, seq, event_at, actor, next_seq, next_at, next_actor FROM
 """
 
 
+# One write (set, appended or replaced) in the batch: its fields are read in Python (see
+# `_single.single_record`) and `_CLASSIFY`'s rules applied to the block's state, read by one
+# point query. Three small statements instead of a temp table built by a dozen operators
+# (~12 ms on one row) and three statements over it.
+_STATE_ONE = """
+SELECT m."limit", m.created_seq, s.stored_version, coalesce(s.duplicate, FALSE)
+FROM (SELECT max(version) AS stored_version, bool_or(version = $2 AND value = $3) AS duplicate
+      FROM {s}.block_versions WHERE block_id = $1 AND NOT rejected) AS s
+LEFT JOIN {s}.block_meta AS m ON m.block_id = $1
+"""
+
+_END_CURRENT_ONE = """
+UPDATE {s}.block_versions SET ended_seq = $2 WHERE block_id = $1 AND ended_seq IS NULL AND NOT rejected
+"""
+
+_INSERT_ONE = """
+INSERT INTO {s}.block_versions
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, make_timestamptz($9::BIGINT), NULL, $10, $11, $12)
+"""
+
+_EDITS = frozenset({"memory.block.set", "memory.block.appended", "memory.block.replaced"})
+
+
+def _write_fields(one: Single) -> tuple[str, int | None, str, str | None, str | None] | None:
+    """block_id, version, value, actor and reason as `_CLASSIFY` reads them from the payload
+    of a write that is not a creation; None if one is not of a shape read exactly here."""
+    p = one.payload
+    try:
+        block_id, value = text(p, "block_id"), text(p, "value")
+        actor, reason = text(p, "actor"), text(p, "reason")
+    except Unfit:
+        return None
+    version = p.get("version")
+    if version is not None and not (type(version) is int and -(2**63) <= version < 2**63):
+        return None  # text, a fraction, a bool: left to TRY_CAST of the JSON text
+    if block_id is None:
+        return None
+    return block_id, version, "" if value is None else value, actor, reason
+
+
+def _fold_one(tx: Tx, s: str, one: Single) -> int | None:
+    """Classify and store one write as `_CLASSIFY`, `_END_CURRENT` and `_INSERT` would for a
+    batch holding only it; None (nothing run) if its payload is left to those statements."""
+    fields = _write_fields(one)
+    if fields is None:
+        return None
+    block_id, version, value, actor, reason = fields
+    chars = len(value)  # `length` counts code points, as len does
+    [(limit, created_seq, stored, duplicate)] = tx.rows(render(_STATE_ONE, s), [block_id, version, value])
+    known = created_seq is not None and created_seq <= one.seq
+    eligible = known and version is not None and (limit is None or chars <= limit)
+    before = max(stored or 0, 0)  # greatest(stored_version, 0), as `_CLASSIFY` has it
+    applied = eligible and version > before  # type: ignore[operator]
+    if not applied and eligible and duplicate:
+        return 0  # a redelivered write of a version already applied: no row
+    written = 0
+    if applied:
+        written += tx.run(render(_END_CURRENT_ONE, s), [block_id, one.seq])
+    reject = None if applied else "unknown_block" if not known else "over_limit" if not eligible else "stale_write"
+    row: list[Any] = [
+        block_id, version, value, chars, actor, one.kind.removeprefix("memory.block."), reason, one.seq,
+        one.created_us, applied and version > before + 1, not applied, reject,  # type: ignore[operator]
+    ]
+    return written + tx.run(render(_INSERT_ONE, s), row)
+
+
 def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Register new blocks, classify and store the batch's writes (ending the versions they
     replace), then open and close holding intervals."""
@@ -195,9 +262,14 @@ def fold(tx: Tx, s: str, batch: Batch) -> int:
     if "memory.block.created" in kinds:
         written += tx.run(render(_META, s))
     if kinds & _WRITES:
-        tx.run(render(_CLASSIFY, s))
-        written += tx.run(render(_END_CURRENT, s)) + tx.run(render(_INSERT, s))
-        tx.run("DROP TABLE temp._block_rows")
+        one = None if "memory.block.created" in kinds else single_record(batch, _EDITS)
+        done = None if one is None else _fold_one(tx, s, one)
+        if done is not None:
+            written += done
+        else:
+            tx.run(render(_CLASSIFY, s))
+            written += tx.run(render(_END_CURRENT, s)) + tx.run(render(_INSERT, s))
+            tx.run("DROP TABLE temp._block_rows")
     if kinds & _HOLDING:
         tx.run(render(_HOLDERS, s))
         written += tx.run(render(_DETACH, s)) + tx.run(render(_ATTACH, s))
