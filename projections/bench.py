@@ -91,7 +91,7 @@ async def _read_all(bus: Bus, last: int) -> tuple[list[LogRecord], float]:
 
 async def _fold_rate(bus: Bus, env: BenchEnv, records: list[LogRecord], run: int) -> float:
     settings = ProjectionSettings(db_path=str(env.workdir / f"fold-{run}.duckdb"))
-    store = Store(settings.db_path, stream=bus.subjects.stream, lanes=settings.lanes)
+    store = Store(settings.db_path, stream=bus.subjects.stream, lanes=settings.lanes, threads=settings.threads)
     writer = Writer(store)
     try:
         await writer.call(store.open)

@@ -31,10 +31,12 @@ from bus.cli.common import (
     metrics_server,
     open_bus,
     out,
+    positive_int,
 )
 from bus.errors import BusUnavailable
 from projections.config import (
     DEFAULT_BATCH_MAX,
+    DEFAULT_DUCKDB_THREADS,
     VIEWS_FILE,
     ProjectionSettings,
     QuerySettings,
@@ -65,6 +67,11 @@ def register(subparsers: Any) -> None:
                      help="events per transaction at most (default %(default)s)")
     run.add_argument("--query-workers", type=int, default=2, help="threads answering queries (default %(default)s)")
     run.add_argument("--memory-limit", default=None, help="DuckDB memory limit, e.g. 2GB (default: DuckDB's)")
+    run.add_argument(
+        "--duckdb-threads", type=positive_int, default=DEFAULT_DUCKDB_THREADS, metavar="N",
+        help="threads DuckDB may use for one statement (default %(default)s: the fold lanes and query "
+             "workers already run at once; more helps a log that keeps one lane busy alone)",
+    )
     run.add_argument("--fsync", action="store_true",
                      help="fsync the views file at every commit (default: unsynced; after an OS crash "
                           "the views are folded again from the log)")
@@ -115,7 +122,8 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> ProjectionSettings:
 async def _run(args: argparse.Namespace) -> int:
     settings = _settings(
         args, batch_max=args.batch_max, read_ahead=2 * args.batch_max,
-        memory_limit=args.memory_limit, query=QuerySettings(workers=args.query_workers), fsync=args.fsync,
+        memory_limit=args.memory_limit, threads=args.duckdb_threads,
+        query=QuerySettings(workers=args.query_workers), fsync=args.fsync,
     )
     registry = CollectorRegistry()
     stop = asyncio.Event()

@@ -128,6 +128,17 @@ async def open_bus(
     await bus.__aexit__(None, None, None)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (else a message saying what was wrong)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def out(line: str) -> None:
     """Print one line of command output and flush (output is often piped and watched live)."""
     sys.stdout.write(line + "\n")

@@ -25,7 +25,15 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter
 
-from bus.cli.common import CliError, add_connection_options, add_metrics_option, metrics_server, open_bus, out
+from bus.cli.common import (
+    CliError,
+    add_connection_options,
+    add_metrics_option,
+    metrics_server,
+    open_bus,
+    out,
+    positive_int,
+)
 from bus.config import check_name
 from schemas import DecodeError, Payload, PayloadRegistry, SchemaConflict, decode_loose
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
@@ -75,13 +83,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     start = tail.add_mutually_exclusive_group()
     start.add_argument("--all", action="store_true", help="start from the first stored envelope")
-    start.add_argument("--since-seq", type=_positive_int, metavar="N", help="start from stream sequence N")
+    start.add_argument("--since-seq", type=positive_int, metavar="N", help="start from stream sequence N")
     tail.add_argument(
         "--kind", action="append", default=[], metavar="K",
         help="only this kind (repeatable; shell patterns such as 'block.*' work)",
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="exit after printing N envelopes")
+    tail.add_argument("--limit", type=positive_int, default=None, metavar="N", help="exit after printing N envelopes")
     add_connection_options(tail)
     add_metrics_option(tail)
     tail.set_defaults(func=run_tail)
@@ -129,16 +137,6 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
 
 
