@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import duckdb
@@ -39,18 +40,62 @@ _BAD_SQL: tuple[type[duckdb.Error], ...] = (
 _NOT_ALLOWED: tuple[type[duckdb.Error], ...] = (duckdb.PermissionException, duckdb.TransactionException)
 
 
+class _Watchdog:
+    """Calls `interrupt` when an armed deadline passes: one thread for an executor's life, not
+    one per query (starting a thread costs more than a point lookup's result conversion)."""
+
+    def __init__(self, interrupt: Callable[[], None]) -> None:
+        self._interrupt = interrupt
+        self._changed = threading.Condition()
+        self._deadline: float | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._watch, name="continuum-query-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, timeout_s: float) -> None:
+        with self._changed:
+            self._deadline = time.monotonic() + timeout_s
+            self._changed.notify()
+
+    def disarm(self) -> None:
+        with self._changed:
+            self._deadline = None
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while not self._closed:
+                if self._deadline is None:
+                    self._changed.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._changed.wait(remaining)
+                    continue
+                self._deadline = None
+                self._interrupt()  # under the lock: a run that disarmed first is never interrupted
+
+
 class QueryExecutor:
     """Answers queries on one connection (a cursor of the views database)."""
 
     def __init__(self, cursor: duckdb.DuckDBPyConnection) -> None:
         self._cursor = cursor
         self._running = threading.Lock()
+        self._watchdog = _Watchdog(cursor.interrupt)
 
     def interrupt(self) -> None:
         """Stop the query running now, if any (from another thread)."""
         self._cursor.interrupt()
 
     def close(self) -> None:
+        self._watchdog.close()
         self._cursor.close()
 
     def run(
@@ -64,15 +109,13 @@ class QueryExecutor:
             return refusal
         cursor = self._cursor
         with self._running:
-            timer = threading.Timer(timeout_s, cursor.interrupt)
-            timer.daemon = True
             try:
                 cursor.execute("BEGIN TRANSACTION READ ONLY").fetchall()
-                timer.start()
+                self._watchdog.arm(timeout_s)
                 try:
                     columns, types, rows, truncated = self._fetch(sql, params, max_rows)
                 finally:
-                    timer.cancel()
+                    self._watchdog.disarm()
                     cursor.execute("ROLLBACK").fetchall()
             except duckdb.InterruptException:
                 return _failure("timeout", f"the query ran past its time limit of {timeout_s:.3g}s; narrow it or add a LIMIT")
