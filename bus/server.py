@@ -324,7 +324,8 @@ def _read_from(path: Path, offset: int) -> str:
         return ""
 
 
-def _bindable(port: int) -> bool:
+def port_bindable(port: int) -> bool:
+    """True if a listener could bind `port` on 127.0.0.1 now (nothing reserves it)."""
     with socket.socket() as sock:
         # As nats-server's own listener does, so connections of the previous server left in
         # TIME_WAIT do not count as holding the port.
@@ -339,7 +340,7 @@ def _bindable(port: int) -> bool:
 async def _wait_bindable(ports: list[int], deadline: float) -> bool:
     """Wait until every port in `ports` can be bound on 127.0.0.1; False at `deadline`."""
     loop = asyncio.get_running_loop()
-    while not all(_bindable(port) for port in ports):
+    while not all(port_bindable(port) for port in ports):
         if loop.time() >= deadline:
             return False
         await asyncio.sleep(0.05)

@@ -15,7 +15,6 @@ import contextlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_s
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
 from bus.config import BusConfig, check_name
 from bus.errors import BusUnavailable, QueryError
-from bus.server import ServerSettings, free_port, read_varz, wait_until_listening
+from bus.server import ServerSettings, free_port, port_bindable, read_varz, wait_until_listening
 
 DEFAULT_PORT = 4222
 DEFAULT_MONITOR_PORT = 8222
@@ -120,7 +119,7 @@ async def run_up(args: argparse.Namespace) -> int:
         await _check_port_free(args.monitor_port, "--monitor-port")
         monitor_port = args.monitor_port
     else:
-        monitor_port = DEFAULT_MONITOR_PORT if _port_free(DEFAULT_MONITOR_PORT) else free_port()
+        monitor_port = DEFAULT_MONITOR_PORT if port_bindable(DEFAULT_MONITOR_PORT) else free_port()
     settings = ServerSettings(
         store_dir=(args.store or home / "nats").resolve(),
         port=args.port,
@@ -502,20 +501,9 @@ async def _terminate(pid: int, grace_s: float) -> bool:
     return True
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        # Like nats-server's own listener, so a port with only TIME_WAIT leftovers counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 async def _check_port_free(port: int, option: str) -> None:
     """Raise CliError naming the port and the option when 127.0.0.1:`port` is taken."""
-    if _port_free(port):
+    if port_bindable(port):
         return
     try:
         await wait_until_listening(port, 0.5)
