@@ -262,10 +262,9 @@ def _decode(datas: Sequence[bytes]) -> tuple[list[Any], list[str | None] | None,
     if not exact:
         return rows, None, stamps[0], stamps[1]
     errors: list[str | None] = [None] * len(datas)
-    for i in exact:
-        rows[i], errors[i] = _decode_exactly(datas[i])
     flags = [False] * len(datas)
     for i in exact:
+        rows[i], errors[i] = _decode_exactly(datas[i])
         flags[i] = True
     mask = pa.array(flags, pa.bool_())
     # The envelope's datetimes, converted as Arrow converts any Python datetime.
@@ -297,10 +296,6 @@ def _decode_exactly(data: bytes) -> tuple[Any, str | None]:
         return decode_loose(data), None
     except DecodeError as exc:
         return _UNDECODABLE, str(exc)
-    except UnicodeDecodeError as exc:
-        # msgspec reports a string field that is not UTF-8 this way and decode_loose lets it
-        # through; it is bad bytes like any other, not a reason to stop reading the log.
-        return _UNDECODABLE, f"invalid envelope: {exc}"
 
 
 def _odd_times(texts: list[str | None]) -> list[int]:
