@@ -29,6 +29,7 @@ from bus.cli.common import (
     add_connection_options,
     add_metrics_option,
     metrics_server,
+    non_negative_float,
     open_bus,
     out,
     positive_int,
@@ -37,6 +38,7 @@ from bus.errors import BusUnavailable
 from projections.config import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUCKDB_THREADS,
+    DEFAULT_LINGER_S,
     VIEWS_FILE,
     ProjectionSettings,
     QuerySettings,
@@ -71,6 +73,11 @@ def register(subparsers: Any) -> None:
         "--duckdb-threads", type=positive_int, default=DEFAULT_DUCKDB_THREADS, metavar="N",
         help="threads DuckDB may use for one statement (default %(default)s: the fold lanes and query "
              "workers already run at once; more helps a log that keeps one lane busy alone)",
+    )
+    run.add_argument(
+        "--linger-ms", type=non_negative_float, default=DEFAULT_LINGER_S * 1000, metavar="MS",
+        help="how long a fold lane may let live batches gather while no query waits for its views "
+             "(default %(default)g; a min_seq query for them ends the wait; 0: fold every batch at once)",
     )
     run.add_argument("--fsync", action="store_true",
                      help="fsync the views file at every commit (default: unsynced; after an OS crash "
@@ -122,7 +129,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> ProjectionSettings:
 async def _run(args: argparse.Namespace) -> int:
     settings = _settings(
         args, batch_max=args.batch_max, read_ahead=2 * args.batch_max,
-        memory_limit=args.memory_limit, threads=args.duckdb_threads,
+        memory_limit=args.memory_limit, threads=args.duckdb_threads, linger_s=args.linger_ms / 1000,
         query=QuerySettings(workers=args.query_workers), fsync=args.fsync,
     )
     registry = CollectorRegistry()

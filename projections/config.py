@@ -17,6 +17,7 @@ DEFAULT_BATCH_MAX = 131_072
 # 143-148k events/s, a live lane's 150-event fold 34-39 -> 24-31 ms). A log that keeps one lane
 # busy alone folds slower (1M memory events caught up in 24 s instead of 19): raise it there.
 DEFAULT_DUCKDB_THREADS = 1
+DEFAULT_LINGER_S = 0.05
 
 
 class QuerySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,6 +57,11 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     # log, runtime, memory). DuckDB runs these statements on one core each; a query waiting
     # for its write is released when the lanes of the views it reads have committed.
     lanes: int = 3
+    # How long a lane may let live batches gather while no query waits for its views (a
+    # `min_seq` query for them ends the wait at once): the lanes a writer waits for then get the
+    # cores, and the others pay their fold's fixed cost once per several batches. Views no one
+    # waits for are this much staler at most; 0 folds every batch the moment it is decoded.
+    linger_s: float = DEFAULT_LINGER_S
     # fsync the views file at every commit. Off: the views are rebuilt from the (fsynced) log
     # if the machine goes down while the file is unsynced (projections.unsynced).
     fsync: bool = False
@@ -67,6 +73,8 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.batch_max < 1 or self.read_ahead < self.batch_max:
             raise ValueError("batch_max must be >= 1 and read_ahead >= batch_max")
+        if self.linger_s < 0:
+            raise ValueError("linger_s must be 0 or more")
         if self.heartbeat_s <= 0 or self.lanes < 1:
             raise ValueError("heartbeat_s must be positive and lanes at least 1")
 

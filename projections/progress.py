@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable
+import contextlib
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 
 class Watermark:
@@ -13,12 +14,16 @@ class Watermark:
     commits before the others; `advance(seq, views)` records that for its views alone, so a
     query reading only those views need not wait for the rest (`wait_for(seq, views=...)`).
     Per-view marks only ever release a waiter sooner: a view is always at least at `seq`.
+
+    It also tells the fold lanes who is waiting: a lane may let batches gather while no query
+    waits for its views (`awaited`), and `demand` wakes it the moment one does.
     """
 
     def __init__(self, seq: int = 0) -> None:
         self._seq = seq
         self._views: dict[str, int] = {}
         self._waiters: list[tuple[int, frozenset[str], asyncio.Future[None]]] = []
+        self._demand: list[tuple[frozenset[str], Callable[[], None]]] = []
 
     @property
     def seq(self) -> int:
@@ -60,6 +65,21 @@ class Watermark:
                 waiting.append(waiter)
         self._waiters = waiting
 
+    def awaited(self, views: Collection[str]) -> bool:
+        """True while a waiter waits for one of `views` (a waiter naming no view waits for all)."""
+        return any(not future.done() and (not wanted or not wanted.isdisjoint(views))
+                   for _, wanted, future in self._waiters)
+
+    @contextlib.contextmanager
+    def demand(self, views: Collection[str], wake: Callable[[], None]) -> Iterator[None]:
+        """While the block runs, call `wake` whenever a waiter starts waiting for one of `views`."""
+        entry = (frozenset(views), wake)
+        self._demand.append(entry)
+        try:
+            yield
+        finally:
+            self._demand.remove(entry)
+
     async def wait_for(self, seq: int, timeout_s: float, views: Collection[str] = ()) -> bool:
         """True once `seq` is applied in `views` (none given: in every view); False if it is
         not within `timeout_s`."""
@@ -68,6 +88,9 @@ class Watermark:
             return True
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((seq, wanted, future))
+        for views_of_lane, wake in self._demand:
+            if not wanted or not wanted.isdisjoint(views_of_lane):
+                wake()
         try:
             async with asyncio.timeout(timeout_s):
                 await future

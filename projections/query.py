@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,9 @@ class _Watchdog:
                 self._interrupt()  # under the lock: a run that disarmed first is never interrupted
 
 
+_CHECKS_REMEMBERED = 256
+
+
 class QueryExecutor:
     """Answers queries on one connection (a cursor of the views database)."""
 
@@ -89,6 +93,8 @@ class QueryExecutor:
         self._cursor = cursor
         self._running = threading.Lock()
         self._watchdog = _Watchdog(cursor.interrupt)
+        # `_check` verdicts of recent SQL texts (a parse each, ~0.3 ms; clients repeat queries).
+        self._checked: OrderedDict[str, QueryFailure | None] = OrderedDict()
 
     def interrupt(self) -> None:
         """Stop the query running now, if any (from another thread)."""
@@ -133,6 +139,15 @@ class QueryExecutor:
         )
 
     def _check(self, sql: str) -> QueryFailure | None:
+        if sql in self._checked:
+            self._checked.move_to_end(sql)
+            return self._checked[sql]
+        verdict = self._checked[sql] = self._parse_check(sql)
+        if len(self._checked) > _CHECKS_REMEMBERED:
+            self._checked.popitem(last=False)
+        return verdict
+
+    def _parse_check(self, sql: str) -> QueryFailure | None:
         try:
             statements = self._cursor.extract_statements(sql)
         except duckdb.Error as exc:

@@ -139,6 +139,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a number of 0 or more (else a message saying what was wrong)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of 0 or more")
+    return value
+
+
 def out(line: str) -> None:
     """Print one line of command output and flush (output is often piped and watched live)."""
     sys.stdout.write(line + "\n")
