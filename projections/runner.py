@@ -456,19 +456,6 @@ class Runner:
                 # The next batch waits until a lane asks for one (`_LaneQueue.take`).
                 await read_ahead.fold_waiting(False)
 
-    async def _fold_lane(
-        self,
-        lane: int,
-        queue: _LaneQueue,
-        wake: asyncio.Event,
-        progress: _LaneProgress,
-        reader: Source,
-        until_seq: int | None,
-        reached: asyncio.Event,
-    ) -> None:
-        with self.watermark.demand(self._store.lane_views(lane), wake.set):
-            await self._fold_lane_batches(lane, queue, wake, progress, reader, until_seq, reached)
-
     async def _linger(self, lane: int, queue: _LaneQueue, wake: asyncio.Event) -> None:
         """Let batches gather for a lane no query waits for, up to `linger_s`: its fixed cost per
         fold is then paid once for several, and the lanes a query waits for get the cores. Ends
@@ -489,7 +476,7 @@ class Runner:
             async with asyncio.timeout(linger_s):
                 await wake.wait()
 
-    async def _fold_lane_batches(
+    async def _fold_lane(
         self,
         lane: int,
         queue: _LaneQueue,
@@ -502,28 +489,29 @@ class Runner:
         store, metrics = self._store, self._metrics
         thread = store.lane_thread(lane)
         loop = asyncio.get_running_loop()
-        while True:
-            await queue.ready()
-            await self._linger(lane, queue, wake)
-            batch = await queue.take(self._settings.batch_max)
-            started = time.perf_counter()
-            # Cancelled meanwhile, the fold still finishes on the lane's thread (its commit
-            # counts: a restart reads the checkpoint only once no fold runs).
-            applied = await loop.run_in_executor(thread, store.fold_lane, lane, batch)
-            metrics.batch_seconds.labels("live").observe(time.perf_counter() - started)
-            self.watermark.advance(applied.last_seq, store.live_views(lane))
-            if lane == 0 and applied.events:  # the first lane holds `events`: every record counts once
-                metrics.batch_size.labels("live").observe(applied.events)
-                metrics.applied.labels("live").inc(applied.events)
-            if applied.poisoned:
-                metrics.poisoned.inc(applied.poisoned)
-            if applied.rows.get("integrity"):
-                metrics.integrity_violations.inc(applied.rows["integrity"])
-                log.warning("integrity problems found in seq %d..%d: see the `integrity` view", batch.first_seq, batch.last_seq)
-            if progress.folded(lane, applied.last_seq, batch.last_time_ns):
-                self._after_live(progress.seq, progress.time_ns, reader)
-            if until_seq is not None and self.watermark.seq >= until_seq:
-                reached.set()
+        with self.watermark.demand(store.lane_views(lane), wake.set):
+            while True:
+                await queue.ready()
+                await self._linger(lane, queue, wake)
+                batch = await queue.take(self._settings.batch_max)
+                started = time.perf_counter()
+                # Cancelled meanwhile, the fold still finishes on the lane's thread (its commit
+                # counts: a restart reads the checkpoint only once no fold runs).
+                applied = await loop.run_in_executor(thread, store.fold_lane, lane, batch)
+                metrics.batch_seconds.labels("live").observe(time.perf_counter() - started)
+                self.watermark.advance(applied.last_seq, store.live_views(lane))
+                if lane == 0 and applied.events:  # the first lane holds `events`: every record counts once
+                    metrics.batch_size.labels("live").observe(applied.events)
+                    metrics.applied.labels("live").inc(applied.events)
+                if applied.poisoned:
+                    metrics.poisoned.inc(applied.poisoned)
+                if applied.rows.get("integrity"):
+                    metrics.integrity_violations.inc(applied.rows["integrity"])
+                    log.warning("integrity problems found in seq %d..%d: see the `integrity` view", batch.first_seq, batch.last_seq)
+                if progress.folded(lane, applied.last_seq, batch.last_time_ns):
+                    self._after_live(progress.seq, progress.time_ns, reader)
+                if until_seq is not None and self.watermark.seq >= until_seq:
+                    reached.set()
 
     def _after_live(self, seq: int, time_ns: int, reader: Source) -> None:
         self.watermark.advance(seq)

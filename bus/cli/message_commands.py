@@ -32,6 +32,7 @@ from bus.cli.common import (
     metrics_server,
     open_bus,
     out,
+    positive_float,
     positive_int,
 )
 from bus.config import check_name
@@ -68,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     request.add_argument("agent", help="agent to ask")
     request.add_argument("payload", help="payload JSON with a \"kind\", or @file.json, or @- for stdin")
-    request.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait (default %(default)s)")
+    request.add_argument("--timeout", type=positive_float, default=5.0, help="seconds to wait (default %(default)s)")
     _add_message_options(request)
     request.set_defaults(func=run_request)
 
@@ -102,7 +103,7 @@ def _add_message_options(parser: argparse.ArgumentParser) -> None:
         help=f"{PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest); default %(default)s",
     )
     parser.add_argument(
-        "--expires-in", type=_positive_float, default=None, metavar="SECONDS",
+        "--expires-in", type=positive_float, default=None, metavar="SECONDS",
         help="not handled if it reaches the agent later than this",
     )
     parser.add_argument("--correlation-id", default=None, help="conversation/workflow id (default: the envelope id)")
@@ -130,14 +131,6 @@ def _priority(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-    return value
 
 
 # -- payloads ----------------------------------------------------------------------------------
