@@ -67,8 +67,7 @@ class Watermark:
 
     def awaited(self, views: Collection[str]) -> bool:
         """True while a waiter waits for one of `views` (a waiter naming no view waits for all)."""
-        return any(not future.done() and (not wanted or not wanted.isdisjoint(views))
-                   for _, wanted, future in self._waiters)
+        return any(not future.done() and _reads(wanted, views) for _, wanted, future in self._waiters)
 
     @contextlib.contextmanager
     def demand(self, views: Collection[str], wake: Callable[[], None]) -> Iterator[None]:
@@ -89,7 +88,7 @@ class Watermark:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((seq, wanted, future))
         for views_of_lane, wake in self._demand:
-            if not wanted or not wanted.isdisjoint(views_of_lane):
+            if _reads(wanted, views_of_lane):
                 wake()
         try:
             async with asyncio.timeout(timeout_s):
@@ -104,3 +103,8 @@ class Watermark:
             if len(self._waiters) > 64:
                 self._waiters = [w for w in self._waiters if not w[2].done()]
         return True
+
+
+def _reads(wanted: frozenset[str], views: Collection[str]) -> bool:
+    """Whether a waiter for `wanted` (empty: every view) waits for one of `views`."""
+    return not wanted or not wanted.isdisjoint(views)

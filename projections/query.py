@@ -18,12 +18,12 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import duckdb
 
+from projections.recent import Recent
 from schemas.query import QueryErrorKind, QueryFailure, QueryResult
 
 _READ_BATCH = 4096
@@ -94,7 +94,7 @@ class QueryExecutor:
         self._running = threading.Lock()
         self._watchdog = _Watchdog(cursor.interrupt)
         # `_check` verdicts of recent SQL texts (a parse each, ~0.3 ms; clients repeat queries).
-        self._checked: OrderedDict[str, QueryFailure | None] = OrderedDict()
+        self._checked: Recent[str, QueryFailure | None] = Recent(_CHECKS_REMEMBERED)
 
     def interrupt(self) -> None:
         """Stop the query running now, if any (from another thread)."""
@@ -139,12 +139,10 @@ class QueryExecutor:
         )
 
     def _check(self, sql: str) -> QueryFailure | None:
-        if sql in self._checked:
-            self._checked.move_to_end(sql)
-            return self._checked[sql]
-        verdict = self._checked[sql] = self._parse_check(sql)
-        if len(self._checked) > _CHECKS_REMEMBERED:
-            self._checked.popitem(last=False)
+        known, verdict = self._checked.lookup(sql)
+        if not known:
+            verdict = self._parse_check(sql)
+            self._checked.add(sql, verdict)
         return verdict
 
     def _parse_check(self, sql: str) -> QueryFailure | None:

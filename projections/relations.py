@@ -8,11 +8,12 @@ connection; the parse tree's base tables, minus the names its CTEs define, are t
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import duckdb
 import msgspec
+
+from projections.recent import Recent
 
 _tree = msgspec.json.Decoder()
 
@@ -25,17 +26,13 @@ class RelationReader:
     def __init__(self, *, remember: int = 1024) -> None:
         self._con = duckdb.connect(":memory:", config={"enable_external_access": False})
         self._lock = threading.Lock()
-        self._known: OrderedDict[str, frozenset[str] | None] = OrderedDict()
-        self._remember = remember
+        self._known: Recent[str, frozenset[str] | None] = Recent(remember)
 
     def known(self, sql: str) -> tuple[bool, frozenset[str] | None]:
         """`(True, names)` if `sql` was parsed before (no parsing now: cheap enough for the event
         loop), else `(False, None)`."""
         with self._lock:
-            if sql in self._known:
-                self._known.move_to_end(sql)
-                return True, self._known[sql]
-        return False, None
+            return self._known.lookup(sql)
 
     def names(self, sql: str) -> frozenset[str] | None:
         """The lower-cased names of the tables and views `sql` reads (schema dropped); None if
@@ -54,9 +51,7 @@ class RelationReader:
             _walk(tree.get("statements"), tables, ctes)
             names = frozenset(tables - ctes)
         with self._lock:
-            self._known[sql] = names
-            if len(self._known) > self._remember:
-                self._known.popitem(last=False)
+            self._known.add(sql, names)
         return names
 
     def close(self) -> None:

@@ -168,8 +168,7 @@ class _LaneQueue:
         """Everything waiting (at least one batch, at most `max_records` unless one batch is
         larger), as one batch."""
         await self.ready()
-        async with self._changed:
-            await self._changed.wait_for(lambda: bool(self._batches))
+        async with self._changed:  # (the lane is the only taker: the batches are still there)
             taken = [self._batches.pop(0)]
             size = taken[0].size
             while self._batches and size + self._batches[0].size <= max_records:

@@ -577,10 +577,23 @@ def file_hashes(path: str | Path) -> dict[str, str]:
     con = open_read_only(path)
     try:
         con.execute("SET TimeZone = 'UTC'").fetchall()
-        gens = [g for g in generations_in(con, path) if g.state == "active"]
-        return content_hashes(con, gens)
+        return content_hashes(con, _active_in(con, path))
     finally:
         con.close()
+
+
+def file_checkpoints(path: str | Path) -> dict[str, int]:
+    """Each active view's checkpoint in a views file no process holds. Raises StoreLocked when
+    a service holds it."""
+    con = open_read_only(path)
+    try:
+        return {g.view: g.applied_seq for g in _active_in(con, path)}
+    finally:
+        con.close()
+
+
+def _active_in(con: duckdb.DuckDBPyConnection, path: str | Path) -> list[Generation]:
+    return [g for g in generations_in(con, path) if g.state == "active"]
 
 
 def open_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:

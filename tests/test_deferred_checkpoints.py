@@ -13,7 +13,7 @@ from bus import Bus
 from projections import fold
 from projections.batch import build_batch
 from projections.reader import LogReader, LogRecord
-from projections.store import Store, file_hashes, generations_in, open_read_only
+from projections.store import Store, file_checkpoints, file_hashes
 from schemas.payloads import Note
 from schemas.payloads.memory import Citation, FactRecorded
 
@@ -34,14 +34,6 @@ async def _log(bus: Bus) -> list[LogRecord]:
         while not records or records[-1].seq < last:
             records += await reader.read(1000)
     return records
-
-
-def _checkpoints(path: Path) -> dict[str, int]:
-    con = open_read_only(path)
-    try:
-        return {g.view: g.applied_seq for g in generations_in(con, path) if g.state == "active"}
-    finally:
-        con.close()
 
 
 def _fold_in(store: Store, records: list[LogRecord], cuts: list[int]) -> None:
@@ -91,7 +83,7 @@ async def test_a_lane_with_nothing_to_write_opens_no_transaction_and_saves_at_cl
         assert on_file("facts") == records[10].seq
     finally:
         store.close()
-    assert all(seq == records[20].seq for view, seq in _checkpoints(path).items() if view in memory)
+    assert all(seq == records[20].seq for view, seq in file_checkpoints(path).items() if view in memory)
 
 
 async def test_deferred_checkpoints_are_written_when_due(bus: Bus, tmp_path: Path, monkeypatch) -> None:
@@ -125,7 +117,7 @@ async def test_a_crash_with_deferred_checkpoints_refolds_to_the_same_views(bus: 
     child.join(60)
     assert child.exitcode == 0
 
-    behind = _checkpoints(crashed)
+    behind = file_checkpoints(crashed)
     assert behind["facts"] == records[10].seq and behind["events"] == records[-1].seq
 
     store = Store(crashed, stream=STREAM, lanes=3)
@@ -143,4 +135,4 @@ async def test_a_crash_with_deferred_checkpoints_refolds_to_the_same_views(bus: 
     finally:
         store.close()
     assert file_hashes(crashed) == file_hashes(clean)
-    assert set(_checkpoints(crashed).values()) == {records[-1].seq}
+    assert set(file_checkpoints(crashed).values()) == {records[-1].seq}

@@ -20,7 +20,7 @@ from conftest import wait_for
 from bus import Bus, BusUnavailable, QueryError
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
-from projections.store import file_hashes, generations_in, open_read_only
+from projections.store import file_checkpoints, file_hashes
 from projections.views import VIEWS
 from projections.workload import LogItem, append_batches, synthetic_log
 
@@ -76,15 +76,6 @@ async def reference_hashes(bus: Bus, path: Path, last: int) -> dict[str, str]:
         return await reference.content_hashes()
 
 
-def checkpoints(path: Path) -> dict[str, int]:
-    """Each active view's checkpoint in a views file no process holds."""
-    con = open_read_only(path)
-    try:
-        return {g.view: g.applied_seq for g in generations_in(con, path) if g.state == "active"}
-    finally:
-        con.close()
-
-
 async def _kill_while_folding(bus: Bus, tmp_path: Path, *, events: int, kills: int, seed: int) -> None:
     rng = random.Random(seed)
     home = tmp_path / "home"
@@ -123,7 +114,7 @@ async def _kill_while_folding(bus: Bus, tmp_path: Path, *, events: int, kills: i
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert last == await bus.last_seq() == events
-    assert checkpoints(home / "views.duckdb") == dict.fromkeys(VIEW_NAMES, last)
+    assert file_checkpoints(home / "views.duckdb") == dict.fromkeys(VIEW_NAMES, last)
     crashed = file_hashes(home / "views.duckdb")
     assert crashed == await reference_hashes(bus, tmp_path / "reference.duckdb", last)
 
