@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
+from bus.cancellation import cancellation_kept
 from bus.config import BusConfig, ConsumerSettings, check_name
 from bus.errors import (
     BusUnavailable,
@@ -342,7 +343,7 @@ class Bus:
     async def _stored_reply(self, reply_subject: str) -> bytes | None:
         """A reply stored while the live subscription missed it (e.g. during a reconnect)."""
         try:
-            msg = await self.js.get_msg(self.subjects.stream, subject=reply_subject, direct=True)
+            msg = await cancellation_kept(self.js.get_msg(self.subjects.stream, subject=reply_subject, direct=True))
         except (NotFoundError, nats.errors.TimeoutError):
             return None
         return msg.data
@@ -400,7 +401,9 @@ class Bus:
         applied that stream sequence. Raises QueryError, BusUnavailable."""
         request = QueryRequest(sql=sql, params=list(params), min_seq=min_seq, max_rows=max_rows, timeout_s=timeout_s)
         try:
-            msg = await self.nc.request(self.subjects.query, _query_encoder.encode(request), timeout=timeout_s + 2.0)
+            msg = await cancellation_kept(
+                self.nc.request(self.subjects.query, _query_encoder.encode(request), timeout=timeout_s + 2.0)
+            )
         except nats.errors.NoRespondersError as exc:
             raise BusUnavailable(
                 "no projection service is answering queries: start one with `bus projections run` (or `bus up`)"
@@ -414,5 +417,5 @@ class Bus:
 
     async def last_seq(self) -> int:
         """The log's last stream sequence (0 when empty)."""
-        info = await self.js.stream_info(self.subjects.stream)
+        info = await cancellation_kept(self.js.stream_info(self.subjects.stream))
         return int(info.state.last_seq)

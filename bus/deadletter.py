@@ -25,6 +25,7 @@ import msgspec
 import nats.errors
 from nats.js.errors import NotFoundError
 
+from bus.cancellation import cancellation_kept
 from bus.errors import BusUnavailable, ConfigurationError
 from bus.pull import Delivered, PullSettings, RawPull
 from bus.topology import dead_letter_consumer_config, ensure_consumer
@@ -205,7 +206,7 @@ class DeadLetterWatcher:
 
     async def _dead_letter(self, advisory: _MaxDeliveries) -> None:
         try:
-            stored = await self._bus.js.get_msg(advisory.stream, seq=advisory.stream_seq, direct=True)
+            stored = await cancellation_kept(self._bus.js.get_msg(advisory.stream, seq=advisory.stream_seq, direct=True))
         except NotFoundError:
             data, subject, note = b"", "", " (the original is no longer in the log)"
         else:

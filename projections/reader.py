@@ -29,6 +29,7 @@ import nats.errors
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
+from bus.cancellation import cancellation_kept
 from projections.errors import ReaderError
 
 if TYPE_CHECKING:
@@ -291,7 +292,7 @@ class LogReader:
             num_replicas=1,
         )
         try:
-            info = await self._bus.js.add_consumer(self._stream, config)
+            info = await cancellation_kept(self._bus.js.add_consumer(self._stream, config))
         except (TimeoutError, nats.errors.Error) as exc:
             raise ReaderError(f"cannot create the log consumer on {self._stream}: {exc}") from exc
         self._consumer = info.name
@@ -302,7 +303,7 @@ class LogReader:
         if consumer is not None:
             # The server removes it after inactive_threshold anyway; this is just tidiness.
             with contextlib.suppress(nats.errors.Error, NotFoundError, asyncio.TimeoutError, RuntimeError):
-                await self._bus.js.delete_consumer(self._stream, consumer)
+                await cancellation_kept(self._bus.js.delete_consumer(self._stream, consumer))
 
     async def _connect(self) -> None:
         nc = self._bus.nc
