@@ -58,6 +58,7 @@ from bus.errors import BusError, BusUnavailable
 from bus.meters import ConsumerMeters
 from bus.pull import Delivered, PullSettings, RawPull, ack_facts
 from bus.settle import (
+    ERROR_CHARS,
     EXPIRED,
     IN_PROGRESS,
     Ack,
@@ -329,7 +330,8 @@ class ConsumerEngine:
         delivery = Delivery(
             stream=stream,
             consumer=consumer,
-            subject=msg.raw_subject.decode(),
+            # Any client may choose the last token of an inbox subject; bytes stay readable.
+            subject=msg.raw_subject.decode(errors="replace"),
             stream_seq=stream_seq,
             consumer_seq=consumer_seq,
             attempt=attempt,
@@ -345,6 +347,9 @@ class ConsumerEngine:
         except DecodeError as exc:
             envelope, problem = self._diagnose(data, exc)
             rank = _RANK_PROBLEM
+        except Exception as exc:  # noqa: BLE001 - an upcaster failing on odd input is the input's fault
+            envelope, problem = loose_envelope(data), ("invalid", describe(exc))
+            rank = _RANK_PROBLEM
         key = self._next_key
         self._next_key = key + 1
         held = Held(meters.consumer, reply, b"", None, key, pull, meters, data, delivery, envelope, problem,
@@ -355,11 +360,11 @@ class ConsumerEngine:
     def _diagnose(self, data: bytes, exc: DecodeError) -> tuple[Envelope[Any] | None, tuple[str, str]]:
         loose = loose_envelope(data)
         if loose is None:
-            return None, ("undecodable", str(exc))
+            return None, (exc.problem, str(exc)[:ERROR_CHARS])
         kind = kind_of_raw(loose.payload)
         if kind is None or self._codec.registry.type_for(kind) is None:
             return loose, ("unknown_kind", f"payload kind {kind!r} is not registered in this process")
-        return loose, ("invalid", str(exc))
+        return loose, ("invalid", str(exc)[:ERROR_CHARS])
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -427,7 +432,7 @@ class ConsumerEngine:
         if isinstance(decision, Term):
             try:
                 await self._dead_letter(held, decision.reason, decision.error)
-            except BusUnavailable as exc:
+            except BusError as exc:
                 decision, settlement = self._later(held, exc)
             else:
                 meters.dead(decision.reason)
@@ -457,18 +462,20 @@ class ConsumerEngine:
             else:
                 await self._handle(held, envelope)
                 return
-        except BusUnavailable as exc:
+        except BusError as exc:
             decision, settlement = self._later(held, exc)
         held.payload = wire(decision)
         held.settlement = settlement
         self._batcher.add(held)
 
-    def _later(self, held: Held, exc: BusUnavailable) -> tuple[Decision, Settlement]:
+    def _later(self, held: Held, exc: BusError) -> tuple[Decision, Settlement]:
         """A dead letter, expiry record or failure reply could not be stored: redeliver later.
         (On the last attempt the server gives up instead, and the dead-letter watcher writes
-        the dead letter from its MAX_DELIVERIES advisory.)"""
+        the dead letter from its MAX_DELIVERIES advisory.) Never more than that: one message
+        that cannot be recorded must not stop the engine."""
         delivery = held.delivery
         log.warning("%s seq %d: %s; redelivering later", delivery.consumer, delivery.stream_seq, exc)
+        self._bus.metrics.dead_letter_failures.labels(delivery.consumer).inc()
         return (
             Nak(backoff_s(delivery.attempt, self.settings.retry)),
             self._settlement(held, "retried", error=describe(exc)),

@@ -12,26 +12,33 @@ so a duplicate written after the window is harmless.
 
 A dead request is first answered with `RequestFailed`, so its requester gets RemoteError at once
 instead of waiting for its timeout.
+
+A dead letter always fits in one message. The original travels base64-encoded (4/3 of its size),
+so an original over `MAX_CARRIED_BYTES`, or over what the server's `max_payload` leaves room
+for, is referred to by stream sequence, size and SHA-256 instead (it stays in the log).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import nats.errors
 from nats.js.errors import NotFoundError
 
 from bus.cancellation import cancellation_kept
-from bus.errors import BusUnavailable, ConfigurationError
+from bus.errors import BusError, ConfigurationError
 from bus.pull import Delivered, PullSettings, RawPull
+from bus.settle import ERROR_CHARS
 from bus.topology import dead_letter_consumer_config, ensure_consumer
 from bus.wire import WireConnection
 from schemas import DecodeError, Envelope, decode_loose, stable_id
 from schemas.payloads import DeadLettered, RequestFailed
+from schemas.limits import refusal
 from schemas.registry import kind_of_raw
 
 if TYPE_CHECKING:
@@ -40,6 +47,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("continuum.deadletter")
 
 _RETRY_NS = 1_000_000_000
+
+# Originals up to this size travel inside their dead letter; larger ones are referred to.
+MAX_CARRIED_BYTES = 1024 * 1024
+# Room in a dead letter for everything but the original: error text, subject, ids, JSON.
+_LETTER_OVERHEAD_BYTES = 64 * 1024
+_TEXT_CHARS = ERROR_CHARS
+
+
+def carried_limit(max_payload: int) -> int:
+    """The largest original a dead letter carries on a server with this `max_payload`."""
+    return max(0, min(MAX_CARRIED_BYTES, (max_payload - _LETTER_OVERHEAD_BYTES) * 3 // 4))
 
 
 def dead_letter_id(stream: str, stream_seq: int) -> str:
@@ -63,24 +81,33 @@ async def write_dead_letter(
 ) -> None:
     """Answer a dead request with RequestFailed, then store the dead letter on
     `<ns>.dead.<agent>`. `envelope` is the original, decoded as far as it could be (None when
-    the bytes are not an envelope). Raises BusUnavailable when either cannot be stored."""
+    the bytes are not an envelope). An original too large to carry is referred to (see the
+    module docstring). Raises BusUnavailable when either cannot be stored, and BusError when
+    the server refuses them."""
+    if error is not None:
+        error = error[:_TEXT_CHARS]
     if envelope is not None:
         await answer_failed(bus, envelope, reason=error or reason, error_type=reason, sender=agent)
     kind: str | None = None
     if envelope is not None:
         kind = envelope.kind if not isinstance(envelope.payload, msgspec.Raw) else kind_of_raw(envelope.payload)
+        kind = None if kind is None else kind[:_TEXT_CHARS]
+    size = len(original)
+    carried = original if size <= carried_limit(bus.max_payload) else b""
     letter = bus.envelope(
         DeadLettered(
             reason=reason,
             agent=agent,
             consumer=consumer,
-            original_subject=subject,
+            original_subject=subject[:_TEXT_CHARS],
             original_seq=stream_seq,
-            original=original,
+            original=carried,
             deliveries=deliveries,
             original_id=None if envelope is None else envelope.id,
             original_kind=kind,
             error=error,
+            original_size=size,
+            original_sha256=hashlib.sha256(original).hexdigest(),
         ),
         sender=agent,
         id=dead_letter_id(stream, stream_seq),
@@ -117,7 +144,7 @@ class _MaxDeliveries(msgspec.Struct):
 
     stream: str
     consumer: str
-    stream_seq: int
+    stream_seq: Annotated[int, msgspec.Meta(ge=1)]
     deliveries: int = 0
 
 
@@ -133,6 +160,7 @@ class DeadLetterWatcher:
         self._bus = bus
         self._agent = agent
         self._config = dead_letter_consumer_config(bus.subjects, agent)
+        self._watched = frozenset((bus.subjects.inbox_consumer(agent), bus.subjects.group_consumer(agent)))
         self._settings = settings
         self._queue: deque[Delivered] = deque()
         self._ready = asyncio.Event()
@@ -188,21 +216,34 @@ class DeadLetterWatcher:
     async def _handle(self, msg: Delivered) -> None:
         conn = self._conn
         assert conn is not None
-        try:
-            advisory = _advisory.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            log.warning("ignoring an unreadable max-deliveries advisory: %s", exc)
+        advisory, why = self._read(msg.data)
+        if advisory is None:
+            # Anyone may publish on an advisory subject: what is not a server's advisory about
+            # this agent's consumers is dropped, never followed into the log.
+            log.warning("ignoring an unreadable max-deliveries advisory: %s", why)
             conn.publish(msg.raw_reply, b"+TERM unreadable")
             return
         try:
             await self._dead_letter(advisory)
-        except (BusUnavailable, nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (BusError, nats.errors.Error, asyncio.TimeoutError) as exc:
             log.warning("cannot write the dead letter of %s seq %d yet (%s); retrying",
                         advisory.consumer, advisory.stream_seq, exc)
             conn.publish(msg.raw_reply, b'-NAK {"delay":%d}' % _RETRY_NS)
             return
         self._bus.metrics.dead_lettered.labels(advisory.consumer, "max_deliveries").inc()
         conn.publish(msg.raw_reply, b"+ACK")
+
+    def _read(self, data: bytes) -> tuple[_MaxDeliveries | None, str]:
+        why = refusal(data)
+        if why is not None:
+            return None, why
+        try:
+            advisory = _advisory.decode(data)
+        except msgspec.DecodeError as exc:
+            return None, str(exc)
+        if advisory.stream != self._bus.subjects.stream or advisory.consumer not in self._watched:
+            return None, f"not about this agent's consumers ({advisory.stream}/{advisory.consumer})"
+        return advisory, ""
 
     async def _dead_letter(self, advisory: _MaxDeliveries) -> None:
         try:

@@ -57,6 +57,12 @@ class BusMetrics:
             "continuum_dead_lettered_total", "Messages terminated and written to the dead letters.",
             ["consumer", "reason"], registry=registry,
         )
+        self.dead_letter_failures = Counter(
+            "continuum_dead_letter_failures_total",
+            "Dead letters, expiry records or failure replies that could not be stored yet (the "
+            "message is redelivered later).",
+            ["consumer"], registry=registry,
+        )
         self.expired = Counter(
             "continuum_expired_total", "Envelopes not handled because they had expired.",
             ["consumer"], registry=registry,

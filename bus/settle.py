@@ -4,7 +4,8 @@ before it sends them.
 `decide(error, attempt=, policy=)` is the whole retry policy, a pure function (tested as a table):
 
     handler returned                          -> Ack
-    PermanentError                            -> Term("permanent")   dead-lettered at once
+    PermanentError, ConfigurationError        -> Term("permanent")   dead-lettered at once
+                                                 (a message no redelivery can make sendable)
     any error on the last attempt             -> Term("exhausted")   dead-lettered with the error
     RetryableError(delay_s=d)                 -> Nak(d)
     any other exception (RetryableError too)  -> Nak(policy backoff for this attempt)
@@ -28,7 +29,7 @@ from typing import Literal
 import msgspec
 
 from bus.config import RetryPolicy
-from bus.errors import BusUnavailable, PermanentError, RetryableError
+from bus.errors import BusError, ConfigurationError, PermanentError, RetryableError
 from schemas.ids import new_id
 from schemas.payloads.delivery import Outcome, Settlement
 
@@ -47,7 +48,8 @@ DeadReason = Literal[
 EXPIRED = "expired"
 
 IN_PROGRESS = b"+WPI"
-_ERROR_CHARS = 2000
+# Error text kept in a record; what a hostile input makes a decoder say may be its whole value.
+ERROR_CHARS = 2000
 
 
 class Ack(msgspec.Struct, frozen=True):
@@ -73,7 +75,7 @@ Decision = Ack | Nak | Term
 def describe(error: BaseException) -> str:
     """`Type: message` of an exception, truncated to a size fit for an event."""
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return text[:_ERROR_CHARS]
+    return text[:ERROR_CHARS]
 
 
 def backoff_s(attempt: int, policy: RetryPolicy) -> float:
@@ -86,7 +88,7 @@ def decide(error: BaseException | None, *, attempt: int, policy: RetryPolicy) ->
     """Settle one delivery attempt: `error` is what the handler raised (None: it returned)."""
     if error is None:
         return Ack()
-    if isinstance(error, PermanentError):
+    if isinstance(error, (PermanentError, ConfigurationError)):
         return Term("permanent", describe(error))
     if attempt >= policy.max_deliver:
         return Term("exhausted", describe(error))
@@ -198,7 +200,8 @@ class SettlementBatcher:
             try:
                 await self.flush()
                 retry_s = 0.05
-            except BusUnavailable as exc:
+            except BusError as exc:
+                # Unavailable, or refused: either way the batch is kept and retried, never dropped.
                 log.warning("cannot record a delivery report (%s); retrying in %.2fs", exc, retry_s)
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, 2.0)
@@ -243,7 +246,7 @@ class SettlementBatcher:
         while self._pending or self._batch:
             try:
                 await self.flush()
-            except BusUnavailable as exc:
+            except BusError as exc:
                 if loop.time() + retry_s > deadline:
                     log.warning("gave up recording %d settlements at shutdown (%s); they will be "
                                 "redelivered", self.backlog, exc)

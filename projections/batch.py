@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from projections.reader import LogRecord
 from schemas import PRIORITY_DEFAULT, DecodeError, decode_loose
 from schemas.envelope import ENVELOPE_VERSION, Priority
+from schemas.limits import MAX_DEPTH, MAX_ENVELOPE_BYTES, Headers, Ident, Name, refusal
 
 PREV_SEQ_HEADER = "Bus-Prev-Seq"
 _FENCE_HEADER = b"Nats-Expected-Last-Subject-Sequence-Subject:"
@@ -61,20 +62,20 @@ class _Fields(msgspec.Struct, kw_only=True, gc=False):
     collector they would be rescanned at every young-generation collection (they hold nothing
     that could refer back to them, so they cannot be part of a cycle)."""
 
-    id: str
-    sender: str
+    id: Ident
+    sender: Name
     payload: msgspec.Raw
     created_at: str
-    to: str | None = None
-    tag: str | None = None
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    reply_to: str | None = None
+    to: Name | None = None
+    tag: Name | None = None
+    correlation_id: Ident | None = None
+    causation_id: Ident | None = None
+    reply_to: Name | None = None
     priority: Priority = PRIORITY_DEFAULT
     expires_at: str | None = None
     # UNSET when absent (nearly always): no empty dict per record. An explicit null is still
     # refused, as the envelope refuses it.
-    headers: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    headers: Headers | msgspec.UnsetType = msgspec.UNSET
     v: int = ENVELOPE_VERSION
 
 
@@ -241,11 +242,21 @@ def build_batch(records: Sequence[LogRecord], *, after_seq: int = 0) -> Batch:
 def _decode(datas: Sequence[bytes]) -> tuple[list[Any], list[str | None] | None, pa.Array, pa.Array]:
     """Each record's fields (`_Fields`, an `Envelope`, or `_UNDECODABLE`), each record's error
     (None when all decoded), and the `created_at` and `expires_at` columns."""
+    # Over a limit of schemas.limits (size, nesting): decoded exactly, which refuses it with the
+    # reason, and never handed to msgspec (which recurses). Counting brackets clears nearly all.
+    count = bytes.count
+    exact = [
+        i for i, data in enumerate(datas)
+        if (len(data) > MAX_ENVELOPE_BYTES or count(data, b"[") + count(data, b"{") > MAX_DEPTH)
+        and refusal(data) is not None
+    ]
     try:
+        if exact:
+            raise _Refused
         rows: list[Any] = list(map(_fields_decoder.decode, datas))
-        exact: list[int] = []
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        rows, exact = _decode_fields_each(datas)
+    except (_Refused, msgspec.DecodeError, UnicodeDecodeError):
+        rows, refused = _decode_fields_each(datas, exact)
+        exact = sorted(set(exact).union(refused))
     created = [r.created_at for r in rows]
     expires = [r.expires_at for r in rows]
     odd = _odd_times(created) + _odd_times(expires)
@@ -275,13 +286,21 @@ def _decode(datas: Sequence[bytes]) -> tuple[list[Any], list[str | None] | None,
     return rows, errors if any(errors) else None, created_col, expires_col
 
 
-def _decode_fields_each(datas: Sequence[bytes]) -> tuple[list[Any], list[int]]:
-    """`_Fields` of each record, `_UNDECODABLE` in place of those that did not decode, whose
-    positions are returned too."""
+class _Refused(Exception):
+    """Some record of the batch must not reach the batch-wide decode."""
+
+
+def _decode_fields_each(datas: Sequence[bytes], skip: Sequence[int]) -> tuple[list[Any], list[int]]:
+    """`_Fields` of each record, `_UNDECODABLE` in place of those that did not decode (or are
+    in `skip`), whose positions are returned too."""
     decode = _fields_decoder.decode
+    skipped = set(skip)
     rows: list[Any] = []
     refused: list[int] = []
     for i, data in enumerate(datas):
+        if i in skipped:
+            rows.append(_UNDECODABLE)
+            continue
         try:
             rows.append(decode(data))
         except (msgspec.DecodeError, UnicodeDecodeError):
@@ -291,11 +310,14 @@ def _decode_fields_each(datas: Sequence[bytes]) -> tuple[list[Any], list[int]]:
 
 
 def _decode_exactly(data: bytes) -> tuple[Any, str | None]:
-    """The envelope `decode_loose` makes of `data`, or `_UNDECODABLE` and why not."""
+    """The envelope `decode_loose` makes of `data`, or `_UNDECODABLE` and why not. Never raises:
+    whatever the bytes make a decoder raise becomes the record's error."""
     try:
         return decode_loose(data), None
     except DecodeError as exc:
         return _UNDECODABLE, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one record never stops the fold; its row says why
+        return _UNDECODABLE, f"cannot decode: {type(exc).__name__}: {exc}"
 
 
 def _odd_times(texts: list[str | None]) -> list[int]:

@@ -1,23 +1,34 @@
 """Encoding and decoding envelopes: one typed pass, clear errors, never a crash.
 
 `Codec.decode` validates the envelope and its payload together; anything wrong (bytes that are
-not JSON, a missing field, an unknown kind) raises `DecodeError` whose message says what and
-where. `decode_loose` keeps the payload undecoded (`msgspec.Raw`) for readers that must accept
-every kind, such as projections and `bus tail`.
+not JSON, a missing field, an unknown kind, a limit of `schemas.limits` exceeded) raises
+`DecodeError` whose message says what and where. `decode_loose` keeps the payload undecoded
+(`msgspec.Raw`) for readers that must accept every kind, such as projections and `bus tail`.
+Both check the size and nesting limits on the bytes before msgspec (which recurses) sees them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from schemas.envelope import Envelope
+from schemas.limits import refusal
 from schemas.registry import PayloadRegistry
+
+# "undecodable": not JSON (or not UTF-8); "invalid": JSON that is not a valid envelope, or is
+# over a limit. Either way permanent: the same bytes never decode on a later attempt.
+DecodeProblem = Literal["undecodable", "invalid"]
 
 
 class DecodeError(ValueError):
-    """Bytes that are not a valid envelope of a known kind. The message names the problem."""
+    """Bytes that are not a valid envelope of a known kind. The message names the problem;
+    `problem` says whether the bytes were JSON at all."""
+
+    def __init__(self, message: str, *, problem: DecodeProblem = "invalid") -> None:
+        super().__init__(message)
+        self.problem: DecodeProblem = problem
 
 
 _loose_decoder = msgspec.json.Decoder(Envelope[msgspec.Raw])
@@ -40,12 +51,7 @@ class Codec:
 
         Raises DecodeError with the reason (not JSON, missing or wrong field, unknown kind).
         """
-        try:
-            envelope = self._decoder.decode(data)
-        except msgspec.ValidationError as exc:
-            raise DecodeError(f"invalid envelope: {exc}") from exc
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise DecodeError(f"undecodable bytes: {exc}") from exc
+        envelope = _decode_within_limits(self._decoder, data, "undecodable bytes")
         if self.registry.has_upcasters:
             upcast = self.registry.apply_upcasters(envelope.payload)
             if upcast is not envelope.payload:
@@ -60,7 +66,18 @@ def encode(envelope: Envelope[Any]) -> bytes:
 
 def decode_loose(data: bytes) -> Envelope[msgspec.Raw]:
     """Decode the envelope fields and keep the payload as raw JSON. Raises DecodeError."""
+    return _decode_within_limits(_loose_decoder, data, "invalid envelope")
+
+
+def _decode_within_limits(decoder: msgspec.json.Decoder[Any], data: bytes, not_json: str) -> Any:
+    why = refusal(data)
+    if why is not None:
+        raise DecodeError(f"invalid envelope: {why}")
     try:
-        return _loose_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
         raise DecodeError(f"invalid envelope: {exc}") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"{not_json}: {exc}", problem="undecodable") from exc
+    except RecursionError as exc:  # pragma: no cover - refusal() measures the depth first
+        raise DecodeError(f"invalid envelope: nested too deep ({exc})") from exc

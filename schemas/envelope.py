@@ -15,6 +15,8 @@ from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
+from schemas.limits import Headers, Ident, Name
+
 ENVELOPE_VERSION = 1
 
 # Priorities run 0 (lowest) to 9 (highest); under a backlog higher is handled first.
@@ -41,19 +43,20 @@ class Envelope(msgspec.Struct, Generic[P], frozen=True, kw_only=True, omit_defau
     message; both are None for an event an agent records about itself.
     """
 
-    id: str
-    sender: str
+    # Names and ids are bounded (schemas.limits): an envelope over a limit does not decode.
+    id: Ident
+    sender: Name
     payload: P
     created_at: datetime
-    to: str | None = None
-    tag: str | None = None
-    correlation_id: str | None = None
-    causation_id: str | None = None
+    to: Name | None = None
+    tag: Name | None = None
+    correlation_id: Ident | None = None
+    causation_id: Ident | None = None
     # Set on a request: the name replies are addressed to (the reply subject is derived from it).
-    reply_to: str | None = None
+    reply_to: Name | None = None
     priority: Priority = PRIORITY_DEFAULT
     expires_at: datetime | None = None
-    headers: dict[str, str] = {}
+    headers: Headers = {}
     v: int = ENVELOPE_VERSION
 
     @property

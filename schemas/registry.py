@@ -13,6 +13,7 @@ from typing import Any, Union
 import msgspec
 
 from schemas.envelope import Payload
+from schemas.limits import MAX_KIND_CHARS
 from schemas.payloads import BUILTIN_PAYLOADS
 
 Upcaster = Callable[[Any], Any]
@@ -92,11 +93,13 @@ class PayloadRegistry:
 
 
 def kind_of_raw(raw: bytes | msgspec.Raw) -> str | None:
-    """The `kind` of an undecoded payload, or None when it has none."""
+    """The `kind` of an undecoded payload (cut to `MAX_KIND_CHARS`: it may come from anyone and
+    ends up in records), or None when it has none."""
     try:
-        return msgspec.json.decode(raw, type=_KindProbe).kind
-    except msgspec.DecodeError:
+        kind = msgspec.json.decode(raw, type=_KindProbe).kind
+    except (msgspec.DecodeError, RecursionError):
         return None
+    return None if kind is None else kind[:MAX_KIND_CHARS]
 
 
 class _KindProbe(msgspec.Struct):

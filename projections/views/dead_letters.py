@@ -1,6 +1,7 @@
 """`dead_letters`: messages that will not be handled, with the reason, the number of delivery
 attempts, the error, and the original bytes (and the original envelope as JSON when they were
-one)."""
+one). An original too large to travel in its dead letter has `original` NULL and is found in
+the log at `original_seq`, with `original_size` and `original_sha256` to check it by."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "dead_letters"
-VERSION = 1
+VERSION = 2
 
 TABLES = """
 CREATE TABLE {s}.dead_letters (
@@ -29,8 +30,10 @@ CREATE TABLE {s}.dead_letters (
     original_id       VARCHAR,
     original_kind     VARCHAR,
     correlation_id    VARCHAR,
-    original          BLOB,              -- the exact bytes that were delivered
-    original_envelope JSON               -- the same, when they are a JSON envelope
+    original          BLOB,              -- the exact bytes that were delivered (NULL: too large, see original_seq)
+    original_envelope JSON,              -- the same, when they are a JSON envelope
+    original_size     BIGINT,            -- bytes of the original
+    original_sha256   VARCHAR            -- hex SHA-256 of the original (NULL in dead letters older than it)
 )
 """
 
@@ -42,9 +45,12 @@ SELECT seq, stored_at, id, payload->>'agent', payload->>'consumer', payload->>'r
        TRY_CAST(payload->>'deliveries' AS INTEGER), payload->>'error',
        TRY_CAST(payload->>'original_seq' AS BIGINT), payload->>'original_subject',
        payload->>'original_id', payload->>'original_kind', correlation_id,
-       original, TRY_CAST(TRY(decode(original)) AS JSON)
-FROM (SELECT *, TRY(from_base64(payload->>'original')) AS original
-      FROM batch WHERE kind = 'delivery.dead_lettered' AND error IS NULL)
+       CASE WHEN carried THEN original END, CASE WHEN carried THEN TRY_CAST(TRY(decode(original)) AS JSON) END,
+       coalesce(TRY_CAST(payload->>'original_size' AS BIGINT), octet_length(original)),
+       payload->>'original_sha256'
+FROM (SELECT *, coalesce(octet_length(original) = TRY_CAST(payload->>'original_size' AS BIGINT), true) AS carried
+      FROM (SELECT *, TRY(from_base64(payload->>'original')) AS original
+            FROM batch WHERE kind = 'delivery.dead_lettered' AND error IS NULL))
 """
 
 

@@ -35,7 +35,12 @@ class DeliveryReport(Payload, frozen=True, kw_only=True, tag="delivery.report"):
 
 
 class DeadLettered(Payload, frozen=True, kw_only=True, tag="delivery.dead_lettered"):
-    """A message that will not be handled, with why and the exact original bytes."""
+    """A message that will not be handled, with why and the exact original bytes.
+
+    A dead letter always fits in one message: an original too large to carry is left out
+    (`original` empty) and referred to by its stream sequence, size and SHA-256; it stays in
+    the log at `original_seq`. (Dead letters written before size and hash were recorded carry
+    their original and have neither.)"""
 
     reason: str
     agent: str
@@ -47,6 +52,13 @@ class DeadLettered(Payload, frozen=True, kw_only=True, tag="delivery.dead_letter
     original_id: str | None = None
     original_kind: str | None = None
     error: str | None = None
+    original_size: int | None = None
+    original_sha256: str | None = None
+
+    @property
+    def carries_original(self) -> bool:
+        """False when the original was too large to carry and is only referred to."""
+        return self.original_size is None or len(self.original) == self.original_size
 
 
 class DeliveryExpired(Payload, frozen=True, kw_only=True, tag="delivery.expired"):
