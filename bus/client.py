@@ -42,7 +42,7 @@ from bus.metrics import BusMetrics
 from bus.publisher import PubAck, Publisher
 from bus.server import read_varz
 from bus.subjects import Subjects
-from bus.topology import advisory_stream_config, ensure_stream, log_stream_config
+from bus.topology import advisory_stream_config, ensure_stream, log_stream_checks, log_stream_config
 from schemas import Codec, Delivery, Envelope, PayloadRegistry, derived_id, new_id, utcnow
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from schemas.payloads import RequestFailed
@@ -132,7 +132,13 @@ class Bus:
             ) from exc
         try:
             self._js = self._nc.jetstream(timeout=self.config.publisher.ack_timeout_s)
-            await ensure_stream(self._js, log_stream_config(self.subjects, self.config.stream))
+            # A live stream is used as it is (a warning names what differs): only an operator
+            # changes a log's retention (`bus stream update`), never a process starting up.
+            await ensure_stream(
+                self._js,
+                log_stream_config(self.subjects, self.config.stream),
+                checked=log_stream_checks(self.config.stream),
+            )
             await ensure_stream(self._js, advisory_stream_config(self.subjects))
             self._publisher = Publisher(
                 self._nc, subjects=self.subjects, settings=self.config.publisher, metrics=self.metrics
@@ -191,6 +197,11 @@ class Bus:
         if self._js is None:
             raise RuntimeError("Bus is not connected; use `async with Bus(config) as bus:`")
         return self._js
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message (headers included) the connected server accepts, in bytes."""
+        return self.nc.max_payload
 
     @property
     def publisher(self) -> Publisher:

@@ -1,23 +1,49 @@
 """Streams and consumers declared as data and applied idempotently.
 
-`ensure_*` create what is missing, update what may change in place, and log a warning naming
-each field when a live object has drifted from the declaration in a way that cannot be updated.
+Consumers: `ensure_consumer` creates what is missing and updates filters and limits in place.
+
+Streams: `ensure_stream` creates a missing stream from its declaration but never changes a live
+one: the log *is* the event store, and a lower max age or max bytes deletes history. A live
+stream that differs from a process's declaration is used as it is, with one warning naming each
+differing field; only an operator changes it (`bus stream update`, through `update_stream`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterable
+from typing import Any
 
+import msgspec
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from bus.config import ConsumerSettings, StreamSettings
+from bus.errors import BusUnavailable, ConfigurationError
 from bus.subjects import Subjects
 
 log = logging.getLogger("continuum.topology")
 
 _NS = 1_000_000_000
+# The server's answer when a stream was created (differently) between our look and our create.
+_STREAM_NAME_IN_USE = 10058
+
+# The stream fields a declaration can differ in, in the order they are reported.
+STREAM_FIELDS = (
+    "subjects", "max_age", "max_bytes", "duplicate_window", "num_replicas",
+    "allow_direct", "allow_atomic", "deny_delete",
+)
+# What every Bus relies on in the log, whatever its settings: its subjects, direct get (stored
+# replies), atomic batches (group commit), and no deletes. None of them removes a message.
+LOG_FEATURES = ("subjects", "allow_direct", "allow_atomic", "deny_delete")
+# Each StreamSettings field and the stream field it sets.
+_SETTING_FIELDS = {
+    "max_age_s": "max_age", "max_bytes": "max_bytes",
+    "duplicate_window_s": "duplicate_window", "replicas": "num_replicas",
+}
 
 
 def log_stream_config(subjects: Subjects, settings: StreamSettings) -> js_api.StreamConfig:
@@ -32,7 +58,7 @@ def log_stream_config(subjects: Subjects, settings: StreamSettings) -> js_api.St
         subjects=[subjects.all],
         retention=js_api.RetentionPolicy.LIMITS,
         storage=js_api.StorageType.FILE,
-        max_age=max_age or None,
+        max_age=max_age,  # 0: forever, as the server reads it (stated, so it is compared too)
         max_bytes=settings.max_bytes,
         duplicate_window=window,
         num_replicas=settings.replicas,
@@ -58,22 +84,204 @@ def advisory_stream_config(subjects: Subjects) -> js_api.StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, config: js_api.StreamConfig) -> js_api.StreamInfo:
-    """Create the stream, or update it when a mutable field differs. Returns its info."""
-    try:
-        info = await js.stream_info(config.name)
-    except NotFoundError:
-        return await js.add_stream(config)
-    live = info.config
-    drift = {
-        name: (getattr(live, name), want)
-        for name in ("subjects", "max_age", "max_bytes", "duplicate_window", "allow_direct", "allow_atomic")
-        if (want := getattr(config, name)) is not None and getattr(live, name) != want
+def log_stream_checks(settings: StreamSettings) -> tuple[str, ...]:
+    """The log fields a Bus with `settings` compares with a live log: the features every Bus
+    relies on, and the stream field of each setting chosen explicitly. A setting left at its
+    default states no wish about a log that already exists, so a log an operator changed with
+    `bus stream update` does not make every process with default settings complain."""
+    default = StreamSettings()
+    chosen = {
+        stream_field
+        for setting, stream_field in _SETTING_FIELDS.items()
+        if getattr(settings, setting) != getattr(default, setting)
     }
-    if drift:
-        log.warning("stream %s drifted from its declaration, updating: %s", config.name, drift)
-        info = await js.update_stream(config)
+    return tuple(f for f in STREAM_FIELDS if f in LOG_FEATURES or f in chosen)
+
+
+async def ensure_stream(
+    js: JetStreamContext, config: js_api.StreamConfig, *, checked: Iterable[str] = STREAM_FIELDS
+) -> js_api.StreamInfo:
+    """Create the stream from `config` when it does not exist; return the live stream's info.
+
+    An existing stream is used as it is, never updated. Each field in `checked` where it differs
+    from `config` is named in one warning (live vs wanted); other differences are logged at debug.
+    Raises ConfigurationError when the server refuses to create the stream (e.g. replicas > 1 on
+    a single server), BusUnavailable when it does not answer.
+    """
+    try:
+        try:
+            info = await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                return await js.add_stream(config)
+            except APIError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                info = await js.stream_info(config.name)  # another process created it first
+    except (APIError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise _translated(exc, "set up", config.name) from exc
+    compared = set(checked)
+    differences = stream_differences(info.config, config)
+    warned = [d for d in differences if d.field in compared]
+    if warned:
+        log.warning(
+            "stream %s differs from this process's declaration, so it is used as it is: %s "
+            "(run `bus stream update` to change it)",
+            config.name, "; ".join(f"{d.field} live {d.live_text}, wanted {d.wanted_text}" for d in warned),
+        )
+    if rest := [d for d in differences if d.field not in compared]:
+        log.debug("stream %s: settings this process left at their defaults differ: %s", config.name,
+                  "; ".join(f"{d.field} live {d.live_text}, default {d.wanted_text}" for d in rest))
     return info
+
+
+async def update_stream(js: JetStreamContext, config: js_api.StreamConfig) -> js_api.StreamInfo:
+    """Apply `config` to the live stream: the operator's path (`bus stream update`), never a
+    process's start. Raises ConfigurationError when the server refuses the change (its reason
+    in the message), BusUnavailable when it does not answer."""
+    try:
+        return await js.update_stream(config)
+    except (APIError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise _translated(exc, "update", config.name) from exc
+
+
+def _translated(exc: Exception, action: str, stream: str) -> Exception:
+    if isinstance(exc, ServiceUnavailableError | nats.errors.TimeoutError | nats.errors.NoRespondersError):
+        return BusUnavailable(
+            f"the server did not answer a request to {action} stream {stream} ({type(exc).__name__}): "
+            "is it running, with JetStream enabled?"
+        )
+    description = getattr(exc, "description", None) or type(exc).__name__
+    return ConfigurationError(f"the server refused to {action} stream {stream}: {description}")
+
+
+def log_stream_update(
+    subjects: Subjects,
+    live: js_api.StreamConfig,
+    *,
+    max_age_s: float | None = None,
+    max_bytes: int | None = None,
+    duplicate_window_s: float | None = None,
+    replicas: int | None = None,
+) -> js_api.StreamConfig:
+    """The live log's config with the given settings changed (None: keep the live value) and the
+    features every Bus relies on restored. A max age shorter than the duplicate window shortens
+    the window with it (the server requires window <= max age), unless the window was given.
+
+    Raises ConfigurationError when a given duplicate window is longer than the max age.
+    """
+    declared = log_stream_config(subjects, StreamSettings())
+    changes: dict[str, Any] = {f: getattr(declared, f) for f in LOG_FEATURES}
+    for field, value in (("max_age", max_age_s), ("max_bytes", max_bytes),
+                         ("duplicate_window", duplicate_window_s), ("num_replicas", replicas)):
+        if value is not None:
+            changes[field] = value
+    wanted = dataclasses.replace(live, **changes)
+    max_age = wanted.max_age or 0.0
+    if max_age and wanted.duplicate_window > max_age:
+        if duplicate_window_s is not None:
+            raise ConfigurationError(
+                f"the duplicate window ({describe('duplicate_window', duplicate_window_s)}) cannot be longer "
+                f"than the max age ({describe('max_age', max_age)}): give a shorter --duplicate-window"
+            )
+        wanted.duplicate_window = max_age
+    return wanted
+
+
+def declared_stream_update(live: js_api.StreamConfig, declared: js_api.StreamConfig) -> js_api.StreamConfig:
+    """The live stream's config with every field of STREAM_FIELDS that `declared` sets restored
+    (a feature it leaves off is left as it is live)."""
+    return dataclasses.replace(
+        live, **{f: v for f in STREAM_FIELDS if (v := getattr(declared, f)) is not None and v is not False}
+    )
+
+
+class FieldChange(msgspec.Struct, frozen=True):
+    """One stream field whose live value differs from the wanted one."""
+
+    field: str
+    live: Any
+    wanted: Any
+
+    @property
+    def live_text(self) -> str:
+        return describe(self.field, self.live)
+
+    @property
+    def wanted_text(self) -> str:
+        return describe(self.field, self.wanted)
+
+    @property
+    def loss(self) -> str | None:
+        """What applying it deletes, or None when it deletes nothing (a growth, a feature)."""
+        if self.field == "max_age" and self.wanted and (not self.live or self.wanted < self.live):
+            return f"messages older than {self.wanted_text} are deleted"
+        if self.field == "max_bytes" and self.wanted >= 0 and (self.live < 0 or self.wanted < self.live):
+            return f"the oldest messages beyond {self.wanted_text} are deleted"
+        if self.field == "num_replicas" and self.wanted < self.live:
+            return f"the copies of every message on {self.live - self.wanted} server(s) are deleted"
+        return None
+
+
+def stream_differences(live: js_api.StreamConfig, wanted: js_api.StreamConfig) -> list[FieldChange]:
+    """The fields of STREAM_FIELDS that `wanted` sets and `live` has otherwise. A field `wanted`
+    leaves None, or a feature it leaves off (False), is no wish: it is not compared."""
+    changes = []
+    for field in STREAM_FIELDS:
+        want = getattr(wanted, field)
+        if want is None or want is False:
+            continue
+        have, want = _comparable(field, getattr(live, field)), _comparable(field, want)
+        if field in ("max_age", "duplicate_window"):
+            # The server keeps nanoseconds: compare what it would store.
+            same = int(have * _NS) == int(want * _NS)
+        else:
+            same = have == want
+        if not same:
+            changes.append(FieldChange(field, have, want))
+    return changes
+
+
+def _comparable(field: str, value: Any) -> Any:
+    if field == "subjects":
+        return sorted(value or [])
+    if field in ("max_age", "duplicate_window"):
+        return float(value or 0.0)
+    if field == "max_bytes":
+        return -1 if value is None or value <= 0 else int(value)  # the server stores 0 as -1
+    if field == "num_replicas":
+        return int(value or 1)
+    return bool(value)
+
+
+def describe(field: str, value: Any) -> str:
+    """A stream field's value for people: 'forever', '7d', 'unlimited', '1 GiB', 'default.>'."""
+    if field == "max_age" and not value:
+        return "forever"
+    if field in ("max_age", "duplicate_window"):
+        return _duration(float(value))
+    if field == "max_bytes":
+        return "unlimited" if value is None or value < 0 else _bytes(int(value))
+    if field == "subjects":
+        return ", ".join(value) or "(none)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.10g}s"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            exact = n % size == 0
+            return f"{n // size} {unit}" if exact else f"{n} B ({n / size:.1f} {unit})"
+    return f"{n} B"
 
 
 def inbox_consumer_config(subjects: Subjects, agent: str, settings: ConsumerSettings) -> js_api.ConsumerConfig:

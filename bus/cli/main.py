@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "bus.cli.server_commands",     # up, down
     "bus.cli.message_commands",    # send, broadcast, request, tail
     "bus.cli.ops_commands",        # status, schema
+    "bus.cli.stream_commands",     # stream info|update
     "bus.cli.bench_command",       # bench
     "bus.cli.smoke_command",       # smoke
     "projections.cli",             # projections run|rebuild|status, query
