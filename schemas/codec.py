@@ -72,6 +72,12 @@ def decode_loose(data: bytes) -> Envelope[msgspec.Raw]:
 def _decode_within_limits(decoder: msgspec.json.Decoder[Any], data: bytes, not_json: str) -> Any:
     why = refusal(data)
     if why is not None:
+        # Over a limit; but bytes that are not even text (random bytes have brackets too) are
+        # first of all not JSON.
+        try:
+            data.decode()
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"{not_json}: {exc}", problem="undecodable") from exc
         raise DecodeError(f"invalid envelope: {why}")
     try:
         return decoder.decode(data)
