@@ -6,6 +6,8 @@
     ├── StepError              misuse of `ctx.step`: nested or concurrent steps, too many steps
     ├── NondeterminismError    the handler did not replay its steps in the recorded order
     │                          (also a bus PermanentError: the message is dead-lettered)
+    ├── UnreadableRecord       a record the agent relies on (its state, a step result) does not
+    │                          decode (a PermanentError too: retrying reads the same bytes)
     └── SupervisorError        `bus agent start/stop` could not do what was asked
         ├── AlreadyRunning     a supervisor for this agent name is running
         └── NotRunning         no supervisor for this agent name
@@ -48,6 +50,12 @@ class NondeterminismError(AgentError, PermanentError):
         self.index = index
         self.recorded = recorded
         self.called = called
+
+
+class UnreadableRecord(AgentError, PermanentError):
+    """A stored record this agent reads back (its saved state, a recorded step) is not what it
+    wrote: the bytes do not decode, or hold another kind. The message being handled is
+    dead-lettered with this reason; the record's subject and sequence are named."""
 
 
 class SupervisorError(AgentError):

@@ -43,7 +43,7 @@ from bus.publisher import PubAck, Publisher
 from bus.server import read_varz
 from bus.subjects import Subjects
 from bus.topology import advisory_stream_config, ensure_stream, log_stream_checks, log_stream_config
-from schemas import Codec, Delivery, Envelope, PayloadRegistry, derived_id, new_id, utcnow
+from schemas import Codec, DecodeError, Delivery, Envelope, PayloadRegistry, derived_id, new_id, utcnow
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from schemas.payloads import RequestFailed
 from schemas.query import QueryFailure, QueryRequest, QueryResult
@@ -315,7 +315,8 @@ class Bus:
 
         The reply subscription is in place (and flushed) before the request is published, so
         the first reply cannot be missed; both request and reply are in the log. Raises
-        RequestTimeout, RemoteError (the handler failed), BusUnavailable.
+        RequestTimeout, RemoteError (the handler failed, or the reply is not a valid envelope),
+        BusUnavailable.
         """
         envelope = self.envelope(payload, to=check_name(to, "agent name"), reply_to=self.config.name, **fields)
         reply_subject = self.subjects.reply(self.config.name, envelope.id)
@@ -343,7 +344,13 @@ class Bus:
                 await sub.unsubscribe()
             except nats.errors.BadSubscriptionError:
                 pass  # already removed after its one message
-        reply = self.codec.decode(data)
+        try:
+            reply = self.codec.decode(data)
+        except DecodeError as exc:
+            # Anyone may publish on a reply subject: what came back is not the agent's answer.
+            self.metrics.requests.labels("failed").inc()
+            raise RemoteError(f"the reply to request {envelope.id} is not a valid envelope: {exc}",
+                              error_type=exc.problem) from exc
         self.metrics.request_seconds.observe(loop.time() - started)
         if isinstance(reply.payload, RequestFailed):
             self.metrics.requests.labels("failed").inc()

@@ -78,7 +78,7 @@ def parse_puback(data: bytes, *, expected: int | None = None) -> PubAck:
 def decode_ack(data: bytes) -> WirePubAck:
     try:
         return _ack_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # (an inbox is a subject anyone can publish on)
         raise BusUnavailable(f"unreadable publish ack {data[:200]!r}") from exc
 
 

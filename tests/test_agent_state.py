@@ -9,8 +9,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from agents.errors import UnreadableRecord
 from agents.runtime import Context, StateStore
-from bus import Bus, BusConfig, ConcurrencyConflict
+from bus import Bus, BusConfig, ConcurrencyConflict, PermanentError
 from schemas import Envelope, derived_id
 from schemas.payloads import AgentHeartbeat, AgentStateSaved, Note
 from fixtures_agents.helpers import delivery, payloads
@@ -131,3 +132,23 @@ async def test_replicas_updating_one_state_lose_no_update(bus_config: BusConfig,
         await wait_for(counted, timeout_s=30, what="40 increments")
     assert (await StateStore(bus, "counter").load(type=int)).value == 40
     assert len(await payloads(bus, "default.event.counter.agent.state", AgentStateSaved)) == 40
+
+
+@pytest.mark.parametrize("stored", [
+    pytest.param(b"\xff not an envelope", id="not-an-envelope"),
+    pytest.param(b'{"id":"x","sender":"acct","created_at":"2026-01-02T03:04:05Z","payload":{"kind":"note","text":"x"}}',
+                 id="another-kind"),
+    pytest.param(b'{"id":"x","sender":"acct","created_at":"2026-01-02T03:04:05Z","payload":'
+                 b'{"kind":"agent.state","agent":"acct","value":' + b"[" * 60 + b"]" * 60 + b',"previous_version":0}}',
+                 id="value-of-another-type"),
+])
+async def test_a_state_record_that_does_not_decode_is_a_permanent_error(bus: Bus, stored: bytes) -> None:
+    """Anyone can publish on an agent's state subject: bytes there that are not this agent's
+    state raise UnreadableRecord (a PermanentError: the message needing it is dead-lettered
+    at once), naming the subject and sequence, instead of failing every retry the same way."""
+    store = StateStore(bus, "acct")
+    ack = await bus.js.publish(store.subject, stored)
+    with pytest.raises(UnreadableRecord) as info:
+        await store.load(type=int, default=0)
+    assert isinstance(info.value, PermanentError)
+    assert f"seq {ack.seq}" in str(info.value) and store.subject in str(info.value)

@@ -18,9 +18,10 @@ from typing import Any
 
 import msgspec
 
+from agents.errors import UnreadableRecord
 from agents.runtime.reads import MULTI_LAST_LIMIT, multi_last
 from bus.client import Bus
-from bus.errors import ConcurrencyConflict, PermanentError
+from bus.errors import ConcurrencyConflict
 from schemas import DecodeError, Delivery, Envelope, derived_id, stable_id
 from schemas.payloads import StepRecorded
 
@@ -68,7 +69,7 @@ class StepJournal:
         return derived_id(self.key, f"out/{index}/{name}")
 
     async def recorded(self, index: int) -> StepRecorded | None:
-        """The recorded result of step `index`, or None. Raises BusUnavailable, PermanentError."""
+        """The recorded result of step `index`, or None. Raises BusUnavailable, UnreadableRecord (a PermanentError)."""
         if self._recorded is None:
             await self._load()
         assert self._recorded is not None
@@ -123,7 +124,7 @@ class StepJournal:
             try:
                 payload = self._bus.codec.decode(msg.data).payload
             except DecodeError as exc:
-                raise PermanentError(f"step record at seq {msg.seq} ({msg.subject}) is unreadable: {exc}") from exc
+                raise UnreadableRecord(f"step record at seq {msg.seq} ({msg.subject}) is unreadable: {exc}") from exc
             if isinstance(payload, StepRecorded):
                 recorded[payload.index] = payload
         self._recorded = recorded

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
-from agents.errors import AgentError
+from agents.errors import UnreadableRecord
 from agents.runtime.reads import StoredMsg, by_seq, last_by_subject
 from bus.client import Bus
 from bus.errors import ConcurrencyConflict
-from schemas import derived_id, new_id
+from schemas import DecodeError, derived_id, new_id
 from schemas.payloads import AgentStateSaved
 
 if TYPE_CHECKING:
@@ -129,7 +129,15 @@ class StateStore:
     def _decode(self, msg: StoredMsg | None, value_type: Any, default: Any) -> Versioned[Any]:
         if msg is None:
             return Versioned(value=default, version=0)
-        payload = self._bus.codec.decode(msg.data).payload
+        try:
+            payload = self._bus.codec.decode(msg.data).payload
+        except DecodeError as exc:
+            raise UnreadableRecord(f"{self.subject} at seq {msg.seq} is not agent state: {exc}") from exc
         if not isinstance(payload, AgentStateSaved):
-            raise AgentError(f"{self.subject} holds a {payload.__class__.__name__} at seq {msg.seq}, not agent state")
-        return Versioned(value=msgspec.json.decode(bytes(payload.value), type=value_type), version=msg.seq)
+            raise UnreadableRecord(f"{self.subject} holds a {payload.__class__.__name__} at seq {msg.seq}, not agent state")
+        try:
+            value = msgspec.json.decode(bytes(payload.value), type=value_type)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise UnreadableRecord(f"the state at {self.subject} seq {msg.seq} does not decode as {value_type!r}: "
+                                   f"{str(exc)[:500]}") from exc
+        return Versioned(value=value, version=msg.seq)

@@ -358,6 +358,8 @@ class _TailPrinter:
             return True
         if self.kinds and not any(fnmatch.fnmatchcase(kind, pattern) for pattern in self.kinds):
             return False
+        if not kind.isprintable():
+            kind = ascii(kind)  # anyone may name a kind: no escape sequences reach the terminal
         if self.json:
             out(msgspec.json.encode({
                 "seq": seq, "subject": msg.subject, "time": stamp, "kind": kind, "envelope": envelope,
@@ -389,7 +391,7 @@ class _TailPrinter:
                 {"seq": seq, "subject": subject, "time": stamp, "undecodable": reason[:500]}
             ).decode())
         else:
-            out(f"{_clock(stamp)}  {'(undecodable)':<24} {subject:<32} {reason[:120]}  seq {seq}")
+            out(f"{_clock(stamp)}  {'(undecodable)':<24} {subject:<32} {ascii(reason[:120])[1:-1]}  seq {seq}")
         self.printed += 1
 
 
