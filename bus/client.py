@@ -419,16 +419,28 @@ class Bus:
         applied that stream sequence. Raises QueryError, BusUnavailable."""
         request = QueryRequest(sql=sql, params=list(params), min_seq=min_seq, max_rows=max_rows, timeout_s=timeout_s)
         try:
-            msg = await cancellation_kept(
-                self.nc.request(self.subjects.query, _query_encoder.encode(request), timeout=timeout_s + 2.0)
+            data = _query_encoder.encode(request)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise QueryError(f"the query parameters cannot be sent: {exc}", kind="bad_sql") from exc
+        # Refused here, as the service would (nats-py would raise its own MaxPayloadError).
+        if len(data) > self.max_payload:
+            raise QueryError(
+                f"the query request is {len(data)} bytes, over the server's message limit of "
+                f"{self.max_payload} bytes: send less SQL or fewer parameters",
+                kind="too_large",
             )
+        try:
+            msg = await cancellation_kept(self.nc.request(self.subjects.query, data, timeout=timeout_s + 2.0))
         except nats.errors.NoRespondersError as exc:
             raise BusUnavailable(
                 "no projection service is answering queries: start one with `bus projections run` (or `bus up`)"
             ) from exc
         except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
             raise QueryError(f"query not answered within {timeout_s}s", kind="timeout") from exc
-        response = _query_response.decode(msg.data)
+        try:
+            response = _query_response.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            raise QueryError(f"the query service's answer is not a query response: {exc}", kind="internal") from exc
         if isinstance(response, QueryFailure):
             raise QueryError(response.message, kind=response.kind)
         return response

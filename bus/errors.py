@@ -60,7 +60,8 @@ class RemoteError(BusError):
 
 
 class QueryError(BusError):
-    """A query was not answered; `kind` is bad_sql, not_allowed, timeout, lag, too_large or internal."""
+    """A query was not answered; `kind` is bad_sql, not_allowed, timeout, lag, too_large (the request,
+    the result or the query's memory is over a limit, which the message names) or internal."""
 
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message)

@@ -39,9 +39,12 @@ from projections.config import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUCKDB_THREADS,
     DEFAULT_LINGER_S,
+    DEFAULT_QUERY_MEMORY_LIMIT,
     VIEWS_FILE,
     ProjectionSettings,
     QuerySettings,
+    format_bytes,
+    parse_bytes,
     quick_gil_handoff,
     tuned_gc,
 )
@@ -70,9 +73,15 @@ def register(subparsers: Any) -> None:
     run.add_argument("--query-workers", type=int, default=2, help="threads answering queries (default %(default)s)")
     run.add_argument("--memory-limit", default=None, help="DuckDB memory limit, e.g. 2GB (default: DuckDB's)")
     run.add_argument(
+        "--query-memory-limit", type=_size, default=None, metavar="SIZE",
+        help=f"how much one query may grow the service's memory, e.g. 512MB; over it the query is stopped "
+             f"(default {format_bytes(DEFAULT_QUERY_MEMORY_LIMIT)}, or half of --memory-limit if less)",
+    )
+    run.add_argument(
         "--duckdb-threads", type=positive_int, default=DEFAULT_DUCKDB_THREADS, metavar="N",
         help="threads DuckDB may use for one statement (default %(default)s: the fold lanes and query "
-             "workers already run at once; more helps a log that keeps one lane busy alone)",
+             "workers already run at once; more helps a log that keeps one lane busy alone, but then "
+             "queries are kept off the file system by the statement check alone, not by the kernel)",
     )
     run.add_argument(
         "--linger-ms", type=non_negative_float, default=DEFAULT_LINGER_S * 1000, metavar="MS",
@@ -113,6 +122,17 @@ def register(subparsers: Any) -> None:
     query.set_defaults(func=_query)
 
 
+def _size(text: str) -> int:
+    """An argparse type: a size such as 512MB or 1GiB, in bytes (at least 1)."""
+    try:
+        size = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1 byte")
+    return size
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     add_connection_options(parser)
     parser.add_argument("--db", type=Path, default=None, help=f"the views file (default: <home>/{VIEWS_FILE})")
@@ -127,11 +147,15 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> ProjectionSettings:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    settings = _settings(
-        args, batch_max=args.batch_max, read_ahead=2 * args.batch_max,
-        memory_limit=args.memory_limit, threads=args.duckdb_threads, linger_s=args.linger_ms / 1000,
-        query=QuerySettings(workers=args.query_workers), fsync=args.fsync,
-    )
+    try:
+        settings = _settings(
+            args, batch_max=args.batch_max, read_ahead=2 * args.batch_max,
+            memory_limit=args.memory_limit, threads=args.duckdb_threads, linger_s=args.linger_ms / 1000,
+            query=QuerySettings(workers=args.query_workers, memory_limit_bytes=args.query_memory_limit),
+            fsync=args.fsync,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     registry = CollectorRegistry()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

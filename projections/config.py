@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,11 @@ DEFAULT_BATCH_MAX = 131_072
 # busy alone folds slower (1M memory events caught up in 24 s instead of 19): raise it there.
 DEFAULT_DUCKDB_THREADS = 1
 DEFAULT_LINGER_S = 0.05
+# How much a query may grow the service's memory (DuckDB's cache of the views file aside): enough
+# for aggregations over millions of events; a runaway string_agg or cross join stops here.
+DEFAULT_QUERY_MEMORY_LIMIT = 1024**3
+# A query request's bytes at most: SQL text and parameters, far past any real query.
+DEFAULT_MAX_REQUEST_BYTES = 1024**2
 
 
 class QuerySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,10 +40,19 @@ class QuerySettings(msgspec.Struct, frozen=True, kw_only=True):
     # answered with a `lag` failure (never longer than the request's own timeout).
     max_lag_wait_s: float = 5.0
     queue_group: str = "continuum-projections"
+    # How much one query may grow the process's resident memory, DuckDB's cache of the views
+    # file not counted (checked every 10 ms; over it, the query is interrupted: `too_large`).
+    # None: DEFAULT_QUERY_MEMORY_LIMIT, or half of ProjectionSettings.memory_limit if less
+    # (the folds share DuckDB's memory, and must keep room to commit).
+    memory_limit_bytes: int | None = None
+    # A request's bytes at most (the server's max_payload bounds it anyway); over it: `too_large`.
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.max_concurrent < 1 or self.max_rows < 1:
             raise ValueError("query workers, max_concurrent and max_rows must be at least 1")
+        if (self.memory_limit_bytes is not None and self.memory_limit_bytes < 1) or self.max_request_bytes < 1:
+            raise ValueError("query memory_limit_bytes and max_request_bytes must be at least 1")
 
 
 class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,11 +92,53 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("linger_s must be 0 or more")
         if self.heartbeat_s <= 0 or self.lanes < 1:
             raise ValueError("heartbeat_s must be positive and lanes at least 1")
+        duckdb_limit = self._duckdb_memory_bytes()
+        if duckdb_limit is not None and (self.query.memory_limit_bytes or 0) > duckdb_limit:
+            raise ValueError(
+                f"the query memory limit ({format_bytes(self.query.memory_limit_bytes or 0)}) is over DuckDB's "
+                f"memory_limit ({self.memory_limit}): a query could take all of it and make the folds fail"
+            )
+
+    def query_memory_limit(self) -> int:
+        """The bytes one query may grow the service by (see `QuerySettings.memory_limit_bytes`)."""
+        if self.query.memory_limit_bytes is not None:
+            return self.query.memory_limit_bytes
+        duckdb_limit = self._duckdb_memory_bytes()
+        return DEFAULT_QUERY_MEMORY_LIMIT if duckdb_limit is None else min(DEFAULT_QUERY_MEMORY_LIMIT, duckdb_limit // 2)
+
+    def _duckdb_memory_bytes(self) -> int | None:
+        try:
+            return parse_bytes(self.memory_limit) if self.memory_limit else None
+        except ValueError:
+            return None  # a form only DuckDB reads (it says so at open)
 
     @classmethod
     def for_home(cls, home: Path, **overrides: object) -> ProjectionSettings:
         """Settings with the views file at `<home>/views.duckdb`."""
         return cls(db_path=str(Path(home) / VIEWS_FILE), **overrides)  # type: ignore[arg-type]
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """`"512MB"`, `"1GiB"`, `"1.5 GB"` or `"1048576"` as bytes (KB/MB/GB are powers of 1000,
+    KiB/MiB/GiB of 1024, as DuckDB reads them). Raises ValueError."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "b").lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 512MB, 1GiB, 1048576)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(size: int) -> str:
+    """`size` for a message: `1 GiB`, `488.3 MiB`, `1000 bytes`."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor:
+            return f"{size / factor:.4g} {unit}"
+    return f"{size} bytes"
 
 
 @contextlib.contextmanager

@@ -5,10 +5,33 @@ so a crash leaves each view either before or after the batch, never half-way. Th
 the views over a few lanes that run at once: DuckDB runs each of these statements on one core,
 so two lanes fold ~1.6x faster on two cores (measured: 110k -> 181k events/s, all views).
 
-A record whose content makes a view's fold fail (a data error from DuckDB) is found by halving
+A record whose content makes a view's fold fail (a data error from DuckDB, or any exception the
+records cause: see below) is found by halving
 the batch, and folded into that view with its `error` set (folds skip such rows) and logged in
 `_continuum.fold_errors`: one bad event never stops the views, and it fails the same way in a
-rebuild, so rebuilt views still equal live ones.
+rebuild, so rebuilt views still equal live ones. Should the view fail on it even so, it gets the
+record with its content emptied as well, and failing that, not at all.
+
+What a failure says about its cause decides what happens (`cause_of`):
+
+    the records      any exception from a view's fold but those below: DuckDB's data, binder and
+                     internal errors, RecursionError, MemoryError (with overcommit, Python runs
+                     out of memory on one huge allocation, which a record's content asks for;
+                     the machine running out kills the process instead), a view's bug that odd
+                     data trips. Found by halving, folded as an error: deterministic, so retrying
+                     would fail forever.
+    the environment  DuckDB out of memory (its memory_limit, shared by every lane and query), I/O
+                     (disk full), interrupted, a conflicting transaction; OSError. Nothing is
+                     wrong with the records: FoldError, nothing committed; the runner retries.
+                     The decode limits (schemas.limits) bound what one record can ask of a fold.
+    the database     DuckDB invalidated it after a fatal error, or the connection is gone:
+                     StoreUnusable. The process must start again; the fold stays recorded as in
+                     flight, so that start treats its records as suspects (projections.crashes).
+
+Before a fold starts, its lane records it in `<views>.folding`, and clears it when the fold
+returns: a fold whose process crashed in the middle is recognised at the next start and its
+records are folded again with care; a record that crashes the process is folded without its
+content from then on (see projections.crashes).
 
 A batch that no view of a lane has a statement for (most batches, for the memory views) costs
 that lane no transaction: its checkpoint moves in memory and reaches the file with the lane's
@@ -19,6 +42,7 @@ which again writes nothing, so the views are the same either way.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import time
 from collections.abc import Mapping
@@ -29,7 +53,9 @@ import duckdb
 import pyarrow as pa
 
 from projections.batch import Batch
+from projections.crashes import BUILD, CRASHER, LIVE, CrashGuard
 from projections.errors import FoldError
+from projections.inflight import InFlight
 from projections.views import Tx, ViewSpec
 
 log = logging.getLogger("continuum.projections.fold")
@@ -39,13 +65,40 @@ log = logging.getLogger("continuum.projections.fold")
 SAVE_EVERY_S = 1.0
 SAVE_EVERY_EVENTS = 50_000
 
-# Errors a batch's own content can cause; anything else (disk, memory) is not the data's fault.
-DATA_ERRORS: tuple[type[duckdb.Error], ...] = (
-    duckdb.ConversionException,
-    duckdb.InvalidInputException,
-    duckdb.OutOfRangeException,
-    duckdb.ConstraintException,
-)
+# How a view that cannot fold a record gets it, each tried when the one before failed: with
+# `error` set (its content kept, folds skip it), with its content emptied too, or not at all.
+MARKED, EMPTIED, LEFT_OUT = 1, 2, 3
+RETRY_FIRST_S, RETRY_MAX_S = 0.2, 30.0
+
+
+class Cause(enum.Enum):
+    """What a failed fold says about where the fault lies (see the module docstring)."""
+
+    RECORDS = "records"  # isolate the record, fold it as an error
+    ENVIRONMENT = "environment"  # retry later; the records are fine
+    DATABASE = "database"  # the database is unusable: start the process again
+
+
+def cause_of(exc: BaseException) -> Cause:
+    """Where the fault lies for an exception a fold raised (pure: see the module docstring)."""
+    if isinstance(exc, duckdb.FatalException | duckdb.ConnectionException):
+        return Cause.DATABASE
+    if isinstance(exc, duckdb.OperationalError | duckdb.InterruptException | OSError):
+        return Cause.ENVIRONMENT  # out of memory, I/O, HTTP, transaction conflicts, busy
+    return Cause.RECORDS
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry number `attempt` (1, 2, ...) of a fold the environment
+    failed: doubling from RETRY_FIRST_S, at most RETRY_MAX_S. Retries never stop: the records
+    cannot be skipped (they are good) and stopping would only end the service."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** min(attempt - 1, 16))
+
+
+class StoreUnusable(FoldError):
+    """DuckDB can no longer use the database (a fatal error invalidated it, or the connection is
+    gone): nothing more is folded in this process. The fold stays recorded as in flight, so the
+    next start folds its records again with care (projections.crashes)."""
 
 
 @dataclass
@@ -76,52 +129,107 @@ class Applied:
     swapped: bool = False
 
     def merge(self, other: Applied) -> Applied:
-        """Two lanes' (or two halves') results as one."""
+        """Two lanes' results for the same records as one."""
         rows = {k: self.rows.get(k, 0) + other.rows.get(k, 0) for k in {*self.rows, *other.rows}}
         return Applied(
             max(self.events, other.events), max(self.last_seq, other.last_seq), rows,
             self.poisoned + other.poisoned, self.swapped or other.swapped,
         )
 
+    def then(self, later: Applied) -> Applied:
+        """This fold followed by `later`, of the records after it (pieces of one batch)."""
+        rows = {k: self.rows.get(k, 0) + later.rows.get(k, 0) for k in {*self.rows, *later.rows}}
+        return Applied(
+            self.events + later.events, max(self.last_seq, later.last_seq), rows,
+            self.poisoned + later.poisoned, self.swapped or later.swapped,
+        )
+
 
 class Lane:
     """Folds batches into generations on one connection. Used by one thread at a time."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, specs: Mapping[str, ViewSpec]) -> None:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        specs: Mapping[str, ViewSpec],
+        *,
+        guard: CrashGuard | None = None,
+        slot: int = 0,
+        name: str = "",
+    ) -> None:
         self.con = con
         self._specs = specs
-        # Checkpoints of folds that wrote nothing, by (state, views), not yet in the file.
-        self._deferred: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
+        # Where this lane records the fold it is running (None: nowhere, no crash is recognised).
+        self._guard = guard
+        self._slot = slot
+        self._name = (name or str(slot))[:64]  # (its slot in the crash record has room for 64)
+        # Checkpoints of folds that wrote nothing, by generations ("view/generation": a rebuild's
+        # generations change state when they are swapped in), not yet in the file.
+        self._deferred: dict[tuple[str, ...], tuple[int, int]] = {}
         self._deferred_since: float | None = None
         self._deferred_events = 0
 
     def fold(self, gens: list[Generation], batch: Batch) -> Applied:
         """Fold `batch` (records above the gens' checkpoint) into `gens` and move their
         checkpoint to its last sequence, in one transaction; isolate records whose content a
-        view cannot fold. Raises FoldError (nothing of the failing part committed)."""
+        view cannot fold, and records known to crash the process. Raises FoldError (nothing of
+        the failing part committed), StoreUnusable."""
+        guard = self._guard
+        if guard is None:
+            return self._fold_halving(gens, batch)
+        target = BUILD if gens[0].state == "building" else LIVE
+        with guard.alone(target):
+            done: Applied | None = None
+            for piece, level in guard.plan(batch, target, [g.view for g in gens]):
+                fold = InFlight(lane=self._name, target=target, level=level,
+                                first=piece.first_seq, last=piece.last_seq, count=piece.size)
+                try:
+                    with guard.in_flight(self._slot, fold, keep_on=StoreUnusable):
+                        applied = (self._fold_halving(gens, piece) if level != CRASHER
+                                   else self._fold_crasher(gens, piece, guard))
+                except OSError as exc:  # writing the slot (disk full): retried like any I/O failure
+                    raise FoldError(f"could not record the fold of seq {piece.first_seq}..{piece.last_seq}: {exc}") from exc
+                done = applied if done is None else done.then(applied)
+            guard.settle(target, self.con)
+        assert done is not None
+        return done
+
+    def _fold_halving(self, gens: list[Generation], batch: Batch) -> Applied:
+        """`fold` without the crash record: a part that fails for a reason its records cause is
+        halved until the record is found, which then goes in as an error."""
         try:
             return self._fold(gens, batch)
-        except _DataError as failure:
+        except _RecordError as failure:
             if batch.size == 1:
-                return self._fold_poisoned(gens, batch, failure)
+                return self._fold_failing(gens, batch, {failure.view: (MARKED, describe(failure.cause))})
         half = batch.seqs[batch.size // 2 - 1]
-        first = self.fold(gens, _window(batch, batch.after_seq, half))
-        return first.merge(self.fold(gens, _window(batch, half, None)))
+        first = self._fold_halving(gens, _window(batch, batch.after_seq, half))
+        return first.then(self._fold_halving(gens, _window(batch, half, None)))
 
-    def _fold_poisoned(self, gens: list[Generation], batch: Batch, failure: _DataError) -> Applied:
-        failing: dict[str, str] = {}
+    def _fold_crasher(self, gens: list[Generation], batch: Batch, guard: CrashGuard) -> Applied:
+        """A record known to crash the process: emptied (or left out) in the views it crashed."""
+        crash = guard.crash(batch.first_seq)
+        level, why = (EMPTIED, crash.error) if crash.strikes < 2 else (
+            LEFT_OUT, f"{crash.error}; that crashed it too: left out")
+        failing = {g.view: (level, why) for g in gens if g.view in crash.views}
+        return self._fold_failing(gens, batch, failing) if failing else self._fold_halving(gens, batch)
+
+    def _fold_failing(self, gens: list[Generation], batch: Batch, failing: dict[str, tuple[int, str]]) -> Applied:
+        """Fold one record that the views in `failing` cannot fold as it is: each gets it as its
+        level there says (MARKED, EMPTIED, LEFT_OUT), a level further whenever it fails again."""
         while True:
-            failing[failure.view] = first_line(failure.cause)
-            reason = "; ".join(f"fold of view {view} failed: {why}" for view, why in failing.items())
-            log.warning("event %d cannot be folded (%s)", batch.first_seq, reason)
+            log.warning("event %d cannot be folded (%s)", batch.first_seq, _reason(failing))
             try:
-                done = self._fold(gens, batch, marked=_mark(batch, reason), failing=failing)
-            except _DataError as again:
-                if again.view in failing:
-                    raise FoldError(
-                        f"view {again.view} cannot fold seq {batch.first_seq} even with its error set: {again.cause}"
-                    ) from again.cause
-                failure = again
+                done = self._fold(gens, batch, failing=failing)
+            except _RecordError as again:
+                level, why = failing.get(again.view, (0, ""))
+                error = describe(again.cause)
+                # (LEFT_OUT runs nothing of the view's, so it cannot fail again.)
+                failing[again.view] = (
+                    (MARKED, error) if level == 0
+                    else (EMPTIED, f"{why}; with its error set: {error}") if level == MARKED
+                    else (LEFT_OUT, f"{why}; without its content: {error}; left out")
+                )
                 continue
             return dataclasses.replace(done, poisoned=1)
 
@@ -130,25 +238,31 @@ class Lane:
         gens: list[Generation],
         batch: Batch,
         *,
-        marked: Batch | None = None,
-        failing: Mapping[str, str] | None = None,
+        failing: Mapping[str, tuple[int, str]] | None = None,
     ) -> Applied:
         con = self.con
         tx = Tx(con)
         applied_us = batch.last_time_ns // 1000
-        key = (gens[0].state, tuple(g.view for g in gens))
+        key = tuple(f"{g.view}/{g.generation}" for g in gens)
         checkpoints = {**self._deferred, key: (batch.last_seq, applied_us)}
+        stand_ins = _StandIns(batch, _reason(failing)) if failing else None
         try:
             rows: dict[str, int] = {}
             try:
                 for gen in gens:
-                    wanted = marked if marked is not None and failing and gen.view in failing else batch
+                    level = failing[gen.view][0] if failing and gen.view in failing else 0
+                    if level == LEFT_OUT:
+                        rows[gen.view] = 0
+                        continue
+                    wanted = batch if stand_ins is None or level == 0 else stand_ins.at(level)
                     tx.use(wanted.table)
                     try:
                         rows[gen.view] = self._specs[gen.view].fold(tx, gen.schema, wanted)
-                    except DATA_ERRORS as exc:
-                        raise _DataError(gen.view, exc) from exc
-                for view, why in (failing or {}).items():
+                    except Exception as exc:
+                        if cause_of(exc) is Cause.RECORDS:
+                            raise _RecordError(gen.view, exc) from exc
+                        raise
+                for view, (_, why) in (failing or {}).items():
                     gen = next(g for g in gens if g.view == view)
                     tx.run("INSERT INTO _continuum.fold_errors VALUES (?, ?, ?, ?)",
                            [gen.view, gen.generation, batch.first_seq, why])
@@ -168,10 +282,13 @@ class Lane:
                 if tx.begun:
                     rollback(con)
                 raise
-        except _DataError:
+        except _RecordError:
             raise
-        except duckdb.Error as exc:
-            raise FoldError(f"could not apply seq {batch.first_seq}..{batch.last_seq}: {exc}") from exc
+        except Exception as exc:
+            where = f"seq {batch.first_seq}..{batch.last_seq}"
+            if cause_of(exc) is Cause.DATABASE:
+                raise StoreUnusable(f"the database became unusable while folding {where}: {exc}") from exc
+            raise FoldError(f"could not apply {where}: {describe(exc)}") from exc
         finally:
             tx.release()
         for gen in gens:
@@ -201,17 +318,43 @@ class Lane:
         return (self._deferred_events + events >= SAVE_EVERY_EVENTS
                 or time.monotonic() - self._deferred_since >= SAVE_EVERY_S)
 
-    def _save(self, checkpoints: Mapping[tuple[str, tuple[str, ...]], tuple[int, int]]) -> None:
-        for (state, views), (seq, applied_us) in checkpoints.items():
+    def _save(self, checkpoints: Mapping[tuple[str, ...], tuple[int, int]]) -> None:
+        for gens, (seq, applied_us) in checkpoints.items():
             _run(self.con, "UPDATE _continuum.generations SET applied_seq = ?, applied_us = ? "
-                           "WHERE state = ? AND list_contains(?, view)", [seq, applied_us, state, list(views)])
+                           "WHERE list_contains(?, view || '/' || generation)", [seq, applied_us, list(gens)])
 
 
-class _DataError(Exception):
-    def __init__(self, view: str, cause: duckdb.Error) -> None:
+class _RecordError(Exception):
+    """A view's fold failed for a reason that lies in the records (`Cause.RECORDS`)."""
+
+    def __init__(self, view: str, cause: Exception) -> None:
         super().__init__(f"{view}: {cause}")
         self.view = view
         self.cause = cause
+
+
+class _StandIns:
+    """What a view that cannot fold a one-record batch gets instead of it, made when first asked."""
+
+    def __init__(self, batch: Batch, reason: str) -> None:
+        self._batch = batch
+        self._reason = reason
+        self._made: dict[int, Batch] = {}
+
+    def at(self, level: int) -> Batch:
+        if level not in self._made:
+            self._made[level] = (_mark if level == MARKED else _empty)(self._batch, self._reason)
+        return self._made[level]
+
+
+def _reason(failing: Mapping[str, tuple[int, str]] | None) -> str:
+    """What the stand-ins' `error` says: why each view failed (views failing alike, once)."""
+    views_by_why: dict[str, list[str]] = {}
+    for view, (_, why) in (failing or {}).items():
+        views_by_why.setdefault(why, []).append(view)
+    return "; ".join(
+        f"fold of view{'s' if len(views) > 1 else ''} {', '.join(views)} failed: {why}" for why, views in views_by_why.items()
+    )
 
 
 def after(batch: Batch, after_seq: int) -> Batch:
@@ -230,6 +373,23 @@ def _mark(batch: Batch, error: str) -> Batch:
     return dataclasses.replace(batch, table=batch.table.set_column(batch.table.schema.get_field_index("error"), "error", column))
 
 
+_KEPT_WHEN_EMPTIED = frozenset({"seq", "stored_at", "subject"})
+
+
+def _empty(batch: Batch, error: str) -> Batch:
+    """`batch` with `error` set and every other field but seq, stored_at and subject NULL."""
+    table = batch.table
+    columns = [
+        table.column(f.name) if f.name in _KEPT_WHEN_EMPTIED
+        else pa.array([error] * batch.size, pa.string()) if f.name == "error"
+        else pa.nulls(batch.size, f.type)
+        for f in table.schema
+    ]
+    return dataclasses.replace(
+        batch, table=pa.Table.from_arrays(columns, schema=table.schema), kinds=frozenset(), claims=False,
+    )
+
+
 def _run(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> None:
     (con.execute(sql, params) if params is not None else con.execute(sql)).fetchall()
 
@@ -244,3 +404,9 @@ def rollback(con: duckdb.DuckDBPyConnection) -> None:
 
 def first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """One line saying what `exc` was (DuckDB's messages name their kind already)."""
+    line = first_line(exc)
+    return line if isinstance(exc, duckdb.Error) or line == type(exc).__name__ else f"{type(exc).__name__}: {line}"

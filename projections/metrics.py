@@ -55,6 +55,11 @@ class ProjectionMetrics:
             "Missing, forked or out-of-chain events found in the log (see the `integrity` view).",
             registry=registry,
         )
+        self.fold_retries = Counter(
+            "continuum_projection_fold_retries_total",
+            "Folds retried after a failure that lies not in the events (out of memory, disk full), by target.",
+            ["target"], registry=registry,
+        )
         self.reader_restarts = Counter(
             "continuum_projection_reader_restarts_total", "Times the log reader had to start over.",
             registry=registry,

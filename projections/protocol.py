@@ -34,6 +34,17 @@ class ViewStatus(msgspec.Struct, frozen=True, kw_only=True):
     relations: list[str] = []
 
 
+class FoldRetry(msgspec.Struct, frozen=True, kw_only=True):
+    """A fold the environment keeps failing (out of memory, disk full), being retried."""
+
+    where: str  # "lane <name>" (live) or "rebuild"
+    first_seq: int  # the records of the last attempt
+    last_seq: int
+    attempts: int
+    since: datetime  # the first failure
+    error: str  # the last failure
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """What `bus projections status` prints."""
 
@@ -49,6 +60,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     rebuilding: list[str] = []
     pid: int | None = None
     fold_errors: dict[str, int] = {}  # view -> events it could not fold
+    retrying: list[FoldRetry] = []  # folds failing for a reason other than their events, retried
 
 
 class RebuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

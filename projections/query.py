@@ -1,20 +1,35 @@
 """Running one read-only query on one DuckDB connection, safely.
 
 Layers of protection, each enough on its own for what it covers:
-1. The SQL must be exactly one statement, and a SELECT (DESCRIBE, SHOW, SUMMARIZE, FROM-first
-   and VALUES parse as SELECT too). Anything else is `not_allowed` before it runs.
-2. It runs in a `BEGIN TRANSACTION READ ONLY` transaction that is always rolled back: no write
+1. The SQL must be exactly one SELECT (DESCRIBE, SHOW, SUMMARIZE, FROM-first and VALUES parse as
+   SELECT too) that reads only relations of the views file and value-generating table functions
+   (projections.statement). Anything else is `not_allowed` (or `bad_sql`) before it runs.
+2. The thread running it may open no file at all (projections.sandbox, set up by the service):
+   not the views file, its WAL or its temp directory, which DuckDB itself would allow. So a
+   query does not spill to disk either: one that would is `too_large` (the folds still may).
+3. It runs in a `BEGIN TRANSACTION READ ONLY` transaction that is always rolled back: no write
    to the views or the checkpoints can happen, whatever the SQL turns out to do.
-3. The database was opened with `enable_external_access = false`, extension autoload off and
-   `lock_configuration = true`: no host file, no network, no extension, no SET.
-4. A row limit (rows past it are not read; the result says `truncated`) and a time limit (a
-   timer interrupts the connection).
+4. The database was opened with `enable_external_access = false`, extension autoload off and
+   `lock_configuration = true`: no host file but its own, no network, no extension, no SET.
+5. Limits, each answered with a failure naming it: rows (rows past it are not read; the result
+   says `truncated`), time (the watchdog interrupts the connection: `timeout`), memory (the
+   watchdog interrupts a query that grew the process past its limit: `too_large`) and result
+   bytes (`too_large`, before more rows are converted).
+
+Memory is measured as the process's resident size minus DuckDB's cache of the views file
+(reading a large view fills the cache, which DuckDB evicts as it needs): a query's own hash
+tables, sorts, aggregate states and result rows. It is checked every `MEMORY_POLL_S`, so a
+query can overshoot by what it allocates in that time; DuckDB's own `memory_limit` still bounds
+what it tracks. DuckDB checks for an interrupt between chunks of rows: a single value built in
+one step (`repeat('x', 10^9)`, `range(10^9)`) is not stopped half-way.
 
 `QueryExecutor` is synchronous and not thread-safe: one per query thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 import warnings
@@ -22,11 +37,17 @@ from collections.abc import Callable
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
+from projections.config import format_bytes
 from projections.recent import Recent
-from schemas.query import QueryErrorKind, QueryFailure, QueryResult
+from projections.statement import check
+from schemas.query import QueryFailure, QueryResult, failure
 
-_READ_BATCH = 4096
+__all__ = ["MEMORY_POLL_S", "QueryExecutor", "fetch_rows", "warm_up"]
+
+MEMORY_POLL_S = 0.01
+_READ_BATCH = 1024
 _BAD_SQL: tuple[type[duckdb.Error], ...] = (
     duckdb.ParserException,
     duckdb.CatalogException,
@@ -39,16 +60,46 @@ _BAD_SQL: tuple[type[duckdb.Error], ...] = (
     duckdb.SyntaxException,
 )
 _NOT_ALLOWED: tuple[type[duckdb.Error], ...] = (duckdb.PermissionException, duckdb.TransactionException)
+# DuckDB tags of its cache of the views file's blocks (evicted as it needs: not a query's).
+_CACHE = (
+    "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory() "
+    "WHERE tag IN ('BASE_TABLE', 'METADATA', 'ART_INDEX')"
+)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class ResultTooLarge(Exception):
+    """The rows read so far are already over the result's byte limit."""
+
+
+class _Footprint:
+    """The process's resident memory that is not DuckDB's cache of the views file (Linux)."""
+
+    def __init__(self, probe: duckdb.DuckDBPyConnection) -> None:
+        self._probe = probe
+        self.available = os.path.exists("/proc/self/statm")
+
+    def resident(self) -> int:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+
+    def cached(self) -> int:
+        return int(self._probe.execute(_CACHE).fetchone()[0])
 
 
 class _Watchdog:
-    """Calls `interrupt` when an armed deadline passes: one thread for an executor's life, not
-    one per query (starting a thread costs more than a point lookup's result conversion)."""
+    """Interrupts the running query when its deadline passes, or when the process grew past
+    `memory_limit` while it ran: one thread for an executor's life, not one per query (starting
+    a thread costs more than a point lookup's result conversion). `tripped` says why."""
 
-    def __init__(self, interrupt: Callable[[], None]) -> None:
+    def __init__(self, interrupt: Callable[[], None], footprint: _Footprint, memory_limit: int) -> None:
         self._interrupt = interrupt
+        self._footprint = footprint
+        self._memory_limit = memory_limit
         self._changed = threading.Condition()
         self._deadline: float | None = None
+        self._baseline: tuple[int, int] | None = None
+        self.tripped: str | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._watch, name="continuum-query-watchdog", daemon=True)
         self._thread.start()
@@ -56,6 +107,8 @@ class _Watchdog:
     def arm(self, timeout_s: float) -> None:
         with self._changed:
             self._deadline = time.monotonic() + timeout_s
+            self._baseline = None
+            self.tripped = None
             self._changed.notify()
 
     def disarm(self) -> None:
@@ -70,30 +123,67 @@ class _Watchdog:
         self._thread.join()
 
     def _watch(self) -> None:
+        watch_memory = self._footprint.available
         with self._changed:
             while not self._closed:
                 if self._deadline is None:
                     self._changed.wait()
                     continue
                 remaining = self._deadline - time.monotonic()
-                if remaining > 0:
-                    self._changed.wait(remaining)
+                if remaining <= 0:
+                    self._trip("timeout")
                     continue
-                self._deadline = None
-                self._interrupt()  # under the lock: a run that disarmed first is never interrupted
+                self._changed.wait(min(remaining, MEMORY_POLL_S) if watch_memory else remaining)
+                # Still under the lock: a run that disarmed first is never interrupted.
+                if watch_memory and self._deadline is not None and not self._closed and self._over_memory():
+                    self._trip("memory")
+
+    def _over_memory(self) -> bool:
+        """Measured from the first poll, 10 ms in: a query that ends sooner costs nothing here."""
+        footprint = self._footprint
+        try:
+            resident = footprint.resident()
+            if self._baseline is None:
+                self._baseline = (resident, footprint.cached())
+                return False
+            grown = resident - self._baseline[0]
+            if grown <= self._memory_limit:
+                return False  # (the cache only makes the query's own share smaller)
+            return grown - (footprint.cached() - self._baseline[1]) > self._memory_limit
+        except (OSError, ValueError, duckdb.Error):
+            return False  # (closing): the time limit must keep being watched
+
+    def _trip(self, why: str) -> None:
+        self._deadline = None
+        self.tripped = why
+        self._interrupt()
 
 
 _CHECKS_REMEMBERED = 256
 
 
 class QueryExecutor:
-    """Answers queries on one connection (a cursor of the views database)."""
+    """Answers queries on one connection (a cursor of the views database); `probe`, another
+    cursor, measures DuckDB's cache for the memory limit."""
 
-    def __init__(self, cursor: duckdb.DuckDBPyConnection) -> None:
+    def __init__(
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        probe: duckdb.DuckDBPyConnection,
+        *,
+        memory_limit_bytes: int,
+        max_result_bytes: int,
+    ) -> None:
         self._cursor = cursor
+        self._probe = probe
         self._running = threading.Lock()
-        self._watchdog = _Watchdog(cursor.interrupt)
-        # `_check` verdicts of recent SQL texts (a parse each, ~0.3 ms; clients repeat queries).
+        self._memory_limit = memory_limit_bytes
+        self._max_result_bytes = max_result_bytes
+        footprint = _Footprint(probe)
+        self.measures_memory = footprint.available
+        self._watchdog = _Watchdog(cursor.interrupt, footprint, memory_limit_bytes)
+        self._temp_directory = str(cursor.execute("SELECT current_setting('temp_directory')").fetchone()[0] or "")
+        # `check` verdicts of recent SQL texts (a parse each, ~0.3 ms; clients repeat queries).
         self._checked: Recent[str, QueryFailure | None] = Recent(_CHECKS_REMEMBERED)
 
     def interrupt(self) -> None:
@@ -103,6 +193,7 @@ class QueryExecutor:
     def close(self) -> None:
         self._watchdog.close()
         self._cursor.close()
+        self._probe.close()
 
     def run(
         self, sql: str, params: list[Any], *, max_rows: int, timeout_s: float, applied_seq: int
@@ -119,73 +210,116 @@ class QueryExecutor:
                 cursor.execute("BEGIN TRANSACTION READ ONLY").fetchall()
                 self._watchdog.arm(timeout_s)
                 try:
-                    columns, types, rows, truncated = self._fetch(sql, params, max_rows)
+                    columns, types, rows, truncated = fetch_rows(cursor, sql, params, max_rows, self._max_result_bytes)
                 finally:
                     self._watchdog.disarm()
                     cursor.execute("ROLLBACK").fetchall()
             except duckdb.InterruptException:
-                return _failure("timeout", f"the query ran past its time limit of {timeout_s:.3g}s; narrow it or add a LIMIT")
-            except _NOT_ALLOWED as exc:
-                return _failure("not_allowed", f"not allowed on the read-only query service: {_first_line(exc)}")
-            except _BAD_SQL as exc:
-                return _failure("bad_sql", str(exc))
+                return self._interrupted(timeout_s)
+            except ResultTooLarge:
+                return failure("too_large", f"the result is over the server's message limit of {self._max_result_bytes} "
+                                            "bytes: select fewer rows or columns")
             except duckdb.OutOfMemoryException as exc:
-                return _failure("too_large", f"the query needs more memory than the service has: {_first_line(exc)}")
+                return failure("too_large", f"the query needs more memory than DuckDB may use: {_first_line(exc)}")
+            except duckdb.IOException as exc:
+                return self._file_refused(exc)
+            except _NOT_ALLOWED as exc:
+                return failure("not_allowed", f"not allowed on the read-only query service: {_first_line(exc)}")
+            except _BAD_SQL as exc:
+                return failure("bad_sql", str(exc))
             except duckdb.Error as exc:
-                return _failure("internal", f"{type(exc).__name__}: {exc}")
+                return failure("internal", f"{type(exc).__name__}: {exc}")
+            except (ValueError, OverflowError, pa.ArrowException) as exc:
+                return failure("bad_sql", f"a value of the result has no JSON form: {type(exc).__name__}: {exc}")
         return QueryResult(
             columns=columns, types=types, rows=rows, applied_seq=applied_seq, truncated=truncated,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
+    def _interrupted(self, timeout_s: float) -> QueryFailure:
+        why = self._watchdog.tripped
+        if why == "memory":
+            return failure(
+                "too_large",
+                f"the query grew the service's memory past its limit of {format_bytes(self._memory_limit)} per query: "
+                "aggregate less, narrow it, or add a LIMIT",
+            )
+        if why == "timeout":
+            return failure("timeout", f"the query ran past its time limit of {timeout_s:.3g}s; narrow it or add a LIMIT")
+        return failure("internal", "the query was interrupted: the service is stopping")
+
+    def _file_refused(self, exc: duckdb.IOException) -> QueryFailure:
+        if self._temp_directory and self._temp_directory in str(exc):
+            return failure(
+                "too_large",
+                "the query needs more memory than the service lets it use, and queries may not spill to disk: "
+                f"aggregate less, narrow it, or add a LIMIT ({_first_line(exc)})",
+            )
+        return failure("not_allowed", f"the query service reads and writes no files: {_first_line(exc)}")
+
     def _check(self, sql: str) -> QueryFailure | None:
         known, verdict = self._checked.lookup(sql)
         if not known:
-            verdict = self._parse_check(sql)
+            verdict = check(self._cursor, sql)
             self._checked.add(sql, verdict)
         return verdict
 
-    def _parse_check(self, sql: str) -> QueryFailure | None:
-        try:
-            statements = self._cursor.extract_statements(sql)
-        except duckdb.Error as exc:
-            return _failure("bad_sql", str(exc))
-        if len(statements) != 1:
-            return _failure("not_allowed", f"send exactly one statement per query (got {len(statements)})")
-        kind = statements[0].type
-        if kind != duckdb.StatementType.SELECT:
-            name = str(kind).rsplit(".", 1)[-1]
-            return _failure("not_allowed", f"only SELECT queries are answered (this is {name}); the views are read-only")
-        return None
 
-    def _fetch(self, sql: str, params: list[Any], max_rows: int) -> tuple[list[str], list[str], list[list[Any]], bool]:
-        cursor = self._cursor
-        cursor.execute(sql, params or None)
-        columns = [d[0] for d in cursor.description]
-        types = [str(d[1]) for d in cursor.description]
-        # Through Arrow, not fetchall(): DuckDB's Python rows need pytz for TIMESTAMPTZ.
+def fetch_rows(
+    cursor: duckdb.DuckDBPyConnection, sql: str, params: list[Any], max_rows: int, max_bytes: int
+) -> tuple[list[str], list[str], list[list[Any]], bool]:
+    """Run `sql` and read at most `max_rows` rows: (columns, type names, rows, truncated).
+    Raises duckdb.Error, and ResultTooLarge once the rows read pass `max_bytes` (of Arrow data,
+    about their size as JSON) without converting further."""
+    cursor.execute(sql, params or None)
+    columns = [d[0] for d in cursor.description]
+    types = [str(d[1]) for d in cursor.description]
+    # Through Arrow, not fetchall(): DuckDB's Python rows need pytz for TIMESTAMPTZ.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "extra copy of the rows": negligible for capped results
+        reader = cursor.to_arrow_reader(min(_READ_BATCH, max_rows + 1))
+    rows: list[list[Any]] = []
+    truncated = False
+    read_bytes = 0
+    try:
+        for record_batch in reader:
+            room = max_rows - len(rows)
+            if record_batch.num_rows > room:
+                record_batch = record_batch.slice(0, room)
+                truncated = True
+            read_bytes += record_batch.nbytes
+            if read_bytes > max_bytes:
+                raise ResultTooLarge(read_bytes)
+            cells = [column.to_pylist() for column in record_batch.columns]
+            rows.extend(map(list, zip(*cells)))
+            if truncated:
+                break
+    finally:
+        reader.close()
+    return columns, types, rows, truncated
+
+
+def warm_up() -> None:
+    """Convert values of every DuckDB type once, through `check` and `fetch_rows`, on a private
+    in-memory database: what they import lazily (and any time zone file) is loaded before a
+    query thread is sandboxed and can open no file."""
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET TimeZone = 'UTC'").fetchall()
+        con.execute("CREATE TABLE warm AS SELECT * FROM test_all_types()").fetchall()
+        sql = "SELECT * FROM main.warm, range(?)"
+        check(con, sql)
+        fetch_rows(con, "SELECT * FROM main.warm WHERE false", [], 1, 1 << 30)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "extra copy of the rows": negligible for capped results
-            reader = cursor.to_arrow_reader(min(_READ_BATCH, max_rows + 1))
-        rows: list[list[Any]] = []
-        truncated = False
-        try:
-            for record_batch in reader:
-                room = max_rows - len(rows)
-                if record_batch.num_rows > room:
-                    record_batch = record_batch.slice(0, room)
-                    truncated = True
-                cells = [column.to_pylist() for column in record_batch.columns]
-                rows.extend(map(list, zip(*cells)))
-                if truncated:
-                    break
-        finally:
-            reader.close()
-        return columns, types, rows, truncated
-
-
-def _failure(kind: QueryErrorKind, message: str) -> QueryFailure:
-    return QueryFailure(kind=kind, message=message)
+            warnings.simplefilter("ignore")
+            columns = con.execute(sql, [1]).to_arrow_table().columns
+        for column in columns:
+            for chunk in column.chunks:
+                for index in range(len(chunk)):
+                    with contextlib.suppress(ValueError, OverflowError, pa.ArrowException):
+                        chunk[index].as_py()  # (the extreme values some types hold do not convert)
+    finally:
+        con.close()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,24 +20,37 @@ for several batches. A query for its views, or a backlog, ends the wait.
 A rebuild runs the same reading and decoding from sequence 1 into `building` generations, batch
 by batch on the writer thread with every lane paused (`Store.apply_build`), so it interleaves
 with the live folds and swaps between two of them.
+
+No record ends the pipeline: one the decoder raises on goes in as an `events` row with the error
+(`decode`), one a view cannot fold goes in with its error (projections.fold), one that kills the
+process is recognised at the next start (projections.crashes). A fold the environment fails (out
+of memory, disk full: FoldError) is retried, in smaller pieces, with backoff, for as long as it
+takes: logged, counted (`continuum_projection_fold_retries_total`) and shown by status while it
+lasts. Only a database DuckDB can no longer use (StoreUnusable) ends the service; the fold in
+flight stays recorded for the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import pyarrow as pa
 
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
-from projections.errors import ReaderError, RebuildError
+from projections.errors import FoldError, ReaderError, RebuildError
+from projections.fold import StoreUnusable, describe, retry_delay
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
-from projections.protocol import RebuildReport
+from projections.protocol import FoldRetry, RebuildReport
 from projections.reader import LogReader, LogRecord
 from projections.store import Applied, Store
 
@@ -222,6 +235,8 @@ class Runner:
         self.rebuilding: list[str] = []
         self.head_seq = 0  # the log's end as last seen by the live reader
         self.lag_seconds: float | None = None
+        # Folds the environment keeps failing, by lane (or "rebuild"), while they are retried.
+        self._retrying: dict[str, FoldRetry] = {}
         # Set by a swap: the live pipeline starts over from the (new) checkpoint, so records it
         # read but could not apply (every view frozen during a rebuild) are read again.
         self._restart_live = asyncio.Event()
@@ -229,11 +244,17 @@ class Runner:
     def close(self) -> None:
         self._decoder.shutdown(wait=True)
 
+    @property
+    def retrying(self) -> list[FoldRetry]:
+        """The folds being retried now (the environment failed them), for status."""
+        return list(self._retrying.values())
+
     # -- live -----------------------------------------------------------------------------
 
     async def run_live(self) -> None:
         """Keep the active views current until cancelled. Reader failures (server restart,
-        lost connection) are retried from the checkpoint with backoff; fold failures raise."""
+        lost connection) are retried from the checkpoint with backoff, fold failures where they
+        happen (`_fold_retrying`). Raises StoreUnusable."""
         backoff = 0.2
         while True:
             # From the store's checkpoint (after any fold still running on the writer thread):
@@ -368,9 +389,9 @@ class Runner:
         while True:
             records = await read_ahead.take(self._settings.batch_max)
             if len(records) <= INLINE_DECODE_MAX:
-                batch = build_batch(records)
+                batch = decode(records)
             else:
-                batch = await loop.run_in_executor(self._decoder, build_batch, records)
+                batch = await loop.run_in_executor(self._decoder, decode, records)
             await decoded.put(batch)
 
     async def _apply(
@@ -392,7 +413,7 @@ class Runner:
             else:
                 batch = decoded.get_nowait()
             started = time.perf_counter()
-            applied = await self._writer.call(fold, batch)
+            applied = await self._fold_retrying(target, target, batch, lambda piece: self._writer.call(fold, piece))
             metrics.batch_seconds.labels(target).observe(time.perf_counter() - started)
             if applied.events:
                 metrics.batch_size.labels(target).observe(applied.events)
@@ -488,6 +509,11 @@ class Runner:
         store, metrics = self._store, self._metrics
         thread = store.lane_thread(lane)
         loop = asyncio.get_running_loop()
+        name = "+".join(dict.fromkeys(store.specs[view].lane for view in store.lane_views(lane)))
+
+        def fold(piece: Batch) -> Awaitable[Applied]:
+            return loop.run_in_executor(thread, store.fold_lane, lane, piece)
+
         with self.watermark.demand(store.lane_views(lane), wake.set):
             while True:
                 await queue.ready()
@@ -496,7 +522,7 @@ class Runner:
                 started = time.perf_counter()
                 # Cancelled meanwhile, the fold still finishes on the lane's thread (its commit
                 # counts: a restart reads the checkpoint only once no fold runs).
-                applied = await loop.run_in_executor(thread, store.fold_lane, lane, batch)
+                applied = await self._fold_retrying("live", f"lane {name}", batch, fold)
                 metrics.batch_seconds.labels("live").observe(time.perf_counter() - started)
                 self.watermark.advance(applied.last_seq, store.live_views(lane))
                 if lane == 0 and applied.events:  # the first lane holds `events`: every record counts once
@@ -512,6 +538,51 @@ class Runner:
                 if until_seq is not None and self.watermark.seq >= until_seq:
                     reached.set()
 
+    async def _fold_retrying(
+        self, target: str, where: str, batch: Batch, fold: Callable[[Batch], Awaitable[Applied]]
+    ) -> Applied:
+        """`fold(batch)`; a failure of the environment (FoldError: out of memory, disk full) is
+        retried after `retry_delay`, each time on half as many records (a smaller transaction
+        needs less memory), until it succeeds. Nothing a record causes gets here (the lane folds
+        it as an error), so no record is ever given up on. Raises StoreUnusable."""
+        done: Applied | None = None
+        pending: Batch | None = batch
+        size, attempt = batch.size, 0
+        try:
+            while pending is not None:
+                piece = pending if size >= pending.size else pending.window(pending.after_seq, pending.seqs[size - 1])
+                assert piece is not None
+                try:
+                    applied = await fold(piece)
+                except StoreUnusable:
+                    raise
+                except FoldError as exc:
+                    attempt += 1
+                    delay = retry_delay(attempt)
+                    size = max(1, piece.size // 2)
+                    self._retrying[where] = FoldRetry(
+                        where=where, first_seq=piece.first_seq, last_seq=piece.last_seq, attempts=attempt,
+                        since=self._retrying[where].since if where in self._retrying else datetime.now(UTC),
+                        error=describe(exc),
+                    )
+                    self._metrics.fold_retries.labels(target).inc()
+                    log.warning("%s: folding seq %d..%d failed, not for its records (%s); trying %d of them again "
+                                "in %.1fs (attempt %d)", where, piece.first_seq, piece.last_seq, describe(exc),
+                                size, delay, attempt + 1)
+                    await asyncio.sleep(delay)
+                    continue
+                if attempt:
+                    log.info("%s: folded seq %d..%d after %d retries", where, piece.first_seq, piece.last_seq, attempt)
+                    self._retrying.pop(where, None)
+                    attempt = 0
+                done = applied if done is None else done.then(applied)
+                pending = pending.window(piece.last_seq)
+        finally:
+            if attempt:  # cancelled (or the store gone) while retrying: no longer retrying here
+                self._retrying.pop(where, None)
+        assert done is not None
+        return done
+
     def _after_live(self, seq: int, time_ns: int, reader: Source) -> None:
         self.watermark.advance(seq)
         self.head_seq = max(self.head_seq, reader.head_seq)
@@ -525,6 +596,31 @@ class Runner:
     def _after_swap(self) -> None:
         for view in self._store.specs:
             self._metrics.checkpoint.labels(view).set(self.watermark.seq)
+
+
+def decode(records: Sequence[LogRecord], build: Callable[[Sequence[LogRecord]], Batch] = build_batch) -> Batch:
+    """`build(records)`: the records decoded (`build_batch`, which turns what it cannot decode
+    into rows with the error). Should it raise all the same (a limit one record trips, a bug),
+    the records are decoded in halves, and one that still fails alone becomes such a row, its
+    `error` saying what was raised. Raises nothing but what `build` raises for an empty record."""
+    try:
+        return build(records)
+    except Exception as exc:  # noqa: BLE001 - one record never stops the pipeline
+        if len(records) == 1:
+            return _undecodable(records[0], exc, build)
+    half = len(records) // 2
+    return merge([decode(records[:half], build), decode(records[half:], build)])
+
+
+def _undecodable(record: LogRecord, exc: Exception, build: Callable[[Sequence[LogRecord]], Batch]) -> Batch:
+    """`record` as a row with no fields but seq, time and subject, `error` saying why, `raw` its bytes."""
+    log.warning("seq %d cannot be decoded (%s): kept with the error", record.seq, describe(exc))
+    batch = build([record._replace(data=b"", header=b"")])
+    table = batch.table
+    for name, values in (("error", pa.array([f"cannot decode: {describe(exc)}"], pa.string())),
+                         ("raw", pa.array([record.data], pa.binary()))):
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return dataclasses.replace(batch, table=table, kinds=frozenset(), claims=False)
 
 
 def _reraise_if_cancelling(exc: BaseException) -> None:

@@ -29,6 +29,7 @@ import nats.errors
 from prometheus_client import CollectorRegistry
 
 from bus.errors import BusError
+from projections import sandbox
 from projections.config import ProjectionSettings
 from projections.errors import RebuildError, StoreMismatch
 from projections.metrics import ProjectionMetrics
@@ -43,13 +44,14 @@ from projections.protocol import (
     rebuild_subject,
     status_subject,
 )
-from projections.query import QueryExecutor
+from projections.query import QueryExecutor, warm_up
 from projections.relations import RelationReader
 from projections.runner import Runner, Writer
 from projections.status import build_report, collect
 from projections.store import Store
 from projections.views import VIEWS, ViewSpec
-from schemas.query import QueryFailure, QueryRequest, QueryResult
+from schemas.limits import refusal
+from schemas.query import QueryFailure, QueryRequest, QueryResult, failure
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -133,13 +135,12 @@ class ProjectionService:
         await self._check_log(writer)
         self.watermark.advance(store.applied_seq)
 
-        cursors = await writer.call(lambda: [store.cursor() for _ in range(settings.query.workers)])
-        self._executors = [QueryExecutor(cursor) for cursor in cursors]
+        self._executors = await writer.call(self._new_executors, store)
         for executor in self._executors:
             self._idle.put_nowait(executor)
         self._relations = RelationReader()
         self._stack.callback(self._relations.close)
-        pool = ThreadPoolExecutor(max_workers=settings.query.workers, thread_name_prefix="continuum-query")
+        pool = await self._query_threads()
         self._query_pool = pool
         self._stack.callback(self._close_queries, pool)
 
@@ -163,6 +164,38 @@ class ProjectionService:
         await nc.flush()
         log.info("projections: %s folded into %s from seq %d; answering queries on %s",
                  bus.subjects.stream, settings.db_path, self.watermark.seq + 1, bus.subjects.query)
+
+    def _new_executors(self, store: Store) -> list[QueryExecutor]:
+        """One executor per query worker, each with a cursor for its queries and one to measure
+        DuckDB's cache (on the writer thread: DuckDB calls, and its watchdog thread is started
+        from an unsandboxed thread)."""
+        settings = self._settings
+        return [
+            QueryExecutor(
+                store.cursor(), store.cursor(), memory_limit_bytes=settings.query_memory_limit(),
+                max_result_bytes=self._bus.max_payload,
+            )
+            for _ in range(settings.query.workers)
+        ]
+
+    async def _query_threads(self) -> ThreadPoolExecutor:
+        """The threads queries run on, each kept off the file system by the kernel where it can
+        be (projections.sandbox); says at start what is not covered."""
+        settings = self._settings
+        gap = sandbox.uncovered(settings.threads)
+        if gap is not None:
+            log.warning("query threads are not fully kept off the file system (%s): the statement check "
+                        "alone keeps queries to the views", gap)
+        if not self._executors[0].measures_memory:
+            log.warning("the query memory limit is not enforced here (no /proc/self/statm): only DuckDB's "
+                        "memory_limit bounds a query")
+        if sandbox.unavailable() is not None:
+            return ThreadPoolExecutor(max_workers=settings.query.workers, thread_name_prefix="continuum-query")
+        # What the conversions import lazily is imported now: a sandboxed thread opens no file.
+        await asyncio.to_thread(warm_up)
+        return ThreadPoolExecutor(
+            max_workers=settings.query.workers, thread_name_prefix="continuum-query", initializer=_enter_sandbox
+        )
 
     async def _check_log(self, writer: Writer) -> None:
         store = writer.store
@@ -220,6 +253,7 @@ class ProjectionService:
             source="service", db_path=self._settings.db_path, stream=self._bus.subjects.stream, gens=gens,
             integrity=integrity, log_last_seq=last, lag_seconds=self.runner.lag_seconds,
             rebuilding=list(self.runner.rebuilding), pid=os.getpid(), fold_errors=fold_errors,
+            retrying=self.runner.retrying,
         )
 
     async def content_hashes(self) -> dict[str, str]:
@@ -249,7 +283,7 @@ class ProjectionService:
             async with asyncio.timeout(max(0.001, deadline - loop.time())):
                 executor = await self._idle.get()
         except TimeoutError:
-            return QueryFailure(kind="timeout", message=f"no query slot became free within {timeout_s:g}s")
+            return failure("timeout", f"no query slot became free within {timeout_s:g}s")
         try:
             return await loop.run_in_executor(
                 self._query_pool,
@@ -266,11 +300,14 @@ class ProjectionService:
     async def _views_read_by(self, sql: str) -> frozenset[str]:
         """The views `sql` reads, from its relation names (parsed on a query thread); empty,
         meaning every view, when that is unknown: SQL that does not parse, no relation, or a
-        relation that is not a view's."""
+        relation that is not a view's, or SQL nested past what the parse tree's decoder takes."""
         assert self._relations is not None
         hit, names = self._relations.known(sql)
         if not hit:
-            names = await asyncio.get_running_loop().run_in_executor(self._query_pool, self._relations.names, sql)
+            try:
+                names = await asyncio.get_running_loop().run_in_executor(self._query_pool, self._relations.names, sql)
+            except (RecursionError, msgspec.DecodeError):
+                names = None  # (the statement check answers such SQL itself)
         views = {self._view_of_relation.get(name) for name in names or ()}
         return frozenset() if not views or None in views else frozenset(v for v in views if v is not None)
 
@@ -288,28 +325,54 @@ class ProjectionService:
         started = time.perf_counter()
         try:
             try:
-                request = _request_decoder.decode(msg.data)
-            except msgspec.DecodeError as exc:
-                response: QueryResult | QueryFailure = QueryFailure(kind="bad_sql", message=f"malformed query request: {exc}")
-            else:
-                try:
-                    response = await self.query(request)
-                except Exception as exc:
-                    log.exception("query failed unexpectedly")
-                    response = QueryFailure(kind="internal", message=f"{type(exc).__name__}: {exc}")
-        finally:
-            self._slots.release()
-        data = _encoder.encode(response)
-        if len(data) > self._bus.nc.max_payload:
-            response = QueryFailure(
-                kind="too_large",
-                message=f"the result is {len(data)} bytes, over the server's {self._bus.nc.max_payload}-byte "
-                        "message limit: select fewer rows or columns",
+                response = await self._response_to(msg.data)
+            finally:
+                self._slots.release()
+            response, data = self._encoded(response)
+            outcome = "ok" if isinstance(response, QueryResult) else response.kind
+            self.metrics.query_seconds.labels(outcome).observe(time.perf_counter() - started)
+            await self._respond(msg, data)
+        except Exception:  # noqa: BLE001 - one request must never end the serve loop (the task group)
+            log.exception("could not answer a query request")
+
+    async def _response_to(self, data: bytes) -> QueryResult | QueryFailure:
+        """The answer to request bytes from any client: size first, then nesting (before the
+        recursive decoder runs), then the decoder, whatever it raises."""
+        limit = self._settings.query.max_request_bytes
+        if len(data) > limit:
+            return failure(
+                "too_large", f"the query request is {len(data)} bytes, over the service's limit of {limit} bytes"
+            )
+        why = refusal(data, max_bytes=limit)
+        if why is not None:
+            return failure("bad_sql", f"malformed query request: {why}")
+        try:
+            request = _request_decoder.decode(data)
+        except Exception as exc:  # noqa: BLE001 - any decoder error on hostile bytes is the client's
+            return failure("bad_sql", f"malformed query request: {exc}")
+        try:
+            return await self.query(request)
+        except Exception as exc:
+            log.exception("query failed unexpectedly")
+            return failure("internal", f"{type(exc).__name__}: {exc}")
+
+    def _encoded(self, response: QueryResult | QueryFailure) -> tuple[QueryResult | QueryFailure, bytes]:
+        """`response` as JSON, or the failure sent instead: one that has no JSON form (nested past
+        what the encoder recurses into), or is larger than the server carries."""
+        try:
+            data = _encoder.encode(response)
+        except Exception as exc:  # noqa: BLE001 - the values came from arbitrary SQL
+            response = failure("internal", f"the result cannot be encoded: {type(exc).__name__}: {exc}")
+            data = _encoder.encode(response)
+        limit = self._bus.max_payload
+        if len(data) > limit:
+            response = failure(
+                "too_large",
+                f"the result is {len(data)} bytes, over the server's message limit of {limit} bytes: "
+                "select fewer rows or columns",
             )
             data = _encoder.encode(response)
-        outcome = "ok" if isinstance(response, QueryResult) else response.kind
-        self.metrics.query_seconds.labels(outcome).observe(time.perf_counter() - started)
-        await self._respond(msg, data)
+        return response, data
 
     async def _on_status(self, msg: Msg) -> None:
         assert self._tasks is not None
@@ -341,9 +404,21 @@ class ProjectionService:
         await self._respond(msg, data)
 
     async def _respond(self, msg: Msg, data: bytes) -> None:
+        """Answer `msg` (if it asked for an answer); a lost connection is logged, not raised."""
         if not msg.reply:
             return
         try:
             await msg.respond(data)
         except nats.errors.Error as exc:
             log.warning("could not answer a request: %s", exc)
+
+
+def _enter_sandbox() -> None:
+    """Query pool initializer: keep the thread off the file system (projections.sandbox). Should
+    the kernel refuse, the pool breaks and queries fail (fail closed) instead of running with
+    file access."""
+    try:
+        sandbox.deny_files()
+    except OSError:
+        log.exception("could not sandbox a query thread: queries are refused")
+        raise

@@ -17,6 +17,7 @@ from projections.errors import ProjectionError
 from projections.protocol import (
     ControlFailure,
     ControlResponse,
+    FoldRetry,
     StatusOk,
     StatusReport,
     ViewStatus,
@@ -68,6 +69,7 @@ def build_report(
     rebuilding: list[str] | None = None,
     pid: int | None = None,
     fold_errors: dict[str, int] | None = None,
+    retrying: list[FoldRetry] | None = None,
 ) -> StatusReport:
     """A StatusReport from the parts (lag is measured against `log_last_seq` when known)."""
     views = [
@@ -86,7 +88,7 @@ def build_report(
         source=source, db_path=db_path, stream=stream, log_last_seq=log_last_seq, applied_seq=applied,
         lag_events=None if log_last_seq is None else max(0, log_last_seq - applied),
         lag_seconds=lag_seconds, views=views, integrity=integrity, rebuilding=rebuilding or [], pid=pid,
-        fold_errors=fold_errors or {},
+        fold_errors=fold_errors or {}, retrying=retrying or [],
     )
 
 
@@ -136,6 +138,11 @@ def format_report(report: StatusReport) -> list[str]:
     if report.fold_errors:
         errors = ", ".join(f"{view}: {count}" for view, count in report.fold_errors.items())
         lines.append(f"EVENTS NOT FOLDED: {errors} (SELECT * FROM _continuum.fold_errors)")
+    for retry in report.retrying:
+        lines.append(
+            f"FOLD RETRYING: {retry.where}, seq {retry.first_seq}..{retry.last_seq}, {retry.attempts} attempts "
+            f"since {retry.since.isoformat(timespec='seconds')}: {retry.error}"
+        )
     return lines
 
 

@@ -6,6 +6,11 @@ Layout of the file:
     _continuum.generations  one row per (view, generation): version, state (active | building),
                             applied_seq (the checkpoint) and the stream time of that event
     _continuum.fold_errors  events a view could not fold (view, generation, seq, error)
+    _continuum.fold_crashes, _continuum.fold_suspects
+                            records that crashed the process folding them, and records to fold
+                            again with care after a crash (projections.crashes; beside the
+                            file, `<file>.folding` says what each lane is folding right now and
+                            `<file>.faults` what killed the last process: projections.inflight)
     v_<view>_<gen>.*        the tables of one generation of one view
     main.<relation>         what queries see: a SQL view over the active generation's tables
 
@@ -17,7 +22,10 @@ ones keep serving, then swaps the public relations over in one transaction (`swa
 The owner calls every method from one writer thread; the store runs the other lanes on its own
 threads, each with its own connection. Query threads get connections from `cursor()`. The
 database is opened with external access disabled and its configuration locked, so no
-connection can read host files, load extensions or change settings.
+connection can read host files, load extensions or change settings. DuckDB still lets any
+connection read this file, its WAL and its temp directory (its storage needs them allowed, and
+`disabled_filesystems` would stop the storage too): the query service keeps queries off them
+itself (projections.statement, projections.sandbox).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import duckdb
 
 from projections.batch import Batch
+from projections.crashes import LIVE, CrashGuard
 from projections.errors import StoreLocked, StoreMismatch
 from projections.fold import Applied, Generation, Lane, after, rollback
 from projections.unsynced import UnsyncedFile, current_boot_id
@@ -134,6 +143,8 @@ class Store:
         self._retired: list[Generation] = []
         # Records below this are not expected in the log (aged out): no stream_gap for them.
         self.log_floor = 0
+        # What the lanes are folding, and the records known to crash a fold (set by `open`).
+        self.crash_guard: CrashGuard | None = None
 
     # -- opening and closing ---------------------------------------------------------------
 
@@ -146,7 +157,12 @@ class Store:
         another stream.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        config: dict[str, Any] = {"autoinstall_known_extensions": False, "allow_community_extensions": False}
+        # Python replacement scans read a Python variable a query names: off, so that an unknown
+        # plain name in a query is only ever an error (projections.statement relies on it).
+        config: dict[str, Any] = {
+            "autoinstall_known_extensions": False, "allow_community_extensions": False,
+            "python_enable_replacements": False,
+        }
         if self._unsynced is not None:
             self._unsynced.set_aside_if_torn()
             self._unsynced.mark()
@@ -180,11 +196,15 @@ class Store:
             for statement in _META:
                 self._run(statement)
             self._check_stream()
+            self.crash_guard = self._load_crash_guard()  # before unfinished builds are dropped
             stale = self._reconcile()
         except BaseException:
             self.close()
             raise
-        self._lanes = [Lane(con.cursor(), self.specs) for _ in range(self._lane_count)]
+        self._lanes = [
+            Lane(con.cursor(), self.specs, guard=self.crash_guard, slot=i, name=self._lane_name(i))
+            for i in range(self._lane_count)
+        ]
         self._lane_locks = [threading.Lock() for _ in range(self._lane_count)]
         self._lane_threads = [
             ThreadPoolExecutor(1, thread_name_prefix=f"continuum-lane-{self._lane_names[i]}")
@@ -209,6 +229,9 @@ class Store:
                 log.warning("could not write deferred checkpoints (they are folded again at the next start): %s", exc)
             lane.con.close()
         self._lanes = []
+        guard, self.crash_guard = self.crash_guard, None
+        if guard is not None:
+            guard.close()
         con, self._con = self._con, None
         if con is not None:
             con.close()
@@ -473,6 +496,18 @@ class Store:
                 return Applied(last_seq=self.applied_seq)
             applied = self._fold_lanes(gens, batch, upto=None, inline=True)
             return dataclasses.replace(applied, last_seq=min(g.applied_seq for g in gens))
+
+    def _load_crash_guard(self) -> CrashGuard:
+        """The crash record of this file (projections.crashes), from what the last process left.
+        Raises OSError, duckdb.Error."""
+        return CrashGuard.load(
+            self.con, self.path, views=list(self.specs), slots=self._lane_count,
+            checkpoint=lambda target: self.applied_seq if target == LIVE else self.build_seq,
+        )
+
+    def _lane_name(self, lane: int) -> str:
+        """The lane names (projections.views.LANES) lane `lane` folds, e.g. `runtime`."""
+        return "+".join(name for i, name in enumerate(self._lane_names) if i % self._lane_count == lane)
 
     def live_views(self, lane: int) -> list[str]:
         """The views lane `lane` folds now (not frozen for a rebuild)."""

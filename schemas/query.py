@@ -2,6 +2,13 @@
 
 A query is a read: it is answered by the process that owns the DuckDB file and is not recorded
 as an event.
+
+Limits (each refused with a `too_large` failure whose message names the limit): a request is at
+most the server's max_payload when sent (checked by `Bus.query` before sending) and at most
+`QuerySettings.max_request_bytes` (1 MiB by default) and `schemas.limits.MAX_DEPTH` nested
+arrays deep when received; an answer is at most the server's max_payload; a query may grow the
+service's memory by at most `QuerySettings.memory_limit_bytes`. A failure's message is at most
+`MAX_MESSAGE_CHARS` long (DuckDB's errors can quote the whole SQL).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 QueryErrorKind = Literal["bad_sql", "not_allowed", "timeout", "lag", "too_large", "internal"]
+MAX_MESSAGE_CHARS = 4096
 
 
 class QueryRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -63,6 +71,13 @@ class QueryFailure(msgspec.Struct, frozen=True, kw_only=True, tag="failure", tag
 
     kind: QueryErrorKind
     message: str
+
+
+def failure(kind: QueryErrorKind, message: str) -> QueryFailure:
+    """A QueryFailure, its message cut to `MAX_MESSAGE_CHARS` (an answer must fit in a message)."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+    return QueryFailure(kind=kind, message=message)
 
 
 QueryResponse = QueryResult | QueryFailure

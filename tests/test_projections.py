@@ -172,7 +172,7 @@ async def test_agents_view_lists_names_tags_and_when_they_were_seen(bus: Bus, se
     assert bob["tags"] == ["team"] and bob["lifecycle"] == "agent.started"
     assert alice["first_seen"] <= bob["first_seen"] <= bob["last_seen"]
     assert alice["last_seen"] < bob["last_seen"]
-    stored = await rows(bus, "SELECT stored_at FROM events WHERE seq = ?", first.ack.seq)
+    stored = await rows(bus, "SELECT stored_at FROM events WHERE seq = ?", first.ack.seq, min_seq=last.ack.seq)
     assert alice["first_seen"] == stored[0]["stored_at"]
 
 
