@@ -180,7 +180,10 @@ async def _run(args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:
         failures = [e for e in _leaves(group) if isinstance(e, ProjectionError)]
         if failures:
-            raise CliError(f"the projection service stopped: {failures[0]}") from group
+            # A failure while running (not a refusal to start): exit 1, which `bus up`'s keeper
+            # answers with a restart (bus.cli.keeper); 2 is kept for "will not run like this".
+            sys.stderr.write(f"error: the projection service stopped: {failures[0]}\n")
+            return 1
         raise
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -394,10 +394,14 @@ class ProjectionService:
 
     async def _answer_rebuild(self, msg: Msg) -> None:
         try:
+            # Any client may send anything here: checked before the (recursive) decoder runs.
+            why = refusal(msg.data, max_bytes=self._settings.query.max_request_bytes)
+            if why is not None:
+                raise RebuildError(f"malformed rebuild request: {why}")
             request = _rebuild_decoder.decode(msg.data) if msg.data else RebuildRequest()
             data = _encoder.encode(RebuildOk(report=await self.rebuild(request.views)))
         except (msgspec.DecodeError, RebuildError) as exc:
-            data = _encoder.encode(ControlFailure(message=str(exc)))
+            data = _encoder.encode(ControlFailure(message=str(exc)[:2000]))
         except Exception as exc:
             log.exception("rebuild failed")
             data = _encoder.encode(ControlFailure(message=f"rebuild failed: {type(exc).__name__}: {exc}"))

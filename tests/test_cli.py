@@ -156,6 +156,39 @@ async def test_up_detach_starts_projections_and_down_stops_both(tmp_path, cli_en
     await wait_for(lambda: pid_gone(state.projections_pid) and pid_gone(state.pid), what="both children to exit")
 
 
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+async def test_a_projection_service_that_dies_is_started_again(tmp_path, cli_env, detached_home) -> None:
+    """`up --detach` runs the projection service under a keeper: killing the service (SIGKILL,
+    as the OOM killer would) brings a new one that answers queries; `down` stops both."""
+    port = free_port()
+    up = await run_bus("up", "--detach", "--port", str(port), env=cli_env, cwd=tmp_path)
+    assert up.code == 0, up.stderr + up.stdout
+    state = read_state(detached_home)
+    assert state is not None and state.projections_pid is not None
+    (first,) = children_of(state.projections_pid)
+    os.kill(first, signal.SIGKILL)
+    await wait_for(lambda: children_of(state.projections_pid) not in ([], [first]), timeout_s=30,
+                   what="a new projection service")
+    env = {**cli_env, "BUS_URL": state.url}
+
+    async def answers() -> bool:
+        return (await run_bus("query", "select 1 as one", "--format", "json", env=env, cwd=tmp_path)).code == 0
+
+    await wait_for(answers, timeout_s=60, interval_s=0.5, what="the restarted service to answer")
+    (second,) = children_of(state.projections_pid)
+    down = await run_bus("down", env=cli_env, cwd=tmp_path)
+    assert down.code == 0, down.stderr
+    await wait_for(lambda: pid_gone(second) and pid_gone(state.projections_pid), what="keeper and service to exit")
+
+
 async def test_up_on_a_busy_port_names_the_port_and_the_option(tmp_path, cli_env) -> None:
     """A port taken by another program gives exit 2 and a message naming the port and --port."""
     with socket.socket() as blocker:

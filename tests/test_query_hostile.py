@@ -22,6 +22,7 @@ import pytest
 from bus import Bus, QueryError
 from projections import sandbox
 from projections.config import ProjectionSettings, QuerySettings, format_bytes
+from projections.protocol import ControlFailure, rebuild_subject
 from projections.service import ProjectionService
 from projections.statement import check
 from projections.store import file_hashes
@@ -438,4 +439,15 @@ async def test_requests_with_no_reply_subject_and_a_burst_of_garbage_leave_it_se
     replies = await asyncio.gather(*(bus.nc.request(bus.subjects.query, build(), timeout=30) for build in builders[:200]))
 
     assert len(replies) == 200 and all(isinstance(_answer.decode(r.data), QueryResult | QueryFailure) for r in replies)
+    await alive_and_unchanged(bus, seeded)
+
+
+@pytest.mark.parametrize("case", ["not JSON", "random bytes", "params nested 100,000 deep, unclosed", "over the request limit"])
+async def test_hostile_rebuild_requests_are_refused_and_change_nothing(bus: Bus, seeded: Seeded, case: str) -> None:
+    """Bytes published at the rebuild subject get a failure answer (checked before the decoder
+    recurses); nothing is rebuilt and the service keeps serving."""
+    build, _ = HOSTILE_REQUESTS[case]
+    reply = await bus.nc.request(rebuild_subject(bus.subjects), build(), timeout=10)
+    answer = msgspec.json.decode(reply.data, type=ControlFailure)
+    assert answer.message and len(answer.message) <= 2000
     await alive_and_unchanged(bus, seeded)

@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_server, out
+from bus.cli.keeper import describe_exit
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
 from bus.config import BusConfig, check_name
 from bus.errors import BusUnavailable, QueryError
@@ -138,7 +139,10 @@ def _projections_command(args: argparse.Namespace, url: str, home: Path) -> list
     """The projection service's command line, or None when it is off or not installed."""
     if args.no_projections or not _projections_installed():
         return None
+    # Under the keeper: a service that dies (a record that crashes it, the OOM killer) is started
+    # again with backoff, foreground or detached; stopping the keeper stops the service.
     return [
+        sys.executable, "-m", "bus.cli.keeper", "--",
         sys.executable, "-m", "bus.cli.main", "projections", "run",
         "--url", url, "--namespace", args.namespace, "--home", str(home),
     ]
@@ -271,9 +275,11 @@ async def _supervise(children: _Children, stop: asyncio.Event, server_log: Path)
         stop.set()
 
     async def watch_projections(proc: asyncio.subprocess.Process) -> None:
+        # The keeper restarts a crashed service itself; it only ends when the service refused
+        # to run (its configuration) or was stopped.
         code = await proc.wait()
-        out(f"warning: the projection service exited with code {code}; the server keeps running "
-            "(restart both with Ctrl-C and `bus up`)")
+        out(f"warning: the projection service stopped for good ({describe_exit(code)}); the server keeps "
+            "running (fix what it printed, then restart both with Ctrl-C and `bus up`)")
 
     async with asyncio.TaskGroup() as tg:
         watchers = []
