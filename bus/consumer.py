@@ -54,7 +54,7 @@ import nats.errors
 
 from bus.config import ConsumerSettings
 from bus.deadletter import DeadLetterWatcher, answer_failed, loose_envelope, write_dead_letter
-from bus.errors import BusError, BusUnavailable
+from bus.errors import BusError, BusUnavailable, ConfigurationError
 from bus.meters import ConsumerMeters
 from bus.pull import Delivered, PullSettings, RawPull, ack_facts
 from bus.settle import (
@@ -77,7 +77,7 @@ from bus.topology import ensure_consumer, group_consumer_config, inbox_consumer_
 from bus.wire import WireConnection, WireSettings, pub_frame
 from bus.wire.address import servers_of_client
 from bus.window import Held, PriorityWindow
-from schemas import DecodeError, Delivery, Envelope, stable_id
+from schemas import DecodeError, Delivery, Envelope, derived_id, stable_id
 from schemas.envelope import PRIORITY_MAX
 from schemas.payloads import DeliveryExpired, DeliveryReport, Settlement
 from schemas.registry import kind_of_raw
@@ -540,11 +540,21 @@ class ConsumerEngine:
     # -- settlement ------------------------------------------------------------------------------
 
     async def _record_report(self, consumer: str, settlements: list[Settlement], report_id: str) -> None:
-        await self._bus.record(
-            self.agent,
-            DeliveryReport(agent=self.agent, consumer=consumer, settlements=settlements),
-            id=report_id,
-        )
+        try:
+            await self._bus.record(
+                self.agent,
+                DeliveryReport(agent=self.agent, consumer=consumer, settlements=settlements),
+                id=report_id,
+            )
+        except ConfigurationError:
+            # Over the server's max_payload (a server configured smaller than nats.conf: 1,000
+            # settlements with long errors reach ~2 MB): recorded in halves, each under an id
+            # derived from the report's, so a retried report is still stored once.
+            if len(settlements) < 2:
+                raise
+            half = len(settlements) // 2
+            await self._record_report(consumer, settlements[:half], derived_id(report_id, "first half"))
+            await self._record_report(consumer, settlements[half:], derived_id(report_id, "second half"))
 
     async def _send(self, items: list[Outgoing]) -> None:
         assert self._conn is not None

@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 
 from agents.supervisor import AgentSpec, EventRecorder, RestartPolicy, Supervisor, SupervisorSettings
-from bus import Bus, BusConfig
+from bus import Bus, BusConfig, RetryableError
+from bus.config import ConsumerSettings, RetryPolicy
 from bus.deadletter import carried_limit, loose_envelope
+from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
-from schemas.payloads import DeadLettered, DeliveryReport, Ping, Pong
+from schemas.payloads import DeadLettered, DeliveryReport, Note, Ping, Pong
 from conftest import wait_for
 from fixtures_agents.helpers import read_log
 from hostile_corpus import CASES, HostileCase
@@ -162,3 +164,35 @@ def test_the_corpus_expectations_match_the_codec(case: HostileCase) -> None:
         assert case.expect == f"dead:{reason}"
     else:
         assert case.expect == ("expired" if envelope.is_expired(datetime.now(UTC)) else "handled")
+
+
+async def test_on_a_server_with_a_small_max_payload_long_errors_still_settle(tmp_path: Path) -> None:
+    """On a server whose max_payload (64 KB) is far below nats.conf's, a flush of 100
+    settlements with 2,000-character errors (~220 KB as one report) is recorded in parts that
+    fit: every delivery's settlement is in the log, and the engine keeps consuming."""
+    conf = tmp_path / "small.conf"
+    conf.write_text("host: 127.0.0.1\nmax_payload: 65536\njetstream { sync_interval: always }\n")
+    server = EmbeddedServer(ServerSettings(store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=ANY_PORT,
+                                           config_file=conf))
+    await server.start()
+    try:
+        config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="tester",
+                           consumer=ConsumerSettings(concurrency=100, prefetch=0, report_interval_s=0.5,
+                                                     retry=RetryPolicy(backoff_s=(60.0,), max_deliver=5)))
+        async with Bus(config) as bus:
+            sent = [(await bus.send("worker", Note(text=str(i)))).ack.seq for i in range(100)]
+
+            async def fail(envelope: Any, delivery: Any) -> None:
+                raise RetryableError("x" * 3000)
+
+            async with bus.consumer("worker", fail):
+                async def all_reported() -> bool:
+                    reports = [env.payload for _, env in await read_log(bus, "default.event.worker.delivery.report")]
+                    seen = {s.stream_seq for r in reports for s in r.settlements if s.outcome == "retried"}
+                    return set(sent) <= seen
+
+                await wait_for(all_reported, timeout_s=30, interval_s=0.2, what="every settlement recorded")
+            reports = [env.payload for _, env in await read_log(bus, "default.event.worker.delivery.report")]
+            assert len(reports) > 1 and max(len(r.settlements) for r in reports) < 100
+    finally:
+        await server.stop()
