@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,8 @@ from bus.deadletter import carried_limit, loose_envelope
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
+from schemas import Codec, DecodeError
+from schemas.registry import kind_of_raw
 from schemas.payloads import DeadLettered, DeliveryReport, Note, Ping, Pong
 from conftest import wait_for
 from fixtures_agents.helpers import read_log
@@ -145,11 +148,6 @@ async def check_projections(bus: Bus, sent: dict[int, tuple[HostileCase, bytes]]
 def test_the_corpus_expectations_match_the_codec(case: HostileCase) -> None:
     """The corpus's expected outcome is what the codec says of the bytes (fast, no server):
     a dead letter's reason comes from the decode error, handled/expired from a clean decode."""
-    from datetime import UTC, datetime
-
-    from schemas import Codec, DecodeError
-    from schemas.registry import kind_of_raw
-
     codec = Codec()
     data = case.build()
     try:
