@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgspec
 
 from schemas.envelope import Envelope
-from schemas.limits import refusal
+from schemas.limits import MAX_NAME_CHARS, misnamed, refusal
 from schemas.registry import PayloadRegistry
 
 # "undecodable": not JSON (or not UTF-8); "invalid": JSON that is not a valid envelope, or is
@@ -49,9 +49,15 @@ class Codec:
     def decode(self, data: bytes) -> Envelope[Any]:
         """Decode and validate bytes into an envelope with a typed payload.
 
-        Raises DecodeError with the reason (not JSON, missing or wrong field, unknown kind).
+        Raises DecodeError with the reason (not JSON, missing or wrong field, unknown kind, a
+        name that is not one subject token).
         """
         envelope = _decode_within_limits(self._decoder, data, "undecodable bytes")
+        bad = misnamed(envelope.sender, envelope.to, envelope.tag, envelope.reply_to)
+        if bad is not None:
+            raise DecodeError(
+                f"invalid envelope: {bad[:80]!r} is not a name (1-{MAX_NAME_CHARS} letters, digits, '_' or '-')"
+            )
         if self.registry.has_upcasters:
             upcast = self.registry.apply_upcasters(envelope.payload)
             if upcast is not envelope.payload:

@@ -82,6 +82,10 @@ CASES: list[HostileCase] = [
     HostileCase("7 MB of random bytes", random_bytes(7 * MB, 1), "dead:undecodable"),
     HostileCase("6.5 MB envelope of an unknown kind", unknown_kind_of(int(6.5 * MB)), "dead:unknown_kind"),
     HostileCase("invalid reply_to", lambda: text(envelope(reply_to="not a name.*")), "dead:invalid"),
+    HostileCase("sender with a dot", lambda: text(envelope(sender="tes.ter")), "dead:invalid"),
+    HostileCase("to with a wildcard", lambda: text(envelope(to="greeter.>")), "dead:invalid"),
+    HostileCase("tag with a space", lambda: text(envelope(tag="the team")), "dead:invalid"),
+    HostileCase("sender with a non-ASCII letter", lambda: text(envelope(sender="tést")), "dead:invalid"),
     HostileCase("64 KB sender name", lambda: text(envelope(sender="s" * 65_536)), "dead:invalid"),
     HostileCase("1 MB sender name", lambda: text(envelope(sender="s" * MB)), "dead:invalid"),
     # -- fuzz categories ---------------------------------------------------------------------
