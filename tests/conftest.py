@@ -10,11 +10,15 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from bus import Bus, BusConfig
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
+
+if TYPE_CHECKING:
+    from projections.reader import LogRecord
 
 
 @pytest.fixture
@@ -68,3 +72,14 @@ async def wait_for(
         if loop.time() > deadline:
             pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(interval_s)
+
+
+async def read_records(bus: Bus, upto: int) -> list["LogRecord"]:
+    """The log's records from seq 1 through `upto`, as the projections read them."""
+    from projections.reader import LogReader
+
+    records: list[LogRecord] = []
+    async with LogReader(bus, start_seq=1) as reader:
+        while not records or records[-1].seq < upto:
+            records += await reader.read(10_000)
+    return records

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import msgspec
 import pytest
-from conftest import wait_for
+from conftest import read_records, wait_for
 
 from bus import Bus, BusConfig, BusUnavailable, QueryError
 from projections import fold
@@ -35,7 +35,7 @@ from projections.crashes import CHUNK
 from projections.fold import Cause, cause_of, retry_delay
 from projections.inflight import SLOT_BYTES, Header, InFlight, current_oom_kills, how_it_died
 from projections.rebuild import request_rebuild
-from projections.reader import LogReader, LogRecord
+from projections.reader import LogRecord
 from projections.runner import decode
 from projections.service import ProjectionService
 from projections.status import format_report, request_status
@@ -168,14 +168,6 @@ async def notes(bus: Bus, *texts: str) -> list[int]:
     return [(await bus.send("alice", Note(text=text))).ack.seq for text in texts]
 
 
-async def read_log(bus: Bus, upto: int) -> list[LogRecord]:
-    records: list[LogRecord] = []
-    async with LogReader(bus, start_seq=1) as reader:
-        while not records or records[-1].seq < upto:
-            records += await reader.read(10_000)
-    return records
-
-
 def _no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
@@ -271,7 +263,7 @@ async def test_a_record_the_decoder_raises_on_becomes_an_events_row_with_the_err
     decoded in halves and that record alone becomes a row with `error` saying what was raised
     and `raw` its bytes; the records around it decode as usual, and `events` keeps them all."""
     seqs = await notes(bus, *(f"note {i}" for i in range(9)))
-    records = await read_log(bus, seqs[-1])
+    records = await read_records(bus, seqs[-1])
     bad = records[5]
 
     def build(part: Any) -> Batch:
@@ -463,7 +455,7 @@ async def test_a_killer_in_a_large_batch_is_known_after_two_more_crashes(bus: Bu
     at = 2 * CHUNK - 60  # in the second chunk
     texts = [CRASH if i == at else f"note {i}" for i in range(count)]
     seqs = await notes(bus, *texts)
-    records = await read_log(bus, seqs[-1])
+    records = await read_records(bus, seqs[-1])
     db, result, log_path = tmp_path / "views.duckdb", tmp_path / "result.json", tmp_path / "fold.log"
 
     def life() -> Any:
@@ -502,7 +494,7 @@ async def test_a_record_that_kills_even_without_its_content_is_left_out(bus: Bus
     seqs = await notes(bus, "n1", "n2")
     doom = (await bus.send("doom", Note(text="to doom"))).ack.seq
     seqs += await notes(bus, "n3", "n4")
-    records = await read_log(bus, seqs[-1])
+    records = await read_records(bus, seqs[-1])
     db, result, log_path = tmp_path / "views.duckdb", tmp_path / "result.json", tmp_path / "fold.log"
     codes = []
     for _ in range(4):
@@ -542,7 +534,7 @@ async def test_a_process_killed_for_another_reason_loses_nothing_and_blames_no_r
     start folds the records again as usual, suspects none, blames none, and the views equal
     those of a fold never interrupted."""
     seqs = await notes(bus, *(["hold"] + [f"note {i}" for i in range(CHUNK + 100)]))
-    records = await read_log(bus, seqs[-1])
+    records = await read_records(bus, seqs[-1])
     db, ready = tmp_path / "views.duckdb", tmp_path / "holding"
     with _reaped(_spawn.Process(target=_fold_and_hang, args=(str(db), records, str(ready)))) as child:
         child.start()
@@ -611,7 +603,7 @@ async def test_a_record_is_blamed_for_the_oom_killer_only_after_two_deaths_alone
     here: the folding file is written as the killed process leaves it, the kernel's count of OOM
     kills one higher than at its start.)"""
     seqs = await notes(bus, *(f"note {i}" for i in range(10)))
-    records = await read_log(bus, seqs[-1])
+    records = await read_records(bus, seqs[-1])
     db = tmp_path / "views.duckdb"
     victim = seqs[4]
 
@@ -668,7 +660,7 @@ async def test_a_database_duckdb_gives_up_on_ends_the_fold_and_the_next_start_tr
     leaves the fold recorded and notes the fault; the next start folds that batch a record at a
     time, and when the record does it again, the start after that folds it without its content."""
     seqs = await notes(bus, "one", "fatal", "three")
-    records = await read_log(bus, seqs[-1])
+    records = await read_records(bus, seqs[-1])
     db = tmp_path / "views.duckdb"
     views = (*VIEWS, FatalView().spec())
     reports = []

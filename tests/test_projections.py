@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import wait_for
+from conftest import read_records, wait_for
 
 from bus import Bus
 from projections.batch import build_batch
@@ -49,14 +49,6 @@ async def raw_publish(bus: Bus, subject: str, data: bytes) -> int:
     """Store bytes as they are (no envelope checks) and return their stream sequence."""
     reply = await bus.nc.request(subject, data, headers={"Nats-Msg-Id": new_id()}, timeout=5)
     return int(msgspec.json.decode(reply.data)["seq"])
-
-
-async def read_log(bus: Bus, upto: int) -> list[LogRecord]:
-    records: list[LogRecord] = []
-    async with LogReader(bus, start_seq=1) as reader:
-        while not records or records[-1].seq < upto:
-            records += await reader.read(10_000)
-    return records
 
 
 # -- events --------------------------------------------------------------------------------
@@ -238,7 +230,7 @@ async def test_folding_does_not_depend_on_batch_boundaries(bus: Bus, tmp_path: P
     """The same log folded in one batch, in tiny batches, and in random ones (replays of records
     already applied included) gives identical tables: folds are pure and batch-associative."""
     last = await append_batches(bus, list(synthetic_log(bus, 1500, seed=7)))
-    records = await read_log(bus, last)
+    records = await read_records(bus, last)
     rng = random.Random(7)
 
     whole = _fold(tmp_path / "whole.duckdb", records, [len(records)])
@@ -253,7 +245,7 @@ async def test_folding_does_not_depend_on_batch_boundaries(bus: Bus, tmp_path: P
 async def test_records_at_or_below_the_checkpoint_are_skipped(bus: Bus, tmp_path: Path) -> None:
     """Applying a batch again (a reader that re-delivers) changes nothing: exactly-once application."""
     last = await append_batches(bus, list(synthetic_log(bus, 300, seed=3)))
-    records = await read_log(bus, last)
+    records = await read_records(bus, last)
     store = Store(tmp_path / "views.duckdb", stream="CONTINUUM_DEFAULT")
     store.open()
     try:
@@ -343,7 +335,7 @@ async def test_a_hole_in_the_log_is_a_stream_gap(bus: Bus, tmp_path: Path) -> No
     """Sequences that never reach the views (a record lost from the middle of the log) are
     reported as a `stream_gap` naming the missing range."""
     last = await append_batches(bus, list(synthetic_log(bus, 50, seed=1)))
-    records = await read_log(bus, last)
+    records = await read_records(bus, last)
     holed = records[:20] + records[23:]
     store = Store(tmp_path / "views.duckdb", stream="CONTINUUM_DEFAULT")
     store.open()
