@@ -14,9 +14,10 @@ import msgspec
 import pytest
 
 from bus import Bus
+from conftest import read_records
 from projections.batch import build_batch
 from projections.config import ProjectionSettings
-from projections.reader import LogReader, LogRecord
+from projections.reader import LogRecord
 from projections.service import ProjectionService
 from projections.store import Store
 from projections.views import VIEWS
@@ -330,14 +331,6 @@ async def _record_memory_workload(bus: Bus, seed: int) -> int:
     return last
 
 
-async def _read_log(bus: Bus, upto: int) -> list[LogRecord]:
-    records: list[LogRecord] = []
-    async with LogReader(bus, start_seq=1) as reader:
-        while not records or records[-1].seq < upto:
-            records += await reader.read(10_000)
-    return records
-
-
 def _fold_hashes(path: Path, records: list[LogRecord], sizes: list[int]) -> dict[str, str]:
     store = Store(path, stream="CONTINUUM_DEFAULT", views=tuple(v for v in VIEWS if v.name in MEMORY_VIEWS))
     store.open()
@@ -357,7 +350,7 @@ async def test_memory_views_do_not_depend_on_batch_boundaries(bus: Bus, tmp_path
     """The same memory log (duplicates, stale writes, endings of inactive facts included) folded
     whole, one event at a time and in random batches gives identical tables."""
     last = await _record_memory_workload(bus, seed=5)
-    records = await _read_log(bus, last)
+    records = await read_records(bus, last)
     rng = random.Random(5)
 
     whole = _fold_hashes(tmp_path / "whole.duckdb", records, [len(records)])

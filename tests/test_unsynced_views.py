@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
-from test_projections import read_log
+from conftest import read_records
 
 from bus import Bus
 from projections.batch import build_batch
@@ -26,7 +26,7 @@ async def _folded_file(bus: Bus, path: Path, boot_id: str) -> int:
     store = Store(path, stream=STREAM, boot_id=boot_id)
     store.open()
     try:
-        store.apply(build_batch(await read_log(bus, last)))
+        store.apply(build_batch(await read_records(bus, last)))
         return store.applied_seq
     finally:
         store.close()
