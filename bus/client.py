@@ -43,6 +43,7 @@ from bus.publisher import PubAck, Publisher
 from bus.server import read_varz
 from bus.subjects import Subjects
 from bus.topology import advisory_stream_config, ensure_stream, log_stream_checks, log_stream_config
+from bus.wire import WireConnection, WireSettings, inbox_prefix_of_client, servers_of_client
 from schemas import Codec, DecodeError, Delivery, Envelope, PayloadRegistry, derived_id, new_id, utcnow
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from schemas.payloads import RequestFailed
@@ -78,6 +79,12 @@ async def server_reachable(url: str, timeout_s: float = 2.0) -> bool:
     return False
 
 
+def _log_keeper_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the publishing connection's keeper failed; publishes will time out",
+                  exc_info=task.exception())
+
+
 class Sent(msgspec.Struct, frozen=True):
     """A published envelope and the server's receipt for it."""
 
@@ -101,6 +108,9 @@ class Bus:
         self.metrics = BusMetrics(metrics_registry or CollectorRegistry())
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        # Publishing's own connection (bus.wire): frames and acks, no nats-py internals.
+        self._wire: WireConnection | None = None
+        self._wire_keeper: asyncio.Task[None] | None = None
         self._publisher: Publisher | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -140,12 +150,17 @@ class Bus:
                 checked=log_stream_checks(self.config.stream),
             )
             await ensure_stream(self._js, advisory_stream_config(self.subjects))
+            wire = await self._open_wire(self._nc)
             self._publisher = Publisher(
-                self._nc, subjects=self.subjects, settings=self.config.publisher, metrics=self.metrics
+                wire, self._js, subjects=self.subjects, settings=self.config.publisher, metrics=self.metrics
             )
             await self._publisher.__aenter__()
         except BaseException:
-            await self._nc.close()
+            self._publisher = None
+            try:
+                await self._close_wire()
+            finally:
+                await self._nc.close()
             raise
         return self
 
@@ -157,14 +172,54 @@ class Bus:
                 await self._publisher.__aexit__(exc_type, exc, tb)
         finally:
             self._publisher = None
-            nc, self._nc = self._nc, None
-            if nc is not None and not nc.is_closed:
+            try:
+                await self._close_wire()  # after the publisher: its last acks come back on it
+            finally:
+                await self._close_control_plane()
+
+    async def _open_wire(self, nc: NATS) -> WireConnection:
+        """Connect publishing's WireConnection to the servers (and with the credentials and inbox
+        prefix) of the control-plane client, and start its keeper (reconnects, keepalive), a task
+        this Bus owns. Raises BusUnavailable, PermissionDenied, ConfigurationError."""
+        settings = WireSettings(
+            connect_timeout_s=self.config.connect_timeout_s, inbox_prefix=inbox_prefix_of_client(nc)
+        )
+        wire = WireConnection(servers_of_client(nc), name=f"continuum:{self.config.name}:publish", settings=settings)
+        await wire.connect()
+        self._wire = wire
+        self._wire_keeper = asyncio.get_running_loop().create_task(wire.run(), name="bus-wire-keeper")
+        self._wire_keeper.add_done_callback(_log_keeper_failure)
+        return wire
+
+    async def _close_wire(self) -> None:
+        """Close publishing's connection (bounded), then stop its keeper."""
+        wire, self._wire = self._wire, None
+        keeper, self._wire_keeper = self._wire_keeper, None
+        try:
+            if wire is not None:
+                await wire.close()
+        finally:
+            if keeper is not None:
+                keeper.cancel()  # it may be waiting between reconnect rounds
                 try:
-                    await nc.drain()
-                except (nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError,
-                        nats.errors.FlushTimeoutError, asyncio.TimeoutError):
-                    # The server is gone: nothing left to drain, just release the connection.
-                    await nc.close()
+                    await keeper
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # this task itself is being cancelled
+                except Exception:  # noqa: S110 - logged by _log_keeper_failure
+                    pass
+
+    async def _close_control_plane(self) -> None:
+        """Drain the nats-py client (or just close it when the server is gone)."""
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.drain()
+            except (nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError,
+                    nats.errors.FlushTimeoutError, asyncio.TimeoutError):
+                # The server is gone: nothing left to drain, just release the connection.
+                await nc.close()
 
     async def _check_fsync(self) -> None:
         if self.config.monitor_url is None:
@@ -200,8 +255,11 @@ class Bus:
 
     @property
     def max_payload(self) -> int:
-        """The largest message (headers included) the connected server accepts, in bytes."""
-        return self.nc.max_payload
+        """The largest message (headers included) the connected server accepts, in bytes, as the
+        server announced it to the publishing connection."""
+        if self._wire is None:
+            raise RuntimeError("Bus is not connected; use `async with Bus(config) as bus:`")
+        return self._wire.max_payload
 
     @property
     def publisher(self) -> Publisher:

@@ -29,6 +29,12 @@ What each caller gets, whatever else shares its commit:
   or when the publisher closed; ConfigurationError for a message the protocol cannot carry.
 A rejected batch stores nothing; its messages are re-sent one by one so that each caller gets
 its own outcome. A commit whose ack was lost with the connection is re-sent with the same ids.
+
+The wire: frames go out through a `WireConnection` (bus.wire; coalesced into one socket write
+per loop turn) and the acks come back on an inbox subscription of that connection, as raw bytes
+handed over from the socket callback. A lost connection is told by its `reconnects` counter
+moving (or it being down). The only other I/O, reading back a stored message after a failed
+expected-sequence check, is a JetStream API call on the control-plane client.
 """
 
 from __future__ import annotations
@@ -43,9 +49,7 @@ from typing import Any, Literal
 
 import msgspec
 import nats.errors
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus.config import PublisherSettings
@@ -62,7 +66,9 @@ from bus.puback import (
     publish_headers,
 )
 from bus.subjects import Subjects
+from bus.wire.connection import WireConnection
 from bus.wire.hpub import SPACE_OR_CONTROL, encode_batch, encode_single, header_block
+from bus.wire.protocol import parse_status
 
 __all__ = ["PubAck", "Publisher"]
 
@@ -88,6 +94,13 @@ class _Entry(msgspec.Struct, gc=False):
     followers: list[_Entry] | None = None
 
 
+class _Reply(msgspec.Struct, gc=False):
+    """A reply on the ack inbox, as the connection handed it over."""
+
+    header: bytes  # b"" when it has none
+    data: bytes
+
+
 class _Unit:
     """What one commit carries: one plain publish, or an atomic batch of ≥ 2 messages."""
 
@@ -97,7 +110,7 @@ class _Unit:
         self.entries = entries
         self.staged = b""  # a batch's frames before the commit
         self.commit = b""
-        self.reply = ""
+        self.reply = b""
         # The connection (reconnect count) the staged frames were written on, if written.
         self.staged_on: int | None = None
 
@@ -110,19 +123,31 @@ _Outcome = Literal["done", "resend", "one_by_one"]
 # An unanswered commit checks this often whether the connection was lost (its reply would then
 # never come, and the unit is re-sent with the same message ids).
 _RECONNECT_CHECK_S = 0.1
+# How long leaving waits for the server to confirm the ack inbox's unsubscription.
+_UNSUBSCRIBE_DRAIN_S = 0.5
 
 
 class Publisher:
     """Publishes into the log with group commit and waits for the server's ack.
 
-    An async context manager: entering subscribes to the ack inbox and starts the two tasks it
-    owns; leaving sends what is queued and waits for the acks, then stops them (bounded).
+    An async context manager: entering subscribes to the ack inbox on `conn` and starts the two
+    tasks it owns; leaving sends what is queued and waits for the acks, then stops them (bounded).
+    `conn` belongs to the caller, who connects it first, keeps its `run()` going and closes it
+    after the publisher. `js` (the control plane) only reads back a message after a failed
+    expected-sequence check.
     """
 
     def __init__(
-        self, nc: NATS, *, subjects: Subjects, settings: PublisherSettings, metrics: BusMetrics
+        self,
+        conn: WireConnection,
+        js: JetStreamContext,
+        *,
+        subjects: Subjects,
+        settings: PublisherSettings,
+        metrics: BusMetrics,
     ) -> None:
-        self._nc = nc
+        self._conn = conn
+        self._js = js
         self._subjects = subjects
         self._settings = settings
         self._metrics = metrics
@@ -132,13 +157,13 @@ class Publisher:
         self._units: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._slots = asyncio.Semaphore(settings.max_inflight_batches)
         self._waiting_units = 0  # formed, not yet committing
-        self._replies: dict[str, asyncio.Future[Msg | None]] = {}
-        self._reply_prefix = ""
+        self._replies: dict[bytes, asyncio.Future[_Reply | None]] = {}
+        self._reply_prefix = b""
         self._reply_count = 0
         self._batch_prefix = secrets.token_hex(8)
         self._batch_count = 0
         self._subject_cache: dict[str, tuple[bytes, str]] = {}
-        self._sub: Subscription | None = None
+        self._sid: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
@@ -148,14 +173,16 @@ class Publisher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> "Publisher":
-        if not (hasattr(self._nc, "_send_command") and hasattr(self._nc, "_flush_pending")):
-            raise ConfigurationError("this nats-py has no raw write path; install nats-py==2.16.0")
+        """Subscribe the ack inbox and start the tasks. Raises BusUnavailable when the connection
+        is closed or was never connected."""
+        if self._conn.is_closed or not self._conn.info:
+            raise BusUnavailable("the publisher's NATS connection is not open: connect it first")
         self._loop = asyncio.get_running_loop()
-        self._reply_prefix = self._nc.new_inbox() + "."
-        try:
-            self._sub = await self._nc.subscribe(self._reply_prefix + "*", cb=self._on_reply)
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
-            raise BusUnavailable(f"not connected to NATS: {exc!r}") from exc
+        inbox = self._conn.new_inbox()
+        self._reply_prefix = inbox.encode() + b"."
+        # No flush needed: the SUB frame precedes every publish on this one connection (and is
+        # sent again first after a reconnect), so the server knows the inbox before any ack.
+        self._sid = self._conn.subscribe(inbox + ".*", self._on_reply)
         self._tasks = [
             self._loop.create_task(self._form_units(), name="publisher-former"),
             self._loop.create_task(self._commit_units(), name="publisher-committer"),
@@ -195,14 +222,11 @@ class Publisher:
             await self._unsubscribe()
 
     async def _unsubscribe(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is None or self._nc.is_closed:
-            return
-        try:
-            await sub.unsubscribe()
-        except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError,
-                nats.errors.ConnectionDrainingError):
-            pass  # the subscription goes away with the connection
+        sid, self._sid = self._sid, None
+        if sid is None or self._conn.is_closed:
+            return  # the subscription went with the connection
+        # Bounded: a late ack after this is dropped anyway (nobody waits for it any more).
+        await self._conn.unsubscribe(sid, drain_timeout_s=_UNSUBSCRIBE_DRAIN_S)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -265,10 +289,11 @@ class Publisher:
             hdr = header_block(publish_headers(msg_id, headers, expected, expected_subject))
         else:
             hdr = b"NATS/1.0\r\nNats-Msg-Id: %b\r\n" % msg_id.encode()
-        if len(hdr) + len(data) > self._nc.max_payload:
+        max_payload = self._conn.max_payload
+        if len(hdr) + len(data) > max_payload:
             raise ConfigurationError(
                 f"message of {len(hdr) + len(data)} bytes exceeds the server's max_payload of "
-                f"{self._nc.max_payload}; store large blobs elsewhere and publish a reference"
+                f"{max_payload}; store large blobs elsewhere and publish a reference"
             )
         loop = self._loop
         assert loop is not None
@@ -360,9 +385,9 @@ class Publisher:
             return
         self._metrics.publish_batch_size.observe(len(unit.entries))
         try:
-            if unit.staged and self._nc.is_connected:
-                unit.staged_on = self._nc.stats["reconnects"]
-                await self._write(unit.staged, len(unit.entries) - 1)
+            if unit.staged and self._conn.is_connected:
+                unit.staged_on = self._conn.reconnects
+                self._conn.write(unit.staged)
         finally:  # queued even if cancelled meanwhile, so that shutdown answers its callers
             self._waiting_units += 1
             self._units.put_nowait(unit)
@@ -370,8 +395,7 @@ class Publisher:
     def _encode(self, unit: _Unit) -> None:
         """(Re-)encode a unit for a fresh attempt: a new reply subject and, for a batch, a new
         batch id (a half-staged batch of an earlier attempt must not be continued)."""
-        unit.reply = self._next_reply()
-        reply = unit.reply.encode()
+        unit.reply = reply = self._next_reply()
         if len(unit.entries) == 1:
             unit.staged, unit.commit = b"", encode_single(unit.entries[0], reply)
         elif not self._batched(unit):
@@ -380,9 +404,9 @@ class Publisher:
             unit.staged, unit.commit = encode_batch(unit.entries, self._next_batch_id(), reply)
         unit.staged_on = None
 
-    def _next_reply(self) -> str:
+    def _next_reply(self) -> bytes:
         self._reply_count += 1
-        return f"{self._reply_prefix}{self._reply_count}"
+        return b"%b%d" % (self._reply_prefix, self._reply_count)
 
     def _next_batch_id(self) -> bytes:
         self._batch_count += 1
@@ -437,13 +461,15 @@ class Publisher:
         if self._expired(deadline):  # uncommitted staged frames store nothing
             self._fail_unit(unit, self._not_sent)
             return "done"
-        reconnects = self._nc.stats["reconnects"]
+        reconnects = self._conn.reconnects
         split = unit.staged_on == reconnects  # staged frames went out on this connection
+        if unit.staged_on is not None and not split:
+            # Staged frames written just before a connection dropped may still reach the server
+            # on the next one (the connection keeps unsent frames for it): a fresh batch id keeps
+            # the whole batch sent now from continuing theirs.
+            self._encode(unit)
         future = self._expect_reply(unit.reply)
-        if split:
-            await self._write(unit.commit, 1)
-        else:
-            await self._write(unit.staged + unit.commit, len(unit.entries))
+        self._conn.write(unit.commit if split else unit.staged + unit.commit)
         msg = await self._await_reply(future, deadline, reconnects)
         if msg is None:
             self._replies.pop(unit.reply, None)
@@ -522,10 +548,10 @@ class Publisher:
                 replies, blob, first = [first.reply], first.commit, None
             else:
                 replies = [self._next_reply() for _ in pending]
-                blob = b"".join(encode_single(e, r.encode()) for e, r in zip(pending, replies))
+                blob = b"".join(encode_single(e, r) for e, r in zip(pending, replies))
             futures = [self._expect_reply(r) for r in replies]
-            reconnects = self._nc.stats["reconnects"]
-            await self._write(blob, len(pending))
+            reconnects = self._conn.reconnects
+            self._conn.write(blob)
             if len(futures) == 1:
                 await self._await_reply(futures[0], deadline, reconnects)
             else:
@@ -552,7 +578,7 @@ class Publisher:
         for entry, wire in conflicts:
             await self._settle_conflict(entry, wire, deadline)
 
-    def _settle_plain(self, entry: _Entry, msg: Msg, counts: dict[str, int]) -> WirePubAck | None:
+    def _settle_plain(self, entry: _Entry, msg: _Reply, counts: dict[str, int]) -> WirePubAck | None:
         """Resolve an entry from its own PubAck; a 10071 is handed back for a read-back."""
         if _is_no_responders(msg):
             subject = entry.subject.decode()
@@ -585,7 +611,7 @@ class Publisher:
             assert self._loop is not None
             try:
                 stored = await asyncio.wait_for(
-                    self._nc.jetstream().get_msg(self._subjects.stream, seq=error.actual),
+                    self._js.get_msg(self._subjects.stream, seq=error.actual),
                     max(0.05, deadline - self._loop.time()),
                 )
             except NotFoundError:
@@ -603,26 +629,21 @@ class Publisher:
 
     # -- the wire --------------------------------------------------------------------------
 
-    def _expect_reply(self, reply: str) -> asyncio.Future[Msg | None]:
+    def _expect_reply(self, reply: bytes) -> asyncio.Future[_Reply | None]:
         assert self._loop is not None
-        future: asyncio.Future[Msg | None] = self._loop.create_future()
+        future: asyncio.Future[_Reply | None] = self._loop.create_future()
         self._replies[reply] = future
         return future
 
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._replies.pop(msg.subject, None)
+    def _on_reply(self, subject: bytes, reply: bytes, header: bytes, data: bytes) -> None:
+        """An ack (or a no-responders status) on the inbox; runs inside the socket callback."""
+        future = self._replies.pop(subject, None)
         if future is not None and not future.done():
-            future.set_result(msg)
+            future.set_result(_Reply(header, data))
 
-    async def _write(self, blob: bytes, messages: int) -> None:
-        nc = self._nc
-        nc.stats["out_msgs"] += messages
-        nc.stats["out_bytes"] += len(blob)
-        await nc._send_command(blob)
-        if nc._flush_queue is not None and nc._flush_queue.empty():
-            await nc._flush_pending()
-
-    async def _await_reply(self, future: asyncio.Future[Msg | None], deadline: float, reconnects: int) -> Msg | None:
+    async def _await_reply(
+        self, future: asyncio.Future[_Reply | None], deadline: float, reconnects: int
+    ) -> _Reply | None:
         """The reply, or None once the deadline passed or the connection was lost since the
         write. A timer checks the connection, so an answered commit wakes its waiter directly."""
         assert self._loop is not None
@@ -643,7 +664,9 @@ class Publisher:
         finally:
             timer.cancel()
 
-    async def _await_replies(self, futures: list[asyncio.Future[Msg | None]], deadline: float, reconnects: int) -> None:
+    async def _await_replies(
+        self, futures: list[asyncio.Future[_Reply | None]], deadline: float, reconnects: int
+    ) -> None:
         """Wait until every future is answered, the deadline passed, or the connection was lost."""
         assert self._loop is not None
         waiting = [f for f in futures if not f.done()]
@@ -655,16 +678,12 @@ class Publisher:
             waiting = [f for f in waiting if not f.done()]
 
     def _lost_connection(self, reconnects: int) -> bool:
-        return not self._nc.is_connected or self._nc.stats["reconnects"] != reconnects
+        return not self._conn.is_connected or self._conn.reconnects != reconnects
 
     async def _wait_connected(self, deadline: float) -> bool:
-        """Wait (polling, bounded by `deadline`) until the client is connected."""
+        """Wait (bounded by `deadline`) until the connection is up; False if it is not by then."""
         assert self._loop is not None
-        while not self._nc.is_connected:
-            if self._nc.is_closed or self._loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await self._conn.wait_connected(deadline - self._loop.time())
 
     def _expired(self, deadline: float) -> bool:
         assert self._loop is not None
@@ -677,7 +696,7 @@ class Publisher:
         )
 
     def _unreachable(self) -> BusUnavailable:
-        if self._nc.is_closed:
+        if self._conn.is_closed:
             return BusUnavailable("the NATS connection is closed")
         return BusUnavailable(
             f"NATS unreachable for {self._settings.ack_timeout_s}s (not stored unless it was sent before "
@@ -741,5 +760,6 @@ def _copy_error(error: BaseException) -> BaseException:
         return BusUnavailable(str(error))
 
 
-def _is_no_responders(msg: Msg) -> bool:
-    return bool(msg.headers) and msg.headers.get("Status") == "503" and not msg.data
+def _is_no_responders(msg: _Reply) -> bool:
+    """The server's "no stream captures this subject" answer: a 503 status without payload."""
+    return not msg.data and bool(msg.header) and parse_status(msg.header)[0] == "503"

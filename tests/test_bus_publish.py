@@ -1,4 +1,5 @@
-"""Publishing into the log: durability receipt, dedup, optimistic concurrency, fsync check."""
+"""Publishing into the log: durability receipt, dedup, optimistic concurrency, fsync check, the
+server's message size limit."""
 
 from __future__ import annotations
 
@@ -61,3 +62,22 @@ async def test_bus_without_a_server_fails_fast_with_a_hint(unused_tcp_port: int)
     with pytest.raises(BusUnavailable, match="bus up"):
         async with Bus(BusConfig(url=f"nats://127.0.0.1:{unused_tcp_port}", connect_timeout_s=0.5)):
             pass
+
+
+async def test_max_payload_is_the_servers_own_limit(tmp_path) -> None:
+    """The bus takes the message size limit from what the server announces (here 64 KiB, not
+    nats.conf's 8 MB nor the 1 MiB default): a publish over it is refused with ConfigurationError
+    naming the limit, nothing is stored, and one under it is stored."""
+    from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
+
+    small_conf = tmp_path / "small.conf"
+    small_conf.write_text("max_payload: 65536\njetstream { sync_interval: always }\n")
+    settings = ServerSettings(store_dir=tmp_path / "small", port=ANY_PORT, monitor_port=None, config_file=small_conf)
+    async with EmbeddedServer(settings) as server:
+        async with Bus(BusConfig(url=server.url, name="tester")) as bus:
+            assert bus.max_payload == 65536
+            with pytest.raises(ConfigurationError, match="max_payload of 65536"):
+                await bus.send("alice", Note(text="x" * 65536))
+            assert await bus.last_seq() == 0
+            sent = await bus.send("alice", Note(text="x" * 60_000))
+            assert sent.ack.seq == 1

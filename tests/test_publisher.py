@@ -1,10 +1,13 @@
 """Group-commit publishing against a real nats-server: sequences, order, dedup, optimistic
-concurrency, failures, cancellation and shutdown."""
+concurrency, failures, cancellation, shutdown, connections cut mid-batch (through a relay), and
+the transport seam (frames and acks on bus.wire, no nats-py internals)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
 from bus import Bus, BusConfig, BusUnavailable, ConcurrencyConflict, ConfigurationError, PublisherSettings, Sent
@@ -21,6 +25,7 @@ from bus.publisher import Publisher
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from bus.subjects import Subjects
 from bus.topology import ensure_stream, log_stream_config
+from bus.wire import WireConnection, WireSettings, parse_urls
 from schemas import new_id
 from schemas.payloads import Note
 
@@ -52,6 +57,27 @@ async def _stored(bus: Bus) -> list[tuple[int, str | None, str]]:
     for start in range(1, last + 1, 200):
         out += await asyncio.gather(*(one(s) for s in range(start, min(last, start + 199) + 1)))
     return out
+
+
+@contextlib.asynccontextmanager
+async def _publisher_on(
+    url: str, nc: NATS, subjects: Subjects, settings: PublisherSettings
+) -> AsyncIterator[tuple[Publisher, WireConnection]]:
+    """A Publisher on a WireConnection of its own to `url` (kept alive by a task this helper
+    owns), reading back through `nc`'s JetStream API, as a Bus would build it."""
+    conn = WireConnection(parse_urls(url), name="publisher-test", settings=WireSettings(reconnect_wait_s=0.05))
+    await conn.connect()
+    keeper = asyncio.get_running_loop().create_task(conn.run())
+    try:
+        async with Publisher(
+            conn, nc.jetstream(), subjects=subjects, settings=settings, metrics=BusMetrics(CollectorRegistry())
+        ) as publisher:
+            yield publisher, conn
+    finally:
+        await conn.close()
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
 
 
 async def _publish_all(bus: Bus, envelopes: list[Any]) -> list[Sent | BaseException]:
@@ -235,9 +261,7 @@ async def test_batch_rejected_as_a_whole_gives_every_caller_the_servers_reason(
         config = log_stream_config(subjects, StreamSettings())
         config.allow_atomic = False
         await ensure_stream(nc.jetstream(), config)
-        async with Publisher(
-            nc, subjects=subjects, settings=PublisherSettings(), metrics=BusMetrics(CollectorRegistry())
-        ) as publisher:
+        async with _publisher_on(nats_server.url, nc, subjects, PublisherSettings()) as (publisher, _):
             subject = subjects.inbox("alice", "tester")
             alone = await publisher.publish(subject, b"{}", msg_id=new_id())
             small = await asyncio.gather(*(publisher.publish(subject, b"{}", msg_id=new_id()) for _ in range(5)))
@@ -260,7 +284,7 @@ async def test_bad_input_is_refused_before_sending(bus: Bus) -> None:
     with pytest.raises(ConfigurationError, match="line break"):
         await bus.publisher.publish("default.inbox.alice.t", b"{}", msg_id=new_id(), headers={"K": "a\r\nb"})
     with pytest.raises(ConfigurationError, match="max_payload"):
-        await bus.publisher.publish("default.inbox.alice.t", b"x" * (bus.nc.max_payload + 1), msg_id=new_id())
+        await bus.publisher.publish("default.inbox.alice.t", b"x" * (bus.max_payload + 1), msg_id=new_id())
     with pytest.raises(ConfigurationError, match="subject"):
         await bus.publisher.publish("default.inbox.alice t", b"{}", msg_id=new_id())
     assert await bus.last_seq() == 0
@@ -350,14 +374,14 @@ async def test_publish_to_a_dead_server_fails_within_the_ack_timeout(tmp_path: P
     await server.start()
     settings = server.settings  # the port it chose: a server restarted with these binds it again
     subjects = Subjects("default")
-    nc = await nats.connect(settings.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    # The control-plane client only declares the stream: without reconnects it just closes when
+    # the server dies. Its endless reconnect loop could outlive the test (nats-py's `wait_for`
+    # loses a cancellation on Python 3.11 now and then; see bus.cancellation).
+    nc = await nats.connect(settings.url, allow_reconnect=False)
     try:
         await ensure_stream(nc.jetstream(), log_stream_config(subjects, StreamSettings()))
-        metrics = BusMetrics(CollectorRegistry())
         loop = asyncio.get_running_loop()
-        async with Publisher(
-            nc, subjects=subjects, settings=PublisherSettings(ack_timeout_s=1.0), metrics=metrics
-        ) as publisher:
+        async with _publisher_on(settings.url, nc, subjects, PublisherSettings(ack_timeout_s=1.0)) as (publisher, _):
             subject = subjects.inbox("alice", "tester")
             await publisher.publish(subject, b"{}", msg_id=new_id())
             await server.kill()
@@ -450,3 +474,135 @@ async def test_server_killed_mid_stream_loses_no_acked_message(tmp_path: Path, k
                 assert by_seq.get(outcome.ack.seq) == msg_id, f"acked {msg_id} missing at {outcome.ack.seq}"
     finally:
         await server.stop()
+
+
+class _CuttingRelay:
+    """A TCP relay between a client and a real server that cuts the connection (both sides, at
+    once) at a chosen point: after forwarding `cut_after_client_bytes` more bytes from the
+    client, or instead of forwarding the next message the server sends (an ack, here)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.cut_after_client_bytes: int | None = None
+        self.cut_at_server_message = False
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> "_CuttingRelay":
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._writers += [client_w, server_w]
+            pair = (client_w, server_w)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._pump(client_r, server_w, pair, from_client=True))
+                group.create_task(self._pump(server_r, client_w, pair, from_client=False))
+        finally:
+            self._handlers.discard(task)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter], *, from_client: bool,
+    ) -> None:
+        while chunk := await reader.read(65536):
+            if from_client and self.cut_after_client_bytes is not None:
+                if len(chunk) >= self.cut_after_client_bytes:
+                    writer.write(chunk[: self.cut_after_client_bytes])
+                    self._cut(pair)
+                    return
+                self.cut_after_client_bytes -= len(chunk)
+            elif not from_client and self.cut_at_server_message and b"MSG " in chunk:
+                self._cut(pair)  # the chunk (the ack) is never delivered
+                return
+            writer.write(chunk)
+        writer.transport.abort()  # one side ended: so does the other
+
+    def _cut(self, pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        self.cut_after_client_bytes = None
+        self.cut_at_server_message = False
+        self.cuts += 1
+        for writer in pair:
+            writer.transport.abort()
+
+
+@pytest.mark.parametrize("cut", ["after_the_commit_was_stored", "inside_the_staged_frames"])
+async def test_a_batch_cut_off_by_a_reconnect_is_resent_and_stored_once(nats_server: EmbeddedServer, cut: str) -> None:
+    """The publishing connection is cut mid-batch, either after the server stored the batch
+    (its ack is lost) or halfway through the batch's frames (nothing stored). After the
+    reconnect the batch is re-sent with the same ids: every message is stored exactly once, in
+    the order fired, and each caller gets the sequence of its own message (a duplicate when the
+    first attempt had stored it)."""
+    subjects = Subjects("default")
+    nc = await nats.connect(nats_server.url)
+    try:
+        await ensure_stream(nc.jetstream(), log_stream_config(subjects, StreamSettings()))
+        async with _CuttingRelay(nats_server.settings.port) as relay:
+            async with _publisher_on(relay.url, nc, subjects, PublisherSettings()) as (publisher, conn):
+                subject = subjects.inbox("alice", "tester")
+                await publisher.publish(subject, b"{}", msg_id=new_id())  # the ack inbox is in place
+                if cut == "after_the_commit_was_stored":
+                    relay.cut_at_server_message = True
+                else:
+                    relay.cut_after_client_bytes = 2000  # a few of the 40 staged frames
+                ids = [new_id() for _ in range(40)]
+                acks = await asyncio.wait_for(
+                    asyncio.gather(*(publisher.publish(subject, b'{"n": 1}', msg_id=i) for i in ids)), 15
+                )
+                assert relay.cuts == 1 and conn.reconnects >= 1
+        js = nc.jetstream()
+        stored = [await js.get_msg(subjects.stream, seq=seq) for seq in range(2, 2 + len(ids))]
+        assert [(m.headers or {}).get("Nats-Msg-Id") for m in stored] == ids
+        assert (await js.stream_info(subjects.stream)).state.messages == 1 + len(ids)
+        assert [ack.seq for ack in acks] == list(range(2, 2 + len(ids)))
+        first_attempt_stored = cut == "after_the_commit_was_stored"
+        assert all(ack.duplicate == first_attempt_stored for ack in acks)
+    finally:
+        await nc.close()
+
+
+async def test_publishing_does_not_travel_on_the_control_plane_client(bus: Bus) -> None:
+    """Publishes and their acks go over the Bus's own wire connection: the nats-py client
+    (control plane) neither sends nor receives a message for them."""
+    before = (bus.nc.stats["out_msgs"], bus.nc.stats["in_msgs"])
+    await asyncio.gather(*(bus.send("alice", Note(text=f"w{i}")) for i in range(300)))
+    await bus.send("alice", Note(text="alone"))
+    assert (bus.nc.stats["out_msgs"], bus.nc.stats["in_msgs"]) == before
+
+
+_NATS_PY_PRIVATE = re.compile(r"\._send_command|_flush_pending|_flush_queue|\.stats\[|\bnc\._\w|\._server_info\b")
+
+
+def test_bus_uses_no_private_member_of_nats_py() -> None:
+    """No module of bus/ reaches into nats-py's internals (its raw write path, flush queue,
+    counters or server info): what nats-py lacks, bus.wire provides."""
+    root = Path(__file__).resolve().parents[1]
+    hits = [
+        f"{path.relative_to(root)}:{number}: {line.strip()}"
+        for path in sorted((root / "bus").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _NATS_PY_PRIVATE.search(line)
+    ]
+    assert hits == []

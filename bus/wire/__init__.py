@@ -7,11 +7,19 @@
                    keepalive, reconnects; errors from bus.errors
     hpub.py        the publisher's HPUB frames: one message, or a whole atomic batch
 
-The consumer engine's deliveries and settlements use a WireConnection; the publisher writes its
-hpub frames through nats-py's connection (see bus.publisher).
+The consumer engine's deliveries and settlements use a WireConnection of its own; the publisher
+writes its HPUB frames and reads its acks on the Bus's publishing WireConnection (see
+bus.publisher). Nothing here touches a library's private members.
 """
 
-from bus.wire.address import ServerAddress, parse_url, parse_urls, servers_of_client, with_credentials
+from bus.wire.address import (
+    ServerAddress,
+    inbox_prefix_of_client,
+    parse_url,
+    parse_urls,
+    servers_of_client,
+    with_credentials,
+)
 from bus.wire.connection import WireConnection, WireSettings
 from bus.wire.protocol import (
     FrameParser,
@@ -31,6 +39,7 @@ __all__ = [
     "WireConnection",
     "WireSettings",
     "header_value",
+    "inbox_prefix_of_client",
     "parse_headers",
     "parse_status",
     "parse_url",

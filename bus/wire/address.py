@@ -115,3 +115,10 @@ def servers_of_client(client: Any) -> list[ServerAddress]:
     elif fallback is None and isinstance(options.get("token"), str):
         fallback = ServerAddress(host="", token=options["token"])
     return [with_credentials(a, fallback) for a in found]
+
+
+def inbox_prefix_of_client(client: Any) -> str:
+    """The inbox prefix a nats-py client was configured with (its `options`), so that a raw
+    connection's inboxes fall under the same permissions; "_INBOX" when it has none."""
+    prefix = (getattr(client, "options", {}) or {}).get("inbox_prefix") or "_INBOX"
+    return prefix.decode() if isinstance(prefix, bytes) else str(prefix)

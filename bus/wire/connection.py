@@ -17,7 +17,8 @@ written during one event-loop turn leaves in one `send`.
 Reconnects: when the connection drops, `run()` tries every server every `reconnect_wait_s`
 until one answers, re-subscribes every live subscription and sends what was written while
 disconnected (up to `max_reconnect_buffer` bytes; beyond that `publish` raises). `reconnects`
-counts the successful ones, so an owner can tell that requests it made before were lost.
+counts the successful ones, so an owner can tell that requests it made before were lost;
+`wait_connected` waits for the next one.
 
 Errors (all from bus.errors): BusUnavailable (cannot connect, connection lost, timeout; its
 subclass ProtocolViolation for bytes that are not NATS), PermissionDenied (authorization or a
@@ -52,6 +53,9 @@ from bus.wire.protocol import (
 )
 
 log = logging.getLogger("continuum.wire")
+
+# What a server that names no limit in its INFO accepts (nats-server's default).
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
 class WireSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,6 +194,7 @@ class WireConnection:
         self._last_refusal: BusError | None = None
         self._pings_out = 0
         self._lost = asyncio.Event()
+        self._up = asyncio.Event()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -200,6 +205,13 @@ class WireConnection:
     @property
     def is_closed(self) -> bool:
         return self._closed
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message (header block included) the connected server accepts, in bytes,
+        from its INFO; nats-server's default (1 MiB) before the first connection."""
+        value = self.info.get("max_payload")
+        return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_PAYLOAD
 
     @property
     def server(self) -> ServerAddress:
@@ -240,6 +252,20 @@ class WireConnection:
         assert error is not None
         raise error
 
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` until the connection is up (at once if it is); True if it is.
+        False when it is closed or the time ran out. Never raises."""
+        if self._connected:
+            return True
+        if self._closed or timeout_s <= 0:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._up.wait()
+        except TimeoutError:
+            return False
+        return self._connected
+
     async def run(self) -> None:
         """Keep the connection alive until `close()`: PING every `ping_interval_s` (dropping a
         stale connection), reconnect after a loss. Run it in the owner's task group."""
@@ -264,6 +290,7 @@ class WireConnection:
         link, self._link = self._link, None
         self._connected = False
         self._lost.set()
+        self._up.set()  # wakes wait_connected(), which then sees the connection closed
         self._pending.clear()
         self._pending_size = 0
         if link is not None:
@@ -426,6 +453,7 @@ class WireConnection:
         self._connected = True
         self._pings_out = 0
         self._lost.clear()
+        self._up.set()
         frames = [sub_frame(subject, sid) for sid, subject in self._sub_subjects.items()]
         frames += self._pending
         self._pending = []
@@ -466,6 +494,7 @@ class WireConnection:
             return
         self._link = None
         self._connected = False
+        self._up.clear()
         if self._out_handle is not None:
             self._out_handle.cancel()
             self._out_handle = None

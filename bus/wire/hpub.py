@@ -3,7 +3,7 @@ batch, encoded into one buffer.
 
 nats-py has no batch helper, and its per-call `publish` (header dict, validation, a coroutine
 per message) costs more than the server's share of a batched message. A unit is encoded here
-as HPUB frames in one buffer and appended to the client's write buffer in one call.
+as HPUB frames in one buffer and handed to a `WireConnection.write` in one call.
 """
 
 from __future__ import annotations
