@@ -6,23 +6,21 @@ Nothing here reads the environment; `BusConfig.from_env` is for entry points onl
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 
 import msgspec
 
 from bus.errors import ConfigurationError
+from schemas.limits import MAX_NAME_CHARS, misnamed
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
 def check_name(value: str, what: str) -> str:
-    """Return `value` if it is a valid agent name, tag or namespace; else raise
-    ConfigurationError saying which characters are allowed."""
-    if not _NAME.match(value):
+    """Return `value` if it is a valid agent name, tag or namespace (the same rule the envelope
+    decoder applies, schemas.limits); else raise ConfigurationError saying which characters are
+    allowed."""
+    if not 1 <= len(value) <= MAX_NAME_CHARS or misnamed(value) is not None:
         raise ConfigurationError(
-            f"invalid {what} {value!r}: use 1-64 letters, digits, '_' or '-' "
+            f"invalid {what} {value!r}: use 1-{MAX_NAME_CHARS} letters, digits, '_' or '-' "
             "(it becomes a NATS subject token, so no dots, spaces or wildcards)"
         )
     return value

@@ -52,7 +52,6 @@ _RETRY_NS = 1_000_000_000
 MAX_CARRIED_BYTES = 1024 * 1024
 # Room in a dead letter for everything but the original: error text, subject, ids, JSON.
 _LETTER_OVERHEAD_BYTES = 64 * 1024
-_TEXT_CHARS = ERROR_CHARS
 
 
 def carried_limit(max_payload: int) -> int:
@@ -85,13 +84,13 @@ async def write_dead_letter(
     module docstring). Raises BusUnavailable when either cannot be stored, and BusError when
     the server refuses them."""
     if error is not None:
-        error = error[:_TEXT_CHARS]
+        error = error[:ERROR_CHARS]
     if envelope is not None:
         await answer_failed(bus, envelope, reason=error or reason, error_type=reason, sender=agent)
     kind: str | None = None
     if envelope is not None:
         kind = envelope.kind if not isinstance(envelope.payload, msgspec.Raw) else kind_of_raw(envelope.payload)
-        kind = None if kind is None else kind[:_TEXT_CHARS]
+        kind = None if kind is None else kind[:ERROR_CHARS]
     size = len(original)
     carried = original if size <= carried_limit(bus.max_payload) else b""
     letter = bus.envelope(
@@ -99,7 +98,7 @@ async def write_dead_letter(
             reason=reason,
             agent=agent,
             consumer=consumer,
-            original_subject=subject[:_TEXT_CHARS],
+            original_subject=subject[:ERROR_CHARS],
             original_seq=stream_seq,
             original=carried,
             deliveries=deliveries,
