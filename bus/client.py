@@ -13,37 +13,34 @@ Every envelope is published durably (the call returns after the server stored it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import nats
-import nats.errors
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from bus.cancellation import cancellation_kept
-from bus.config import BusConfig, ConsumerSettings, check_name
+from bus.config import BusConfig, ConsumerSettings, check_name, split_urls
 from bus.errors import (
     BusUnavailable,
     ConfigurationError,
+    NoAnswer,
+    NoResponders,
     QueryError,
     RemoteError,
     RequestTimeout,
 )
+from bus.fsync import check_fsync
 from bus.metrics import BusMetrics
 from bus.publisher import PubAck, Publisher
-from bus.server import read_varz
 from bus.subjects import Subjects
-from bus.topology import advisory_stream_config, ensure_stream, log_stream_checks, log_stream_config
-from bus.wire import WireConnection, WireSettings, inbox_prefix_of_client, servers_of_client
+from bus.topology import ensure_advisory_stream, ensure_stream, log_stream_checks, log_stream_config, stream_nodes
+from bus.transport import ConnectionSpec, Transport, any_reachable, translate
+from bus.wire import WireConnection, parse_urls
 from schemas import Codec, DecodeError, Delivery, Envelope, PayloadRegistry, derived_id, new_id, utcnow
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from schemas.payloads import RequestFailed
@@ -56,27 +53,17 @@ log = logging.getLogger("continuum.bus")
 
 Handler = Callable[[Envelope[Any], Delivery], Awaitable[None]]
 
+# How long entering a Bus may spend on the advisory stream (it may have no leader right now).
+ADVISORY_SETUP_S = 2.0
+
 _query_response = msgspec.json.Decoder(QueryResult | QueryFailure)
 _query_encoder = msgspec.json.Encoder()
 
 
-async def server_reachable(url: str, timeout_s: float = 2.0) -> bool:
-    """True if something accepts TCP connections at `url` (any of a comma-separated list)."""
-    for part in url.split(","):
-        parsed = urllib.parse.urlsplit(part.strip() if "://" in part else f"nats://{part.strip()}")
-        if not parsed.hostname:
-            continue
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(parsed.hostname, parsed.port or 4222), timeout_s
-            )
-        except (OSError, asyncio.TimeoutError):
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
-    return False
+async def server_reachable(url: str | Sequence[str], timeout_s: float = 2.0) -> bool:
+    """True if something accepts TCP connections at any of the URLs (a comma-separated string
+    or a sequence). Raises ConfigurationError for an unusable URL."""
+    return await any_reachable(parse_urls(split_urls(url)), timeout_s)
 
 
 def _log_keeper_failure(task: asyncio.Task[None]) -> None:
@@ -106,8 +93,7 @@ class Bus:
         self.subjects = Subjects(config.namespace)
         self.codec = Codec(registry)
         self.metrics = BusMetrics(metrics_registry or CollectorRegistry())
-        self._nc: NATS | None = None
-        self._js: JetStreamContext | None = None
+        self._transport: Transport | None = None
         # Publishing's own connection (bus.wire): frames and acks, no nats-py internals.
         self._wire: WireConnection | None = None
         self._wire_keeper: asyncio.Task[None] | None = None
@@ -116,43 +102,22 @@ class Bus:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> "Bus":
-        # nats-py retries a refused *first* connect forever when reconnects are unlimited, so
-        # look before leaping: a clear error now beats a silent hang.
-        if not await server_reachable(self.config.url, self.config.connect_timeout_s):
-            raise BusUnavailable(
-                f"no NATS server is running at {self.config.url}: start one with `bus up --detach`, "
-                "or point BUS_URL at a running server"
-            )
-        await self._check_fsync()
+        transport = Transport(ConnectionSpec.from_config(self.config))
+        await transport.__aenter__()
+        self._transport = transport
         try:
-            self._nc = await nats.connect(
-                self.config.url,
-                name=f"continuum:{self.config.name}",
-                connect_timeout=self.config.connect_timeout_s,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                pending_size=64 * 1024 * 1024,
-                error_cb=self._on_error,
-            )
-        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
-            raise BusUnavailable(
-                f"cannot reach NATS at {self.config.url}: start one with `bus up`, "
-                "or point BUS_URL at a running server"
-            ) from exc
-        try:
-            self._js = self._nc.jetstream(timeout=self.config.publisher.ack_timeout_s)
             # A live stream is used as it is (a warning names what differs): only an operator
-            # changes a log's retention (`bus stream update`), never a process starting up.
-            await ensure_stream(
-                self._js,
+            # changes a log's retention or replicas (`bus stream update`), never a process starting.
+            info = await ensure_stream(
+                transport.js,
                 log_stream_config(self.subjects, self.config.stream),
                 checked=log_stream_checks(self.config.stream),
             )
-            await ensure_stream(self._js, advisory_stream_config(self.subjects))
-            wire = await self._open_wire(self._nc)
+            await check_fsync(self.config, stream_nodes(info))
+            await self._ensure_advisories(transport, info)
+            wire = await self._open_wire(transport)
             self._publisher = Publisher(
-                wire, self._js, subjects=self.subjects, settings=self.config.publisher, metrics=self.metrics
+                wire, transport, subjects=self.subjects, settings=self.config.publisher, metrics=self.metrics
             )
             await self._publisher.__aenter__()
         except BaseException:
@@ -160,7 +125,8 @@ class Bus:
             try:
                 await self._close_wire()
             finally:
-                await self._nc.close()
+                self._transport = None
+                await transport.__aexit__(None, None, None)
             raise
         return self
 
@@ -175,16 +141,24 @@ class Bus:
             try:
                 await self._close_wire()  # after the publisher: its last acks come back on it
             finally:
-                await self._close_control_plane()
+                transport, self._transport = self._transport, None
+                if transport is not None:
+                    await transport.__aexit__(exc_type, exc, tb)
 
-    async def _open_wire(self, nc: NATS) -> WireConnection:
-        """Connect publishing's WireConnection to the servers (and with the credentials and inbox
-        prefix) of the control-plane client, and start its keeper (reconnects, keepalive), a task
-        this Bus owns. Raises BusUnavailable, PermissionDenied, ConfigurationError."""
-        settings = WireSettings(
-            connect_timeout_s=self.config.connect_timeout_s, inbox_prefix=inbox_prefix_of_client(nc)
-        )
-        wire = WireConnection(servers_of_client(nc), name=f"continuum:{self.config.name}:publish", settings=settings)
+    async def _ensure_advisories(self, transport: Transport, log_info: Any) -> None:
+        """Create the advisory stream if missing (replicated like the log). Bounded and never
+        fatal: only dead-lettering needs it, and consumer engines ensure it again when they start."""
+        try:
+            async with asyncio.timeout(ADVISORY_SETUP_S):
+                await ensure_advisory_stream(transport.js, self.subjects, log_info)
+        except (TimeoutError, BusUnavailable) as exc:
+            log.warning("the advisory stream %s is not available yet (%s); consumer engines create it "
+                        "when they start", self.subjects.advisory_stream, exc or "no answer in time")
+
+    async def _open_wire(self, transport: Transport) -> WireConnection:
+        """Connect publishing's WireConnection and start its keeper (reconnects, keepalive), a
+        task this Bus owns. Raises BusUnavailable, PermissionDenied, ConfigurationError."""
+        wire = transport.wire("publish")
         await wire.connect()
         self._wire = wire
         self._wire_keeper = asyncio.get_running_loop().create_task(wire.run(), name="bus-wire-keeper")
@@ -210,48 +184,18 @@ class Bus:
                 except Exception:  # noqa: S110 - logged by _log_keeper_failure
                     pass
 
-    async def _close_control_plane(self) -> None:
-        """Drain the nats-py client (or just close it when the server is gone)."""
-        nc, self._nc = self._nc, None
-        if nc is not None and not nc.is_closed:
-            try:
-                await nc.drain()
-            except (nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError,
-                    nats.errors.FlushTimeoutError, asyncio.TimeoutError):
-                # The server is gone: nothing left to drain, just release the connection.
-                await nc.close()
-
-    async def _check_fsync(self) -> None:
-        if self.config.monitor_url is None:
-            log.debug("no monitor_url: cannot verify that the server fsyncs every write")
-            return
-        try:
-            varz = await asyncio.to_thread(read_varz, self.config.monitor_url)
-        except (OSError, ValueError) as exc:
-            log.warning("cannot read %s/varz to verify fsync: %s", self.config.monitor_url, exc)
-            return
-        sync_always = bool(varz.get("jetstream", {}).get("config", {}).get("sync_always"))
-        if not sync_always and self.config.require_fsync:
-            raise ConfigurationError(
-                "the NATS server does not fsync every write, so acked events can be lost on power "
-                "failure: set `jetstream { sync_interval: always }` in its config (the repo's "
-                "nats.conf does), or pass require_fsync=False to accept that risk"
-            )
-
-    async def _on_error(self, exc: Exception) -> None:
-        log.warning("nats client error: %s", exc)
-
     @property
-    def nc(self) -> NATS:
-        if self._nc is None:
+    def transport(self) -> Transport:
+        """Every NATS connection of this Bus (bus.transport): requests, subscriptions, direct
+        gets, raw connections for hot paths."""
+        if self._transport is None:
             raise RuntimeError("Bus is not connected; use `async with Bus(config) as bus:`")
-        return self._nc
+        return self._transport
 
     @property
     def js(self) -> JetStreamContext:
-        if self._js is None:
-            raise RuntimeError("Bus is not connected; use `async with Bus(config) as bus:`")
-        return self._js
+        """The JetStream API (bus-internal modules only)."""
+        return self.transport.js
 
     @property
     def max_payload(self) -> int:
@@ -380,28 +324,17 @@ class Bus:
         reply_subject = self.subjects.reply(self.config.name, envelope.id)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        sub = await self.nc.subscribe(reply_subject, max_msgs=1)
-        try:
-            await self.nc.flush(timeout=max(1, int(timeout_s)))
+        async with self.transport.expect(reply_subject, timeout_s=timeout_s) as waiter:
             await self.publish(envelope)
-            remaining = max(0.001, timeout_s - (loop.time() - started))
-            try:
-                msg = await sub.next_msg(timeout=remaining)
-                data = msg.data
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                data = await self._stored_reply(reply_subject)
-                if data is None:
-                    self.metrics.requests.labels("timeout").inc()
-                    raise RequestTimeout(
-                        f"no reply from {to!r} within {timeout_s}s (request {envelope.id} is in the log "
-                        "and will still be handled when the agent runs)",
-                        request_id=envelope.id,
-                    ) from None
-        finally:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.BadSubscriptionError:
-                pass  # already removed after its one message
+            answer = await waiter.next(max(0.001, timeout_s - (loop.time() - started)))
+            data = answer.data if answer is not None else await self._stored_reply(reply_subject)
+            if data is None:
+                self.metrics.requests.labels("timeout").inc()
+                raise RequestTimeout(
+                    f"no reply from {to!r} within {timeout_s}s (request {envelope.id} is in the log "
+                    "and will still be handled when the agent runs)",
+                    request_id=envelope.id,
+                )
         try:
             reply = self.codec.decode(data)
         except DecodeError as exc:
@@ -419,10 +352,12 @@ class Bus:
     async def _stored_reply(self, reply_subject: str) -> bytes | None:
         """A reply stored while the live subscription missed it (e.g. during a reconnect)."""
         try:
-            msg = await cancellation_kept(self.js.get_msg(self.subjects.stream, subject=reply_subject, direct=True))
-        except (NotFoundError, nats.errors.TimeoutError):
+            stored = await cancellation_kept(
+                self.transport.direct_get(self.subjects.stream, {"last_by_subj": reply_subject})
+            )
+        except BusUnavailable:
             return None
-        return msg.data
+        return None if stored is None else stored.data
 
     async def reply(self, request: Envelope[Any], payload: Any, *, sender: str | None = None) -> Sent:
         """Answer `request`. The reply id is derived from the request id, so a redelivered
@@ -488,12 +423,12 @@ class Bus:
                 kind="too_large",
             )
         try:
-            msg = await cancellation_kept(self.nc.request(self.subjects.query, data, timeout=timeout_s + 2.0))
-        except nats.errors.NoRespondersError as exc:
+            msg = await cancellation_kept(self.transport.request(self.subjects.query, data, timeout_s=timeout_s + 2.0))
+        except NoResponders as exc:
             raise BusUnavailable(
                 "no projection service is answering queries: start one with `bus projections run` (or `bus up`)"
             ) from exc
-        except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+        except NoAnswer as exc:
             raise QueryError(f"query not answered within {timeout_s}s", kind="timeout") from exc
         try:
             response = _query_response.decode(msg.data)
@@ -504,6 +439,14 @@ class Bus:
         return response
 
     async def last_seq(self) -> int:
-        """The log's last stream sequence (0 when empty)."""
-        info = await cancellation_kept(self.js.stream_info(self.subjects.stream))
-        return int(info.state.last_seq)
+        """The log's last stream sequence (0 when empty). Raises BusUnavailable."""
+        return (await self.log_bounds())[1]
+
+    async def log_bounds(self) -> tuple[int, int]:
+        """The log's first and last stream sequences ((0, 0) when it was never written).
+        Raises BusUnavailable (no answer: e.g. the log has no leader right now)."""
+        try:
+            info = await cancellation_kept(self.js.stream_info(self.subjects.stream))
+        except Exception as exc:  # nats-py's errors, translated here
+            raise translate(exc, f"reading the state of {self.subjects.stream}") from exc
+        return int(info.state.first_seq), int(info.state.last_seq)

@@ -74,8 +74,7 @@ from bus.settle import (
     wire,
 )
 from bus.topology import ensure_consumer, group_consumer_config, inbox_consumer_config
-from bus.wire import WireConnection, WireSettings, pub_frame
-from bus.wire.address import servers_of_client
+from bus.wire import WireConnection, pub_frame
 from bus.window import Held, PriorityWindow
 from schemas import DecodeError, Delivery, Envelope, derived_id, stable_id
 from schemas.envelope import PRIORITY_MAX
@@ -269,14 +268,7 @@ class ConsumerEngine:
             meters.push()
 
     def _connection(self) -> WireConnection:
-        nc = self._bus.nc
-        inbox_prefix = (nc.options or {}).get("inbox_prefix") or "_INBOX"
-        if isinstance(inbox_prefix, bytes):
-            inbox_prefix = inbox_prefix.decode()
-        settings = WireSettings(connect_timeout_s=self._bus.config.connect_timeout_s, inbox_prefix=inbox_prefix)
-        return WireConnection(
-            servers_of_client(nc), name=f"continuum:{self._bus.config.name}:{self.agent}", settings=settings
-        )
+        return self._bus.transport.wire(self.agent)
 
     async def _close_pulls(self) -> None:
         for pull in self._pulls:

@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import nats.errors
-from nats.js.errors import NotFoundError
 
 from bus.cancellation import cancellation_kept
 from bus.errors import BusError, ConfigurationError
 from bus.pull import Delivered, PullSettings, RawPull
 from bus.settle import ERROR_CHARS
-from bus.topology import dead_letter_consumer_config, ensure_consumer
+from bus.topology import dead_letter_consumer_config, ensure_advisory_stream, ensure_consumer
 from bus.wire import WireConnection
 from schemas import DecodeError, Envelope, decode_loose, stable_id
 from schemas.payloads import DeadLettered, RequestFailed
@@ -183,7 +182,11 @@ class DeadLetterWatcher:
         await self._pull.start()
 
     async def _ensure(self) -> None:
-        await ensure_consumer(self._bus.js, self._bus.subjects.advisory_stream, self._config)
+        """The advisory stream (replicated and placed like the live log) and this watcher's
+        consumer on it. Raises BusUnavailable, ConfigurationError."""
+        bus = self._bus
+        await ensure_advisory_stream(bus.js, bus.subjects, await bus.js.stream_info(bus.subjects.stream))
+        await ensure_consumer(bus.js, bus.subjects.advisory_stream, self._config)
 
     def _enqueue(self, pull: RawPull, msg: Delivered) -> None:
         self._queue.append(msg)
@@ -245,12 +248,11 @@ class DeadLetterWatcher:
         return advisory, ""
 
     async def _dead_letter(self, advisory: _MaxDeliveries) -> None:
-        try:
-            stored = await cancellation_kept(self._bus.js.get_msg(advisory.stream, seq=advisory.stream_seq, direct=True))
-        except NotFoundError:
+        stored = await cancellation_kept(self._bus.transport.direct_get(advisory.stream, {"seq": advisory.stream_seq}))
+        if stored is None:
             data, subject, note = b"", "", " (the original is no longer in the log)"
         else:
-            data, subject, note = stored.data or b"", stored.subject or "", ""
+            data, subject, note = stored.data, stored.subject, ""
         log.warning("dead-lettering %s seq %d: not settled after %d deliveries",
                     advisory.consumer, advisory.stream_seq, advisory.deliveries)
         await write_dead_letter(

@@ -2,6 +2,8 @@
 
     BusError
     ├── BusUnavailable         retry later: no server, connection lost, publish not acked in time
+    │   ├── NoResponders       nobody listens on the subject (a service not running, no leader)
+    │   └── NoAnswer           a request got no answer in time (it may have been acted on)
     ├── RequestTimeout         no reply in time; the request itself is in the log
     ├── ConcurrencyConflict    re-read and retry: an expected-last-sequence check failed
     ├── PermissionDenied       fix credentials or subject: the server refused the operation
@@ -24,6 +26,15 @@ class BusError(Exception):
 
 class BusUnavailable(BusError):
     """The NATS server cannot be reached or did not answer in time. Retrying later may work."""
+
+
+class NoResponders(BusUnavailable):
+    """Nobody listens on the subject a request went to: a service that is not running, or a
+    stream without a leader during an election."""
+
+
+class NoAnswer(BusUnavailable):
+    """A request was not answered in time; it may still have been acted on."""
 
 
 class RequestTimeout(BusError):

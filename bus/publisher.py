@@ -48,9 +48,6 @@ from types import TracebackType
 from typing import Any, Literal
 
 import msgspec
-import nats.errors
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from bus.config import PublisherSettings
 from bus.errors import BusUnavailable, ConcurrencyConflict, ConfigurationError
@@ -66,6 +63,7 @@ from bus.puback import (
     publish_headers,
 )
 from bus.subjects import Subjects
+from bus.transport import Transport
 from bus.wire.connection import WireConnection
 from bus.wire.hpub import SPACE_OR_CONTROL, encode_batch, encode_single, header_block
 from bus.wire.protocol import parse_status
@@ -104,7 +102,7 @@ class _Reply(msgspec.Struct, gc=False):
 class _Unit:
     """What one commit carries: one plain publish, or an atomic batch of ≥ 2 messages."""
 
-    __slots__ = ("entries", "staged", "commit", "reply", "staged_on")
+    __slots__ = ("entries", "staged", "commit", "reply", "staged_on", "sent", "attempts")
 
     def __init__(self, entries: list[_Entry]) -> None:
         self.entries = entries
@@ -113,6 +111,9 @@ class _Unit:
         self.reply = b""
         # The connection (reconnect count) the staged frames were written on, if written.
         self.staged_on: int | None = None
+        # A commit went out at least once: failing now, the batch may have been stored.
+        self.sent = False
+        self.attempts = 0  # answered "no responders" (no leader) so far
 
     @property
     def deadline(self) -> float:
@@ -125,6 +126,8 @@ _Outcome = Literal["done", "resend", "one_by_one"]
 _RECONNECT_CHECK_S = 0.1
 # How long leaving waits for the server to confirm the ack inbox's unsubscription.
 _UNSUBSCRIBE_DRAIN_S = 0.5
+# Waits before re-sending what no stream leader took (503: an election in progress), doubling.
+_LEADERLESS_BACKOFF_S = (0.05, 0.1, 0.2, 0.4)
 
 
 class Publisher:
@@ -133,21 +136,21 @@ class Publisher:
     An async context manager: entering subscribes to the ack inbox on `conn` and starts the two
     tasks it owns; leaving sends what is queued and waits for the acks, then stops them (bounded).
     `conn` belongs to the caller, who connects it first, keeps its `run()` going and closes it
-    after the publisher. `js` (the control plane) only reads back a message after a failed
+    after the publisher. `transport` (the control plane) only reads back a message after a failed
     expected-sequence check.
     """
 
     def __init__(
         self,
         conn: WireConnection,
-        js: JetStreamContext,
+        transport: Transport,
         *,
         subjects: Subjects,
         settings: PublisherSettings,
         metrics: BusMetrics,
     ) -> None:
         self._conn = conn
-        self._js = js
+        self._transport = transport
         self._subjects = subjects
         self._settings = settings
         self._metrics = metrics
@@ -459,7 +462,7 @@ class Publisher:
             self._fail_unit(unit, self._unreachable)
             return "done"
         if self._expired(deadline):  # uncommitted staged frames store nothing
-            self._fail_unit(unit, self._not_sent)
+            self._fail_unit(unit, self._unacked if unit.sent else self._not_sent)
             return "done"
         reconnects = self._conn.reconnects
         split = unit.staged_on == reconnects  # staged frames went out on this connection
@@ -470,21 +473,26 @@ class Publisher:
             self._encode(unit)
         future = self._expect_reply(unit.reply)
         self._conn.write(unit.commit if split else unit.staged + unit.commit)
-        msg = await self._await_reply(future, deadline, reconnects)
+        unit.sent = True
+        msg = await self._await_reply(future, self._attempt_deadline(deadline), reconnects)
         if msg is None:
             self._replies.pop(unit.reply, None)
-            if self._lost_connection(reconnects):
-                # Ambiguous: the commit may or may not have been stored. The re-send carries the
-                # same message ids, so it is stored at most once (a 10201 means it already was).
-                log.info("connection lost before the ack of a %d-message batch; re-sending it", len(unit.entries))
+            if self._lost_connection(reconnects) or not self._expired(deadline):
+                # Ambiguous: the commit may or may not have been stored (the connection dropped,
+                # or the stream's leader died with it). The re-send carries the same message
+                # ids, so it is stored at most once (a 10201 means it already was).
+                log.info("no ack for a %d-message batch (%s); re-sending it", len(unit.entries),
+                         "connection lost" if self._lost_connection(reconnects) else "leader gone?")
                 return "resend"
-            self._fail_unit(unit, lambda: BusUnavailable(
-                f"no publish ack within {self._settings.ack_timeout_s}s (the batch may have been "
-                "stored; re-publishing with the same msg_id is safe)"
-            ))
+            self._fail_unit(unit, self._unacked)
             return "done"
         if _is_no_responders(msg):
-            return "one_by_one"
+            # No stream leader took it (an election in progress): nothing of it was stored.
+            unit.attempts += 1
+            if not await self._leaderless_pause(unit.attempts, deadline):
+                self._fail_unit(unit, lambda: self._leaderless(unit.entries[0]))
+                return "done"
+            return "resend"
         try:
             wire = decode_ack(msg.data)
         except BusUnavailable:
@@ -531,18 +539,22 @@ class Publisher:
 
     async def _publish_one_by_one(self, entries: list[_Entry], deadline: float, first: _Unit | None = None) -> None:
         """Publish each entry as a plain request, pipelined in order in one write, and re-send
-        the unanswered ones (same ids) after a lost connection, until the deadline."""
+        (same ids, same order) what was not answered (connection lost, leader gone) or was
+        refused for want of a stream leader, until the deadline."""
         pending = entries
         counts: dict[str, int] = {}
         conflicts: list[tuple[_Entry, WirePubAck]] = []
+        sent: set[int] = set()  # id() of entries sent without an answer: maybe stored
+        leaderless_rounds = 0
         while pending:
             if not await self._wait_connected(deadline):
                 for entry in pending:
-                    self._fail(entry, self._unreachable())
+                    self._fail(entry, self._unacked() if id(entry) in sent else self._unreachable())
                 break
             if self._expired(deadline):
                 for entry in pending:
-                    self._fail(entry, self._not_sent())
+                    self._fail(entry, self._unacked() if id(entry) in sent else self._leaderless(entry)
+                               if leaderless_rounds else self._not_sent())
                 break
             if first is not None:
                 replies, blob, first = [first.reply], first.commit, None
@@ -552,38 +564,44 @@ class Publisher:
             futures = [self._expect_reply(r) for r in replies]
             reconnects = self._conn.reconnects
             self._conn.write(blob)
+            attempt = self._attempt_deadline(deadline)
             if len(futures) == 1:
-                await self._await_reply(futures[0], deadline, reconnects)
+                await self._await_reply(futures[0], attempt, reconnects)
             else:
-                await self._await_replies(futures, deadline, reconnects)
-            unanswered: list[_Entry] = []
+                await self._await_replies(futures, attempt, reconnects)
+            again: list[_Entry] = []
+            leaderless = False
             for entry, reply, future in zip(pending, replies, futures):
                 msg = None if future.cancelled() or not future.done() else future.result()
                 if msg is None:
                     self._replies.pop(reply, None)
-                    unanswered.append(entry)
+                    sent.add(id(entry))
+                    again.append(entry)
                     continue
+                if _is_no_responders(msg):
+                    leaderless = True
+                    again.append(entry)
+                    continue
+                sent.discard(id(entry))
                 conflict = self._settle_plain(entry, msg, counts)
                 if conflict is not None:
                     conflicts.append((entry, conflict))
-            if unanswered and not self._lost_connection(reconnects):
-                for entry in unanswered:
-                    self._fail(entry, BusUnavailable(
-                        f"no publish ack within {self._settings.ack_timeout_s}s (it may have been "
-                        "stored; re-publishing with the same msg_id is safe)"
-                    ))
-                break
-            pending = unanswered
+            if again and leaderless:
+                leaderless_rounds += 1
+                if not await self._leaderless_pause(leaderless_rounds, deadline):
+                    for entry in again:
+                        self._fail(entry, self._unacked() if id(entry) in sent else self._leaderless(entry))
+                    break
+            elif again:
+                log.info("no ack for %d publish(es) (%s); re-sending with the same ids", len(again),
+                         "connection lost" if self._lost_connection(reconnects) else "leader gone?")
+            pending = again
         self._count_published(counts)
         for entry, wire in conflicts:
             await self._settle_conflict(entry, wire, deadline)
 
     def _settle_plain(self, entry: _Entry, msg: _Reply, counts: dict[str, int]) -> WirePubAck | None:
         """Resolve an entry from its own PubAck; a 10071 is handed back for a read-back."""
-        if _is_no_responders(msg):
-            subject = entry.subject.decode()
-            self._fail(entry, BusUnavailable(f"no stream captures {subject}; is the stream declared?"))
-            return None
         try:
             wire = decode_ack(msg.data)
         except BusUnavailable as exc:
@@ -610,20 +628,16 @@ class Publisher:
         if error.actual:
             assert self._loop is not None
             try:
-                stored = await asyncio.wait_for(
-                    self._js.get_msg(self._subjects.stream, seq=error.actual),
-                    max(0.05, deadline - self._loop.time()),
+                stored = await self._transport.direct_get(
+                    self._subjects.stream, {"seq": error.actual}, timeout_s=max(0.05, deadline - self._loop.time())
                 )
-            except NotFoundError:
-                pass  # nothing there any more: not this message
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                self._fail(entry, BusUnavailable(f"cannot tell whether a conflicting append was this one: {exc!r}"))
+            except BusUnavailable as exc:
+                self._fail(entry, BusUnavailable(f"cannot tell whether a conflicting append was this one: {exc}"))
                 return
-            else:
-                if (stored.headers or {}).get("Nats-Msg-Id") == entry.msg_id:
-                    ack = PubAck(stream=stored.stream or wire.stream, seq=error.actual, duplicate=True)
-                    self._resolve(entry, ack, {})
-                    return
+            if stored is not None and stored.headers.get("Nats-Msg-Id") == entry.msg_id:
+                ack = PubAck(stream=wire.stream, seq=error.actual, duplicate=True)
+                self._resolve(entry, ack, {})
+                return
         self._metrics.occ_conflicts.inc()
         self._fail(entry, error)
 
@@ -688,6 +702,35 @@ class Publisher:
     def _expired(self, deadline: float) -> bool:
         assert self._loop is not None
         return self._loop.time() >= deadline
+
+    def _attempt_deadline(self, deadline: float) -> float:
+        """When to stop waiting for one attempt's ack and re-send: an ack lost with a stream
+        leader that died never comes, while the connection (to another server) stays up."""
+        assert self._loop is not None
+        return min(deadline, self._loop.time() + self._settings.resend_after_s)
+
+    async def _leaderless_pause(self, rounds: int, deadline: float) -> bool:
+        """Wait a little before re-sending what no stream leader took; False when the deadline
+        leaves no time for another attempt."""
+        assert self._loop is not None
+        pause = _LEADERLESS_BACKOFF_S[min(rounds, len(_LEADERLESS_BACKOFF_S)) - 1]
+        if self._loop.time() + pause >= deadline:
+            return False
+        await asyncio.sleep(pause)
+        return True
+
+    def _unacked(self) -> BusUnavailable:
+        return BusUnavailable(
+            f"no publish ack within {self._settings.ack_timeout_s}s: it MAY HAVE BEEN STORED (it was sent, "
+            "the answer was lost: a connection or a stream leader went away); re-publishing with the "
+            "same msg_id is safe"
+        )
+
+    def _leaderless(self, entry: _Entry) -> BusUnavailable:
+        return BusUnavailable(
+            f"not stored: no stream leader took {entry.subject.decode()} within {self._settings.ack_timeout_s}s "
+            "(the log is electing a leader and has no quorum yet, or no stream captures the subject)"
+        )
 
     def _not_sent(self) -> BusUnavailable:
         return BusUnavailable(

@@ -43,8 +43,8 @@ import msgspec
 import nats.errors
 
 from bus.errors import BusError
-from bus.wire import WireConnection, WireSettings, header_value, parse_status
-from bus.wire.address import servers_of_client
+from bus.transport import Transport
+from bus.wire import WireConnection, header_value, parse_status
 from bus.wire.protocol import pub_frame
 
 log = logging.getLogger("continuum.pull")
@@ -59,11 +59,16 @@ class PullSettings(msgspec.Struct, frozen=True, kw_only=True):
     # How long the server holds a request; a 408 then returns its unused credit.
     expires_s: float = 30.0
     # The server sends a heartbeat this often while it holds an idle request (<= expires_s / 2).
-    heartbeat_s: float = 5.0
+    # Two missed ones mean the request is gone (its server died, the consumer's leader moved):
+    # this bounds how long a failover leaves the consumer idle.
+    heartbeat_s: float = 1.0
     # How often the watchdog checks for reconnects, silence and unused credit.
     tick_s: float = 0.25
     # After a refused request (409 without credit, 400, 503) wait this long before pulling again.
     retry_s: float = 0.5
+    # How long recreating a lost consumer may take before the watchdog goes on (and retries):
+    # during a leader election the API does not answer, and pulling must not wait for it.
+    recover_timeout_s: float = 1.0
 
 
 class Delivered(NamedTuple):
@@ -136,7 +141,7 @@ class RawPull:
 
     def __init__(
         self,
-        conn: WireConnection | Any,
+        conn: "WireConnection | Transport",
         *,
         stream: str,
         consumer: str,
@@ -152,8 +157,8 @@ class RawPull:
         self.consumer = consumer
         self.window = window
         self._owned = not isinstance(conn, WireConnection)
-        # A nats-py client: its servers and credentials, for a private connection (see start).
-        self._client = conn if self._owned else None
+        # A Transport: a private connection of its making (see start).
+        self._transport = conn if self._owned else None
         self._conn: WireConnection | None = None if self._owned else conn
         self._on_message = on_message
         self._settings = settings or PullSettings()
@@ -188,13 +193,7 @@ class RawPull:
         """Subscribe to a private inbox and issue the first request; with a private connection,
         connect it first. Raises BusError (BusUnavailable, PermissionDenied)."""
         if self._conn is None:
-            inbox_prefix = (getattr(self._client, "options", {}) or {}).get("inbox_prefix") or "_INBOX"
-            if isinstance(inbox_prefix, bytes):
-                inbox_prefix = inbox_prefix.decode()
-            self._conn = WireConnection(
-                servers_of_client(self._client), name=f"continuum:pull:{self.consumer}",
-                settings=WireSettings(inbox_prefix=inbox_prefix),
-            )
+            self._conn = self._transport.wire(f"pull:{self.consumer}")
             await self._conn.connect()
         conn = self._conn
         inbox = conn.new_inbox()
@@ -231,8 +230,9 @@ class RawPull:
             if self._lost and self._recover is not None and conn.is_connected:
                 self._lost = False
                 try:
-                    await self._recover()
-                except (nats.errors.Error, asyncio.TimeoutError, BusError) as exc:
+                    async with asyncio.timeout(self._settings.recover_timeout_s):
+                        await self._recover()
+                except (nats.errors.Error, TimeoutError, BusError) as exc:
                     self._lost = True
                     log.warning("cannot recreate consumer %s: %s", self.consumer, exc)
                     self._not_before = time.monotonic() + self._settings.retry_s

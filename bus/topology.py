@@ -34,7 +34,7 @@ _STREAM_NAME_IN_USE = 10058
 # The stream fields a declaration can differ in, in the order they are reported.
 STREAM_FIELDS = (
     "subjects", "max_age", "max_bytes", "duplicate_window", "num_replicas",
-    "allow_direct", "allow_atomic", "deny_delete",
+    "allow_direct", "allow_atomic", "deny_delete", "placement",
 )
 # What every Bus relies on in the log, whatever its settings: its subjects, direct get (stored
 # replies), atomic batches (group commit), and no deletes. None of them removes a message.
@@ -42,7 +42,7 @@ LOG_FEATURES = ("subjects", "allow_direct", "allow_atomic", "deny_delete")
 # Each StreamSettings field and the stream field it sets.
 _SETTING_FIELDS = {
     "max_age_s": "max_age", "max_bytes": "max_bytes",
-    "duplicate_window_s": "duplicate_window", "replicas": "num_replicas",
+    "duplicate_window_s": "duplicate_window", "replicas": "num_replicas", "placement_tags": "placement",
 }
 
 
@@ -62,15 +62,23 @@ def log_stream_config(subjects: Subjects, settings: StreamSettings) -> js_api.St
         max_bytes=settings.max_bytes,
         duplicate_window=window,
         num_replicas=settings.replicas,
+        placement=placement(settings.placement_tags),
         allow_direct=True,
         allow_atomic=True,
         deny_delete=True,
     )
 
 
-def advisory_stream_config(subjects: Subjects) -> js_api.StreamConfig:
+def placement(tags: tuple[str, ...] | list[str]) -> js_api.Placement | None:
+    """Replicas only on servers carrying every tag; None: anywhere."""
+    return js_api.Placement(tags=list(tags)) if tags else None
+
+
+def advisory_stream_config(subjects: Subjects, settings: StreamSettings | None = None) -> js_api.StreamConfig:
     """Max-deliveries advisories made durable, so a dead letter is written even when every
-    process that received the message died on it."""
+    process that received the message died on it. Replicated and placed like the log
+    (`settings`), so losing one node never loses it."""
+    settings = settings or StreamSettings()
     return js_api.StreamConfig(
         name=subjects.advisory_stream,
         description="Continuum max-deliveries advisories",
@@ -80,8 +88,33 @@ def advisory_stream_config(subjects: Subjects) -> js_api.StreamConfig:
         max_age=7 * 24 * 3600,
         # The server's default, stated: left at nats-py's 0 it reads as drift on every start.
         duplicate_window=120.0,
-        num_replicas=1,
+        num_replicas=settings.replicas,
+        placement=placement(settings.placement_tags),
     )
+
+
+def stream_nodes(info: js_api.StreamInfo) -> list[str]:
+    """The servers holding a stream (leader first, then replicas), by name; empty on a single
+    server (no cluster block)."""
+    cluster = info.cluster
+    if cluster is None or not cluster.leader and not cluster.replicas:
+        return []
+    names = [cluster.leader] if cluster.leader else []
+    names.extend(r.name for r in cluster.replicas or [] if r.name and r.name not in names)
+    return names
+
+
+def like_log(info: js_api.StreamInfo) -> StreamSettings:
+    """The replicas and placement of a live log, for the internal streams that follow it."""
+    config = info.config
+    tags = tuple(config.placement.tags or []) if config.placement is not None else ()
+    return StreamSettings(replicas=config.num_replicas or 1, placement_tags=tags)
+
+
+async def ensure_advisory_stream(js: JetStreamContext, subjects: Subjects, log_info: js_api.StreamInfo) -> None:
+    """The advisory stream, created replicated and placed like the live log when missing.
+    Raises BusUnavailable, ConfigurationError."""
+    await ensure_stream(js, advisory_stream_config(subjects, like_log(log_info)))
 
 
 def log_stream_checks(settings: StreamSettings) -> tuple[str, ...]:
@@ -152,7 +185,13 @@ def _translated(exc: Exception, action: str, stream: str) -> Exception:
             "is it running, with JetStream enabled?"
         )
     description = getattr(exc, "description", None) or type(exc).__name__
-    return ConfigurationError(f"the server refused to {action} stream {stream}: {description}")
+    hint = ""
+    if "replica" in description.lower() or "insufficient resources" in description.lower() or "cluster" in description.lower():
+        hint = (
+            ": a replicated stream needs a JetStream cluster with at least that many servers (and tags, if "
+            "placement tags are set); start one with `bus up --cluster 3`, or set BUS_REPLICAS=1"
+        )
+    return ConfigurationError(f"the server refused to {action} stream {stream}: {description}{hint}")
 
 
 def log_stream_update(
@@ -163,6 +202,7 @@ def log_stream_update(
     max_bytes: int | None = None,
     duplicate_window_s: float | None = None,
     replicas: int | None = None,
+    placement_tags: tuple[str, ...] | None = None,
 ) -> js_api.StreamConfig:
     """The live log's config with the given settings changed (None: keep the live value) and the
     features every Bus relies on restored. A max age shorter than the duplicate window shortens
@@ -176,6 +216,8 @@ def log_stream_update(
                          ("duplicate_window", duplicate_window_s), ("num_replicas", replicas)):
         if value is not None:
             changes[field] = value
+    if placement_tags is not None:
+        changes["placement"] = placement(placement_tags)
     wanted = dataclasses.replace(live, **changes)
     max_age = wanted.max_age or 0.0
     if max_age and wanted.duplicate_window > max_age:
@@ -188,12 +230,17 @@ def log_stream_update(
     return wanted
 
 
-def declared_stream_update(live: js_api.StreamConfig, declared: js_api.StreamConfig) -> js_api.StreamConfig:
+def declared_stream_update(
+    live: js_api.StreamConfig, declared: js_api.StreamConfig, *, clear_placement: bool = False
+) -> js_api.StreamConfig:
     """The live stream's config with every field of STREAM_FIELDS that `declared` sets restored
-    (a feature it leaves off is left as it is live)."""
-    return dataclasses.replace(
+    (a feature it leaves off is left as it is live); with `clear_placement`, no placement."""
+    wanted = dataclasses.replace(
         live, **{f: v for f in STREAM_FIELDS if (v := getattr(declared, f)) is not None and v is not False}
     )
+    if clear_placement:
+        wanted.placement = None
+    return wanted
 
 
 class FieldChange(msgspec.Struct, frozen=True):
@@ -251,6 +298,8 @@ def _comparable(field: str, value: Any) -> Any:
         return -1 if value is None or value <= 0 else int(value)  # the server stores 0 as -1
     if field == "num_replicas":
         return int(value or 1)
+    if field == "placement":
+        return tuple(sorted(getattr(value, "tags", None) or []))
     return bool(value)
 
 
@@ -264,6 +313,9 @@ def describe(field: str, value: Any) -> str:
         return "unlimited" if value is None or value < 0 else _bytes(int(value))
     if field == "subjects":
         return ", ".join(value) or "(none)"
+    if field == "placement":
+        tags = value if isinstance(value, tuple) else _comparable("placement", value)
+        return f"servers tagged {', '.join(tags)}" if tags else "any server"
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
-import nats.errors
 
-from bus.errors import BusUnavailable
+from bus.errors import BusUnavailable, NoAnswer, NoResponders
 from projections.config import ProjectionSettings
 from projections.errors import RebuildError
 from projections.protocol import (
@@ -39,12 +38,12 @@ async def request_rebuild(bus: Bus, views: Sequence[str], *, timeout_s: float) -
     Raises BusUnavailable when no service answers, RebuildError when it refuses or fails.
     """
     try:
-        msg = await bus.nc.request(
-            rebuild_subject(bus.subjects), msgspec.json.encode(RebuildRequest(views=list(views))), timeout=timeout_s
+        msg = await bus.transport.request(
+            rebuild_subject(bus.subjects), msgspec.json.encode(RebuildRequest(views=list(views))), timeout_s=timeout_s
         )
-    except nats.errors.NoRespondersError as exc:
+    except NoResponders as exc:
         raise BusUnavailable("no projection service is running") from exc
-    except (nats.errors.TimeoutError, TimeoutError) as exc:
+    except NoAnswer as exc:
         raise RebuildError(
             f"the rebuild did not finish within {timeout_s:g}s; it goes on in the service "
             "(see `bus projections status`)"

@@ -25,10 +25,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import nats.errors
 from prometheus_client import CollectorRegistry
 
 from bus.errors import BusError
+from bus.transport import Inbound
 from projections import sandbox
 from projections.config import ProjectionSettings
 from projections.errors import RebuildError, StoreMismatch
@@ -54,8 +54,6 @@ from schemas.limits import refusal
 from schemas.query import QueryFailure, QueryRequest, QueryResult, failure
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
     from bus import Bus
 
 log = logging.getLogger("continuum.projections.service")
@@ -155,13 +153,13 @@ class ProjectionService:
             self._background.append(self._tasks.create_task(self._build_stale(stale), name="projections-build"))
 
         group = settings.query.queue_group
-        nc = bus.nc
+        transport = bus.transport
         self._subscriptions = [
-            await nc.subscribe(bus.subjects.query, queue=group, cb=self._on_query, pending_msgs_limit=100_000),
-            await nc.subscribe(status_subject(bus.subjects), queue=group, cb=self._on_status),
-            await nc.subscribe(rebuild_subject(bus.subjects), queue=group, cb=self._on_rebuild),
+            await transport.subscribe(bus.subjects.query, self._on_query, queue=group, max_pending=100_000),
+            await transport.subscribe(status_subject(bus.subjects), self._on_status, queue=group),
+            await transport.subscribe(rebuild_subject(bus.subjects), self._on_rebuild, queue=group),
         ]
-        await nc.flush()
+        await transport.flush()
         log.info("projections: %s folded into %s from seq %d; answering queries on %s",
                  bus.subjects.stream, settings.db_path, self.watermark.seq + 1, bus.subjects.query)
 
@@ -200,11 +198,10 @@ class ProjectionService:
     async def _check_log(self, writer: Writer) -> None:
         store = writer.store
         try:
-            info = await self._bus.js.stream_info(self._bus.subjects.stream)
-        except (TimeoutError, nats.errors.Error) as exc:
+            first, last = await self._bus.log_bounds()
+        except BusError as exc:
             log.warning("cannot read the log's bounds (%s); folding without them", exc)
             return
-        first, last = int(info.state.first_seq), int(info.state.last_seq)
         if store.applied_seq > last:
             raise StoreMismatch(
                 f"{store.path} is at seq {store.applied_seq} but the log {store.stream} ends at {last}: "
@@ -215,8 +212,7 @@ class ProjectionService:
 
     async def _stop(self) -> None:
         for subscription in self._subscriptions:
-            with contextlib.suppress(nats.errors.Error):
-                await subscription.unsubscribe()
+            await subscription.close()
         self._subscriptions = []
         for executor in self._executors:
             executor.interrupt()
@@ -247,7 +243,7 @@ class ProjectionService:
         gens, integrity, fold_errors = await self._writer.call(collect, self.store)
         try:
             last: int | None = await self._bus.last_seq()
-        except (TimeoutError, BusError, nats.errors.Error):
+        except BusError:
             last = None
         return build_report(
             source="service", db_path=self._settings.db_path, stream=self._bus.subjects.stream, gens=gens,
@@ -313,7 +309,7 @@ class ProjectionService:
 
     # -- request handlers (subscription callbacks: they only hand work to the task group) ---
 
-    async def _on_query(self, msg: Msg) -> None:
+    async def _on_query(self, msg: Inbound) -> None:
         await self._slots.acquire()
         assert self._tasks is not None
         try:
@@ -321,7 +317,7 @@ class ProjectionService:
         except RuntimeError:  # the task group is shutting down
             self._slots.release()
 
-    async def _answer_query(self, msg: Msg) -> None:
+    async def _answer_query(self, msg: Inbound) -> None:
         started = time.perf_counter()
         try:
             try:
@@ -374,12 +370,12 @@ class ProjectionService:
             data = _encoder.encode(response)
         return response, data
 
-    async def _on_status(self, msg: Msg) -> None:
+    async def _on_status(self, msg: Inbound) -> None:
         assert self._tasks is not None
         with contextlib.suppress(RuntimeError):
             self._tasks.create_task(self._answer_status(msg))
 
-    async def _answer_status(self, msg: Msg) -> None:
+    async def _answer_status(self, msg: Inbound) -> None:
         try:
             data = _encoder.encode(StatusOk(report=await self.status()))
         except Exception as exc:
@@ -387,12 +383,12 @@ class ProjectionService:
             data = _encoder.encode(ControlFailure(message=f"{type(exc).__name__}: {exc}"))
         await self._respond(msg, data)
 
-    async def _on_rebuild(self, msg: Msg) -> None:
+    async def _on_rebuild(self, msg: Inbound) -> None:
         assert self._tasks is not None
         with contextlib.suppress(RuntimeError):
             self._tasks.create_task(self._answer_rebuild(msg))
 
-    async def _answer_rebuild(self, msg: Msg) -> None:
+    async def _answer_rebuild(self, msg: Inbound) -> None:
         try:
             # Any client may send anything here: checked before the (recursive) decoder runs.
             why = refusal(msg.data, max_bytes=self._settings.query.max_request_bytes)
@@ -407,14 +403,9 @@ class ProjectionService:
             data = _encoder.encode(ControlFailure(message=f"rebuild failed: {type(exc).__name__}: {exc}"))
         await self._respond(msg, data)
 
-    async def _respond(self, msg: Msg, data: bytes) -> None:
+    async def _respond(self, msg: Inbound, data: bytes) -> None:
         """Answer `msg` (if it asked for an answer); a lost connection is logged, not raised."""
-        if not msg.reply:
-            return
-        try:
-            await msg.respond(data)
-        except nats.errors.Error as exc:
-            log.warning("could not answer a request: %s", exc)
+        await self._bus.transport.respond(msg, data)
 
 
 def _enter_sandbox() -> None:

@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING
 
 import duckdb
 import msgspec
-import nats.errors
 
-from bus.errors import BusUnavailable
+from bus.errors import BusUnavailable, NoAnswer, NoResponders
 from projections.errors import ProjectionError
 from projections.protocol import (
     ControlFailure,
@@ -154,10 +153,10 @@ def _or_dash(value: int | None) -> str:
 async def request_status(bus: Bus, *, timeout_s: float = 5.0) -> StatusReport:
     """Ask the running service for its status. Raises BusUnavailable when none answers."""
     try:
-        msg = await bus.nc.request(status_subject(bus.subjects), b"", timeout=timeout_s)
-    except nats.errors.NoRespondersError as exc:
+        msg = await bus.transport.request(status_subject(bus.subjects), b"", timeout_s=timeout_s)
+    except NoResponders as exc:
         raise BusUnavailable("no projection service is running") from exc
-    except (nats.errors.TimeoutError, TimeoutError) as exc:
+    except NoAnswer as exc:
         raise BusUnavailable(f"the projection service did not answer within {timeout_s:g}s") from exc
     response = _response.decode(msg.data)
     if isinstance(response, StatusOk):

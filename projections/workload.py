@@ -137,7 +137,7 @@ async def append_batches(bus: Bus, items: Sequence[LogItem], *, batch: int = 100
     """Append `items` in order as JetStream atomic batches (one fsync per batch, ~40k/s here);
     returns the last stream sequence. Batches are committed one after another (a batch's first
     message waits for the previous commit), so the order in the log is the order of `items`."""
-    nc = bus.nc
+    transport = bus.transport
     last = 0
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
@@ -146,16 +146,16 @@ async def append_batches(bus: Bus, items: Sequence[LogItem], *, batch: int = 100
             headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(index), "Nats-Msg-Id": item.msg_id}
             if index == len(chunk):
                 headers["Nats-Batch-Commit"] = "1"
-                reply = await nc.request(item.subject, item.data, headers=headers, timeout=30)
+                reply = await transport.request(item.subject, item.data, headers=headers, timeout_s=30)
                 ack = msgspec.json.decode(reply.data)
                 if "error" in ack:
                     raise RuntimeError(f"atomic batch rejected: {ack['error']}")
                 last = int(ack["seq"])
             elif index == 1:
-                reply = await nc.request(item.subject, item.data, headers=headers, timeout=30)
+                reply = await transport.request(item.subject, item.data, headers=headers, timeout_s=30)
                 if reply.data:
                     raise RuntimeError(f"atomic batch refused: {reply.data[:200]!r}")
             else:
-                await nc.publish(item.subject, item.data, headers=headers)
+                await transport.publish(item.subject, item.data, headers=headers)
         await asyncio.sleep(0)
     return last

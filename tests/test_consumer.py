@@ -132,7 +132,7 @@ async def test_window_bounds_what_is_pulled(bus: Bus) -> None:
     async with bus.consumer("bounded", handle, settings=fast(concurrency=2, prefetch=3)):
         await wait_for(lambda: started == 2, what="two handlers running")
         await wait_for(ack_pending_is(bus, "bounded__inbox", 5), what="window of 5 delivered")
-        await bus.nc.flush()
+        await bus.transport.flush()
         info = await bus.js.consumer_info(bus.subjects.stream, "bounded__inbox")
         assert info.num_ack_pending == 5 and info.num_pending == 15
         release.set()
@@ -336,7 +336,7 @@ async def test_pulling_survives_a_server_restart(bus: Bus, nats_server: Embedded
         await wait_for(lambda: texts == ["before"], what="first message")
         await nats_server.stop()
         await nats_server.start()
-        await wait_for(lambda: bus.nc.is_connected, what="reconnected")
+        await wait_for(lambda: bus.transport.is_connected, what="reconnected")
 
         async def send_after() -> bool:
             try:
@@ -444,7 +444,7 @@ async def test_body_error_propagates_unwrapped(bus: Bus) -> None:
 
 async def test_undecodable_message_does_not_stop_the_engine(bus: Bus) -> None:
     """Garbage in an inbox is settled (terminated) and the engine goes on with the next one."""
-    await bus.nc.request("default.inbox.sturdy.tester", b"\xffnot json", headers={"Nats-Msg-Id": "junk-1"})
+    await bus.transport.request("default.inbox.sturdy.tester", b"\xffnot json", headers={"Nats-Msg-Id": "junk-1"})
     await bus.send("sturdy", Note(text="fine"))
     texts: list[str] = []
 

@@ -67,9 +67,9 @@ async def test_deliveries_do_not_travel_on_the_bus_connection(bus: Bus) -> None:
 
     async with bus.consumer("apart", handle, settings=fast()):
         await wait_for(lambda: len(handled) == 50, what="50 handled")
-        before = bus.nc.stats["in_msgs"]
+        before = bus.transport.nc.stats["in_msgs"]
         for i in range(50, 100):
             await bus.send("apart", Note(text=str(i)))
         await wait_for(lambda: len(handled) == 100, what="50 more handled")
         # 50 publish acks, plus a few replies for reports: far fewer than 50 deliveries more.
-        assert bus.nc.stats["in_msgs"] - before < 75
+        assert bus.transport.nc.stats["in_msgs"] - before < 75

@@ -125,7 +125,7 @@ async def test_undecodable_bytes_and_unknown_kinds_are_dead_lettered(bus: Bus) -
     )
     seqs = []
     for i, data in enumerate((junk, mystery, invalid)):
-        reply = await bus.nc.request("default.inbox.sorter.tester", data, headers={"Nats-Msg-Id": f"raw-{i}"})
+        reply = await bus.transport.request("default.inbox.sorter.tester", data, headers={"Nats-Msg-Id": f"raw-{i}"})
         seqs.append(msgspec.json.decode(reply.data)["seq"])
     await bus.send("sorter", Note(text="valid"))
     texts: list[str] = []

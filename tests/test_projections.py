@@ -13,9 +13,9 @@ import pytest
 from conftest import read_records, wait_for
 
 from bus import Bus
+from bus.logread import LogReader, LogRecord
 from projections.batch import build_batch
 from projections.config import ProjectionSettings
-from projections.reader import LogReader, LogRecord
 from projections.service import ProjectionService
 from projections.store import Store
 from projections.views import VIEWS, ViewSpec, render
@@ -47,7 +47,7 @@ async def rows(bus: Bus, sql: str, *params: Any, min_seq: int | None = None) -> 
 
 async def raw_publish(bus: Bus, subject: str, data: bytes) -> int:
     """Store bytes as they are (no envelope checks) and return their stream sequence."""
-    reply = await bus.nc.request(subject, data, headers={"Nats-Msg-Id": new_id()}, timeout=5)
+    reply = await bus.transport.request(subject, data, headers={"Nats-Msg-Id": new_id()}, timeout_s=5)
     return int(msgspec.json.decode(reply.data)["seq"])
 
 

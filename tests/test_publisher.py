@@ -586,10 +586,10 @@ async def test_a_batch_cut_off_by_a_reconnect_is_resent_and_stored_once(nats_ser
 async def test_publishing_does_not_travel_on_the_control_plane_client(bus: Bus) -> None:
     """Publishes and their acks go over the Bus's own wire connection: the nats-py client
     (control plane) neither sends nor receives a message for them."""
-    before = (bus.nc.stats["out_msgs"], bus.nc.stats["in_msgs"])
+    before = (bus.transport.nc.stats["out_msgs"], bus.transport.nc.stats["in_msgs"])
     await asyncio.gather(*(bus.send("alice", Note(text=f"w{i}")) for i in range(300)))
     await bus.send("alice", Note(text="alone"))
-    assert (bus.nc.stats["out_msgs"], bus.nc.stats["in_msgs"]) == before
+    assert (bus.transport.nc.stats["out_msgs"], bus.transport.nc.stats["in_msgs"]) == before
 
 
 _NATS_PY_PRIVATE = re.compile(r"\._send_command|_flush_pending|_flush_queue|\.stats\[|\bnc\._\w|\._server_info\b")

@@ -126,7 +126,7 @@ async def test_a_pull_given_a_nats_py_client_owns_a_private_connection(bus: Bus)
     await _consumer(bus, "private")
     await bus.send("private", Note(text="x"))
     got: list[Delivered] = []
-    pull = RawPull(bus.nc, stream=bus.subjects.stream, consumer="private", window=4,
+    pull = RawPull(bus.transport, stream=bus.subjects.stream, consumer="private", window=4,
                    on_message=lambda p, m: got.append(m), settings=_QUICK)
     async with asyncio.TaskGroup() as tg:
         watchdog = await _running(pull, tg)

@@ -422,7 +422,7 @@ async def test_hostile_request_bytes_get_a_failure_answer(bus: Bus, seeded: Seed
     anything the decoder raises answered), or a capped result; the serve loop lives on."""
     build, kind = HOSTILE_REQUESTS[case]
 
-    reply = await bus.nc.request(bus.subjects.query, build(), timeout=10)
+    reply = await bus.transport.request(bus.subjects.query, build(), timeout_s=10)
 
     answer = _answer.decode(reply.data)
     assert (answer.kind if isinstance(answer, QueryFailure) else "ok") == kind, answer
@@ -433,10 +433,10 @@ async def test_requests_with_no_reply_subject_and_a_burst_of_garbage_leave_it_se
     """Garbage published with no reply subject (nothing to answer) and a burst of 200 hostile
     requests at once: every request that asked gets an answer, and the service keeps serving."""
     for build, _ in HOSTILE_REQUESTS.values():
-        await bus.nc.publish(bus.subjects.query, build())
+        await bus.transport.publish(bus.subjects.query, build())
     builders = [build for build, _ in HOSTILE_REQUESTS.values()] * 13
 
-    replies = await asyncio.gather(*(bus.nc.request(bus.subjects.query, build(), timeout=30) for build in builders[:200]))
+    replies = await asyncio.gather(*(bus.transport.request(bus.subjects.query, build(), timeout_s=30) for build in builders[:200]))
 
     assert len(replies) == 200 and all(isinstance(_answer.decode(r.data), QueryResult | QueryFailure) for r in replies)
     await alive_and_unchanged(bus, seeded)
@@ -447,7 +447,7 @@ async def test_hostile_rebuild_requests_are_refused_and_change_nothing(bus: Bus,
     """Bytes published at the rebuild subject get a failure answer (checked before the decoder
     recurses); nothing is rebuilt and the service keeps serving."""
     build, _ = HOSTILE_REQUESTS[case]
-    reply = await bus.nc.request(rebuild_subject(bus.subjects), build(), timeout=10)
+    reply = await bus.transport.request(rebuild_subject(bus.subjects), build(), timeout_s=10)
     answer = msgspec.json.decode(reply.data, type=ControlFailure)
     assert answer.message and len(answer.message) <= 2000
     await alive_and_unchanged(bus, seeded)

@@ -202,7 +202,7 @@ async def test_bad_sql_gets_a_clear_error(bus: Bus, service: ProjectionService, 
 
 async def test_a_malformed_request_is_answered_and_changes_nothing(bus: Bus, service: ProjectionService) -> None:
     """Bytes that are not a QueryRequest get a failure answer; the service keeps answering."""
-    reply = await bus.nc.request(bus.subjects.query, b"{not json", timeout=5)
+    reply = await bus.transport.request(bus.subjects.query, b"{not json", timeout_s=5)
     answer = msgspec.json.decode(reply.data, type=QueryResult | QueryFailure)
 
     assert isinstance(answer, QueryFailure) and answer.kind == "bad_sql" and "malformed" in answer.message

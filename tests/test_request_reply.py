@@ -75,7 +75,7 @@ async def test_timeout_raises_cleanly(bus: Bus, bus_config: BusConfig) -> None:
         await bus.request("nobody", Ping(), timeout_s=0.3)
     assert 0.3 <= time.monotonic() - started < 3
     assert info.value.request_id
-    await bus.nc.flush()
+    await bus.transport.flush()
     assert await asyncio.to_thread(server_subscriptions, bus_config) == before
 
 

@@ -135,11 +135,11 @@ async def _day_with_kill(
                 async def cb(msg: Any, watch: Any = watch) -> None:
                     watch(msg)
 
-                sub = await bus.nc.subscribe(f"{namespace}.event.*.memory.>", cb=cb)
+                sub = await bus.transport.subscribe(f"{namespace}.event.*.memory.>", cb)
                 try:
                     results.append(await team.run_day(day))
                 finally:
-                    await sub.unsubscribe()
+                    await sub.close()
         calls = await payloads(bus, f"{namespace}.event.*.llm.>", LlmCallCompleted)
         crashed = await payloads(bus, f"{namespace}.event.*.agent.crashed", AgentCrashed)
         steps = await payloads(bus, f"{namespace}.event.*.step.>", StepRecorded)

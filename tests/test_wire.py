@@ -29,7 +29,7 @@ from bus.wire import (
     parse_url,
     parse_urls,
 )
-from bus.wire.address import servers_of_client
+from bus.transport import ConnectionSpec, Transport
 from schemas import Delivery, Envelope
 from schemas.payloads import Note
 
@@ -380,20 +380,17 @@ async def test_close_is_idempotent_and_final(nats_server: EmbeddedServer) -> Non
         await conn.connect()
 
 
-async def test_servers_of_a_nats_py_client_carry_its_credentials(auth_server: EmbeddedServer) -> None:
-    """The raw connection goes where the bus's nats-py client is connected, with its
-    credentials."""
+async def test_the_transports_raw_connections_carry_the_spec_credentials(auth_server: EmbeddedServer) -> None:
+    """A raw connection made by the transport goes to the server the control connection is on,
+    with the credentials of the seed URL (a server learned from the cluster has none in its URL)."""
     url = f"nats://admin:pw-admin@127.0.0.1:{auth_server.settings.port}"
-    client = await nats.connect(url)
-    try:
-        servers = servers_of_client(client)
+    async with Transport(ConnectionSpec.from_urls(url, name="x")) as transport:
+        servers = transport.known_servers()
         assert servers[0] == ServerAddress(host="127.0.0.1", port=auth_server.settings.port,
                                            user="admin", password="pw-admin")
-        conn = WireConnection(servers, name="x", settings=_FAST)
+        conn = transport.wire("probe")
         await conn.connect()
         await conn.close()
-    finally:
-        await client.close()
 
 
 async def test_consumer_engine_on_an_authenticated_server(auth_server: EmbeddedServer) -> None:

@@ -23,7 +23,6 @@ reply) use ids derived from the inbound message and the step, so JetStream's dup
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
@@ -33,7 +32,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
-import nats.errors
 
 from agents.errors import NondeterminismError, StepError
 from agents.runtime.journal import MAX_STEPS, StepJournal
@@ -243,29 +241,21 @@ class Context:
             **fields,
         )
         reply_subject = bus.subjects.reply(self.agent, envelope.id)
-        sub = await bus.nc.subscribe(reply_subject, max_msgs=1)
-        try:
-            await bus.nc.flush(timeout=max(1, int(timeout_s)))
+        async with bus.transport.expect(reply_subject, timeout_s=timeout_s) as waiter:
             sent = await bus.publish(envelope)
             # A re-sent request (an earlier attempt sent it) may have been answered already.
             stored = await last_by_subject(bus, reply_subject) if sent.ack.duplicate else None
             if stored is not None:
                 return bus.codec.decode(stored.data)
-            try:
-                msg = await sub.next_msg(timeout=timeout_s)
-                return bus.codec.decode(msg.data)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                stored = await last_by_subject(bus, reply_subject)
-                if stored is not None:
-                    return bus.codec.decode(stored.data)
-                raise RequestTimeout(
-                    f"no reply from {to!r} within {timeout_s}s to request {envelope.id}", request_id=envelope.id
-                ) from None
-        finally:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.BadSubscriptionError:
-                pass  # already removed after its one message
+            answer = await waiter.next(timeout_s)
+            if answer is not None:
+                return bus.codec.decode(answer.data)
+            stored = await last_by_subject(bus, reply_subject)
+            if stored is not None:
+                return bus.codec.decode(stored.data)
+            raise RequestTimeout(
+                f"no reply from {to!r} within {timeout_s}s to request {envelope.id}", request_id=envelope.id
+            )
 
 
 def _return_type(fn: Callable[..., Any]) -> Any:

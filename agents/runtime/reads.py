@@ -6,34 +6,20 @@
                      (every recorded step of one inbound message)
     batch            any batched get (e.g. `next_by_subj` ranges), up to a limit
 
-Direct get replies are plain messages with `Nats-Subject`/`Nats-Sequence` headers; a batch ends
-with a `Status: 204` message, and `Status: 404` means nothing matched (ADR-31). nats-py has no
-helper for batched or multi-subject gets, so these speak the API directly.
+The reads themselves are the transport's (`bus.transport.direct_get`, `direct_get_batch`); this
+module names the ones the agent runtime makes.
 """
 
 from __future__ import annotations
 
-import asyncio
-
-import msgspec
-import nats.errors
-
 from bus.client import Bus
-from bus.errors import BusUnavailable
+from bus.transport import StoredMessage
 
 # The server refuses (413) a multi-subject get matching more subjects than this.
 MULTI_LAST_LIMIT = 1024
 
-_encode = msgspec.json.encode
-
-
-class StoredMsg(msgspec.Struct, frozen=True, kw_only=True):
-    """One message read back from the log."""
-
-    subject: str
-    seq: int
-    headers: dict[str, str]
-    data: bytes
+# One message read back from the log.
+StoredMsg = StoredMessage
 
 
 async def last_by_subject(bus: Bus, subject: str, *, timeout_s: float = 5.0) -> StoredMsg | None:
@@ -62,62 +48,8 @@ async def batch(bus: Bus, request: dict[str, object], *, limit: int, timeout_s: 
 
     Raises BusUnavailable on a timeout, a lost connection or a server refusal.
     """
-    nc = bus.nc
-    inbox = nc.new_inbox()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    out: list[StoredMsg] = []
-    try:
-        sub = await nc.subscribe(inbox)
-        try:
-            # Same connection: the server sees the SUB before the request, no flush needed.
-            await nc.publish(_api(bus), _encode(request), reply=inbox)
-            while True:
-                msg = await sub.next_msg(timeout=max(0.001, deadline - loop.time()))
-                headers = dict(msg.headers or {})
-                status = headers.get("Status")
-                if status in ("204", "404"):
-                    return out
-                if status:
-                    raise BusUnavailable(f"direct get {request} refused: {status} {headers.get('Description', '')}")
-                out.append(_stored(headers, msg.data))
-                if len(out) >= limit:
-                    # The end-of-batch marker follows; not waiting for it saves a round trip.
-                    return out
-        finally:
-            await sub.unsubscribe()
-    except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
-        raise BusUnavailable(f"direct get {request} not answered within {timeout_s}s") from exc
-    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-        raise BusUnavailable(f"not connected to NATS: {exc}") from exc
+    return await bus.transport.direct_get_batch(bus.subjects.stream, request, limit=limit, timeout_s=timeout_s)
 
 
 async def _single(bus: Bus, request: dict[str, object], timeout_s: float) -> StoredMsg | None:
-    try:
-        msg = await bus.nc.request(_api(bus), _encode(request), timeout=timeout_s)
-    except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
-        raise BusUnavailable(f"direct get {request} not answered within {timeout_s}s") from exc
-    except nats.errors.NoRespondersError as exc:
-        raise BusUnavailable(f"direct get is not enabled on {bus.subjects.stream}") from exc
-    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-        raise BusUnavailable(f"not connected to NATS: {exc}") from exc
-    headers = dict(msg.headers or {})
-    status = headers.get("Status")
-    if status == "404":
-        return None
-    if status:
-        raise BusUnavailable(f"direct get {request} refused: {status} {headers.get('Description', '')}")
-    return _stored(headers, msg.data)
-
-
-def _api(bus: Bus) -> str:
-    return f"$JS.API.DIRECT.GET.{bus.subjects.stream}"
-
-
-def _stored(headers: dict[str, str], data: bytes) -> StoredMsg:
-    return StoredMsg(
-        subject=headers.get("Nats-Subject", ""),
-        seq=int(headers.get("Nats-Sequence", "0")),
-        headers=headers,
-        data=data,
-    )
+    return await bus.transport.direct_get(bus.subjects.stream, request, timeout_s=timeout_s)

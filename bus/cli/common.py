@@ -32,7 +32,7 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     """--url, --namespace and --home, with defaults from BUS_URL, BUS_NAMESPACE, BUS_HOME."""
     parser.add_argument(
         "--url", default=os.environ.get("BUS_URL", DEFAULT_URL),
-        help="NATS server URL (env BUS_URL; default %(default)s)",
+        help="NATS server URL, or a cluster's seed URLs comma-separated (env BUS_URL; default %(default)s)",
     )
     parser.add_argument(
         "--namespace", default=os.environ.get("BUS_NAMESPACE", "default"),
@@ -63,7 +63,8 @@ def bus_config(args: argparse.Namespace, *, name: str = "cli", **overrides: obje
         monitor_url = state.monitor_url
     fields: dict[str, object] = {"url": args.url, "namespace": args.namespace, "name": name, "monitor_url": monitor_url}
     fields.update(overrides)
-    return BusConfig(**fields)  # type: ignore[arg-type]
+    # The rest (BUS_REPLICAS, BUS_PLACEMENT_TAGS, TLS, inbox prefix) from the environment.
+    return BusConfig.from_env(**fields)
 
 
 @contextlib.contextmanager
@@ -89,12 +90,18 @@ def metrics_server(registry: CollectorRegistry, port: int | None) -> Iterator[No
 NO_SERVER_HINT = "run `bus up --detach` to start the embedded server, or set BUS_URL (or --url) to a running one"
 
 
-async def probe_server(url: str, timeout_s: float = 2.0) -> None:
-    """Raise CliError saying how to start a server when nothing accepts connections at `url`."""
+async def probe_server(url: str | tuple[str, ...], timeout_s: float = 2.0, *, shown: str | None = None) -> None:
+    """Raise CliError saying how to start a server when nothing accepts connections at `url`
+    (any of its comma-separated URLs), or when a URL cannot be used."""
     from bus.client import server_reachable
+    from bus.errors import ConfigurationError
 
-    if not await server_reachable(url, timeout_s):
-        raise CliError(f"no NATS server is running at {url}: {NO_SERVER_HINT}")
+    try:
+        reachable = await server_reachable(url, timeout_s)
+    except ConfigurationError as exc:
+        raise CliError(f"cannot use the NATS URL: {exc}") from exc
+    if not reachable:
+        raise CliError(f"no NATS server is running at {shown or url}: {NO_SERVER_HINT}")
 
 
 @contextlib.asynccontextmanager
@@ -113,13 +120,13 @@ async def open_bus(
     from bus.errors import BusUnavailable
 
     config = bus_config(args, name=name)
-    await probe_server(config.url)
+    await probe_server(config.url, shown=config.shown_url)
     bus = Bus(config, registry=registry, metrics_registry=metrics_registry)
     try:
         async with asyncio.timeout(config.connect_timeout_s + 10.0):
             await bus.__aenter__()
     except (BusUnavailable, TimeoutError) as exc:
-        raise CliError(f"cannot connect to NATS at {config.url} ({exc or 'timed out'}): {NO_SERVER_HINT}") from exc
+        raise CliError(f"cannot connect to NATS at {config.shown_url} ({exc or 'timed out'}): {NO_SERVER_HINT}") from exc
     try:
         yield bus
     except BaseException as exc:

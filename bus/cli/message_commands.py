@@ -22,7 +22,6 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import api as js_api
-from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter
 
 from bus.cli.common import (
@@ -297,11 +296,8 @@ async def run_request(args: argparse.Namespace) -> int:
 
 
 async def _stored_seq(bus: Any, subject: str) -> int | None:
-    try:
-        msg = await bus.js.get_msg(bus.subjects.stream, subject=subject, direct=True)
-    except NotFoundError:
-        return None
-    return msg.seq
+    stored = await bus.transport.direct_get(bus.subjects.stream, {"last_by_subj": subject})
+    return None if stored is None else stored.seq
 
 
 # -- tail --------------------------------------------------------------------------------------

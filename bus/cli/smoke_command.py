@@ -176,12 +176,8 @@ async def _scenario(bus: Bus, stack: contextlib.AsyncExitStack, steps: _Steps, t
 
 
 async def _seq_of(bus: Bus, subject: str) -> int | None:
-    from nats.js.errors import NotFoundError
-
-    try:
-        return (await bus.js.get_msg(bus.subjects.stream, subject=subject, direct=True)).seq
-    except NotFoundError:
-        return None
+    stored = await bus.transport.direct_get(bus.subjects.stream, {"last_by_subj": subject})
+    return None if stored is None else stored.seq
 
 
 def _ms(start: float, end: float | None = None) -> str:

@@ -14,8 +14,10 @@ from typing import Any
 
 import msgspec
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError
 
 from bus.cli.common import CliError, add_connection_options, non_negative_float, open_bus, out, positive_int
+from bus.config import StreamSettings
 from bus.topology import (
     FieldChange,
     advisory_stream_config,
@@ -68,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="delete the oldest messages beyond this size (-1 = unlimited; suffixes KiB, MiB, GiB, TiB)")
     update.add_argument("--duplicate-window", type=window_seconds, metavar="SECONDS",
                         help="how long a re-sent envelope id is recognised and stored once")
+    update.add_argument("--placement-tags", type=_tags, metavar="TAG,...", default=None,
+                        help="keep the replicas only on servers with all these server_tags ('' for any server)")
     update.add_argument("--replicas", type=replica_count, metavar="N",
                         help=f"copies of the log on a cluster (1..{MAX_REPLICAS}; a single server keeps 1)")
     update.add_argument("--force", action="store_true",
@@ -209,15 +213,27 @@ async def run_update(args: argparse.Namespace) -> int:
     async with open_bus(args, name="cli-stream") as bus:
         subjects = bus.subjects
         live_log = (await bus.js.stream_info(subjects.stream)).config
-        live_advisories = (await bus.js.stream_info(subjects.advisory_stream)).config
+        wanted_log = log_stream_update(
+            subjects, live_log, max_age_s=args.max_age, max_bytes=args.max_bytes,
+            duplicate_window_s=args.duplicate_window, replicas=args.replicas,
+            placement_tags=args.placement_tags,
+        )
+        pairs = [(live_log, wanted_log)]
+        try:
+            live_advisories = (await bus.js.stream_info(subjects.advisory_stream)).config
+        except NotFoundError:
+            pass  # created by the first consumer engine, replicated like the log is then
+        else:
+            # The internal streams follow the log's replicas and placement.
+            like_log = StreamSettings(
+                replicas=wanted_log.num_replicas or 1,
+                placement_tags=tuple(wanted_log.placement.tags or []) if wanted_log.placement else (),
+            )
+            pairs.append((live_advisories, declared_stream_update(
+                live_advisories, advisory_stream_config(subjects, like_log), clear_placement=not like_log.placement_tags,
+            )))
         plans: list[tuple[js_api.StreamConfig, list[FieldChange]]] = []
-        for live, wanted in (
-            (live_log, log_stream_update(
-                subjects, live_log, max_age_s=args.max_age, max_bytes=args.max_bytes,
-                duplicate_window_s=args.duplicate_window, replicas=args.replicas,
-            )),
-            (live_advisories, declared_stream_update(live_advisories, advisory_stream_config(subjects))),
-        ):
+        for live, wanted in pairs:
             if changes := stream_differences(live, wanted):
                 plans.append((wanted, changes))
         if not plans:
@@ -241,5 +257,12 @@ async def run_update(args: argparse.Namespace) -> int:
 def _summary(config: js_api.StreamConfig) -> str:
     return ", ".join(
         f"{field} {describe(field, getattr(config, field))}"
-        for field in ("max_age", "max_bytes", "duplicate_window", "num_replicas")
+        for field in ("max_age", "max_bytes", "duplicate_window", "num_replicas", "placement")
     )
+
+
+def _tags(text: str) -> tuple[str, ...]:
+    tags = tuple(t.strip() for t in text.split(",") if t.strip())
+    if any(" " in t for t in tags):
+        raise argparse.ArgumentTypeError(f"{text!r}: tags are comma-separated, without spaces")
+    return tags

@@ -14,10 +14,8 @@ bus.publisher). Nothing here touches a library's private members.
 
 from bus.wire.address import (
     ServerAddress,
-    inbox_prefix_of_client,
     parse_url,
     parse_urls,
-    servers_of_client,
     with_credentials,
 )
 from bus.wire.connection import WireConnection, WireSettings
@@ -39,12 +37,10 @@ __all__ = [
     "WireConnection",
     "WireSettings",
     "header_value",
-    "inbox_prefix_of_client",
     "parse_headers",
     "parse_status",
     "parse_url",
     "parse_urls",
     "pub_frame",
-    "servers_of_client",
     "with_credentials",
 ]

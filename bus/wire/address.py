@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Iterable
-from typing import Any
 
 import msgspec
 
@@ -31,6 +30,10 @@ class ServerAddress(msgspec.Struct, frozen=True, kw_only=True):
     user: str | None = None
     password: str | None = None
     token: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "tls" if self.tls else "nats"
 
     @property
     def netloc(self) -> str:
@@ -87,38 +90,3 @@ def with_credentials(address: ServerAddress, fallback: ServerAddress | None) -> 
     if fallback is None or address.user is not None or address.token is not None:
         return address
     return msgspec.structs.replace(address, user=fallback.user, password=fallback.password, token=fallback.token)
-
-
-def servers_of_client(client: Any) -> list[ServerAddress]:
-    """The servers a connected nats-py client knows, the one it is connected to first, each
-    with credentials (its own, else the first configured URL's, else the client's options).
-    Only `connected_url`, `servers` and `options` are read. Raises ConfigurationError when
-    there is none (a websocket-only client, say)."""
-    urls = []
-    current = getattr(client, "connected_url", None)
-    if current is not None:
-        urls.append(current)
-    urls.extend(getattr(client, "servers", []) or [])
-    found: list[ServerAddress] = []
-    for uri in urls:
-        if uri.scheme not in ("nats", "tls"):
-            continue
-        address = parse_url(uri.geturl())
-        if address not in found:
-            found.append(address)
-    if not found:
-        raise ConfigurationError("the NATS client has no nats:// or tls:// server to connect to")
-    options = getattr(client, "options", {}) or {}
-    fallback = next((a for a in found if a.user is not None or a.token is not None), None)
-    if fallback is None and options.get("user") and not callable(options.get("user")):
-        fallback = ServerAddress(host="", user=options["user"], password=options.get("password") or "")
-    elif fallback is None and isinstance(options.get("token"), str):
-        fallback = ServerAddress(host="", token=options["token"])
-    return [with_credentials(a, fallback) for a in found]
-
-
-def inbox_prefix_of_client(client: Any) -> str:
-    """The inbox prefix a nats-py client was configured with (its `options`), so that a raw
-    connection's inboxes fall under the same permissions; "_INBOX" when it has none."""
-    prefix = (getattr(client, "options", {}) or {}).get("inbox_prefix") or "_INBOX"
-    return prefix.decode() if isinstance(prefix, bytes) else str(prefix)

@@ -38,7 +38,7 @@ from typing import Any
 import msgspec
 
 from bus.errors import BusError, BusUnavailable, ConfigurationError, PermissionDenied
-from bus.wire.address import ServerAddress
+from bus.wire.address import ServerAddress, parse_url, with_credentials
 from bus.wire.protocol import (
     PING,
     PONG,
@@ -70,6 +70,8 @@ class WireSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Frames written while disconnected, kept for the next connection (acks stay valid).
     max_reconnect_buffer: int = 8 * 1024 * 1024
     inbox_prefix: str = "_INBOX"
+    # An ssl.SSLContext for tls:// servers (and servers that require TLS); None: the default one.
+    ssl_context: Any = None
 
 
 def refusal(text: str) -> BusError:
@@ -137,6 +139,8 @@ class _Link(asyncio.Protocol):
         self.info.update(info)  # a later INFO updates (cluster URLs, lame duck mode)
         if self.stage == "info" and not self.waiter.done():
             self.waiter.set_result(None)
+        elif self.live:
+            self.owner._on_info(self, info)
 
     def on_error(self, text: str) -> None:
         error = refusal(text)
@@ -413,7 +417,7 @@ class WireConnection:
                 await loop.create_connection(lambda: link, server.host, server.port)
                 await link.waiter  # INFO
                 if server.tls or link.info.get("tls_required"):
-                    context = ssl.create_default_context()
+                    context = self.settings.ssl_context or ssl.create_default_context()
                     assert link.transport is not None
                     link.transport = await loop.start_tls(  # type: ignore[assignment]
                         link.transport, link, context, server_hostname=server.host
@@ -450,6 +454,7 @@ class WireConnection:
         self._link = link
         link.live = True
         self.info = dict(link.info)
+        self._learn_servers(link.info)
         self._connected = True
         self._pings_out = 0
         self._lost.clear()
@@ -468,7 +473,8 @@ class WireConnection:
             for step in range(count):
                 if self._closed:
                     return
-                index = (self._server_index + step) % count
+                # The server just lost is tried last: it is likely down (or leaving).
+                index = (self._server_index + 1 + step) % count
                 server = self._servers[index]
                 try:
                     link = await self._open(server)
@@ -508,6 +514,33 @@ class WireConnection:
         if not self._closed:
             log.warning("%s: lost the NATS connection (%s); reconnecting", self.name,
                         exc or "closed by the server")
+
+    def _on_info(self, link: _Link, info: dict[str, Any]) -> None:
+        """An INFO on the live link: learn the cluster's servers; in lame-duck mode (the server
+        is shutting down) move to another server now rather than when it closes on us."""
+        self.info.update(info)
+        self._learn_servers(info)
+        if info.get("ldm") and len(self._servers) > 1:
+            log.info("%s: %s is entering lame-duck mode; moving to another server", self.name, self.server.netloc)
+            link.abort()
+
+    def _learn_servers(self, info: dict[str, Any]) -> None:
+        """Add the servers a cluster announces (`connect_urls`), with the seeds' credentials."""
+        urls = info.get("connect_urls")
+        if not isinstance(urls, list):
+            return
+        fallback = next((a for a in self._servers if a.user is not None or a.token is not None), None)
+        tls = self.server.tls
+        for url in urls:
+            if not isinstance(url, str):
+                continue
+            try:
+                address = parse_url(f"{'tls' if tls else 'nats'}://{url}" if "://" not in url else url)
+            except BusError:
+                continue
+            address = with_credentials(address, fallback)
+            if all(a.netloc != address.netloc for a in self._servers):
+                self._servers.append(address)
 
     def _on_pong(self) -> None:
         self._pings_out = 0

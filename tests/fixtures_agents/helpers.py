@@ -16,7 +16,7 @@ async def read_log(bus: Bus, subject_filter: str) -> list[tuple[str, Envelope[An
     seq = 1
     api = f"$JS.API.DIRECT.GET.{bus.subjects.stream}"
     while True:
-        msg = await bus.nc.request(api, json.dumps({"seq": seq, "next_by_subj": subject_filter}).encode(), timeout=5)
+        msg = await bus.transport.request(api, json.dumps({"seq": seq, "next_by_subj": subject_filter}).encode(), timeout_s=5)
         headers = msg.headers or {}
         if headers.get("Status"):
             return out
