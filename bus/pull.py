@@ -234,7 +234,7 @@ class RawPull:
                         await self._recover()
                 except (nats.errors.Error, TimeoutError, BusError) as exc:
                     self._lost = True
-                    log.warning("cannot recreate consumer %s: %s", self.consumer, exc)
+                    log.warning("cannot recreate consumer %s yet: %s", self.consumer, str(exc) or type(exc).__name__)
                     self._not_before = time.monotonic() + self._settings.retry_s
             await self.pull()
 

@@ -10,10 +10,11 @@ differing field; only an operator changes it (`bus stream update`, through `upda
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -27,7 +28,13 @@ from bus.subjects import Subjects
 
 log = logging.getLogger("continuum.topology")
 
+T = TypeVar("T")
+
 _NS = 1_000_000_000
+# How long a JetStream API call keeps retrying while nobody answers it: a stream or the meta
+# group electing a leader (4-9 s in nats-server), or a cluster that formed a moment ago.
+API_PATIENCE_S = 20.0
+_API_BACKOFF_S = (0.05, 0.1, 0.2, 0.5)
 # The server's answer when a stream was created (differently) between our look and our create.
 _STREAM_NAME_IN_USE = 10058
 
@@ -94,13 +101,17 @@ def advisory_stream_config(subjects: Subjects, settings: StreamSettings | None =
 
 
 def stream_nodes(info: js_api.StreamInfo) -> list[str]:
-    """The servers holding a stream (leader first, then replicas), by name; empty on a single
-    server (no cluster block)."""
+    """The servers that take part in acking a stream's writes, by name: its leader, then the
+    replicas that are current (one offline or lagging acks nothing until it has caught up).
+    Empty on a single server (no cluster block)."""
     cluster = info.cluster
     if cluster is None or not cluster.leader and not cluster.replicas:
         return []
     names = [cluster.leader] if cluster.leader else []
-    names.extend(r.name for r in cluster.replicas or [] if r.name and r.name not in names)
+    names.extend(
+        r.name for r in cluster.replicas or []
+        if r.name and r.name not in names and r.current and not r.offline
+    )
     return names
 
 
@@ -131,6 +142,34 @@ def log_stream_checks(settings: StreamSettings) -> tuple[str, ...]:
     return tuple(f for f in STREAM_FIELDS if f in LOG_FEATURES or f in chosen)
 
 
+def _leaderless(exc: BaseException) -> bool:
+    """An API error that an election explains: no answer, no responders, 503."""
+    return isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError,
+                            asyncio.TimeoutError))
+
+
+async def patiently(call: Callable[[], Awaitable[T]], what: str, patience_s: float = API_PATIENCE_S) -> T:
+    """`await call()`, called again while the failure is one a leader election explains (no
+    answer, no responders, 503), for up to `patience_s`: an election is a wait, not an error.
+    Other errors, and the last one once patience runs out, are raised as they are."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience_s
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not _leaderless(exc):
+                raise
+            pause = _API_BACKOFF_S[min(attempt, len(_API_BACKOFF_S) - 1)]
+            if loop.time() + pause >= deadline:
+                raise
+            if attempt == 0:
+                log.info("%s: no answer yet (%s); retrying for up to %.0fs", what, type(exc).__name__, patience_s)
+            attempt += 1
+            await asyncio.sleep(pause)
+
+
 async def ensure_stream(
     js: JetStreamContext, config: js_api.StreamConfig, *, checked: Iterable[str] = STREAM_FIELDS
 ) -> js_api.StreamInfo:
@@ -141,17 +180,18 @@ async def ensure_stream(
     Raises ConfigurationError when the server refuses to create the stream (e.g. replicas > 1 on
     a single server), BusUnavailable when it does not answer.
     """
+    what = f"setting up stream {config.name}"
     try:
         try:
-            info = await js.stream_info(config.name)
+            info = await patiently(lambda: js.stream_info(config.name), what)
         except NotFoundError:
             try:
-                return await js.add_stream(config)
+                return await patiently(lambda: js.add_stream(config), what)
             except APIError as exc:
                 if exc.err_code != _STREAM_NAME_IN_USE:
                     raise
-                info = await js.stream_info(config.name)  # another process created it first
-    except (APIError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                info = await patiently(lambda: js.stream_info(config.name), what)  # created by another process first
+    except (APIError, nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError) as exc:
         raise _translated(exc, "set up", config.name) from exc
     compared = set(checked)
     differences = stream_differences(info.config, config)
@@ -173,7 +213,7 @@ async def update_stream(js: JetStreamContext, config: js_api.StreamConfig) -> js
     process's start. Raises ConfigurationError when the server refuses the change (its reason
     in the message), BusUnavailable when it does not answer."""
     try:
-        return await js.update_stream(config)
+        return await patiently(lambda: js.update_stream(config), f"updating stream {config.name}")
     except (APIError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
         raise _translated(exc, "update", config.name) from exc
 
@@ -393,11 +433,13 @@ def _consumer_config(
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, config: js_api.ConsumerConfig) -> js_api.ConsumerInfo:
-    """Create a durable consumer, or update its filters and limits in place. Returns its info."""
+    """Create a durable consumer, or update its filters and limits in place, waiting out a
+    leader election (`patiently`). Returns its info; raises nats-py's errors."""
+    what = f"setting up consumer {config.durable_name}"
     try:
-        info = await js.consumer_info(stream, config.durable_name)
+        info = await patiently(lambda: js.consumer_info(stream, config.durable_name), what)
     except NotFoundError:
-        return await js.add_consumer(stream, config)
+        return await patiently(lambda: js.add_consumer(stream, config), what)
     live = info.config
     live_filters = sorted(live.filter_subjects or ([live.filter_subject] if live.filter_subject else []))
     want_filters = sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
@@ -412,4 +454,4 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: js_api.Cons
     log.info("updating consumer %s: filters %s -> %s", config.durable_name, live_filters, want_filters)
     # The deliver policy cannot change on a live consumer; keep the live one.
     config.deliver_policy = live.deliver_policy
-    return await js.add_consumer(stream, config)
+    return await patiently(lambda: js.add_consumer(stream, config), what)

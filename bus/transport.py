@@ -47,6 +47,10 @@ log = logging.getLogger("continuum.transport")
 # Between reconnect rounds over the server list. A cluster node that died is skipped at once
 # (connection refused), so this bounds how long a client waits once every node is down.
 RECONNECT_WAIT_S = 0.25
+PING_INTERVAL_S = 2
+MAX_PINGS_OUT = 2
+# One JetStream API request's wait for an answer (they take milliseconds when a leader answers).
+JS_API_TIMEOUT_S = 2.0
 
 
 def tls_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -237,6 +241,10 @@ class Transport:
                 reconnect_time_wait=spec.reconnect_wait_s,
                 allow_reconnect=True,
                 pending_size=64 * 1024 * 1024,
+                # A hung server keeps the socket open: unanswered PINGs are how it is noticed
+                # (here within ~6 s) and the connection moves to another node.
+                ping_interval=PING_INTERVAL_S,
+                max_outstanding_pings=MAX_PINGS_OUT,
                 inbox_prefix=spec.inbox_prefix,
                 error_cb=self._on_error,
                 **options,
@@ -247,7 +255,9 @@ class Transport:
             ) from exc
         except nats.errors.Error as exc:
             raise translate(exc, f"connecting to {_shown(spec)}") from exc
-        self._js = self._nc.jetstream()
+        # Each JetStream API call waits this long; callers retry while an election explains the
+        # silence (bus.topology.patiently), so a lost request costs seconds, not a whole timeout.
+        self._js = self._nc.jetstream(timeout=JS_API_TIMEOUT_S)
         return self
 
     async def __aexit__(
@@ -386,6 +396,27 @@ class Transport:
             log.warning("%s: cannot answer on %s: %s", self.spec.name, to.reply, exc)
             return False
         return True
+
+    async def gather(self, subject: str, data: bytes = b"", *, wait_s: float) -> list[Inbound]:
+        """Publish a request that several may answer and collect the answers that come within
+        `wait_s` (a roll call). Raises BusUnavailable, PermissionDenied."""
+        inbox = self.new_inbox()
+        answers: list[Inbound] = []
+
+        async def collect(msg: Msg) -> None:
+            answers.append(_inbound(msg))
+
+        try:
+            sub = await self.nc.subscribe(inbox, cb=collect)
+            try:
+                await self.nc.publish(subject, data, reply=inbox)
+                await asyncio.sleep(wait_s)
+            finally:
+                with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                    await sub.unsubscribe()
+        except _NATS_FAILURES as exc:
+            raise translate(exc, f"roll call on {subject}") from exc
+        return [a for a in answers if not a.status]
 
     @contextlib.asynccontextmanager
     async def expect(self, subject: str, *, timeout_s: float) -> Any:

@@ -52,7 +52,7 @@ from projections.errors import ProjectionError, RebuildError, StoreLocked, Store
 from projections.protocol import StatusReport
 from projections.rebuild import rebuild_file, request_rebuild
 from projections.service import ProjectionService
-from projections.status import format_report, report_from_file, request_status
+from projections.status import format_report, report_from_file, request_status, running_services
 from schemas.query import QueryResult
 
 
@@ -70,6 +70,8 @@ def register(subparsers: Any) -> None:
     add_metrics_option(run)
     run.add_argument("--batch-max", type=int, default=DEFAULT_BATCH_MAX,
                      help="events per transaction at most (default %(default)s)")
+    run.add_argument("--name", default="", metavar="NAME",
+                     help="this service's name, for `status`/`rebuild --service` (default: <host>-<views file name>)")
     run.add_argument("--query-workers", type=int, default=2, help="threads answering queries (default %(default)s)")
     run.add_argument("--memory-limit", default=None, help="DuckDB memory limit, e.g. 2GB (default: DuckDB's)")
     run.add_argument(
@@ -98,11 +100,13 @@ def register(subparsers: Any) -> None:
     rebuild.add_argument("--view", action="append", default=[], metavar="NAME",
                          help="a view to rebuild (repeatable; default: all)")
     rebuild.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the swap (default %(default)s)")
+    _addressing(rebuild)
     rebuild.set_defaults(func=_rebuild)
 
     status = sub.add_parser("status", help="each view's checkpoint and lag, and integrity problems")
     _common(status)
     status.add_argument("--format", choices=("text", "json"), default="text")
+    _addressing(status)
     status.set_defaults(func=_status)
 
     query = subparsers.add_parser(
@@ -133,6 +137,13 @@ def _size(text: str) -> int:
     return size
 
 
+def _addressing(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--service", default=None, metavar="NAME",
+                       help="the projection service of this name (see `--all`; default: any one)")
+    which.add_argument("--all", action="store_true", help="every running projection service, one after another")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     add_connection_options(parser)
     parser.add_argument("--db", type=Path, default=None, help=f"the views file (default: <home>/{VIEWS_FILE})")
@@ -152,7 +163,7 @@ async def _run(args: argparse.Namespace) -> int:
             args, batch_max=args.batch_max, read_ahead=2 * args.batch_max,
             memory_limit=args.memory_limit, threads=args.duckdb_threads, linger_s=args.linger_ms / 1000,
             query=QuerySettings(workers=args.query_workers, memory_limit_bytes=args.query_memory_limit),
-            fsync=args.fsync,
+            fsync=args.fsync, service_name=args.name,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
@@ -170,7 +181,7 @@ async def _run(args: argparse.Namespace) -> int:
                         # collector from re-scanning it.
                         gc.freeze()
                         try:
-                            out(f"projections: {bus.subjects.stream} -> {settings.db_path}, applied up to "
+                            out(f"projections {settings.service}: {bus.subjects.stream} -> {settings.db_path}, applied up to "
                                 f"seq {service.applied_seq}; answering queries on {bus.subjects.query}")
                             await stop.wait()
                         finally:
@@ -202,40 +213,70 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 # -- rebuild / status ----------------------------------------------------------------------
 
 
+async def _targets(bus: Any, args: argparse.Namespace) -> list[str | None]:
+    """The services a status or rebuild goes to: [None] (any one), [--service], or every one
+    answering a roll call (--all). Raises CliError when --all finds none."""
+    if args.service is not None:
+        return [args.service]
+    if not args.all:
+        return [None]
+    names = [hello.service for hello in await running_services(bus)]
+    if not names:
+        raise CliError("no projection service answered the roll call: start `bus projections run` (or `bus up`)")
+    return names
+
+
 async def _rebuild(args: argparse.Namespace) -> int:
     settings = _settings(args)
     async with open_bus(args, name="cli") as bus:
-        try:
-            report = await request_rebuild(bus, args.view, timeout_s=args.timeout)
-        except BusUnavailable:
-            out(f"no projection service is running: rebuilding {settings.db_path} directly")
-            try:
-                report = await rebuild_file(bus, settings, args.view)
-            except (StoreLocked, StoreMismatch) as exc:
-                raise CliError(str(exc)) from exc
-        except RebuildError as exc:
-            raise CliError(f"rebuild refused or failed: {exc}") from exc
-    out(f"rebuilt {', '.join(report.views)}: {report.events} events in {report.seconds:.2f}s; "
-        f"swapped in at seq {report.applied_seq}")
+        for service in await _targets(bus, args):
+            report = await _rebuild_one(bus, args, settings, service)
+            where = f"{report.source} {service}" if service else report.source
+            out(f"rebuilt {', '.join(report.views)} ({where}): {report.events} events in {report.seconds:.2f}s; "
+                f"swapped in at seq {report.applied_seq}")
     return 0
+
+
+async def _rebuild_one(bus: Any, args: argparse.Namespace, settings: ProjectionSettings, service: str | None) -> Any:
+    try:
+        return await request_rebuild(bus, args.view, timeout_s=args.timeout, service=service)
+    except BusUnavailable as exc:
+        if service is not None:
+            raise CliError(f"{exc}: `bus projections status --all` lists the running ones") from exc
+        out(f"no projection service is running: rebuilding {settings.db_path} directly")
+        try:
+            return await rebuild_file(bus, settings, args.view)
+        except (StoreLocked, StoreMismatch) as exc:
+            raise CliError(str(exc)) from exc
+    except RebuildError as exc:
+        raise CliError(f"rebuild refused or failed: {exc}") from exc
 
 
 async def _status(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    reports: list[StatusReport] = []
     try:
         async with open_bus(args, name="cli") as bus:
-            try:
-                report = await request_status(bus)
-            except BusUnavailable:
-                report = await _status_from_file(settings, bus.subjects.stream, await bus.last_seq())
+            for service in await _targets(bus, args):
+                try:
+                    reports.append(await request_status(bus, service=service))
+                except BusUnavailable as exc:
+                    if service is not None:
+                        raise CliError(f"{exc}: `bus projections status --all` lists the running ones") from exc
+                    reports.append(await _status_from_file(settings, bus.subjects.stream, await bus.last_seq()))
     except CliError:
+        if args.service is not None or args.all:
+            raise
         # No NATS at all: the file still says how far the views got.
         from bus.subjects import Subjects
 
-        report = await _status_from_file(settings, Subjects(args.namespace).stream, None)
+        reports = [await _status_from_file(settings, Subjects(args.namespace).stream, None)]
     if args.format == "json":
-        out(msgspec.json.encode(report).decode())
-    else:
+        out(msgspec.json.encode(reports if args.all else reports[0]).decode())
+        return 0
+    for index, report in enumerate(reports):
+        if index:
+            out("")
         for line in format_report(report):
             out(line)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,8 +85,13 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     memory_limit: str | None = None
     threads: int | None = DEFAULT_DUCKDB_THREADS
     query: QuerySettings = QuerySettings()
+    # This service's name among those folding the same log (each with its own file): status and
+    # rebuild requests can address it (`--service`). "": <host>-<file name>.
+    service_name: str = ""
 
     def __post_init__(self) -> None:
+        if self.service_name and not _SERVICE_NAME.fullmatch(self.service_name):
+            raise ValueError(f"invalid service name {self.service_name!r}: use 1-64 letters, digits, '_' or '-'")
         if self.batch_max < 1 or self.read_ahead < self.batch_max:
             raise ValueError("batch_max must be >= 1 and read_ahead >= batch_max")
         if self.linger_s < 0:
@@ -98,6 +104,14 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
                 f"the query memory limit ({format_bytes(self.query.memory_limit_bytes or 0)}) is over DuckDB's "
                 f"memory_limit ({self.memory_limit}): a query could take all of it and make the folds fail"
             )
+
+    @property
+    def service(self) -> str:
+        """The service's name: `service_name`, else `<host>-<views file stem>` (made a subject token)."""
+        if self.service_name:
+            return self.service_name
+        raw = f"{socket.gethostname().split('.')[0]}-{Path(self.db_path).stem}"
+        return re.sub(r"[^A-Za-z0-9_-]", "_", raw)[:64] or "projections"
 
     def query_memory_limit(self) -> int:
         """The bytes one query may grow the service by (see `QuerySettings.memory_limit_bytes`)."""
@@ -118,6 +132,7 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
         return cls(db_path=str(Path(home) / VIEWS_FILE), **overrides)  # type: ignore[arg-type]
 
 
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}

@@ -13,12 +13,30 @@ import msgspec
 from bus.subjects import Subjects
 
 
-def status_subject(subjects: Subjects) -> str:
-    return f"_continuum.{subjects.ns}.projections.status"
+def status_subject(subjects: Subjects, service: str | None = None) -> str:
+    """Any one service answers (a queue group); with `service`, that service alone."""
+    return f"_continuum.{subjects.ns}.projections.status" + (f".{service}" if service else "")
 
 
-def rebuild_subject(subjects: Subjects) -> str:
-    return f"_continuum.{subjects.ns}.projections.rebuild"
+def rebuild_subject(subjects: Subjects, service: str | None = None) -> str:
+    """Any one service answers (a queue group); with `service`, that service alone."""
+    return f"_continuum.{subjects.ns}.projections.rebuild" + (f".{service}" if service else "")
+
+
+def roll_call_subject(subjects: Subjects) -> str:
+    """Every running service answers with a `ServiceHello`."""
+    return f"_continuum.{subjects.ns}.projections.hello"
+
+
+class ServiceHello(msgspec.Struct, frozen=True, kw_only=True):
+    """A running projection service: its name (what `--service` addresses), its views file,
+    how far it has folded the log, its process."""
+
+    service: str
+    db_path: str
+    applied_seq: int
+    pid: int
+    host: str
 
 
 class ViewStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +79,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     pid: int | None = None
     fold_errors: dict[str, int] = {}  # view -> events it could not fold
     retrying: list[FoldRetry] = []  # folds failing for a reason other than their events, retried
+    service: str = ""  # the answering service's name (`--service`); "" when read from the file
 
 
 class RebuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -32,14 +32,19 @@ if TYPE_CHECKING:
 _response = msgspec.json.Decoder(ControlResponse)
 
 
-async def request_rebuild(bus: Bus, views: Sequence[str], *, timeout_s: float) -> RebuildReport:
-    """Ask the running service to rebuild `views` (all when empty) and wait for the swap.
+async def request_rebuild(
+    bus: Bus, views: Sequence[str], *, timeout_s: float, service: str | None = None
+) -> RebuildReport:
+    """Ask a running service (any one, or the one named `service`) to rebuild `views` (all when
+    empty) and wait for the swap.
 
-    Raises BusUnavailable when no service answers, RebuildError when it refuses or fails.
+    Raises BusUnavailable when no service (or not that one) answers, RebuildError when it refuses
+    or fails.
     """
     try:
         msg = await bus.transport.request(
-            rebuild_subject(bus.subjects), msgspec.json.encode(RebuildRequest(views=list(views))), timeout_s=timeout_s
+            rebuild_subject(bus.subjects, service), msgspec.json.encode(RebuildRequest(views=list(views))),
+            timeout_s=timeout_s,
         )
     except NoResponders as exc:
         raise BusUnavailable("no projection service is running") from exc

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -41,7 +42,9 @@ from projections.protocol import (
     RebuildRequest,
     StatusOk,
     StatusReport,
+    ServiceHello,
     rebuild_subject,
+    roll_call_subject,
     status_subject,
 )
 from projections.query import QueryExecutor, warm_up
@@ -154,10 +157,15 @@ class ProjectionService:
 
         group = settings.query.queue_group
         transport = bus.transport
+        name = settings.service
         self._subscriptions = [
             await transport.subscribe(bus.subjects.query, self._on_query, queue=group, max_pending=100_000),
             await transport.subscribe(status_subject(bus.subjects), self._on_status, queue=group),
             await transport.subscribe(rebuild_subject(bus.subjects), self._on_rebuild, queue=group),
+            # This service alone, by name (several may fold the same log, each into its own file).
+            await transport.subscribe(status_subject(bus.subjects, name), self._on_status),
+            await transport.subscribe(rebuild_subject(bus.subjects, name), self._on_rebuild),
+            await transport.subscribe(roll_call_subject(bus.subjects), self._on_roll_call),
         ]
         await transport.flush()
         log.info("projections: %s folded into %s from seq %d; answering queries on %s",
@@ -249,7 +257,7 @@ class ProjectionService:
             source="service", db_path=self._settings.db_path, stream=self._bus.subjects.stream, gens=gens,
             integrity=integrity, log_last_seq=last, lag_seconds=self.runner.lag_seconds,
             rebuilding=list(self.runner.rebuilding), pid=os.getpid(), fold_errors=fold_errors,
-            retrying=self.runner.retrying,
+            retrying=self.runner.retrying, service=self._settings.service,
         )
 
     async def content_hashes(self) -> dict[str, str]:
@@ -369,6 +377,13 @@ class ProjectionService:
             )
             data = _encoder.encode(response)
         return response, data
+
+    async def _on_roll_call(self, msg: Inbound) -> None:
+        hello = ServiceHello(
+            service=self._settings.service, db_path=self._settings.db_path, applied_seq=self.watermark.seq,
+            pid=os.getpid(), host=socket.gethostname(),
+        )
+        await self._respond(msg, _encoder.encode(hello))
 
     async def _on_status(self, msg: Inbound) -> None:
         assert self._tasks is not None

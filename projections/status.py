@@ -19,7 +19,9 @@ from projections.protocol import (
     FoldRetry,
     StatusOk,
     StatusReport,
+    ServiceHello,
     ViewStatus,
+    roll_call_subject,
     status_subject,
 )
 from projections.store import Generation, Store, generations_in, open_read_only
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from bus import Bus
 
 _response = msgspec.json.Decoder(ControlResponse)
+_hello = msgspec.json.Decoder(ServiceHello)
 
 
 def collect(store: Store) -> tuple[list[Generation], dict[str, int], dict[str, int]]:
@@ -69,6 +72,7 @@ def build_report(
     pid: int | None = None,
     fold_errors: dict[str, int] | None = None,
     retrying: list[FoldRetry] | None = None,
+    service: str = "",
 ) -> StatusReport:
     """A StatusReport from the parts (lag is measured against `log_last_seq` when known)."""
     views = [
@@ -87,7 +91,7 @@ def build_report(
         source=source, db_path=db_path, stream=stream, log_last_seq=log_last_seq, applied_seq=applied,
         lag_events=None if log_last_seq is None else max(0, log_last_seq - applied),
         lag_seconds=lag_seconds, views=views, integrity=integrity, rebuilding=rebuilding or [], pid=pid,
-        fold_errors=fold_errors or {}, retrying=retrying or [],
+        fold_errors=fold_errors or {}, retrying=retrying or [], service=service,
     )
 
 
@@ -109,7 +113,7 @@ def report_from_file(path: str | Path, *, stream: str, log_last_seq: int | None)
 def format_report(report: StatusReport) -> list[str]:
     """Lines for `bus projections status`."""
     where = (
-        f"service pid {report.pid}" if report.source == "service"
+        f"service {report.service or '?'}, pid {report.pid}" if report.source == "service"
         else "no projection service is running: read the file directly"
     )
     log_end = "unknown (NATS not reachable)" if report.log_last_seq is None else str(report.log_last_seq)
@@ -150,12 +154,26 @@ def _or_dash(value: int | None) -> str:
 
 
 
-async def request_status(bus: Bus, *, timeout_s: float = 5.0) -> StatusReport:
-    """Ask the running service for its status. Raises BusUnavailable when none answers."""
+async def running_services(bus: Bus, *, wait_s: float = 0.5) -> list[ServiceHello]:
+    """Every projection service that answers a roll call within `wait_s`, by name. Raises
+    BusUnavailable."""
+    found = []
+    for answer in await bus.transport.gather(roll_call_subject(bus.subjects), wait_s=wait_s):
+        try:
+            found.append(_hello.decode(answer.data))
+        except msgspec.DecodeError:
+            continue  # anyone may answer on the roll call's inbox: not a service
+    return sorted(found, key=lambda h: h.service)
+
+
+async def request_status(bus: Bus, *, service: str | None = None, timeout_s: float = 5.0) -> StatusReport:
+    """Ask a running service for its status: any one, or the one named `service`. Raises
+    BusUnavailable when none (or not that one) answers."""
     try:
-        msg = await bus.transport.request(status_subject(bus.subjects), b"", timeout_s=timeout_s)
+        msg = await bus.transport.request(status_subject(bus.subjects, service), b"", timeout_s=timeout_s)
     except NoResponders as exc:
-        raise BusUnavailable("no projection service is running") from exc
+        which = f"named {service!r}" if service else ""
+        raise BusUnavailable(f"no projection service {which} is running".replace("  ", " ")) from exc
     except NoAnswer as exc:
         raise BusUnavailable(f"the projection service did not answer within {timeout_s:g}s") from exc
     response = _response.decode(msg.data)

@@ -50,9 +50,9 @@ async def run(env: BenchEnv) -> dict[str, float]:
     async with env.server("consume") as server:
         config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bencher")
         async with Bus(config) as bus:
-            await _prepublish(bus, count)
+            await prepublish(bus, count)
             for repeat in range(env.repeats):
-                rate, cpu_s = await _with_cpu(_engine_rate(bus, count))
+                rate, cpu_s = await _with_cpu(engine_rate(bus, count))
                 figures["consume_ack_per_s"].append(rate)
                 figures["consume_cpu_us_per_msg"].append(cpu_s / count * 1e6)
                 rate, cpu_s = await _with_cpu(_fetch_rate(bus, count))
@@ -76,7 +76,7 @@ async def _with_cpu(run: Awaitable[float]) -> tuple[float, float]:
     return result, _cpu_s() - started
 
 
-async def _prepublish(bus: Bus, count: int) -> None:
+async def prepublish(bus: Bus, count: int) -> None:
     note = Note(text="x" * 64)
     for start in range(0, count, 1000):
         await asyncio.gather(*(bus.send(_AGENT, note) for _ in range(min(1000, count - start))))
@@ -94,7 +94,7 @@ async def _all_acked(bus: Bus, consumer: str, count: int) -> bool:
     return info.delivered.consumer_seq >= count and info.num_ack_pending == 0 and info.num_pending == 0
 
 
-async def _engine_rate(bus: Bus, count: int) -> float:
+async def engine_rate(bus: Bus, count: int) -> float:
     consumer = bus.subjects.inbox_consumer(_AGENT)
     await _delete_consumer(bus, consumer)  # a fresh deliver-all consumer replays all `count`
     handled = 0

@@ -36,7 +36,7 @@ def _payload() -> Note:
     return Note(text=_PAYLOAD_TEXT[:230], data={"step": 1})
 
 
-async def _durable(bus: Bus, count: int) -> float:
+async def durable_rate(bus: Bus, count: int) -> float:
     """Envelopes built, encoded and published by `_TASKS` concurrent tasks; returns msgs/s."""
     tasks = min(_TASKS, count)
     per_task, extra = divmod(count, tasks)
@@ -83,10 +83,10 @@ async def run(env: BenchEnv) -> dict[str, float]:
     async with env.server("publish") as server:
         config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bench")
         async with Bus(config, metrics_registry=CollectorRegistry()) as bus:
-            await _durable(bus, min(env.n(5_000), 5_000))  # warm-up: connection, stream, caches
+            await durable_rate(bus, min(env.n(5_000), 5_000))  # warm-up: connection, stream, caches
             for _ in range(env.repeats):
                 before = _batch_totals(bus)
-                durable.append(await _durable(bus, env.n(100_000)))
+                durable.append(await durable_rate(bus, env.n(100_000)))
                 after = _batch_totals(bus)
                 batches.append((after[0] - before[0]) / max(1.0, after[1] - before[1]))
                 baseline.append(await _baseline(bus, server.url, env.n(10_000)))
