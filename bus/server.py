@@ -5,6 +5,9 @@ server listens on 127.0.0.1 only; the port, the store directory and the monitori
 passed on the command line so one `nats.conf` serves every instance. A port of 0 (`ANY_PORT`)
 lets the server bind a free port itself; it reports the ports it bound in a ports file in its
 store directory, which `EmbeddedServer.start()` reads back.
+
+A server may be one node of a cluster (`ServerSettings.cluster`): it then also listens for routes
+from the other nodes on a fixed port and dials theirs (bus.cluster runs a local cluster).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -75,6 +80,53 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_outside_ephemeral_range() -> int:
+    """A port on 127.0.0.1 that was free a moment ago, outside the kernel's ephemeral range.
+
+    For a port that other programs must be told before its own server binds it (a cluster's
+    route ports, on every node's command line). A port from `free_port()` is an ephemeral one:
+    until its server binds it, the kernel may hand it to anyone binding port 0 (a neighbour
+    starting on `ANY_PORT`) or to an outgoing connection's local end. Outside that range only a
+    program naming it explicitly can take it.
+    """
+    low, high = _ephemeral_range()
+    # Below the range when there is room for it (the usual 32768-60999 leaves 10000-32767), else above.
+    start, end = (10_000, low) if low - 10_000 >= 1_000 else (high + 1, 65_536)
+    if end - start < 1_000:
+        return free_port()
+    for _ in range(100):
+        port = random.randrange(start, end)
+        if port_bindable(port):
+            return port
+    return free_port()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteSettings:
+    """How a server joins a cluster: the cluster's name, the port it listens on for routes, and
+    the route URLs of every node (its own among them is fine: the server skips itself).
+
+    The route port is fixed (not `ANY_PORT`): the other nodes name it on their command lines.
+    """
+
+    port: int
+    routes: tuple[str, ...]
+    cluster_name: str = "continuum"
+
+    @property
+    def url(self) -> str:
+        """nats://127.0.0.1:<port>, what the other nodes dial."""
+        return f"nats://127.0.0.1:{self.port}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
     """Where and how to run one embedded server.
@@ -88,6 +140,12 @@ class ServerSettings:
     monitor_port: int | None = 8222
     config_file: Path | None = None
     start_timeout_s: float = 10.0
+    # The server's name (`--server_name`): how a cluster, its raft groups and a stream's replica
+    # list name it; nats-server makes one up when it is None. A cluster node keeps its name
+    # across restarts, or its peers would see a new server.
+    server_name: str | None = None
+    # None: a server on its own. Else the cluster it is one node of.
+    cluster: RouteSettings | None = None
 
     @property
     def url(self) -> str:
@@ -125,7 +183,20 @@ class ServerSettings:
         ]
         if self.monitor_port is not None:
             cmd += ["-m", _port_arg(self.monitor_port)]
+        if self.server_name is not None:
+            cmd += ["--server_name", self.server_name]
+        if self.cluster is not None:
+            cmd += [
+                "--cluster_name", self.cluster.cluster_name,
+                "--cluster", self.cluster.url,
+                "--routes", ",".join(self.cluster.routes),
+            ]
         return cmd
+
+    def fixed_ports(self) -> list[int]:
+        """The ports this server binds that were chosen before it started (not `ANY_PORT`)."""
+        ports = [self.port, self.monitor_port, self.cluster.port if self.cluster is not None else None]
+        return [p for p in ports if p is not None and p != ANY_PORT]
 
 
 def _port_arg(port: int) -> str:
@@ -169,7 +240,9 @@ async def wait_for_ports_file(
         await asyncio.sleep(0.01)
 
 
-async def wait_until_listening(port: int, timeout_s: float, proc: asyncio.subprocess.Process | None = None) -> None:
+async def wait_until_listening(
+    port: int, timeout_s: float, proc: asyncio.subprocess.Process | DetachedProcess | None = None
+) -> None:
     """Wait until 127.0.0.1:`port` accepts a connection and greets like NATS.
 
     Raises BusUnavailable after `timeout_s`, or at once if `proc` exits meanwhile.
@@ -205,12 +278,26 @@ class EmbeddedServer:
     After the first start, `settings` names the ports the server bound, so `start()` after
     `stop()` or `kill()` brings it back on the same ports (clients reconnect to the same URL).
     `stop()` sends SIGTERM, waits, then SIGKILL. `kill()` is SIGKILL at once (fault injection).
+
+    `new_session=True` starts the server in a session of its own, so a Ctrl-C in the terminal
+    reaches only this process (which then stops the server in order). `detached=True` also lets
+    it outlive this process (`bus up --detach`): an asyncio child is killed when the event loop
+    closes, so a detached one is started with `subprocess.Popen` instead.
     """
 
-    def __init__(self, settings: ServerSettings, *, log_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        log_file: Path | None = None,
+        new_session: bool = False,
+        detached: bool = False,
+    ) -> None:
         self.settings = settings
         self.log_file = log_file or settings.store_dir / "nats-server.log"
-        self._proc: asyncio.subprocess.Process | None = None
+        self.new_session = new_session or detached
+        self.detached = detached
+        self._proc: asyncio.subprocess.Process | DetachedProcess | None = None
 
     @property
     def url(self) -> str:
@@ -219,7 +306,13 @@ class EmbeddedServer:
 
     @property
     def pid(self) -> int | None:
+        """The running server's pid; None before start() and after stop() or kill()."""
         return None if self._proc is None else self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        """True from start() until stop() or kill(), or until the process exits on its own."""
+        return self._proc is not None and self._proc.returncode is None
 
     async def start(self) -> None:
         """Start the server and wait until it accepts clients; afterwards `settings` names the
@@ -230,7 +323,7 @@ class EmbeddedServer:
         """
         command = self.settings.command()
         self.settings.store_dir.mkdir(parents=True, exist_ok=True)
-        fixed = [p for p in (self.settings.port, self.settings.monitor_port) if p is not None and p != ANY_PORT]
+        fixed = self.settings.fixed_ports()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.start_timeout_s
         while True:
@@ -264,10 +357,7 @@ class EmbeddedServer:
         # pass for the new server's.
         for stale in store_dir.glob("*.ports"):
             stale.unlink(missing_ok=True)
-        with open(self.log_file, "ab") as log:
-            self._proc = proc = await asyncio.create_subprocess_exec(
-                *command, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-            )
+        self._proc = proc = await self._spawn(command)
         loop = asyncio.get_running_loop()
         port, monitor_port = await wait_for_ports_file(
             store_dir, proc.pid, lambda: proc.returncode, max(deadline - loop.time(), 0.0)
@@ -278,17 +368,40 @@ class EmbeddedServer:
         await wait_until_listening(settings.port, max(deadline - loop.time(), 0.0), proc)
         return settings
 
+    async def _spawn(self, command: list[str]) -> asyncio.subprocess.Process | DetachedProcess:
+        with open(self.log_file, "ab") as log:
+            if self.detached:
+                return DetachedProcess(
+                    subprocess.Popen(  # noqa: S603 - our own binary, no shell
+                        command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+                    )
+                )
+            return await asyncio.create_subprocess_exec(
+                *command, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=self.new_session,
+            )
+
     async def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM, wait up to `grace_s`, then SIGKILL. Safe to call twice."""
+        """SIGTERM, wait up to `grace_s`, then SIGKILL; a paused server is resumed to act on it.
+        Safe to call twice."""
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
             return
         proc.send_signal(signal.SIGTERM)
+        # A paused server (SIGSTOP, fault injection) only acts on the SIGTERM once it runs again.
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
         try:
             await asyncio.wait_for(proc.wait(), grace_s)
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+    async def wait(self) -> int | None:
+        """Wait until the running server exits (on its own, or stopped by another task); its exit
+        code, or None when none is running."""
+        proc = self._proc
+        return None if proc is None else await proc.wait()
 
     async def kill(self) -> None:
         """SIGKILL the server now (simulates a crash) and reap it."""
@@ -305,6 +418,36 @@ class EmbeddedServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+class DetachedProcess:
+    """A child started with `subprocess.Popen` in a session of its own, so it outlives this
+    process; offers the part of `asyncio.subprocess.Process` that EmbeddedServer uses."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once it has exited (reaped here), else None."""
+        return self._popen.poll()
+
+    def send_signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """Wait for it to exit without blocking the event loop; returns its exit code."""
+        while (code := self._popen.poll()) is None:
+            await asyncio.sleep(0.02)
+        return code
 
 
 def _size(path: Path) -> int:
@@ -349,5 +492,11 @@ async def _wait_bindable(ports: list[int], deadline: float) -> bool:
 
 def read_varz(monitor_url: str, timeout_s: float = 2.0) -> dict:
     """GET <monitor_url>/varz (blocking; call it in a thread). Raises OSError or ValueError."""
-    with urllib.request.urlopen(f"{monitor_url.rstrip('/')}/varz", timeout=timeout_s) as resp:
+    return read_monitor(monitor_url, "varz", timeout_s)
+
+
+def read_monitor(monitor_url: str, endpoint: str, timeout_s: float = 2.0) -> dict:
+    """GET <monitor_url>/<endpoint> (e.g. "jsz", "healthz?js-enabled-only=true") as JSON
+    (blocking; call it in a thread). Raises OSError or ValueError."""
+    with urllib.request.urlopen(f"{monitor_url.rstrip('/')}/{endpoint}", timeout=timeout_s) as resp:
         return json.loads(resp.read())

@@ -20,8 +20,9 @@ from schemas.export import export_json_schemas
 def register(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser(
         "status", help="the log stream, its durable consumers and the advisories",
-        description="Show the log stream (messages, bytes, first/last sequence, fsync), each durable "
-        "consumer's pending, ack-pending and redelivered counts, and the advisory stream.",
+        description="Show the log stream (messages, bytes, first/last sequence, fsync; on a cluster its "
+        "leader and each replica's state and lag), each durable consumer's pending, ack-pending and "
+        "redelivered counts, and the advisory stream.",
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     add_connection_options(status)
@@ -62,7 +63,34 @@ class StreamStatus(msgspec.Struct, frozen=True, kw_only=True):
     subjects: int | None = None
 
 
-class Status(msgspec.Struct, frozen=True, kw_only=True):
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One server holding the log, as the log's leader sees it."""
+
+    name: str
+    role: str  # "leader" or "replica"
+    # Caught up with the leader (the leader itself always is).
+    current: bool
+    # The leader has lost contact with it.
+    offline: bool
+    # Seconds since the leader last heard from it (None for the leader, or when not reported).
+    active_s: float | None
+    # Log operations it is behind the leader.
+    lag: int
+
+
+class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the log lives in a cluster: its leader and replicas."""
+
+    name: str
+    # The log's leader; None while the replicas elect one.
+    leader: str | None
+    # How many copies the log keeps (its configured replica count).
+    replicas: int
+    nodes: list[NodeStatus]  # the leader first
+
+
+# omit_defaults: on a single server there is no "cluster" key, as before clusters.
+class Status(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     url: str
     namespace: str
     server_version: str
@@ -72,6 +100,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     consumers: list[ConsumerStatus]
     advisories: StreamStatus | None
     query_service: bool
+    cluster: ClusterStatus | None = None
 
 
 async def run_status(args: argparse.Namespace) -> int:
@@ -110,6 +139,7 @@ async def collect_status(bus: Any) -> Status:
         consumers=sorted(consumers, key=lambda c: c.name),
         advisories=advisories,
         query_service=await _query_service_answers(bus),
+        cluster=_cluster_status(info),
     )
 
 
@@ -130,6 +160,25 @@ def _stream_status(info: Any) -> StreamStatus:
     )
 
 
+def _cluster_status(info: Any) -> ClusterStatus | None:
+    """The log's leader and replicas from its stream info; None on a single server (whose
+    stream info names only itself as leader, with no cluster name)."""
+    cluster = info.cluster
+    if cluster is None or not cluster.name:
+        return None
+    nodes = []
+    if cluster.leader:
+        nodes.append(NodeStatus(name=cluster.leader, role="leader", current=True, offline=False, active_s=None, lag=0))
+    for peer in sorted(cluster.replicas or [], key=lambda p: p.name or ""):
+        nodes.append(NodeStatus(
+            name=peer.name or "?", role="replica", current=bool(peer.current), offline=bool(peer.offline),
+            active_s=peer.active / 1e9 if peer.active else None, lag=peer.lag or 0,
+        ))
+    return ClusterStatus(
+        name=cluster.name, leader=cluster.leader or None, replicas=info.config.num_replicas or 1, nodes=nodes
+    )
+
+
 def _consumer_status(info: Any) -> ConsumerStatus:
     config = info.config
     filters = list(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
@@ -146,13 +195,23 @@ def _consumer_status(info: Any) -> ConsumerStatus:
 
 
 async def _fsync(monitor_url: str | None) -> bool | None:
-    if monitor_url is None:
+    """Whether every server at `monitor_url` (comma-separated: one per cluster node) fsyncs each
+    write: False when one does not, None when one cannot be asked."""
+    urls = [url.strip() for url in (monitor_url or "").split(",") if url.strip()]
+    if not urls:
         return None
-    try:
-        varz = await asyncio.to_thread(read_varz, monitor_url)
-    except (OSError, ValueError):
-        return None
-    return bool(varz.get("jetstream", {}).get("config", {}).get("sync_always"))
+
+    async def sync_always(url: str) -> bool | None:
+        try:
+            varz = await asyncio.to_thread(read_varz, url)
+        except (OSError, ValueError):
+            return None
+        return bool(varz.get("jetstream", {}).get("config", {}).get("sync_always"))
+
+    answers = await asyncio.gather(*(sync_always(url) for url in urls))
+    if False in answers:
+        return False
+    return None if None in answers else True
 
 
 async def _query_service_answers(bus: Any) -> bool:
@@ -176,6 +235,8 @@ def _print_status(status: Status, monitor_url: str | None) -> None:
     out(f"fsync        {fsync}")
     out(f"log          {log.name}: {log.messages} messages, {_size(log.bytes)}, "
         f"seq {log.first_seq}..{log.last_seq}")
+    if status.cluster is not None:
+        _print_cluster(status.cluster)
     out(f"queries      {'answered by the projection service' if status.query_service else 'no projection service answering'}")
     if status.advisories is not None:
         adv = status.advisories
@@ -191,6 +252,17 @@ def _print_status(status: Status, monitor_url: str | None) -> None:
     for c in status.consumers:
         out(f"  {c.name:<{width}}  {c.pending:>8}  {c.ack_pending:>11}  {c.redelivered:>11}  "
             f"{c.delivered_seq:>9}  {', '.join(c.filters)}")
+
+
+def _print_cluster(cluster: ClusterStatus) -> None:
+    leader = cluster.leader or "none (the replicas are electing one: writes wait until they have)"
+    out(f"cluster      {cluster.name}: the log keeps {cluster.replicas} replicas, leader {leader}")
+    width = max([len("node")] + [len(n.name) for n in cluster.nodes])
+    out(f"  {'node':<{width}}  {'role':<7}  {'current':<7}  {'offline':<7}  {'active':>8}  {'lag':>6}")
+    for n in cluster.nodes:
+        active = "-" if n.active_s is None else f"{n.active_s:.2f}s"
+        out(f"  {n.name:<{width}}  {n.role:<7}  {'yes' if n.current else 'no':<7}  "
+            f"{'yes' if n.offline else 'no':<7}  {active:>8}  {n.lag:>6}")
 
 
 def _size(n: int) -> str:

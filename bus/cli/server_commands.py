@@ -5,6 +5,9 @@ sessions of their own and returns once the server accepts clients and the log st
 Either way it records pids and URLs in `<home>/server.json`: `bus down` and every other command
 read it. Children get sessions of their own so that a Ctrl-C in the terminal reaches only
 `bus up`, which then stops them in order: the projection service first, then the server.
+
+`bus up --cluster N` starts a local JetStream cluster of N nodes instead of one server
+(bus.cli.cluster_up); `bus down` stops whatever the state file records, node by node.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from bus.server import ServerSettings, free_port, port_bindable, read_varz, wait
 DEFAULT_PORT = 4222
 DEFAULT_MONITOR_PORT = 8222
 PROJECTIONS_MODULE = "projections.cli"
+FSYNC_TEXT = {True: "fsync on every write", False: "NOT fsyncing every write", None: "fsync unknown"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,12 +49,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "every write) and, unless --no-projections, the projection service. Runs until Ctrl-C, or "
         "with --detach returns once the server is ready (stop it with `bus down`).",
     )
-    up.add_argument("--port", type=_port, default=DEFAULT_PORT, help="client port (default %(default)s)")
+    up.add_argument(
+        "--port", type=_port, default=None,
+        help=f"client port (default {DEFAULT_PORT}); with --cluster, the first node's, the others' "
+        f"following it (default: from {DEFAULT_PORT}, or free ones when those are taken)",
+    )
     up.add_argument(
         "--monitor-port", type=_port, default=None,
-        help=f"HTTP monitoring port (default {DEFAULT_MONITOR_PORT}, or a free one when that is taken)",
+        help=f"HTTP monitoring port (default {DEFAULT_MONITOR_PORT}, or a free one when that is taken); with "
+        "--cluster, the first node's, as for --port",
     )
-    up.add_argument("--store", type=Path, default=None, help="JetStream store directory (default <home>/nats)")
+    up.add_argument(
+        "--cluster", type=cluster_size, default=1, metavar="N",
+        help="start a local JetStream cluster of N nodes (3 or 5) on this machine instead of one server; "
+        "the log keeps N replicas (default 1: one server)",
+    )
+    up.add_argument(
+        "--store", type=Path, default=None,
+        help="JetStream store directory (default <home>/nats; with --cluster, <home>/cluster/<node>)",
+    )
     up.add_argument("--config", type=Path, default=None, help="nats-server config (default ./nats.conf, else the repo's)")
     up.add_argument("--detach", action="store_true", help="start in the background and return when ready")
     up.add_argument("--no-projections", action="store_true", help="do not start the projection service")
@@ -85,6 +102,20 @@ def _add_home_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cluster_size(text: str) -> int:
+    """An argparse type: 1 (one server), 3 or 5 nodes (else a message saying why)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of nodes: use 3 or 5 (or 1 for one server)") from None
+    if value not in (1, 3, 5):
+        raise argparse.ArgumentTypeError(
+            f"{value} nodes: use 3 or 5 (an odd number, so a majority survives losing one node or two; "
+            "JetStream keeps at most 5 replicas), or 1 for one server"
+        )
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -104,8 +135,13 @@ async def run_up(args: argparse.Namespace) -> int:
     home: Path = args.home.resolve()
     existing = read_state(home)
     if existing is not None:
-        if _is_running(existing.pid, _is_nats_server):
+        running = [node for node in existing.servers if _is_running(node.pid, _is_nats_server)]
+        if running and not existing.nodes:
             out(f"already running: {existing.url} (nats-server pid {existing.pid}, store {existing.store_dir})")
+        elif running:
+            pids = ", ".join(f"{node.name} pid {node.pid}" for node in running)
+            out(f"already running: {existing.url} (local cluster: {pids}; stores in {existing.store_dir})")
+        if running:
             out(f"  recorded in {state_path(home)}; stop it with `bus down{_home_flag(args.home)}`, "
                 "or use another --home to run a second server")
             return 0
@@ -115,6 +151,12 @@ async def run_up(args: argparse.Namespace) -> int:
             "--metrics-port needs a foreground `bus up` (a detached one exits at once); the server's "
             "own metrics are at its monitoring URL (/varz, /jsz)"
         )
+    if args.cluster > 1:
+        from bus.cli.cluster_up import run_up_cluster  # local: it builds on this module
+
+        return await run_up_cluster(args, home)
+    if args.port is None:
+        args.port = DEFAULT_PORT
     await _check_port_free(args.port, "--port")
     if args.monitor_port is not None:
         await _check_port_free(args.monitor_port, "--monitor-port")
@@ -403,23 +445,29 @@ async def run_down(args: argparse.Namespace) -> int:
         if await _wait_gone(state.supervisor_pid, 2 * args.grace + 5.0):
             out(f"stopped the foreground `bus up` (pid {state.supervisor_pid}) and its children")
             stopped_any = True
-    for pid, label, marker in (
-        (state.projections_pid, "projection service", _is_projections),
-        (state.pid, "nats-server", _is_nats_server),
-    ):
-        if pid is None:
-            continue
-        if not _is_running(pid, marker):
-            continue
-        killed = await _terminate(pid, args.grace)
-        how = f"killed after {args.grace}s without exiting" if killed else "stopped"
-        out(f"{how}: {label} (pid {pid})")
-        stopped_any = True
+    # The projection service first (it is a client of the servers), then every server at once.
+    groups = [[(state.projections_pid, "projection service", _is_projections)]]
+    groups.append([
+        (node.pid, f"nats-server {node.name}" if state.nodes else "nats-server", _is_nats_server)
+        for node in state.servers
+    ])
+    for group in groups:
+        running = [(pid, label) for pid, label, marker in group if pid is not None and _is_running(pid, marker)]
+        outcomes = await asyncio.gather(*(_terminate(pid, args.grace) for pid, _ in running), return_exceptions=True)
+        for (pid, label), killed in zip(running, outcomes, strict=True):
+            if isinstance(killed, BaseException):
+                raise killed
+            how = f"killed after {args.grace}s without exiting" if killed else "stopped"
+            out(f"{how}: {label} (pid {pid})")
+            stopped_any = True
     clear_state(home)
     if stopped_any:
-        out(f"bus is down ({state.url}); the store stays in {state.store_dir}")
+        where = f"the stores stay in {state.store_dir}" if state.nodes else f"the store stays in {state.store_dir}"
+        out(f"bus is down ({state.url}); {where}")
     else:
-        out(f"nothing was running: the server recorded in {state_path(home)} ({state.url}, pid {state.pid}) "
+        pids = ", ".join(str(node.pid) for node in state.servers)
+        what = "the cluster" if state.nodes else "the server"
+        out(f"nothing was running: {what} recorded in {state_path(home)} ({state.url}, pid {pids}) "
             "had already exited; cleared that state")
     return 0
 
@@ -458,6 +506,8 @@ def _spawn_detached(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 
 def _alive(pid: int) -> bool:
     """True if `pid` exists and has not exited (a zombie has exited: nobody may reap it here)."""
+    if pid <= 0:
+        return False  # kill() would address a process group, never one recorded process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -539,18 +589,33 @@ def _print_summary(
     *,
     detached: bool,
 ) -> None:
-    fsync_text = {True: "fsync on every write", False: "NOT fsyncing every write", None: "fsync unknown"}[fsync]
-    if projections_cmd is None:
-        projections = "off (--no-projections)" if args.no_projections else f"not installed (no {PROJECTIONS_MODULE})"
-    else:
-        log = f", log {home / 'projections.log'}" if detached else ""
-        ready = "answering queries" if answering else "started, not answering queries yet"
-        projections = f"pid {state.projections_pid}, {ready}{log}"
+    fsync_text = FSYNC_TEXT[fsync]
+    projections = projections_summary(args, home, state, projections_cmd, answering, detached=detached)
     out(f"bus is up at {state.url} (namespace {args.namespace})")
     out(f"  server       pid {state.pid}, store {state.store_dir} ({fsync_text})")
     out(f"  monitoring   {state.monitor_url}")
     out(f"  projections  {projections}")
     out(f"  state        {state_path(home)}")
+    exports = None
+    if state.url != f"nats://127.0.0.1:{DEFAULT_PORT}" or args.namespace != "default":
+        exports = f"BUS_URL={state.url} BUS_NAMESPACE={args.namespace} BUS_HOME={home}"
+    print_next_steps(args, exports, detached=detached)
+
+
+def projections_summary(
+    args: argparse.Namespace, home: Path, state: ServerState, projections_cmd: list[str] | None, answering: bool,
+    *, detached: bool,
+) -> str:
+    """What `bus up` says about the projection service it started (or why it did not)."""
+    if projections_cmd is None:
+        return "off (--no-projections)" if args.no_projections else f"not installed (no {PROJECTIONS_MODULE})"
+    log = f", log {home / 'projections.log'}" if detached else ""
+    ready = "answering queries" if answering else "started, not answering queries yet"
+    return f"pid {state.projections_pid}, {ready}{log}"
+
+
+def print_next_steps(args: argparse.Namespace, exports: str | None, *, detached: bool) -> None:
+    """The `next:` block of `bus up`'s summary: what to export (if anything), what to try."""
     steps = [
         ("bus tail", "watch envelopes as they are stored"),
         ("bus send alice '{\"kind\":\"note\",\"text\":\"hi\"}'", "send one"),
@@ -560,8 +625,8 @@ def _print_summary(
         steps.append((f"bus down{_home_flag(args.home)}", "stop it"))
     width = max(len(command) for command, _ in steps)
     out("next:")
-    if state.url != f"nats://127.0.0.1:{DEFAULT_PORT}" or args.namespace != "default":
-        out(f"  export BUS_URL={state.url} BUS_NAMESPACE={args.namespace} BUS_HOME={home}")
+    if exports is not None:
+        out(f"  export {exports}")
     for command, what in steps:
         out(f"  {command:<{width}}   {what}")
     if not detached:
@@ -569,23 +634,32 @@ def _print_summary(
 
 
 def _up_metrics(children: _Children, monitor_url: str | None) -> CollectorRegistry:
+    def children_up() -> list[tuple[str, bool]]:
+        named = (("nats-server", children.server), ("projections", children.projections))
+        return [(name, proc.returncode is None) for name, proc in named if proc is not None]
+
+    return up_metrics(children_up, monitor_url)
+
+
+def up_metrics(children_up: Callable[[], list[tuple[str, bool]]], monitor_url: str | None) -> CollectorRegistry:
+    """A registry with `bus up`'s metrics: each child's liveness (`children_up()`: name, running)
+    and, with a `monitor_url`, that server's own counters."""
     registry = CollectorRegistry()
-    registry.register(_UpCollector(children, monitor_url))
+    registry.register(_UpCollector(children_up, monitor_url))
     return registry
 
 
 class _UpCollector(Collector):
     """Liveness of `bus up`'s children and the server's own counters, read at scrape time."""
 
-    def __init__(self, children: _Children, monitor_url: str | None) -> None:
-        self._children = children
+    def __init__(self, children_up: Callable[[], list[tuple[str, bool]]], monitor_url: str | None) -> None:
+        self._children_up = children_up
         self._monitor_url = monitor_url
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("continuum_child_up", "1 while a child process of `bus up` runs.", labels=["child"])
-        for name, proc in (("nats-server", self._children.server), ("projections", self._children.projections)):
-            if proc is not None:
-                up.add_metric([name], 1.0 if proc.returncode is None else 0.0)
+        for name, running in self._children_up():
+            up.add_metric([name], 1.0 if running else 0.0)
         yield up
         if self._monitor_url is None:
             return

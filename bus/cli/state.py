@@ -7,15 +7,41 @@ from pathlib import Path
 import msgspec
 
 
+class NodeState(msgspec.Struct, frozen=True, kw_only=True):
+    """One nats-server `bus up` started: a node of a local cluster, or the single server."""
+
+    name: str
+    pid: int
+    url: str
+    monitor_url: str | None
+    store_dir: str
+
+
 class ServerState(msgspec.Struct, frozen=True, kw_only=True):
+    # A single server: its pid, URLs and store. A local cluster (`bus up --cluster N`): the first
+    # node's pid, every node's URLs comma-joined (the BUS_URL and BUS_MONITOR_URL values), the
+    # directory holding the nodes' stores; each node is in `nodes`.
     pid: int
     url: str
     monitor_url: str | None
     store_dir: str
     # Pid of the projection service started alongside the server, if any.
     projections_pid: int | None = None
-    # Pid of a foreground `bus up` that owns both children: `bus down` asks it to stop them.
+    # Pid of a foreground `bus up` that owns the children: `bus down` asks it to stop them.
     supervisor_pid: int | None = None
+    # The nodes of a local cluster; empty for a single server (and in files written before
+    # clusters existed).
+    nodes: tuple[NodeState, ...] = ()
+
+    @property
+    def servers(self) -> tuple[NodeState, ...]:
+        """Every nats-server recorded: the cluster's nodes, or the single server as one node."""
+        if self.nodes:
+            return self.nodes
+        single = NodeState(
+            name="nats-server", pid=self.pid, url=self.url, monitor_url=self.monitor_url, store_dir=self.store_dir
+        )
+        return (single,)
 
 
 def state_path(home: Path) -> Path:
