@@ -16,6 +16,7 @@ import pytest
 
 from bus import Bus, BusConfig
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
+from cluster import nats_cluster  # noqa: F401 - the 3-node cluster fixture (tests/cluster.py)
 
 if TYPE_CHECKING:
     from projections.reader import LogRecord
