@@ -9,6 +9,7 @@ the verified nodes; a node that cannot be asked counts as unverified.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 from typing import Any
 
@@ -31,8 +32,8 @@ async def node_fsync(monitor_urls: tuple[str, ...]) -> tuple[dict[str, bool], li
     async def ask(url: str) -> tuple[str, dict[str, Any] | str]:
         try:
             return url, await asyncio.to_thread(read_varz, url)
-        except (OSError, ValueError) as exc:
-            return url, str(exc)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            return url, str(exc) or type(exc).__name__
 
     verdicts: dict[str, bool] = {}
     unread: list[str] = []

@@ -1,0 +1,136 @@
+"""Configuration that matters once there is more than one server: seed URL lists, the log's
+replica count (applied idempotently, changed with one command), the fsync check on every node,
+and a Bus opened the moment a cluster forms."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from bus import Bus, BusConfig
+from bus.cluster import LocalCluster
+from bus.config import StreamSettings
+from bus.errors import ConfigurationError
+from bus.server import EmbeddedServer
+from schemas.payloads import Note
+from conftest import refused_port
+from test_cli import run_bus
+
+
+def cluster_env(tmp_path: Path, cluster: LocalCluster, **extra: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
+    return {**clean, "BUS_HOME": str(tmp_path / "home"), "BUS_URL": cluster.url,
+            "BUS_MONITOR_URL": cluster.monitor_url, **extra}
+
+
+async def replicas_of(bus: Bus, stream: str) -> int:
+    return int((await bus.js.stream_info(stream)).config.num_replicas or 1)
+
+
+async def test_a_bus_opened_as_the_cluster_forms_does_not_wait_out_a_lost_request(tmp_path: Path) -> None:
+    """The first Bus, opened right after the nodes start (meta leader just elected), creates an R3
+    log in a few seconds, not after a 10 s request timeout."""
+    async with LocalCluster(3, store_root=tmp_path / "cluster") as cluster:
+        started = time.monotonic()
+        config = BusConfig(url=cluster.url, monitor_url=cluster.monitor_url, stream=StreamSettings(replicas=3))
+        async with Bus(config) as bus:
+            await bus.send("someone", Note(text="first"))
+            elapsed = time.monotonic() - started
+            assert await replicas_of(bus, bus.subjects.stream) == 3
+            assert await replicas_of(bus, bus.subjects.advisory_stream) == 3
+    assert elapsed < 8.0, elapsed
+
+
+async def test_replicas_are_applied_idempotently_and_changed_with_one_command(
+    nats_cluster: LocalCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An R1 log stays R1 when a process asks for 3 (a warning names the field); `bus stream
+    update --replicas 3` makes it (and the advisory stream) R3; BUS_REPLICAS=3 then agrees."""
+    caplog.set_level(logging.WARNING, logger="continuum.topology")
+    r1 = BusConfig(url=nats_cluster.url, monitor_url=nats_cluster.monitor_url)
+    async with Bus(r1) as bus:
+        await bus.send("someone", Note(text="on one replica"))
+        assert await replicas_of(bus, bus.subjects.stream) == 1
+    async with Bus(BusConfig.from_env(cluster_env(tmp_path, nats_cluster, BUS_REPLICAS="3"))) as bus:
+        assert await replicas_of(bus, bus.subjects.stream) == 1
+    assert any("num_replicas live 1, wanted 3" in r.getMessage() for r in caplog.records)
+
+    env = cluster_env(tmp_path, nats_cluster)
+    result = await run_bus("stream", "update", "--replicas", "3", env=env, cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert "num_replicas 1 -> 3" in result.stdout
+    caplog.clear()
+    async with Bus(BusConfig.from_env(cluster_env(tmp_path, nats_cluster, BUS_REPLICAS="3"))) as bus:
+        assert await replicas_of(bus, bus.subjects.stream) == 3
+        assert await replicas_of(bus, bus.subjects.advisory_stream) == 3
+        assert (await bus.last_seq()) >= 1  # the message stored on one replica is still there
+    assert not any("num_replicas" in r.getMessage() for r in caplog.records)
+
+
+async def test_three_replicas_on_one_server_is_a_clear_configuration_error(nats_server: EmbeddedServer) -> None:
+    config = BusConfig(url=nats_server.url, stream=StreamSettings(replicas=3))
+    with pytest.raises(ConfigurationError, match="bus up --cluster 3"):
+        async with Bus(config):
+            pass
+
+
+@pytest.mark.parametrize("value", ["0", "6", "three", "-1"])
+def test_bus_replicas_is_checked(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="BUS_REPLICAS"):
+        BusConfig.from_env({"BUS_REPLICAS": value})
+
+
+def test_bus_url_takes_several_seeds() -> None:
+    config = BusConfig.from_env({"BUS_URL": "nats://a:4222, nats://user:pw@b:4223,tls://c:4224"})
+    assert config.servers == ("nats://a:4222", "nats://user:pw@b:4223", "tls://c:4224")
+    assert config.shown_url == "nats://a:4222,nats://b:4223,tls://c:4224"  # no credentials in messages
+    assert BusConfig(url=("nats://a:1", "nats://b:2")).servers == ("nats://a:1", "nats://b:2")
+    with pytest.raises(ConfigurationError):
+        BusConfig(url=" , ")
+    with pytest.raises(ConfigurationError, match="scheme"):
+        from bus.transport import ConnectionSpec
+
+        ConnectionSpec.from_config(BusConfig(url="http://a:1"))
+
+
+async def test_a_bus_works_through_a_later_seed_when_the_first_is_down(nats_server: EmbeddedServer) -> None:
+    """A dead first seed (nothing listening) is skipped: publishing and consuming work through the next."""
+    with refused_port() as dead:
+        url = f"nats://127.0.0.1:{dead},{nats_server.url}"
+        async with Bus(BusConfig(url=url, monitor_url=nats_server.settings.monitor_url)) as bus:
+            got = asyncio.Event()
+
+            async def handle(envelope, delivery) -> None:
+                got.set()
+
+            async with bus.consumer("seeded", handle):
+                await bus.send("seeded", Note(text="through the second seed"))
+                await asyncio.wait_for(got.wait(), 10)
+
+
+async def test_fsync_is_verified_on_every_node_and_an_unverifiable_one_refused(
+    nats_cluster: LocalCluster, nats_server: EmbeddedServer
+) -> None:
+    """Every node holding the log is asked; a monitoring URL missing for one of them (here: the
+    list names only one node) refuses to start under require_fsync, and only warns without it."""
+    r3 = StreamSettings(replicas=3)
+    async with Bus(BusConfig(url=nats_cluster.url, monitor_url=nats_cluster.monitor_url, stream=r3)):
+        pass  # all three verified
+    partial = nats_cluster.monitor_urls[0]
+    with pytest.raises(ConfigurationError, match="cannot verify"):
+        async with Bus(BusConfig(url=nats_cluster.url, monitor_url=partial, stream=r3)):
+            pass
+    async with Bus(BusConfig(url=nats_cluster.url, monitor_url=partial, stream=r3, require_fsync=False)):
+        pass
+    # A single server whose monitoring URL does not answer cannot be verified either.
+    with refused_port() as dead, pytest.raises(ConfigurationError, match="cannot verify"):
+        async with Bus(BusConfig(url=nats_server.url, monitor_url=f"http://127.0.0.1:{dead}")):
+            pass
+    with pytest.raises(ConfigurationError, match="cannot verify"):
+        async with Bus(BusConfig(url=nats_server.url, monitor_url="http://127.0.0.1:notaport")):
+            pass
