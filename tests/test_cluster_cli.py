@@ -78,14 +78,14 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 async def test_up_cluster_detached_status_shows_each_node_and_down_stops_them_all(tmp_path, cli_env) -> None:
-    """`bus up --cluster 3 --detach` starts three nodes, records each in the state file and prints
-    a BUS_URL (and BUS_MONITOR_URL) naming all of them; `bus status` shows the log with 3
-    replicas, its leader and each replica current with no lag, in text and in --json; `bus down`
-    leaves no nats-server of that home running."""
+    """`bus up --cluster 3 --detach` starts three nodes and the projection service, records each
+    node in the state file and prints a BUS_URL (and BUS_MONITOR_URL) naming all of them; `bus
+    status` shows the log with 3 replicas, its leader and each replica current with no lag, in
+    text and in --json, and queries answered; `bus down` stops the projection service and leaves
+    no nats-server of that home running."""
     home = Path(cli_env["BUS_HOME"])
     try:
-        up = await run_bus("up", "--cluster", "3", "--detach", "--no-projections", "--home", str(home),
-                           env=cli_env, cwd=tmp_path)
+        up = await run_bus("up", "--cluster", "3", "--detach", "--home", str(home), env=cli_env, cwd=tmp_path)
         assert up.code == 0, up.stderr + up.stdout
         state = read_state(home)
         assert state is not None and [node.name for node in state.nodes] == NODES
@@ -94,6 +94,7 @@ async def test_up_cluster_detached_status_shows_each_node_and_down_stops_them_al
         assert state.monitor_url == ",".join(node.monitor_url or "" for node in state.nodes)
         assert f"BUS_URL={state.url} BUS_MONITOR_URL={state.monitor_url}" in up.stdout
         assert "3 replicas" in up.stdout and "fsync on every write" in up.stdout
+        assert "answering queries" in up.stdout and state.projections_pid is not None
 
         env = {**cli_env, "BUS_URL": state.url, "BUS_MONITOR_URL": state.monitor_url or ""}
         sent = await run_bus("send", "alice", '{"kind":"note","text":"hi"}', env=env, cwd=tmp_path)
@@ -114,6 +115,7 @@ async def test_up_cluster_detached_status_shows_each_node_and_down_stops_them_al
         assert sorted(node["name"] for node in cluster["nodes"]) == NODES
         assert [node["role"] for node in cluster["nodes"]] == ["leader", "replica", "replica"]
         assert status["log"]["messages"] == 1 and status["fsync_every_write"] is True
+        assert status["query_service"] is True
 
         text = await run_bus("status", env=env, cwd=tmp_path)
         assert f"the log keeps 3 replicas, leader {cluster['leader']}" in text.stdout
@@ -123,6 +125,7 @@ async def test_up_cluster_detached_status_shows_each_node_and_down_stops_them_al
         down = await run_bus("down", "--home", str(home), "--grace", "5", env=cli_env, cwd=tmp_path)
     assert down.code == 0, down.stderr
     assert down.stdout.count("stopped: nats-server continuum-") == 3
+    assert f"stopped: projection service (pid {state.projections_pid})" in down.stdout
     await wait_for(lambda: not nats_servers_under(home), timeout_s=10, what="every node of the home to exit")
     assert read_state(home) is None
 
