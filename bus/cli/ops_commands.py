@@ -133,7 +133,7 @@ async def collect_status(bus: Any) -> Status:
     return Status(
         url=bus.config.url,
         namespace=subjects.ns,
-        server_version=_version(bus.nc),
+        server_version=bus.transport.server_facts().get("version", "unknown"),
         fsync_every_write=await _fsync(bus.config.monitor_url),
         log=_stream_status(info),
         consumers=sorted(consumers, key=lambda c: c.name),
