@@ -13,7 +13,7 @@ from nats.js.errors import NotFoundError
 from bus.cli.common import CliError, add_connection_options, open_bus, out
 from bus.cli.message_commands import add_types_option, payload_registry
 from bus.errors import BusUnavailable, QueryError
-from bus.server import read_varz
+from bus.fsync import node_fsync
 from schemas.export import export_json_schemas
 
 
@@ -131,24 +131,16 @@ async def collect_status(bus: Any) -> Status:
     except NotFoundError:
         advisories = None
     return Status(
-        url=bus.config.url,
+        url=bus.config.shown_url,
         namespace=subjects.ns,
         server_version=bus.transport.server_facts().get("version", "unknown"),
-        fsync_every_write=await _fsync(bus.config.monitor_url),
+        fsync_every_write=await _fsync(bus.config),
         log=_stream_status(info),
         consumers=sorted(consumers, key=lambda c: c.name),
         advisories=advisories,
         query_service=await _query_service_answers(bus),
         cluster=_cluster_status(info),
     )
-
-
-def _version(nc: Any) -> str:
-    version = nc.connected_server_version
-    try:
-        return f"{version.major}.{version.minor}.{version.patch}"
-    except (ValueError, TypeError):
-        return "unknown"
 
 
 def _stream_status(info: Any) -> StreamStatus:
@@ -194,24 +186,15 @@ def _consumer_status(info: Any) -> ConsumerStatus:
     )
 
 
-async def _fsync(monitor_url: str | None) -> bool | None:
-    """Whether every server at `monitor_url` (comma-separated: one per cluster node) fsyncs each
-    write: False when one does not, None when one cannot be asked."""
-    urls = [url.strip() for url in (monitor_url or "").split(",") if url.strip()]
-    if not urls:
+async def _fsync(config: Any) -> bool | None:
+    """Whether every server with a monitoring URL in the config (one per cluster node) fsyncs each
+    write: False when one does not, None when one cannot be asked (or none is given)."""
+    if not config.monitor_urls:
         return None
-
-    async def sync_always(url: str) -> bool | None:
-        try:
-            varz = await asyncio.to_thread(read_varz, url)
-        except (OSError, ValueError):
-            return None
-        return bool(varz.get("jetstream", {}).get("config", {}).get("sync_always"))
-
-    answers = await asyncio.gather(*(sync_always(url) for url in urls))
-    if False in answers:
+    verdicts, unread = await node_fsync(config.monitor_urls)
+    if False in verdicts.values():
         return False
-    return None if None in answers else True
+    return None if unread or not verdicts else True
 
 
 async def _query_service_answers(bus: Any) -> bool:
