@@ -1,7 +1,7 @@
 """Read side: the log folded into DuckDB views, kept current, queried over the bus.
 
-    reader.py    LogReader: the stream in order from a sequence, fast (own NATS connection)
-    batch.py     records decoded once per batch into the Arrow relation every fold reads
+    batch.py     records (read in order by bus.logread.LogReader) decoded once per batch into
+                 the Arrow relation every fold reads
     views/       one module per view: its tables, public relations and fold
     store.py     the views file: generations, checkpoints, rebuild swap, lanes
     fold.py      a lane: one connection folding its views' share of a batch, exactly once

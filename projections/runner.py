@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyarrow as pa
 
+from bus.errors import BusUnavailable
+from bus.logread import LogReader, LogRecord
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
 from projections.errors import FoldError, ReaderError, RebuildError
@@ -51,7 +53,6 @@ from projections.fold import StoreUnusable, describe, retry_delay
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
 from projections.protocol import FoldRetry, RebuildReport
-from projections.reader import LogReader, LogRecord
 from projections.store import Applied, Store
 
 if TYPE_CHECKING:
@@ -61,6 +62,9 @@ log = logging.getLogger("continuum.projections.runner")
 
 T = TypeVar("T")
 _REBUILD_READER_ATTEMPTS = 5
+# What reading the log raises when reading it again later may work (the LogReader raises
+# BusUnavailable: connection lost, consumer not created in time).
+_READ_FAILURES = (ReaderError, BusUnavailable)
 # Live batches this small are decoded on the event loop (0.3-0.4 ms: Arrow's fixed costs): the
 # hop to the decode thread and back costs more than that when the cores are busy (1.9 ms median
 # measured on a memory write, out of ~19 from write to visible).
@@ -264,9 +268,9 @@ class Runner:
             began = time.monotonic()
             try:
                 await self._live_until_restart(start)
-            except (ReaderError, BaseExceptionGroup) as exc:
+            except (ReaderError, BusUnavailable, BaseExceptionGroup) as exc:
                 _reraise_if_cancelling(exc)
-                failure = _only(exc, ReaderError)
+                failure = _only(exc, _READ_FAILURES)
                 if time.monotonic() - began > 10:
                     backoff = 0.2
                 log.warning("reading the log failed (%s); reading again from seq %d in %.1fs", failure, start, backoff)
@@ -329,9 +333,9 @@ class Runner:
             try:
                 await self._pipeline(start_seq=start, fold=self._store.apply_build, target="rebuild", done=done)
                 return
-            except (ReaderError, BaseExceptionGroup) as exc:
+            except (ReaderError, BusUnavailable, BaseExceptionGroup) as exc:
                 _reraise_if_cancelling(exc)
-                failure = _only(exc, ReaderError)
+                failure = _only(exc, _READ_FAILURES)
                 log.warning("rebuild could not read the log (attempt %d): %s", attempt, failure)
                 if attempt == _REBUILD_READER_ATTEMPTS:
                     raise RebuildError(f"the rebuild could not read the log: {failure}") from failure
@@ -631,7 +635,7 @@ def _reraise_if_cancelling(exc: BaseException) -> None:
         raise asyncio.CancelledError() from exc
 
 
-def _only(exc: BaseException, kind: type[Exception]) -> Exception:
+def _only(exc: BaseException, kind: type[Exception] | tuple[type[Exception], ...]) -> Exception:
     """`exc` if it is a `kind`, or the single `kind` inside an exception group; anything else is
     re-raised (a fold failure must not be mistaken for a reader hiccup)."""
     if isinstance(exc, kind):

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from projections.batch import build_batch
-from projections.reader import LogReader, LogRecord
 from projections.store import Store
 from projections.views import VIEWS
 
 from agents.supervisor import SupervisorSettings
 from bus import Bus, BusConfig
+from bus.logread import LogReader, LogRecord
 from schemas.payloads import Note, Ping
 from conftest import wait_for
 from test_supervisor import QUICK, agent_spec, supervised

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bus.logread import LogRecord
 from projections.batch import build_batch
-from projections.reader import LogRecord
 from projections.store import Store
 from schemas import Codec, DecodeError, decode_loose
 from schemas.limits import MAX_DEPTH, nesting_exceeds

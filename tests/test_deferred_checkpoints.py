@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 from bus import Bus
+from bus.logread import LogReader, LogRecord
 from projections import fold
 from projections.batch import build_batch
-from projections.reader import LogReader, LogRecord
 from projections.store import Store, file_checkpoints, file_hashes
 from schemas.payloads import Note
 from schemas.payloads.memory import Citation, FactRecorded

@@ -28,6 +28,7 @@ import pytest
 from conftest import read_records, wait_for
 
 from bus import Bus, BusConfig, BusUnavailable, QueryError
+from bus.logread import LogRecord
 from projections import fold
 from projections.batch import build_batch
 from projections.config import ProjectionSettings
@@ -35,7 +36,6 @@ from projections.crashes import CHUNK
 from projections.fold import Cause, cause_of, retry_delay
 from projections.inflight import SLOT_BYTES, Header, InFlight, current_oom_kills, how_it_died
 from projections.rebuild import request_rebuild
-from projections.reader import LogRecord
 from projections.runner import decode
 from projections.service import ProjectionService
 from projections.status import format_report, request_status

@@ -14,10 +14,10 @@ import msgspec
 import pytest
 
 from bus import Bus
+from bus.logread import LogRecord
 from conftest import read_records
 from projections.batch import build_batch
 from projections.config import ProjectionSettings
-from projections.reader import LogRecord
 from projections.service import ProjectionService
 from projections.store import Store
 from projections.views import VIEWS
