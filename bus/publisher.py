@@ -231,6 +231,12 @@ class Publisher:
         # Bounded: a late ack after this is dropped anyway (nobody waits for it any more).
         await self._conn.unsubscribe(sid, drain_timeout_s=_UNSUBSCRIBE_DRAIN_S)
 
+    def _epoch(self) -> int:
+        """Moves when the connection was re-established: an attempt written before then may
+        never be answered. (nats-server publishes no leader-election advisory to the account,
+        measured: a leader that died is noticed by `resend_after_s` instead.)"""
+        return self._conn.reconnects
+
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
             return
@@ -464,7 +470,7 @@ class Publisher:
         if self._expired(deadline):  # uncommitted staged frames store nothing
             self._fail_unit(unit, self._unacked if unit.sent else self._not_sent)
             return "done"
-        reconnects = self._conn.reconnects
+        reconnects, epoch = self._conn.reconnects, self._epoch()
         split = unit.staged_on == reconnects  # staged frames went out on this connection
         if unit.staged_on is not None and not split:
             # Staged frames written just before a connection dropped may still reach the server
@@ -474,15 +480,15 @@ class Publisher:
         future = self._expect_reply(unit.reply)
         self._conn.write(unit.commit if split else unit.staged + unit.commit)
         unit.sent = True
-        msg = await self._await_reply(future, self._attempt_deadline(deadline), reconnects)
+        msg = await self._await_reply(future, self._attempt_deadline(deadline), epoch)
         if msg is None:
             self._replies.pop(unit.reply, None)
-            if self._lost_connection(reconnects) or not self._expired(deadline):
+            if self._lost_connection(epoch) or not self._expired(deadline):
                 # Ambiguous: the commit may or may not have been stored (the connection dropped,
                 # or the stream's leader died with it). The re-send carries the same message
                 # ids, so it is stored at most once (a 10201 means it already was).
                 log.info("no ack for a %d-message batch (%s); re-sending it", len(unit.entries),
-                         "connection lost" if self._lost_connection(reconnects) else "leader gone?")
+                         "connection lost or new leader" if self._lost_connection(epoch) else "leader gone?")
                 return "resend"
             self._fail_unit(unit, self._unacked)
             return "done"
@@ -562,13 +568,13 @@ class Publisher:
                 replies = [self._next_reply() for _ in pending]
                 blob = b"".join(encode_single(e, r) for e, r in zip(pending, replies))
             futures = [self._expect_reply(r) for r in replies]
-            reconnects = self._conn.reconnects
+            epoch = self._epoch()
             self._conn.write(blob)
             attempt = self._attempt_deadline(deadline)
             if len(futures) == 1:
-                await self._await_reply(futures[0], attempt, reconnects)
+                await self._await_reply(futures[0], attempt, epoch)
             else:
-                await self._await_replies(futures, attempt, reconnects)
+                await self._await_replies(futures, attempt, epoch)
             again: list[_Entry] = []
             leaderless = False
             for entry, reply, future in zip(pending, replies, futures):
@@ -594,7 +600,7 @@ class Publisher:
                     break
             elif again:
                 log.info("no ack for %d publish(es) (%s); re-sending with the same ids", len(again),
-                         "connection lost" if self._lost_connection(reconnects) else "leader gone?")
+                         "connection lost or new leader" if self._lost_connection(epoch) else "leader gone?")
             pending = again
         self._count_published(counts)
         for entry, wire in conflicts:
@@ -656,10 +662,10 @@ class Publisher:
             future.set_result(_Reply(header, data))
 
     async def _await_reply(
-        self, future: asyncio.Future[_Reply | None], deadline: float, reconnects: int
+        self, future: asyncio.Future[_Reply | None], deadline: float, epoch: int
     ) -> _Reply | None:
-        """The reply, or None once the deadline passed or the connection was lost since the
-        write. A timer checks the connection, so an answered commit wakes its waiter directly."""
+        """The reply, or None once the deadline passed or the connection was lost (or the log
+        elected a leader) since the write (`epoch`). A timer checks the connection, so an answered commit wakes its waiter directly."""
         assert self._loop is not None
         loop = self._loop
 
@@ -667,7 +673,7 @@ class Publisher:
             nonlocal timer
             if future.done():
                 return
-            if loop.time() >= deadline or self._lost_connection(reconnects):
+            if loop.time() >= deadline or self._lost_connection(epoch):
                 future.set_result(None)
             else:
                 timer = loop.call_later(min(_RECONNECT_CHECK_S, max(0.0, deadline - loop.time())), check)
@@ -679,20 +685,20 @@ class Publisher:
             timer.cancel()
 
     async def _await_replies(
-        self, futures: list[asyncio.Future[_Reply | None]], deadline: float, reconnects: int
+        self, futures: list[asyncio.Future[_Reply | None]], deadline: float, epoch: int
     ) -> None:
         """Wait until every future is answered, the deadline passed, or the connection was lost."""
         assert self._loop is not None
         waiting = [f for f in futures if not f.done()]
         while waiting:
             remaining = deadline - self._loop.time()
-            if remaining <= 0 or self._lost_connection(reconnects):
+            if remaining <= 0 or self._lost_connection(epoch):
                 return
             await asyncio.wait(waiting, timeout=min(remaining, _RECONNECT_CHECK_S))
             waiting = [f for f in waiting if not f.done()]
 
-    def _lost_connection(self, reconnects: int) -> bool:
-        return not self._conn.is_connected or self._conn.reconnects != reconnects
+    def _lost_connection(self, epoch: int) -> bool:
+        return not self._conn.is_connected or self._epoch() != epoch
 
     async def _wait_connected(self, deadline: float) -> bool:
         """Wait (bounded by `deadline`) until the connection is up; False if it is not by then."""

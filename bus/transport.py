@@ -47,8 +47,10 @@ log = logging.getLogger("continuum.transport")
 # Between reconnect rounds over the server list. A cluster node that died is skipped at once
 # (connection refused), so this bounds how long a client waits once every node is down.
 RECONNECT_WAIT_S = 0.25
-PING_INTERVAL_S = 2
+PING_INTERVAL_S = 1
 MAX_PINGS_OUT = 2
+# One direct-get attempt's wait before asking again (another replica, likely).
+READ_ATTEMPT_S = 1.0
 # One JetStream API request's wait for an answer (they take milliseconds when a leader answers).
 JS_API_TIMEOUT_S = 2.0
 
@@ -242,7 +244,7 @@ class Transport:
                 allow_reconnect=True,
                 pending_size=64 * 1024 * 1024,
                 # A hung server keeps the socket open: unanswered PINGs are how it is noticed
-                # (here within ~6 s) and the connection moves to another node.
+                # (here within ~3 s) and the connection moves to another node.
                 ping_interval=PING_INTERVAL_S,
                 max_outstanding_pings=MAX_PINGS_OUT,
                 inbox_prefix=spec.inbox_prefix,
@@ -269,7 +271,7 @@ class Transport:
             return
         try:
             await nc.drain()
-        except (nats.errors.Error, asyncio.TimeoutError):
+        except (nats.errors.Error, asyncio.TimeoutError, OSError):
             await nc.close()  # the server is gone: nothing left to drain
 
     async def _on_error(self, exc: Exception) -> None:
@@ -459,8 +461,10 @@ class Transport:
         """One message by JetStream direct get (`{"seq": n}`, `{"last_by_subj": s}`, ...), served
         by any replica; None when there is none. Raises BusUnavailable (NoResponders: direct get
         is off, or the stream has no replica answering)."""
-        answer = await self.request(
-            f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode(request), timeout_s=timeout_s
+        answer = await self._read_patiently(
+            stream, request, timeout_s, lambda attempt_s: self.request(
+                f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode(request), timeout_s=attempt_s
+            ),
         )
         status = answer.status
         if status == "404":
@@ -474,6 +478,30 @@ class Transport:
     ) -> list[StoredMessage]:
         """A batched direct get (`request` holds `"batch": limit`): up to `limit` messages in
         stream order, empty when nothing matched. Raises BusUnavailable."""
+        return await self._read_patiently(
+            stream, request, timeout_s, lambda attempt_s: self._direct_batch(stream, request, limit, attempt_s)
+        )
+
+    async def _read_patiently(
+        self, stream: str, request: dict[str, Any], timeout_s: float, attempt: Callable[[float], Awaitable[Any]]
+    ) -> Any:
+        """Run a read (direct get) attempt of at most READ_ATTEMPT_S, again while time is left
+        when it was not answered: any replica serves direct gets, and one that hangs (a paused
+        or partitioned node still counted as a responder) must cost one attempt, not the whole
+        timeout; the next attempt goes to another. Raises BusUnavailable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                return await attempt(max(0.001, min(READ_ATTEMPT_S, remaining)))
+            except NoAnswer:
+                if deadline - loop.time() <= 0.001:
+                    raise NoAnswer(f"direct get {request} from {stream}: no answer within {timeout_s}s") from None
+
+    async def _direct_batch(
+        self, stream: str, request: dict[str, Any], limit: int, timeout_s: float
+    ) -> list[StoredMessage]:
         inbox = self.new_inbox()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -484,7 +512,10 @@ class Transport:
                 # Same connection: the server sees the SUB before the request, no flush needed.
                 await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode(request), reply=inbox)
                 while True:
-                    answer = _inbound(await sub.next_msg(timeout=max(0.001, deadline - loop.time())))
+                    # The whole batch comes from one replica, back to back: only the first
+                    # message waits for the attempt's timeout.
+                    wait = deadline - loop.time() if not out else max(deadline - loop.time(), READ_ATTEMPT_S)
+                    answer = _inbound(await sub.next_msg(timeout=max(0.001, wait)))
                     status = answer.status
                     if status in ("204", "404"):
                         return out

@@ -1,6 +1,6 @@
 """Read side: the log folded into DuckDB views, kept current, queried over the bus.
 
-    batch.py     records (read in order by bus.logread.LogReader) decoded once per batch into
+    batch.py     records (read in order by bus.log_reader.LogReader) decoded once per batch into
                  the Arrow relation every fold reads
     views/       one module per view: its tables, public relations and fold
     store.py     the views file: generations, checkpoints, rebuild swap, lanes

@@ -32,7 +32,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bus.logread import LogRecord
+from bus.log_reader import LogRecord
 from schemas import PRIORITY_DEFAULT, DecodeError, decode_loose
 from schemas.envelope import ENVELOPE_VERSION, Priority
 from schemas.limits import MAX_DEPTH, MAX_ENVELOPE_BYTES, Headers, Ident, Name, refusal

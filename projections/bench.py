@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry
 from bus.client import Bus
 from bus.config import BusConfig
 from bus.errors import BusUnavailable, QueryError
-from bus.logread import LogReader, LogRecord
+from bus.log_reader import LogReader, LogRecord
 from projections.config import ProjectionSettings, tuned_gc
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark

@@ -67,8 +67,9 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_max: int = DEFAULT_BATCH_MAX
     # Events read ahead of the fold; reading pauses beyond this (bounded memory, ~0.5 KB each).
     read_ahead: int = 2 * DEFAULT_BATCH_MAX
-    # The push consumer's idle heartbeat; a reader that hears nothing for 3 of them restarts.
-    heartbeat_s: float = 2.0
+    # The push consumer's idle heartbeat; a reader that hears nothing for 2 of them starts a new
+    # consumer (its node died or hung): this bounds how long a failover leaves the views behind.
+    heartbeat_s: float = 1.0
     # Connections folding at once, at most one per lane of views (projections.views.LANES:
     # log, runtime, memory). DuckDB runs these statements on one core each; a query waiting
     # for its write is released when the lanes of the views it reads have committed.

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import pyarrow as pa
 
 from bus.errors import BusUnavailable
-from bus.logread import LogReader, LogRecord
+from bus.log_reader import LogReader, LogRecord
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
 from projections.errors import FoldError, ReaderError, RebuildError

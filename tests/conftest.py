@@ -19,7 +19,7 @@ from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from cluster import nats_cluster  # noqa: F401 - the 3-node cluster fixture (tests/cluster.py)
 
 if TYPE_CHECKING:
-    from bus.logread import LogRecord
+    from bus.log_reader import LogRecord
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ async def wait_for(
 
 async def read_records(bus: Bus, upto: int) -> list["LogRecord"]:
     """The log's records from seq 1 through `upto`, as the projections read them."""
-    from bus.logread import LogReader
+    from bus.log_reader import LogReader
 
     records: list[LogRecord] = []
     async with LogReader(bus, start_seq=1) as reader:

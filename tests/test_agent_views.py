@@ -14,7 +14,7 @@ from projections.views import VIEWS
 
 from agents.supervisor import SupervisorSettings
 from bus import Bus, BusConfig
-from bus.logread import LogReader, LogRecord
+from bus.log_reader import LogReader, LogRecord
 from schemas.payloads import Note, Ping
 from conftest import wait_for
 from test_supervisor import QUICK, agent_spec, supervised

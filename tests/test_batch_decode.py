@@ -14,7 +14,7 @@ import pytest
 import projections.batch as batch_module
 from bus.client import Bus
 from bus.config import BusConfig
-from bus.logread import LogRecord
+from bus.log_reader import LogRecord
 from projections.batch import build_batch
 from projections.workload import synthetic_log
 from schemas import DecodeError, Envelope, decode_loose

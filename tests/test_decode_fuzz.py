@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus.logread import LogRecord
+from bus.log_reader import LogRecord
 from projections.batch import build_batch
 from projections.store import Store
 from schemas import Codec, DecodeError, decode_loose

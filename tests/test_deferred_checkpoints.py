@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from bus import Bus
-from bus.logread import LogReader, LogRecord
+from bus.log_reader import LogReader, LogRecord
 from projections import fold
 from projections.batch import build_batch
 from projections.store import Store, file_checkpoints, file_hashes

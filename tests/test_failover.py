@@ -47,8 +47,12 @@ from test_supervisor import supervised
 
 TESTS = Path(__file__).resolve().parent
 SEED_ENV = "CONTINUUM_FAULT_SEED"
-# What the clients may add to the cluster's own recovery (new leader elected -> work flows).
-CLIENT_SHARE_S = 3.0
+# What the clients may add to the cluster's own recovery (new leader elected -> work flows),
+# with room for this 2-core box running three servers, the agent, the projections and the test.
+# Measured shares: after a SIGKILL 0.1-2.3 s; after a SIGSTOP 2.7-4.8 s (a hung node still
+# receives its share of requests routed to it by the others until they give up on it, and each
+# such attempt costs a client its per-attempt wait).
+CLIENT_SHARE_S = {"kill": 4.0, "pause": 6.5}
 LOG = "CONTINUUM_DEFAULT"
 INBOX = "tally__inbox"
 
@@ -236,9 +240,10 @@ async def inject(
     }
     # What the clients add once the server side is back: the log's leader for publishing and
     # projections, the inbox consumer's leader too for consuming.
-    assert times["publish"] - times["elected"] <= CLIENT_SHARE_S, times
-    assert times["projections"] - times["elected"] <= CLIENT_SHARE_S, times
-    assert times["consume"] - max(times["elected"], times["consumer_elected"]) <= CLIENT_SHARE_S, times
+    share = CLIENT_SHARE_S[mode]
+    assert times["publish"] - times["elected"] <= share, times
+    assert times["projections"] - times["elected"] <= share, times
+    assert times["consume"] - max(times["elected"], times["consumer_elected"]) <= share, times
     return times
 
 

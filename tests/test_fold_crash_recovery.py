@@ -28,7 +28,7 @@ import pytest
 from conftest import read_records, wait_for
 
 from bus import Bus, BusConfig, BusUnavailable, QueryError
-from bus.logread import LogRecord
+from bus.log_reader import LogRecord
 from projections import fold
 from projections.batch import build_batch
 from projections.config import ProjectionSettings

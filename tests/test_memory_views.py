@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from bus import Bus
-from bus.logread import LogRecord
+from bus.log_reader import LogRecord
 from conftest import read_records
 from projections.batch import build_batch
 from projections.config import ProjectionSettings

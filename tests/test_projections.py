@@ -13,7 +13,7 @@ import pytest
 from conftest import read_records, wait_for
 
 from bus import Bus
-from bus.logread import LogReader, LogRecord
+from bus.log_reader import LogReader, LogRecord
 from projections.batch import build_batch
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService

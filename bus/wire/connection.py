@@ -66,8 +66,8 @@ class WireSettings(msgspec.Struct, frozen=True, kw_only=True):
     reconnect_wait_s: float = 0.5
     # A PING this often; after `max_pings_out` unanswered ones the connection is stale. A server
     # that hangs (SIGSTOP, a partition) keeps the socket open: this bounds how long a client
-    # stays with it (~6 s) before moving to another node of the cluster.
-    ping_interval_s: float = 2.0
+    # stays with it (~3 s) before moving to another node of the cluster.
+    ping_interval_s: float = 1.0
     max_pings_out: int = 2
     # Frames written while disconnected, kept for the next connection (acks stay valid).
     max_reconnect_buffer: int = 8 * 1024 * 1024

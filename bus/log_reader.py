@@ -55,7 +55,7 @@ from bus.wire import WireConnection, header_value
 if TYPE_CHECKING:
     from bus.client import Bus
 
-log = logging.getLogger("continuum.logread")
+log = logging.getLogger("continuum.log_reader")
 
 # One JetStream API call (create, delete a consumer) waits this long at most.
 CONTROL_TIMEOUT_S = 1.0
@@ -140,7 +140,7 @@ class LogReader:
         conn = self._bus.transport.wire(f"reader:{self._name}")
         await conn.connect()
         self._conn = conn
-        self._keeper = asyncio.get_running_loop().create_task(conn.run(), name=f"logread-{self._name}-keeper")
+        self._keeper = asyncio.get_running_loop().create_task(conn.run(), name=f"log-reader-{self._name}-keeper")
         try:
             await self._follow(deadline=time.monotonic() + START_TIMEOUT_S)
         except BaseException:

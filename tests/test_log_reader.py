@@ -1,4 +1,4 @@
-"""bus.logread.LogReader against a real nats-server: order from a start sequence, every record
+"""bus.log_reader.LogReader against a real nats-server: order from a start sequence, every record
 exactly once across a server restart, a deleted consumer and a silent server, flow control
 holding the server back while nobody reads, a teardown that does not wait for a dead server, and
 TLS."""
@@ -18,9 +18,9 @@ import msgspec
 import pytest
 from conftest import wait_for
 
-from bus import Bus, BusConfig, BusUnavailable, logread
+from bus import Bus, BusConfig, BusUnavailable, log_reader
 from bus.config import TlsSettings
-from bus.logread import LogReader, LogRecord
+from bus.log_reader import LogReader, LogRecord
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from schemas.payloads import Note
 
@@ -131,7 +131,7 @@ async def test_a_reader_not_being_read_holds_the_server_back(bus: Bus, monkeypat
     """Beyond HOLD_FLOW_AT waiting records, flow-control requests wait for `read`: the server
     stops after its window instead of the whole log piling up in memory; the heartbeats that
     keep coming meanwhile do not make the reader start over; reading drains it all in order."""
-    monkeypatch.setattr(logread, "HOLD_FLOW_AT", 100)
+    monkeypatch.setattr(log_reader, "HOLD_FLOW_AT", 100)
     padding = "x" * 2_000
     in_flight = asyncio.Semaphore(200)
 
