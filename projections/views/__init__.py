@@ -22,10 +22,13 @@ writes only the tables of its own schema `s`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+import duckdb
 
 if TYPE_CHECKING:
     from projections.batch import Batch
@@ -56,10 +59,20 @@ class Tx:
             self.begun = True
 
     def release(self) -> None:
-        """Unregister `batch` (the transaction is the caller's to end)."""
-        if self._registered is not None:
+        """Unregister `batch` (the transaction is the caller's to end). Never raises: it runs in
+        a `finally`, where an error would replace the one that is being raised."""
+        if self._registered is None:
+            return
+        self._registered = None
+        try:
             self._con.unregister("batch")
-            self._registered = None
+        except duckdb.Error:
+            # A transaction aborted by a failed statement (out of memory, say) refuses even this
+            # until it is rolled back.
+            with contextlib.suppress(duckdb.Error):
+                self._con.execute("ROLLBACK")
+            with contextlib.suppress(duckdb.Error):
+                self._con.unregister("batch")
 
     def run(self, sql: str, params: list[Any] | None = None) -> int:
         """Execute one statement; return the row count it reports (0 for DDL)."""
