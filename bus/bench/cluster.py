@@ -60,7 +60,8 @@ async def run(env: BenchEnv) -> dict[str, float]:
             await prepublish(bus3, consume_n)
             for _ in range(env.repeats):
                 for label, bus in (("r1", bus1), ("r3", bus3)):
-                    figures[f"{label}_durable_publish_per_s"].append(await durable_rate(bus, publish_n))
+                    # To another agent than the consume run's: its inbox holds exactly `consume_n`.
+                    figures[f"{label}_durable_publish_per_s"].append(await durable_rate(bus, publish_n, to="sink"))
                     figures[f"{label}_consume_ack_per_s"].append(await engine_rate(bus, consume_n))
             for _ in range(env.repeats):
                 for name, value in (await _failover(bus3, cluster)).items():

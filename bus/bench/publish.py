@@ -36,15 +36,15 @@ def _payload() -> Note:
     return Note(text=_PAYLOAD_TEXT[:230], data={"step": 1})
 
 
-async def durable_rate(bus: Bus, count: int) -> float:
-    """Envelopes built, encoded and published by `_TASKS` concurrent tasks; returns msgs/s."""
+async def durable_rate(bus: Bus, count: int, *, to: str = "bench") -> float:
+    """Envelopes to `to` built, encoded and published by `_TASKS` concurrent tasks; returns msgs/s."""
     tasks = min(_TASKS, count)
     per_task, extra = divmod(count, tasks)
     payload = _payload()
 
     async def sender(n: int) -> None:
         for _ in range(n):
-            await bus.publish(bus.envelope(payload, to="bench"))
+            await bus.publish(bus.envelope(payload, to=to))
 
     started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
