@@ -41,6 +41,7 @@ from bus.subjects import Subjects
 from bus.topology import ensure_advisory_stream, ensure_stream, log_stream_checks, log_stream_config, stream_nodes
 from bus.transport import ConnectionSpec, Transport, any_reachable, translate
 from bus.wire import WireConnection, parse_urls
+from bus.wire.connection import stop_keeper
 from schemas import Codec, DecodeError, Delivery, Envelope, PayloadRegistry, derived_id, new_id, utcnow
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from schemas.payloads import RequestFailed
@@ -173,16 +174,7 @@ class Bus:
             if wire is not None:
                 await wire.close()
         finally:
-            if keeper is not None:
-                keeper.cancel()  # it may be waiting between reconnect rounds
-                try:
-                    await keeper
-                except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise  # this task itself is being cancelled
-                except Exception:  # noqa: S110 - logged by _log_keeper_failure
-                    pass
+            await stop_keeper(keeper)  # a failure was logged by _log_keeper_failure
 
     @property
     def transport(self) -> Transport:

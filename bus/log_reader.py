@@ -51,6 +51,7 @@ from bus.cancellation import cancellation_kept
 from bus.errors import BusError, BusUnavailable, ConfigurationError, PermissionDenied
 from bus.transport import translate
 from bus.wire import WireConnection, header_value
+from bus.wire.connection import stop_keeper
 
 if TYPE_CHECKING:
     from bus.client import Bus
@@ -163,16 +164,9 @@ class LogReader:
             if conn is not None:
                 await conn.close(timeout_s=DELETE_TIMEOUT_S)
         finally:
-            if keeper is not None:
-                keeper.cancel()  # it may be waiting between reconnect rounds
-                try:
-                    await keeper
-                except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise  # this task itself is being cancelled
-                except Exception as exc:  # noqa: BLE001 - it is gone either way; say why
-                    log.warning("the log reader's connection keeper had failed: %r", exc)
+            failure = await stop_keeper(keeper)
+            if failure is not None:
+                log.warning("the log reader's connection keeper had failed: %r", failure)
         if consumer is not None:
             await self._delete(consumer)
 

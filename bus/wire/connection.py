@@ -578,3 +578,21 @@ class WireConnection:
 
     def _callback_failed(self, exc: BaseException) -> None:
         log.error("%s: a message callback failed; that message is dropped", self.name, exc_info=exc)
+
+
+async def stop_keeper(keeper: asyncio.Task[None] | None) -> BaseException | None:
+    """Cancel a connection's keeper task (it may be waiting between reconnect rounds) and wait
+    for it; return what it had failed with, if anything. Re-raises CancelledError only when the
+    calling task itself is being cancelled."""
+    if keeper is None:
+        return None
+    keeper.cancel()
+    try:
+        await keeper
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this task itself is being cancelled
+    except Exception as exc:  # noqa: BLE001 - handed to the caller, who says what it means
+        return exc
+    return None
