@@ -72,7 +72,7 @@ async def _server(args: argparse.Namespace) -> AsyncIterator[bool]:
     out(f"no server at {args.url}: starting the embedded one in {args.home.resolve()} (stopped at the end)")
     up = argparse.Namespace(
         port=parsed.port or 4222, monitor_port=None, store=None, config=None, detach=True, no_projections=False,
-        start_timeout=30.0, home=args.home, namespace=args.namespace, metrics_port=None,
+        start_timeout=30.0, home=args.home, namespace=args.namespace, metrics_port=None, cluster=1,
     )
     await run_up(up)
     try:
