@@ -17,7 +17,6 @@ from projections.config import ProjectionSettings, QuerySettings
 from projections.errors import (
     FoldError,
     ProjectionError,
-    ReaderError,
     RebuildError,
     StoreLocked,
     StoreMismatch,
@@ -30,7 +29,6 @@ __all__ = [
     "ProjectionService",
     "ProjectionSettings",
     "QuerySettings",
-    "ReaderError",
     "RebuildError",
     "StoreLocked",
     "StoreMismatch",

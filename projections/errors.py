@@ -4,8 +4,6 @@
     ├── StoreLocked       another process holds the views file: stop it, or use another --db
     ├── StoreMismatch     the file belongs to another namespace, or is ahead of the log: fix the
     │                     configuration, or move the file away and let it be rebuilt
-    ├── ReaderError       the log could not be read (connection lost, consumer gone); the runner
-    │                     retries these itself
     ├── FoldError         a batch could not be applied for a reason other than its data (disk full,
     │                     out of memory): nothing of it was committed; retry later
     └── RebuildError      a rebuild could not start or finish (unknown view, one already running)
@@ -28,10 +26,6 @@ class StoreLocked(ProjectionError):
 
 class StoreMismatch(ProjectionError):
     """The views file does not fit this log: another namespace, or a checkpoint past its end."""
-
-
-class ReaderError(ProjectionError):
-    """Reading the log failed; reading again from the last applied sequence may succeed."""
 
 
 class FoldError(ProjectionError):

@@ -48,7 +48,7 @@ from bus.errors import BusUnavailable
 from bus.log_reader import LogReader, LogRecord
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
-from projections.errors import FoldError, ReaderError, RebuildError
+from projections.errors import FoldError, RebuildError
 from projections.fold import StoreUnusable, describe, retry_delay
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
@@ -64,7 +64,7 @@ T = TypeVar("T")
 _REBUILD_READER_ATTEMPTS = 5
 # What reading the log raises when reading it again later may work (the LogReader raises
 # BusUnavailable: connection lost, consumer not created in time).
-_READ_FAILURES = (ReaderError, BusUnavailable)
+_READ_FAILURES = (BusUnavailable,)
 # Live batches this small are decoded on the event loop (0.3-0.4 ms: Arrow's fixed costs): the
 # hop to the decode thread and back costs more than that when the cores are busy (1.9 ms median
 # measured on a memory write, out of ~19 from write to visible).
@@ -268,7 +268,7 @@ class Runner:
             began = time.monotonic()
             try:
                 await self._live_until_restart(start)
-            except (ReaderError, BusUnavailable, BaseExceptionGroup) as exc:
+            except (BusUnavailable, BaseExceptionGroup) as exc:
                 _reraise_if_cancelling(exc)
                 failure = _only(exc, _READ_FAILURES)
                 if time.monotonic() - began > 10:
@@ -333,7 +333,7 @@ class Runner:
             try:
                 await self._pipeline(start_seq=start, fold=self._store.apply_build, target="rebuild", done=done)
                 return
-            except (ReaderError, BusUnavailable, BaseExceptionGroup) as exc:
+            except (BusUnavailable, BaseExceptionGroup) as exc:
                 _reraise_if_cancelling(exc)
                 failure = _only(exc, _READ_FAILURES)
                 log.warning("rebuild could not read the log (attempt %d): %s", attempt, failure)

@@ -27,12 +27,11 @@ from bus.cli.server_commands import (
     FSYNC_TEXT,
     _check_port_free,
     _projections_command,
-    _spawn_detached,
     _stop_child,
-    _terminate,
     _wait_projections_ready,
     print_next_steps,
     projections_summary,
+    start_projections_detached,
     up_metrics,
 )
 from bus.cli.state import NodeState, ServerState, clear_state, read_state, state_path, write_state
@@ -87,7 +86,6 @@ async def _node_ports(given: int | None, default: int, size: int, option: str) -
 
 
 async def _up_detached(args: argparse.Namespace, home: Path, cluster: LocalCluster) -> int:
-    projections: subprocess.Popen[bytes] | None = None
     projections_cmd: list[str] | None = None
     answering = False
     try:
@@ -99,16 +97,10 @@ async def _up_detached(args: argparse.Namespace, home: Path, cluster: LocalClust
         log = await prepare_replicated_log(cluster, args.namespace, args.start_timeout)
         projections_cmd = _projections_command(args, cluster.url, home)
         if projections_cmd is not None:
-            projections_log = home / "projections.log"
-            projections = _spawn_detached(projections_cmd, projections_log)
-            state = msgspec.structs.replace(state, projections_pid=projections.pid)
-            write_state(home, state)
-            answering = await _wait_projections_ready(
-                cluster.url, args.namespace, projections.poll, projections_log, args.start_timeout
+            state, answering = await start_projections_detached(
+                projections_cmd, home, state, cluster.url, args.namespace, args.start_timeout
             )
     except BaseException:
-        if projections is not None:
-            await _terminate(projections.pid, 5.0)
         await cluster.stop()
         clear_state(home)
         raise

@@ -197,6 +197,24 @@ def _projections_installed() -> bool:
         return False
 
 
+async def start_projections_detached(
+    command: list[str], home: Path, state: ServerState, url: str, namespace: str, timeout_s: float
+) -> tuple[ServerState, bool]:
+    """Start the projection service in a session of its own, record its pid in the state file,
+    and wait until it answers queries: (the state recorded, whether it answers). A failure
+    while waiting stops it again before it is raised."""
+    log_file = home / "projections.log"
+    projections = _spawn_detached(command, log_file)
+    state = msgspec.structs.replace(state, projections_pid=projections.pid)
+    write_state(home, state)
+    try:
+        answering = await _wait_projections_ready(url, namespace, projections.poll, log_file, timeout_s)
+    except BaseException:
+        await _terminate(projections.pid, 5.0)
+        raise
+    return state, answering
+
+
 async def _up_detached(
     args: argparse.Namespace, home: Path, settings: ServerSettings, projections_cmd: list[str] | None
 ) -> int:
@@ -207,23 +225,15 @@ async def _up_detached(
     )
     # Recorded before waiting, so `bus down` can clean up even if this command is interrupted.
     write_state(home, state)
-    projections: subprocess.Popen[bytes] | None = None
     try:
         await _wait_server_ready(settings, server.poll, server_log)
         fsync = await _prepare_log(settings, args.namespace)
+        answering = False
         if projections_cmd is not None:
-            projections_log = home / "projections.log"
-            projections = _spawn_detached(projections_cmd, projections_log)
-            state = msgspec.structs.replace(state, projections_pid=projections.pid)
-            write_state(home, state)
-            answering = await _wait_projections_ready(
-                settings.url, args.namespace, projections.poll, projections_log, args.start_timeout
+            state, answering = await start_projections_detached(
+                projections_cmd, home, state, settings.url, args.namespace, args.start_timeout
             )
-        else:
-            answering = False
     except BaseException:
-        if projections is not None:
-            await _terminate(projections.pid, 5.0)
         await _terminate(server.pid, 5.0)
         clear_state(home)
         raise
