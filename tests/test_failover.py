@@ -82,17 +82,25 @@ class Timeline:
         self.loop = asyncio.get_running_loop()
         self.acks: list[tuple[float, float, str, int]] = []  # (started, acked, envelope id, seq)
         self.failures: list[str] = []
+        self.allowed = 0
+        self.more = asyncio.Event()
+
+    def allow(self, count: int) -> None:
+        self.allowed = count
+        self.more.set()
 
     def now(self) -> float:
         return self.loop.time()
 
 
-async def publish_forever(
-    bus: Bus, timeline: Timeline, stop: asyncio.Event, faults_done: asyncio.Event, rng: random.Random, limit: int
-) -> None:
-    """Publish until stopped; past `limit` only once every fault was injected (each fault needs
-    publishes around it)."""
-    while not stop.is_set() and not (faults_done.is_set() and len(timeline.acks) >= limit):
+async def publish_forever(bus: Bus, timeline: Timeline, stop: asyncio.Event, rng: random.Random) -> None:
+    """Publish until stopped, up to `timeline.allowed` acked publishes at a time (raised as the
+    faults are injected: each fault needs publishes after it, and none piles up meanwhile)."""
+    while not stop.is_set():
+        if len(timeline.acks) >= timeline.allowed:
+            timeline.more.clear()
+            await timeline.more.wait()
+            continue
         started = timeline.now()
         try:
             sent = await bus.send("tally", TaskRequested(title=f"t{rng.randrange(1 << 30)}"))
@@ -174,19 +182,22 @@ async def run_failover(
         views = ProjectionSettings(db_path=str(tmp_path / "views.duckdb"))
         async with ProjectionService(bus, views) as service, supervised(bus, spec, settings) as sup:
             await sup.wait_ready(60)
-            stop, faults_done = asyncio.Event(), asyncio.Event()
+            stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
                 for _ in range(publishers):
-                    tasks.create_task(publish_forever(bus, timeline, stop, faults_done, rng, messages))
+                    tasks.create_task(publish_forever(bus, timeline, stop, rng))
                 per_fault = messages // (faults + 1)
+                timeline.allow(per_fault)
                 for fault in range(1, faults + 1):
                     await wait_for(lambda f=fault: len(timeline.acks) >= f * per_fault, timeout_s=300,
                                    what=f"{fault * per_fault} acked publishes before fault {fault}")
+                    timeline.allow((fault + 1) * per_fault)
                     measured.append(await inject(bus, cluster, mode, timeline, service, ledger, rng, bound_shares))
                     print(f"fault {fault}: " + ", ".join(f"{k} {v:.2f}s" for k, v in measured[-1].items()))
-                faults_done.set()
+                timeline.allow(messages)
                 await wait_for(lambda: len(timeline.acks) >= messages, timeout_s=600, what="every publish acked")
                 stop.set()
+                timeline.more.set()  # publishers waiting for an allowance see the stop
             assert timeline.failures == []
             acked = {envelope_id for _, _, envelope_id, _ in timeline.acks}
 
