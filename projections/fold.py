@@ -24,7 +24,12 @@ What a failure says about its cause decides what happens (`cause_of`):
                      (disk full), interrupted, a conflicting transaction; OSError. Nothing is
                      wrong with the records: FoldError, nothing committed; the runner retries.
                      The decode limits (schemas.limits) bound what one record can ask of a fold.
-    the database     DuckDB invalidated it after a fatal error, or the connection is gone:
+    memory, badly    DuckDB could not roll the failed fold back, failed half-way through its
+                     commit, or invalidated the database because a rollback or commit could not
+                     allocate (a query held DuckDB's memory: projections.memory_share):
+                     StoreInvalidated. What the file holds is whole; the runner opens it again
+                     (Store.reopen) and retries. No record is to blame: not kept as in flight.
+    the database     DuckDB invalidated it after another fatal error, or the connection is gone:
                      StoreUnusable. The process must start again; the fold stays recorded as in
                      flight, so that start treats its records as suspects (projections.crashes).
 
@@ -56,6 +61,7 @@ from projections.batch import Batch
 from projections.crashes import BUILD, CRASHER, LIVE, CrashGuard
 from projections.errors import FoldError
 from projections.inflight import InFlight
+from projections.memory_share import FoldsFirst, lost_spill, out_of_memory
 from projections.views import Tx, ViewSpec
 
 log = logging.getLogger("continuum.projections.fold")
@@ -93,6 +99,13 @@ def retry_delay(attempt: int) -> float:
     failed: doubling from RETRY_FIRST_S, at most RETRY_MAX_S. Retries never stop: the records
     cannot be skipped (they are good) and stopping would only end the service."""
     return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** min(attempt - 1, 16))
+
+
+class StoreInvalidated(FoldError):
+    """DuckDB invalidated the database because a rollback or commit could not get memory, or
+    could not roll back a failed fold at all (a query beside the folds held the memory: DuckDB
+    has one memory_limit for all). No record is to blame, so the fold is not kept as in
+    flight; what was committed is in the file, and `Store.reopen` goes on from it."""
 
 
 class StoreUnusable(FoldError):
@@ -156,8 +169,14 @@ class Lane:
         guard: CrashGuard | None = None,
         slot: int = 0,
         name: str = "",
+        folds_first: FoldsFirst | None = None,
     ) -> None:
         self.con = con
+        # Folds in a row that failed for a write conflict (see `_fold`).
+        self._conflicts = 0
+        # Told when a fold runs out of DuckDB's memory, before its rollback (which needs memory
+        # too), and when the lane folds again: the queries give way meanwhile.
+        self._folds_first = folds_first
         self._specs = specs
         # Where this lane records the fold it is running (None: nowhere, no crash is recognised).
         self._guard = guard
@@ -246,6 +265,7 @@ class Lane:
         key = tuple(f"{g.view}/{g.generation}" for g in gens)
         checkpoints = {**self._deferred, key: (batch.last_seq, applied_us)}
         stand_ins = _StandIns(batch, _reason(failing)) if failing else None
+        refused = committing = False
         try:
             rows: dict[str, int] = {}
             try:
@@ -269,6 +289,7 @@ class Lane:
                 if tx.begun or self._checkpoints_due(batch.size):
                     tx.begin()
                     self._save(checkpoints)
+                    committing = True
                     _run(con, "COMMIT")
                     self._deferred, self._deferred_since, self._deferred_events = {}, None, 0
                 else:
@@ -278,14 +299,44 @@ class Lane:
                     self._deferred_events += batch.size
                     if self._deferred_since is None:
                         self._deferred_since = time.monotonic()
-            except BaseException:
-                if tx.begun:
-                    rollback(con)
+            except BaseException as exc:
+                if self._folds_first is not None and out_of_memory(exc):
+                    self._folds_first.short(self._name)
+                # Even when `tx.begun` is False: BEGIN may have run and its fetch failed.
+                refused = not rollback(con)
                 raise
         except _RecordError:
             raise
         except Exception as exc:
             where = f"seq {batch.first_seq}..{batch.last_seq}"
+            if refused:
+                # Its transaction stays open and aborted, holding what it wrote: this connection
+                # would fail every statement, and others would conflict with it, until DuckDB is
+                # opened again.
+                raise StoreInvalidated(f"DuckDB could not roll back the failed fold of {where} "
+                                       f"({first_line(exc)})") from exc
+            if isinstance(exc, duckdb.TransactionException) and "conflict" in str(exc).lower():
+                # A lane is the one writer of its views and of its checkpoint rows: a conflict can
+                # only be with a transaction DuckDB failed to end (out of memory, it can leave
+                # one, or a half-registered `batch`, behind). Once may be chance; twice running
+                # it will not go away until DuckDB is opened again.
+                self._conflicts += 1
+                if self._conflicts >= 2:
+                    self._conflicts = 0
+                    raise StoreInvalidated(f"DuckDB keeps failing the fold of {where} for a write conflict no "
+                                           f"other writer causes ({first_line(exc)})") from exc
+            if lost_spill(exc):
+                raise StoreInvalidated(f"DuckDB lost a block it had set aside while folding {where} "
+                                       f"({first_line(exc)})") from exc
+            if committing and out_of_memory(exc):
+                # Out of memory half-way through a commit, DuckDB can leave some of the tables
+                # appended to in memory and not others (the views' rows without their
+                # checkpoint): folded again, those rows would be there twice. What is in the file
+                # is whole: DuckDB is opened again from it.
+                raise StoreInvalidated(f"DuckDB failed to commit the fold of {where} ({first_line(exc)})") from exc
+            if cause_of(exc) is Cause.DATABASE and out_of_memory(exc):
+                raise StoreInvalidated(f"DuckDB invalidated the database while folding {where}, for want of "
+                                       f"memory: {first_line(exc)}") from exc
             if cause_of(exc) is Cause.DATABASE:
                 raise StoreUnusable(f"the database became unusable while folding {where}: {exc}") from exc
             raise FoldError(f"could not apply {where}: {describe(exc)}") from exc
@@ -294,6 +345,9 @@ class Lane:
         for gen in gens:
             gen.applied_seq = batch.last_seq
             gen.applied_us = applied_us
+        if self._folds_first is not None:
+            self._folds_first.folded(self._name)
+        self._conflicts = 0
         return Applied(events=batch.size, last_seq=batch.last_seq, rows=rows)
 
     def save_checkpoints(self) -> None:
@@ -394,12 +448,22 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = No
     (con.execute(sql, params) if params is not None else con.execute(sql)).fetchall()
 
 
-def rollback(con: duckdb.DuckDBPyConnection) -> None:
-    """Roll back the open transaction, if there is one."""
+def rollback(con: duckdb.DuckDBPyConnection) -> bool:
+    """Roll back the open transaction, if there is one. Returns whether `con` is now outside
+    any transaction: False when DuckDB refused the ROLLBACK itself (out of memory, say), and
+    the caller must try again before its next statement. Raises duckdb.FatalException when the
+    failed rollback invalidated the database."""
     try:
         _run(con, "ROLLBACK")
+    except duckdb.FatalException:
+        raise
+    except duckdb.TransactionException as exc:
+        # "cannot rollback - no transaction is active": it failed before BEGIN, or was already
+        # rolled back.
+        return "no transaction is active" in str(exc)
     except duckdb.Error:
-        pass  # no transaction open (it failed before BEGIN, or was already rolled back)
+        return False
+    return True
 
 
 def first_line(exc: BaseException) -> str:

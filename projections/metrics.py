@@ -60,6 +60,11 @@ class ProjectionMetrics:
             "Folds retried after a failure that lies not in the events (out of memory, disk full), by target.",
             ["target"], registry=registry,
         )
+        self.reopens = Counter(
+            "continuum_projection_reopens_total",
+            "Times the views file was opened again after DuckDB invalidated it for want of memory.",
+            registry=registry,
+        )
         self.reader_restarts = Counter(
             "continuum_projection_reader_restarts_total", "Times the log reader had to start over.",
             registry=registry,

@@ -40,6 +40,8 @@ import duckdb
 import pyarrow as pa
 
 from projections.config import format_bytes
+from projections.fold import rollback
+from projections.memory_share import FoldsFirst
 from projections.recent import Recent
 from projections.statement import check
 from schemas.query import QueryFailure, QueryResult, failure
@@ -122,6 +124,12 @@ class _Watchdog:
             self._changed.notify()
         self._thread.join()
 
+    def stop_for_folds(self) -> None:
+        """Interrupt the running query, if any, for the folds (see QueryExecutor.make_room)."""
+        with self._changed:
+            if self._deadline is not None and not self._closed:
+                self._trip("folds")
+
     def _watch(self) -> None:
         watch_memory = self._footprint.available
         with self._changed:
@@ -156,7 +164,8 @@ class _Watchdog:
     def _trip(self, why: str) -> None:
         self._deadline = None
         self.tripped = why
-        self._interrupt()
+        with contextlib.suppress(duckdb.Error):  # (its connection closed with a database reopened)
+            self._interrupt()
 
 
 _CHECKS_REMEMBERED = 256
@@ -173,8 +182,21 @@ class QueryExecutor:
         *,
         memory_limit_bytes: int,
         max_result_bytes: int,
+        folds_first: FoldsFirst | None = None,
     ) -> None:
         self._cursor = cursor
+        # Queries give way to a fold short of memory (projections.memory_share).
+        self._folds_first = folds_first
+        # Set when the store was opened again (projections.store.Store.reopen): this executor's
+        # cursors were closed with the old database; it is closed once its query ends.
+        self.retired = False
+        # A query whose ROLLBACK DuckDB refused (out of memory) left its transaction open and
+        # aborted: the next query rolls it back first.
+        self._unsettled = False
+        # Set when DuckDB said it invalidated the database: the service opens it again.
+        self.invalidated = False
+        # The store's incarnation its cursors belong to (the service sets it).
+        self.incarnation = 0
         self._probe = probe
         self._running = threading.Lock()
         self._memory_limit = memory_limit_bytes
@@ -182,6 +204,8 @@ class QueryExecutor:
         footprint = _Footprint(probe)
         self.measures_memory = footprint.available
         self._watchdog = _Watchdog(cursor.interrupt, footprint, memory_limit_bytes)
+        if folds_first is not None:
+            folds_first.add_queries(self.make_room)
         self._temp_directory = str(cursor.execute("SELECT current_setting('temp_directory')").fetchone()[0] or "")
         # `check` verdicts of recent SQL texts (a parse each, ~0.3 ms; clients repeat queries).
         self._checked: Recent[str, QueryFailure | None] = Recent(_CHECKS_REMEMBERED)
@@ -190,10 +214,21 @@ class QueryExecutor:
         """Stop the query running now, if any (from another thread)."""
         self._cursor.interrupt()
 
+    def make_room(self, wait_s: float) -> None:
+        """Stop the query running now, if any, because a fold ran out of DuckDB's memory (see
+        projections.memory_share); wait up to `wait_s` for it to let go. Called from a fold
+        lane's thread."""
+        self._watchdog.stop_for_folds()
+        if self._running.acquire(timeout=wait_s):
+            self._running.release()
+
     def close(self) -> None:
+        if self._folds_first is not None:
+            self._folds_first.remove_queries(self.make_room)
         self._watchdog.close()
-        self._cursor.close()
-        self._probe.close()
+        with contextlib.suppress(duckdb.Error):  # (closed already with a database reopened)
+            self._cursor.close()
+            self._probe.close()
 
     def run(
         self, sql: str, params: list[Any], *, max_rows: int, timeout_s: float, applied_seq: int
@@ -205,15 +240,26 @@ class QueryExecutor:
         if refusal is not None:
             return refusal
         cursor = self._cursor
+        if self.retired:
+            return failure("internal", "the views file was opened again while this query waited: send it again")
+        if self._folds_first is not None and not self._folds_first.admit(timeout_s):
+            return failure("timeout", f"the query waited its whole time limit of {timeout_s:.3g}s for the views to fold: "
+                                      "they were short of the memory they share with queries")
+        timeout_s = max(0.001, timeout_s - (time.perf_counter() - started))
         with self._running:
             try:
+                if self._unsettled:
+                    self._unsettled = not rollback(cursor)
+                    if self._unsettled:
+                        return failure("too_large", "the service is short of memory (DuckDB refused to end the "
+                                                    "previous query): try again in a moment")
                 cursor.execute("BEGIN TRANSACTION READ ONLY").fetchall()
                 self._watchdog.arm(timeout_s)
                 try:
                     columns, types, rows, truncated = fetch_rows(cursor, sql, params, max_rows, self._max_result_bytes)
                 finally:
                     self._watchdog.disarm()
-                    cursor.execute("ROLLBACK").fetchall()
+                    self._unsettled = not rollback(cursor)
             except duckdb.InterruptException:
                 return self._interrupted(timeout_s)
             except ResultTooLarge:
@@ -227,6 +273,10 @@ class QueryExecutor:
                 return failure("not_allowed", f"not allowed on the read-only query service: {_first_line(exc)}")
             except _BAD_SQL as exc:
                 return failure("bad_sql", str(exc))
+            except duckdb.FatalException as exc:
+                self.invalidated = True
+                return failure("internal", f"DuckDB invalidated the views database ({_first_line(exc)}): it is being "
+                                           f"opened again; send the query again")
             except duckdb.Error as exc:
                 return failure("internal", f"{type(exc).__name__}: {exc}")
             except (ValueError, OverflowError, pa.ArrowException) as exc:
@@ -243,6 +293,12 @@ class QueryExecutor:
                 "too_large",
                 f"the query grew the service's memory past its limit of {format_bytes(self._memory_limit)} per query: "
                 "aggregate less, narrow it, or add a LIMIT",
+            )
+        if why == "folds":
+            return failure(
+                "too_large",
+                "the query was stopped: it held memory the views needed to fold (queries and folds share "
+                "DuckDB's memory_limit): aggregate less, narrow it, or add a LIMIT",
             )
         if why == "timeout":
             return failure("timeout", f"the query ran past its time limit of {timeout_s:.3g}s; narrow it or add a LIMIT")

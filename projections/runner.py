@@ -49,11 +49,11 @@ from bus.log_reader import LogReader, LogRecord
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
 from projections.errors import FoldError, RebuildError
-from projections.fold import StoreUnusable, describe, retry_delay
+from projections.fold import StoreInvalidated, StoreUnusable, describe, retry_delay
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
 from projections.protocol import FoldRetry, RebuildReport
-from projections.store import Applied, Store
+from projections.store import REOPENING, Applied, Store
 
 if TYPE_CHECKING:
     from bus import Bus
@@ -227,6 +227,8 @@ class Runner:
         settings: ProjectionSettings,
         metrics: ProjectionMetrics,
         watermark: Watermark,
+        *,
+        on_reopened: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._bus = bus
         self._writer = writer
@@ -244,6 +246,10 @@ class Runner:
         # Set by a swap: the live pipeline starts over from the (new) checkpoint, so records it
         # read but could not apply (every view frozen during a rebuild) are read again.
         self._restart_live = asyncio.Event()
+        # Held while the store is opened again (StoreInvalidated): no lane fold starts meanwhile.
+        self._reopening = asyncio.Lock()
+        # Told when it was, with the views to build (the service renews its query cursors).
+        self._on_reopened = on_reopened
 
     def close(self) -> None:
         self._decoder.shutdown(wait=True)
@@ -511,12 +517,13 @@ class Runner:
         reached: asyncio.Event,
     ) -> None:
         store, metrics = self._store, self._metrics
-        thread = store.lane_thread(lane)
         loop = asyncio.get_running_loop()
         name = "+".join(dict.fromkeys(store.specs[view].lane for view in store.lane_views(lane)))
 
-        def fold(piece: Batch) -> Awaitable[Applied]:
-            return loop.run_in_executor(thread, store.fold_lane, lane, piece)
+        async def fold(piece: Batch) -> Applied:
+            async with self._reopening:  # (uncontended: no wait) the lane's thread is the open store's
+                thread = store.lane_thread(lane)
+            return await loop.run_in_executor(thread, store.fold_lane, lane, piece)
 
         with self.watermark.demand(store.lane_views(lane), wake.set):
             while True:
@@ -548,7 +555,9 @@ class Runner:
         """`fold(batch)`; a failure of the environment (FoldError: out of memory, disk full) is
         retried after `retry_delay`, each time on half as many records (a smaller transaction
         needs less memory), until it succeeds. Nothing a record causes gets here (the lane folds
-        it as an error), so no record is ever given up on. Raises StoreUnusable."""
+        it as an error), so no record is ever given up on. A database DuckDB invalidated for want
+        of memory (StoreInvalidated) is opened again, and the fold retried; a rebuild's work is
+        lost with it (RebuildError). Raises StoreUnusable, RebuildError."""
         done: Applied | None = None
         pending: Batch | None = batch
         size, attempt = batch.size, 0
@@ -556,10 +565,18 @@ class Runner:
             while pending is not None:
                 piece = pending if size >= pending.size else pending.window(pending.after_seq, pending.seqs[size - 1])
                 assert piece is not None
+                incarnation = self._store.incarnation
                 try:
                     applied = await fold(piece)
                 except StoreUnusable:
                     raise
+                except StoreInvalidated as exc:
+                    log.error("%s: %s; opening the views file again", where, exc)
+                    await self.reopen(incarnation)
+                    if target != "live":
+                        raise RebuildError("the views file was opened again after DuckDB invalidated it (out of "
+                                           "memory), which dropped the rebuild's work: ask for it again") from exc
+                    continue
                 except FoldError as exc:
                     attempt += 1
                     delay = retry_delay(attempt)
@@ -586,6 +603,25 @@ class Runner:
                 self._retrying.pop(where, None)
         assert done is not None
         return done
+
+    async def reopen(self, incarnation: int) -> None:
+        """Open the store again, after DuckDB invalidated it (or left it in a state only that
+        mends), unless that was done since `incarnation` (several lanes and queries find out at
+        once); then tell the service. Raises StoreUnusable when the file cannot be opened."""
+        async with self._reopening:
+            try:
+                stale = await self._writer.call(self._store.reopen, incarnation)
+            except Exception as exc:
+                raise StoreUnusable(f"could not open the views file again: {describe(exc)}") from exc
+            if stale is None:
+                return
+            self._metrics.reopens.inc()
+            log.warning("the views file is open again, from seq %d", self._store.applied_seq)
+            try:
+                if self._on_reopened is not None:
+                    await self._on_reopened(stale)
+            finally:
+                self._store.folds_first.folded(REOPENING)  # the queries go on, on new cursors
 
     def _after_live(self, seq: int, time_ns: int, reader: Source) -> None:
         self.watermark.advance(seq)

@@ -49,6 +49,7 @@ from projections.protocol import (
 )
 from projections.query import QueryExecutor, warm_up
 from projections.relations import RelationReader
+from projections.fold import StoreUnusable
 from projections.runner import Runner, Writer
 from projections.status import build_report, collect
 from projections.store import Store
@@ -145,7 +146,7 @@ class ProjectionService:
         self._query_pool = pool
         self._stack.callback(self._close_queries, pool)
 
-        runner = Runner(bus, writer, settings, self.metrics, self.watermark)
+        runner = Runner(bus, writer, settings, self.metrics, self.watermark, on_reopened=self._renew_queries)
         self.runner = runner
         self._stack.callback(runner.close)
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
@@ -176,13 +177,16 @@ class ProjectionService:
         DuckDB's cache (on the writer thread: DuckDB calls, and its watchdog thread is started
         from an unsandboxed thread)."""
         settings = self._settings
-        return [
+        executors = [
             QueryExecutor(
                 store.cursor(), store.cursor(), memory_limit_bytes=settings.query_memory_limit(),
-                max_result_bytes=self._bus.max_payload,
+                max_result_bytes=self._bus.max_payload, folds_first=store.folds_first,
             )
             for _ in range(settings.query.workers)
         ]
+        for executor in executors:
+            executor.incarnation = store.incarnation
+        return executors
 
     async def _query_threads(self) -> ThreadPoolExecutor:
         """The threads queries run on, each kept off the file system by the kernel where it can
@@ -226,6 +230,30 @@ class ProjectionService:
             executor.interrupt()
         for task in self._background:
             task.cancel()
+
+    async def _reopen(self, runner: Runner, incarnation: int) -> None:
+        """A query found the database invalidated: open it again (as a fold that finds it so
+        would; the folds may be idle). Raises StoreUnusable (ending the service)."""
+        try:
+            await runner.reopen(incarnation)
+        except StoreUnusable as exc:
+            log.error("%s: the views can no longer be served; stopping", exc)
+            raise
+
+    async def _renew_queries(self, stale: list[str]) -> None:
+        """The store was opened again (projections.runner.Runner.reopen), closing the query
+        executors' cursors: new executors take over, the old ones close once their query ends;
+        views found stale are built again (a rebuild in progress was dropped)."""
+        assert self._writer is not None and self.store is not None
+        old, self._executors = self._executors, await self._writer.call(self._new_executors, self.store)
+        for executor in old:
+            executor.retired = True
+        while not self._idle.empty():
+            await self._writer.call(self._idle.get_nowait().close)
+        for executor in self._executors:
+            self._idle.put_nowait(executor)
+        if stale and self._tasks is not None:
+            self._background.append(self._tasks.create_task(self._build_stale(stale), name="projections-build"))
 
     def _close_queries(self, pool: ThreadPoolExecutor) -> None:
         pool.shutdown(wait=True)
@@ -299,7 +327,12 @@ class ProjectionService:
                 ),
             )
         finally:
-            self._idle.put_nowait(executor)
+            if executor.invalidated and not executor.retired and self.runner is not None and self._tasks is not None:
+                self._tasks.create_task(self._reopen(self.runner, executor.incarnation), name="projections-reopen")
+            if executor.retired:
+                await loop.run_in_executor(None, executor.close)
+            else:
+                self._idle.put_nowait(executor)
 
     async def _views_read_by(self, sql: str) -> frozenset[str]:
         """The views `sql` reads, from its relation names (parsed on a query thread); empty,

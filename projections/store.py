@@ -36,6 +36,7 @@ import functools
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -47,12 +48,18 @@ from projections.batch import Batch
 from projections.crashes import LIVE, CrashGuard
 from projections.errors import StoreLocked, StoreMismatch
 from projections.fold import Applied, Generation, Lane, after, rollback
+from projections.memory_share import FoldsFirst
 from projections.unsynced import UnsyncedFile, current_boot_id
 from projections.views import VIEWS, ViewSpec
 
 __all__ = ["Applied", "Generation", "Store", "content_hashes", "file_hashes", "generations_in", "open_read_only"]
 
 log = logging.getLogger("continuum.projections.store")
+
+# What holds the queries back while the store is opened again (see FoldsFirst).
+REOPENING = "reopening"
+# How long `Store.reopen` waits for the last query on an invalidated database to let go.
+REOPEN_WAIT_S = 10.0
 
 FORMAT = "1"
 _IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -117,6 +124,12 @@ class Store:
         self._threads = threads
         self._checkpoint_threshold = checkpoint_threshold
         self._con: duckdb.DuckDBPyConnection | None = None
+        # How the folds and the queries share DuckDB's memory (the queries register with it).
+        self.folds_first = FoldsFirst()
+        # How many times `reopen` opened the file again: cursors from before are closed.
+        self.incarnation = 0
+        # An earlier ROLLBACK DuckDB refused (see fold.rollback): the next BEGIN rolls back first.
+        self._unsettled = False
         # Unless asked to fsync every commit, write unsynced where a torn file can be told
         # (projections.unsynced); `boot_id` stands in for this boot's (tests).
         boot = boot_id or (None if fsync else current_boot_id())
@@ -202,7 +215,8 @@ class Store:
             self.close()
             raise
         self._lanes = [
-            Lane(con.cursor(), self.specs, guard=self.crash_guard, slot=i, name=self._lane_name(i))
+            Lane(con.cursor(), self.specs, guard=self.crash_guard, slot=i, name=self._lane_name(i),
+                 folds_first=self.folds_first)
             for i in range(self._lane_count)
         ]
         self._lane_locks = [threading.Lock() for _ in range(self._lane_count)]
@@ -214,8 +228,36 @@ class Store:
             self._lane_pool = ThreadPoolExecutor(self._lane_count - 1, thread_name_prefix="continuum-duckdb-lane")
         return stale
 
+    def reopen(self, incarnation: int) -> list[str] | None:
+        """Close and open the file again, if it has not been since `incarnation`: after DuckDB
+        invalidated the database (StoreInvalidated), what was committed is in the file and a new
+        DuckDB instance goes on from it. Every cursor of the old one is closed with it. A rebuild
+        in progress is dropped (its generations are `building`). Call it on the writer thread,
+        while no new fold starts (one running is waited for). Returns None if it had been
+        reopened already, else the views to build (as `open`). Raises StoreLocked,
+        StoreMismatch, duckdb.Error (as `open`)."""
+        if incarnation != self.incarnation:
+            return None
+        # DuckDB hands out the old (invalidated) instance while a query on it still runs: stop
+        # the queries, wait for the last to let go, and hold new ones back (until the caller
+        # has new query cursors: `folds_first.folded(REOPENING)`).
+        self.folds_first.short(REOPENING)
+        self.close()
+        deadline = time.monotonic() + REOPEN_WAIT_S
+        while True:
+            try:
+                stale = self.open()
+                break
+            except duckdb.FatalException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.incarnation += 1
+        return stale
+
     def close(self) -> None:
-        """Close the file (checkpointing DuckDB's WAL). Safe to call twice."""
+        """Close the file (checkpointing DuckDB's WAL). Safe to call twice, and after DuckDB
+        invalidated the database."""
         pool, self._lane_pool = self._lane_pool, None
         if pool is not None:
             pool.shutdown(wait=True)
@@ -227,14 +269,16 @@ class Store:
                 lane.save_checkpoints()
             except duckdb.Error as exc:
                 log.warning("could not write deferred checkpoints (they are folded again at the next start): %s", exc)
-            lane.con.close()
+            with contextlib.suppress(duckdb.Error):
+                lane.con.close()
         self._lanes = []
         guard, self.crash_guard = self.crash_guard, None
         if guard is not None:
             guard.close()
         con, self._con = self._con, None
         if con is not None:
-            con.close()
+            with contextlib.suppress(duckdb.Error):  # (invalidated: there is nothing left to write)
+                con.close()
             if self._unsynced is not None:
                 self._unsynced.release()
 
@@ -576,10 +620,12 @@ class Store:
         return (self.con.execute(sql, params) if params is not None else self.con.execute(sql)).fetchall()
 
     def _begin(self) -> None:
+        if self._unsettled:  # an earlier ROLLBACK was refused: that transaction is still open
+            self._rollback()
         self._run("BEGIN TRANSACTION")
 
     def _rollback(self) -> None:
-        rollback(self.con)
+        self._unsettled = not rollback(self.con)
 
 
 def _lock_holder(message: str) -> str:

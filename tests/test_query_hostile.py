@@ -319,6 +319,61 @@ async def test_a_query_that_hits_duckdbs_own_limit_leaves_the_folds_folding(bus:
         assert (await bus.query("SELECT count(*) FROM events", min_seq=last, timeout_s=60)).rows == [[last]]
 
 
+@pytest.mark.timeout(300)
+async def test_the_service_opens_its_views_again_when_duckdb_gives_up_and_folds_everything_once(
+    bus: Bus, tmp_path: Path,
+) -> None:
+    """With DuckDB's memory at 96 MB and a query taking all of it non-stop, DuckDB sooner or
+    later fails a fold's rollback or commit (or invalidates the database): the service opens
+    the views file again (`continuum_projection_reopens_total`), renews its query cursors, and
+    goes on; every event is folded once and queries are answered after."""
+    async with running(bus, tmp_path, memory_limit="96MB", query_memory=90 * MIB) as seeded:
+        registry = seeded.service.metrics.registry
+        last, appended = seeded.last_seq, 0
+        stop = asyncio.Event()
+
+        async def hog() -> None:
+            while not stop.is_set():
+                await refused(bus, "SELECT len(list(repeat('x', 1000))) FROM range(3000000)", timeout_s=60)
+
+        async with asyncio.TaskGroup() as tasks:
+            hogging = [tasks.create_task(hog()) for _ in range(2)]
+            while (registry.get_sample_value("continuum_projection_reopens_total") or 0) < 1:
+                assert appended < 30_000, "DuckDB never gave up: nothing was tested"
+                items = list(synthetic_log(bus, 500, seed=appended, first_seq=last + 1))
+                last = await append_batches(bus, items, batch=50)
+                appended += len(items)
+                await caught_up(bus, last)
+            stop.set()
+            for task in hogging:
+                await task
+
+        await caught_up(bus, last)
+        result = await bus.query("SELECT count(*), count(DISTINCT seq), max(seq) FROM events", min_seq=last)
+        assert result.rows == [[last, last, last]]
+        await alive_and_unchanged_but_for_appends(bus, last)
+
+
+async def caught_up(bus: Bus, seq: int, within_s: float = 120.0) -> None:
+    """Wait until the views have applied `seq` (a fold retried with backoff, or the views file
+    opened again, can take longer than one query's wait for it)."""
+    async with asyncio.timeout(within_s):
+        while True:
+            try:
+                await bus.query("SELECT 1", min_seq=seq)
+                return
+            except QueryError as exc:
+                reopening = exc.kind == "internal" and "opened again" in str(exc)
+                if exc.kind not in ("lag", "timeout", "too_large") and not reopening:
+                    raise
+
+
+async def alive_and_unchanged_but_for_appends(bus: Bus, last: int) -> None:
+    probe = await bus.send("alice", Note(text="still folding"))
+    assert probe.ack.seq > last
+    assert (await bus.query("SELECT count(*) FROM events", min_seq=probe.ack.seq)).rows == [[probe.ack.seq]]
+
+
 # -- oversized requests and results -------------------------------------------------------
 
 
