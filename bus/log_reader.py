@@ -66,6 +66,8 @@ START_TIMEOUT_S = 10.0
 # Pauses between attempts to create a consumer: from the first, doubling, up to the last.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
+# Unanswered attempts to create a consumer under one name before trying under a new one.
+SAME_NAME_ATTEMPTS = 3
 # Records waiting to be read beyond which flow-control requests wait for `read`.
 HOLD_FLOW_AT = 65_536
 
@@ -321,28 +323,18 @@ class LogReader:
 
     async def _follow(self, *, deadline: float | None) -> None:
         """Drop the current consumer's inbox; subscribe a new one and create a consumer pushing
-        to it from the next sequence wanted. Attempts are bounded and repeated (with the same
-        name: a create that timed out but happened is answered by the next one) until one works
-        or `deadline` (monotonic) passes. Raises BusUnavailable, PermissionDenied,
+        to it from the next sequence wanted. Attempts are bounded and repeated until one works
+        or `deadline` (monotonic) passes: `SAME_NAME_ATTEMPTS` with the same name (a create that
+        timed out but happened is answered by the next one), then with a new name and inbox (the
+        server may have placed the consumer on a node that has just died, and then answers
+        nothing for that name until the node is back). Raises BusUnavailable, PermissionDenied,
         ConfigurationError."""
         conn = self._conn
         assert conn is not None
-        self._cseq = _BROKEN
-        self._consumer = None
-        old, self._sid = self._sid, None
-        if old is not None:
-            # No drain: what the old consumer still sends is unwanted, and none of it reaches
-            # the callback once this returns (nor waits on a server that stopped answering).
-            await conn.unsubscribe(old, drain_timeout_s=0)
-        inbox = conn.new_inbox()
-        self._cseq, self._heard, self._why, self._held_flow = 0, 0, None, None
-        self._quiet, self._quiet_since = (0, 0), time.monotonic()
-        self._sid = conn.subscribe(inbox, self._on_message)
-        name = f"{_UNSAFE_NAME.sub('_', self._name)[:32]}-{secrets.token_hex(8)}"
-        config = self._consumer_config(name, inbox)
-        self._consumer = name  # from now on: an attempt may have created it even if cancelled
         pause = RETRY_FIRST_S
         for attempt in itertools.count(1):
+            if attempt % SAME_NAME_ATTEMPTS == 1:
+                config = await self._new_inbox(conn)
             try:
                 await self._create(conn, config)
                 self._quiet_since = time.monotonic()
@@ -355,6 +347,24 @@ class LogReader:
                         self._name, attempt, exc, pause)
             await asyncio.sleep(pause)
             pause = min(pause * 2, RETRY_MAX_S)
+
+    async def _new_inbox(self, conn: WireConnection) -> js_api.ConsumerConfig:
+        """Drop the current consumer's inbox, subscribe a new one, and name a new consumer for
+        it: its config."""
+        self._cseq = _BROKEN
+        self._consumer = None
+        old, self._sid = self._sid, None
+        if old is not None:
+            # No drain: what the old consumer still sends is unwanted, and none of it reaches
+            # the callback once this returns (nor waits on a server that stopped answering).
+            await conn.unsubscribe(old, drain_timeout_s=0)
+        inbox = conn.new_inbox()
+        self._cseq, self._heard, self._why, self._held_flow = 0, 0, None, None
+        self._quiet, self._quiet_since = (0, 0), time.monotonic()
+        self._sid = conn.subscribe(inbox, self._on_message)
+        name = f"{_UNSAFE_NAME.sub('_', self._name)[:32]}-{secrets.token_hex(8)}"
+        self._consumer = name  # from now on: an attempt may have created it even if cancelled
+        return self._consumer_config(name, inbox)
 
     async def _create(self, conn: WireConnection, config: js_api.ConsumerConfig) -> None:
         """One bounded attempt. Raises BusUnavailable (retry; but not `_StreamGone`, the stream

@@ -249,6 +249,8 @@ class Transport:
                 max_outstanding_pings=MAX_PINGS_OUT,
                 inbox_prefix=spec.inbox_prefix,
                 error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
                 **options,
             )
         except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
@@ -276,6 +278,14 @@ class Transport:
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("%s: NATS client error: %s", self.spec.name, exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("%s: the control connection to NATS was lost; reconnecting", self.spec.name)
+
+    async def _on_reconnected(self) -> None:
+        nc = self._nc
+        log.info("%s: the control connection reconnected to NATS at %s", self.spec.name,
+                 nc.connected_url.netloc if nc is not None and nc.connected_url is not None else "?")
 
     # -- state -----------------------------------------------------------------------------
 
