@@ -280,6 +280,9 @@ class Transport:
         log.warning("%s: NATS client error: %s", self.spec.name, exc)
 
     async def _on_disconnected(self) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed or nc.is_draining:
+            return  # (closing it: nats-py says disconnected then too)
         log.warning("%s: the control connection to NATS was lost; reconnecting", self.spec.name)
 
     async def _on_reconnected(self) -> None:
