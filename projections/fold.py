@@ -309,34 +309,9 @@ class Lane:
             raise
         except Exception as exc:
             where = f"seq {batch.first_seq}..{batch.last_seq}"
-            if refused:
-                # Its transaction stays open and aborted, holding what it wrote: this connection
-                # would fail every statement, and others would conflict with it, until DuckDB is
-                # opened again.
-                raise StoreInvalidated(f"DuckDB could not roll back the failed fold of {where} "
-                                       f"({first_line(exc)})") from exc
-            if isinstance(exc, duckdb.TransactionException) and "conflict" in str(exc).lower():
-                # A lane is the one writer of its views and of its checkpoint rows: a conflict can
-                # only be with a transaction DuckDB failed to end (out of memory, it can leave
-                # one, or a half-registered `batch`, behind). Once may be chance; twice running
-                # it will not go away until DuckDB is opened again.
-                self._conflicts += 1
-                if self._conflicts >= 2:
-                    self._conflicts = 0
-                    raise StoreInvalidated(f"DuckDB keeps failing the fold of {where} for a write conflict no "
-                                           f"other writer causes ({first_line(exc)})") from exc
-            if lost_spill(exc):
-                raise StoreInvalidated(f"DuckDB lost a block it had set aside while folding {where} "
-                                       f"({first_line(exc)})") from exc
-            if committing and out_of_memory(exc):
-                # Out of memory half-way through a commit, DuckDB can leave some of the tables
-                # appended to in memory and not others (the views' rows without their
-                # checkpoint): folded again, those rows would be there twice. What is in the file
-                # is whole: DuckDB is opened again from it.
-                raise StoreInvalidated(f"DuckDB failed to commit the fold of {where} ({first_line(exc)})") from exc
-            if cause_of(exc) is Cause.DATABASE and out_of_memory(exc):
-                raise StoreInvalidated(f"DuckDB invalidated the database while folding {where}, for want of "
-                                       f"memory: {first_line(exc)}") from exc
+            broken = self._left_broken(exc, refused=refused, committing=committing)
+            if broken is not None:
+                raise StoreInvalidated(f"DuckDB {broken} while folding {where} ({first_line(exc)})") from exc
             if cause_of(exc) is Cause.DATABASE:
                 raise StoreUnusable(f"the database became unusable while folding {where}: {exc}") from exc
             raise FoldError(f"could not apply {where}: {describe(exc)}") from exc
@@ -349,6 +324,32 @@ class Lane:
             self._folds_first.folded(self._name)
         self._conflicts = 0
         return Applied(events=batch.size, last_seq=batch.last_seq, rows=rows)
+
+    def _left_broken(self, exc: Exception, *, refused: bool, committing: bool) -> str | None:
+        """What DuckDB left broken in memory when a fold failed with `exc`, so that only opening
+        the file again mends it (see StoreInvalidated); None if nothing is."""
+        if refused:
+            # The transaction stays open and aborted, holding what it wrote: this connection
+            # would fail every statement, and others would conflict with it.
+            return "could not roll back the failed fold"
+        if committing and out_of_memory(exc):
+            # Some tables appended to in memory and not others (the views' rows without their
+            # checkpoint): folded again, those rows would be there twice.
+            return "failed half-way through a commit"
+        if cause_of(exc) is Cause.DATABASE and out_of_memory(exc):
+            return "invalidated the database for want of memory"
+        if lost_spill(exc):
+            return "lost a block it had set aside"
+        if isinstance(exc, duckdb.TransactionException) and "conflict" in str(exc).lower():
+            # A lane is the one writer of its views and of its checkpoint rows: a conflict can
+            # only be with a transaction DuckDB failed to end (out of memory, it can leave one,
+            # or a half-registered `batch`, behind). Once may be chance; twice running, it will
+            # not go away.
+            self._conflicts += 1
+            if self._conflicts >= 2:
+                self._conflicts = 0
+                return "keeps reporting a write conflict no other writer causes"
+        return None
 
     def save_checkpoints(self) -> None:
         """Write the checkpoints of folds that wrote nothing and so deferred them (at close).

@@ -183,6 +183,7 @@ class QueryExecutor:
         memory_limit_bytes: int,
         max_result_bytes: int,
         folds_first: FoldsFirst | None = None,
+        incarnation: int = 0,
     ) -> None:
         self._cursor = cursor
         # Queries give way to a fold short of memory (projections.memory_share).
@@ -195,8 +196,8 @@ class QueryExecutor:
         self._unsettled = False
         # Set when DuckDB said it invalidated the database: the service opens it again.
         self.invalidated = False
-        # The store's incarnation its cursors belong to (the service sets it).
-        self.incarnation = 0
+        # The Store.incarnation its cursors belong to.
+        self.incarnation = incarnation
         self._probe = probe
         self._running = threading.Lock()
         self._memory_limit = memory_limit_bytes

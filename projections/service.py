@@ -49,7 +49,6 @@ from projections.protocol import (
 )
 from projections.query import QueryExecutor, warm_up
 from projections.relations import RelationReader
-from projections.fold import StoreUnusable
 from projections.runner import Runner, Writer
 from projections.status import build_report, collect
 from projections.store import Store
@@ -177,16 +176,14 @@ class ProjectionService:
         DuckDB's cache (on the writer thread: DuckDB calls, and its watchdog thread is started
         from an unsandboxed thread)."""
         settings = self._settings
-        executors = [
+        return [
             QueryExecutor(
                 store.cursor(), store.cursor(), memory_limit_bytes=settings.query_memory_limit(),
                 max_result_bytes=self._bus.max_payload, folds_first=store.folds_first,
+                incarnation=store.incarnation,
             )
             for _ in range(settings.query.workers)
         ]
-        for executor in executors:
-            executor.incarnation = store.incarnation
-        return executors
 
     async def _query_threads(self) -> ThreadPoolExecutor:
         """The threads queries run on, each kept off the file system by the kernel where it can
@@ -230,15 +227,6 @@ class ProjectionService:
             executor.interrupt()
         for task in self._background:
             task.cancel()
-
-    async def _reopen(self, runner: Runner, incarnation: int) -> None:
-        """A query found the database invalidated: open it again (as a fold that finds it so
-        would; the folds may be idle). Raises StoreUnusable (ending the service)."""
-        try:
-            await runner.reopen(incarnation)
-        except StoreUnusable as exc:
-            log.error("%s: the views can no longer be served; stopping", exc)
-            raise
 
     async def _renew_queries(self, stale: list[str]) -> None:
         """The store was opened again (projections.runner.Runner.reopen), closing the query
@@ -328,7 +316,9 @@ class ProjectionService:
             )
         finally:
             if executor.invalidated and not executor.retired and self.runner is not None and self._tasks is not None:
-                self._tasks.create_task(self._reopen(self.runner, executor.incarnation), name="projections-reopen")
+                # (The folds may be idle: a query that finds the database invalidated opens it again
+                # too. StoreUnusable from it ends the service, as from a fold.)
+                self._tasks.create_task(self.runner.reopen(executor.incarnation), name="projections-reopen")
             if executor.retired:
                 await loop.run_in_executor(None, executor.close)
             else:

@@ -148,8 +148,8 @@ async def elected_after(cluster: LocalCluster, dead: str, timeline: Timeline) ->
 
 
 async def watermark_at(service: ProjectionService, seq: int, timeline: Timeline) -> float:
-    while service.watermark.seq < seq:
-        await asyncio.sleep(0.01)
+    """The time the views have applied `seq` (the caller bounds the wait)."""
+    await service.watermark.wait_for(seq, 3600)
     return timeline.now()
 
 
