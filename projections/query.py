@@ -254,13 +254,14 @@ class QueryExecutor:
                     if self._unsettled:
                         return failure("too_large", "the service is short of memory (DuckDB refused to end the "
                                                     "previous query): try again in a moment")
-                cursor.execute("BEGIN TRANSACTION READ ONLY").fetchall()
-                self._watchdog.arm(timeout_s)
                 try:
-                    columns, types, rows, truncated = fetch_rows(cursor, sql, params, max_rows, self._max_result_bytes)
-                finally:
-                    self._watchdog.disarm()
-                    self._unsettled = not rollback(cursor)
+                    columns, types, rows, truncated = self._fetch(sql, params, max_rows, timeout_s)
+                except duckdb.IOException as exc:
+                    if not self._cleanup_refused(exc):
+                        raise
+                    # DuckDB removing, on this thread (kept off the disk), a file a fold spilled:
+                    # not the query's doing, and done once.
+                    columns, types, rows, truncated = self._fetch(sql, params, max_rows, timeout_s)
             except duckdb.InterruptException:
                 return self._interrupted(timeout_s)
             except ResultTooLarge:
@@ -286,6 +287,22 @@ class QueryExecutor:
             columns=columns, types=types, rows=rows, applied_seq=applied_seq, truncated=truncated,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+    def _fetch(
+        self, sql: str, params: list[Any], max_rows: int, timeout_s: float
+    ) -> tuple[list[str], list[str], list[list[Any]], bool]:
+        """`fetch_rows` in a read-only transaction, always rolled back, under the watchdog."""
+        cursor = self._cursor
+        cursor.execute("BEGIN TRANSACTION READ ONLY").fetchall()
+        self._watchdog.arm(timeout_s)
+        try:
+            return fetch_rows(cursor, sql, params, max_rows, self._max_result_bytes)
+        finally:
+            self._watchdog.disarm()
+            self._unsettled = not rollback(cursor)
+
+    def _cleanup_refused(self, exc: duckdb.IOException) -> bool:
+        return bool(self._temp_directory) and self._temp_directory in str(exc) and "Could not remove file" in str(exc)
 
     def _interrupted(self, timeout_s: float) -> QueryFailure:
         why = self._watchdog.tripped
