@@ -1,0 +1,7 @@
+"""The Model Context Protocol on both sides of the bus.
+
+    server side   `bus mcp`: the bus and the team's memory as MCP tools and resources for any
+                  MCP client (Claude Code, Claude Desktop, Cursor), over stdio or streamable HTTP
+    client side   LLM agents mount MCP servers; each tool call is a recorded step, so a
+                  redelivered message, a restart or a replay never calls the server again
+"""
