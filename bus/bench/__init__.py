@@ -22,6 +22,8 @@ SECTIONS = (
     "agents.bench",           # agent_start_ms, agent_restart_ms, agent_rss_mb, step_overhead_us, ...
     "agents.memory.bench",    # context_compile_ms
     "agents.memory.bench_views",  # memory_write_p99_ms, recall_query_p95_ms (views over the bus)
+    "agents.mcp.bench",       # mcp_tool_call_p50_ms (a memory search through `bus mcp` over stdio)
+    "agents.mcp.bench_steps",  # mcp_step_overhead_ms (an agent's recorded MCP tool call vs the bare call)
 )
 
 

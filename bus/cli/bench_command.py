@@ -48,6 +48,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "memory_write_p99_ms": ("<=", 20),
     "recall_query_p95_ms": ("<=", 150),
     "context_compile_ms": ("<=", 10),
+    "mcp_tool_call_p50_ms": ("<=", 20),
+    "mcp_step_overhead_ms": ("<=", 2),
 }
 
 QUICK_SCALE = 0.05
