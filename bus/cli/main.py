@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "projections.cli",             # projections run|rebuild|status, query
     "agents.cli",                  # agent start|ps|stop|logs, trace
     "agents.research.cli",         # demo research, replay
+    "agents.mcp.cli",              # mcp
 )
 
 
