@@ -33,6 +33,7 @@ from bus.cli.common import (
     open_bus,
     out,
     positive_int,
+    write_out,
 )
 from bus.errors import BusUnavailable
 from projections.config import (
@@ -303,8 +304,7 @@ async def _query(args: argparse.Namespace) -> int:
         result = await bus.query(
             args.sql, params, min_seq=args.min_seq, max_rows=args.max_rows, timeout_s=args.timeout
         )
-    sys.stdout.write(render(result, args.format))
-    sys.stdout.flush()
+    write_out(render(result, args.format))
     if result.truncated:
         sys.stderr.write(f"(truncated at {len(result.rows)} rows; raise --max-rows or add a LIMIT)\n")
     return 0

@@ -28,6 +28,11 @@ class CliError(Exception):
     and how to fix it."""
 
 
+class ReaderGone(Exception):
+    """Whoever read standard output went away (`bus tail | head -2`): the command has nobody to
+    answer and ends quietly, exit code 0."""
+
+
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
     """--url, --namespace and --home, with defaults from BUS_URL, BUS_NAMESPACE, BUS_HOME."""
     parser.add_argument(
@@ -173,6 +178,29 @@ def non_negative_float(text: str) -> float:
 
 
 def out(line: str) -> None:
-    """Print one line of command output and flush (output is often piped and watched live)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    """Print one line of command output and flush (output is often piped and watched live).
+    Raises ReaderGone when the reader of standard output closed it."""
+    write_out(line + "\n")
+
+
+def write_out(text: str) -> None:
+    """Write `text` to standard output and flush. Raises ReaderGone when its reader closed it
+    (standard output then points at /dev/null, so nothing later fails on it, the interpreter's
+    own flush at exit included)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+        raise ReaderGone() from None
+
+
+def silence_stdout() -> None:
+    """Point standard output at /dev/null: what is still buffered for a reader that is gone
+    would otherwise fail again at the next flush."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)

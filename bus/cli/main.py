@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bus.cli.common import CliError
+from bus.cli.common import CliError, ReaderGone, silence_stdout
 from bus.errors import BusError, BusUnavailable, ConfigurationError
 
 COMMAND_MODULES = (
@@ -67,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = asyncio.run(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except (ReaderGone, BrokenPipeError):
+        # The reader of standard output went away (`bus ... | head`): nobody is left to tell.
+        silence_stdout()
+        return 0
     except (CliError, ConfigurationError, BusUnavailable) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from bus.cli.common import (
     CliError,
+    ReaderGone,
     add_connection_options,
     add_metrics_option,
     metrics_server,
@@ -403,11 +404,19 @@ async def run_tail(args: argparse.Namespace) -> int:
     async with open_bus(args, name="cli-tail", metrics_registry=metrics) as bus:
         printer = _TailPrinter(args, bus.subjects)
         done = asyncio.Event()
+        gone = asyncio.Event()  # the reader of standard output went away
 
         async def on_message(msg: Msg) -> None:
             if done.is_set():
                 return
-            if printer.handle(msg):
+            try:
+                printed = printer.handle(msg)
+            except ReaderGone:
+                # Raised into nats-py's callback it would only be logged, once per envelope.
+                gone.set()
+                done.set()
+                return
+            if printed:
                 shown.inc()
                 if args.limit is not None and printer.printed >= args.limit:
                     done.set()
@@ -437,4 +446,6 @@ async def run_tail(args: argparse.Namespace) -> int:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+    if gone.is_set():
+        raise ReaderGone()
     return 0
