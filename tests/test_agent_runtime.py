@@ -11,7 +11,7 @@ import pytest
 
 from agents.errors import AgentDefinitionError, AgentLoadError
 from agents.runtime import Agent, AgentRuntime, Context, HandlerTable, handler, load_agent_class
-from bus import Bus, BusConfig, ConsumerSettings, RetryableError, RetryPolicy
+from bus import Bus, BusConfig, ConsumerSettings, RemoteError, RetryableError, RetryPolicy
 from schemas.payloads import (
     AgentHeartbeat,
     AgentStarted,
@@ -24,6 +24,7 @@ from schemas.payloads import (
     TaskRequested,
 )
 from conftest import wait_for
+from schemas.payloads.messaging import NO_REPLY
 from fixtures_agents.basic import Echo
 from fixtures_agents.helpers import payloads, subject_counts
 
@@ -114,6 +115,29 @@ async def test_a_handler_returning_a_payload_answers_the_request(bus_config: Bus
         reply = await bus.request("echo", Ping(text="hello"), timeout_s=5)
     assert isinstance(reply.payload, Pong) and reply.payload.text == "hello"
     assert reply.sender == "echo"
+
+
+class Silent(Agent):
+    """Handles notes and returns None, requests included."""
+
+    name = "silent"
+
+    @handler
+    async def on_note(self, note: Note, ctx: Context) -> None:
+        return None
+
+
+async def test_a_request_whose_handler_returns_none_is_answered_at_once(bus_config: BusConfig, bus: Bus) -> None:
+    """The requester learns at once that the request was handled without an answer, instead of
+    waiting out its timeout to be told it "will still be handled"."""
+    async with running(Silent(), bus_config):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RemoteError) as failed:
+            await bus.request("silent", Note(text="anyone?"), timeout_s=20)
+        elapsed = asyncio.get_running_loop().time() - started
+    assert failed.value.error_type == NO_REPLY
+    assert "handled the 'note' request but gave no reply" in str(failed.value)
+    assert elapsed < 10  # well inside the timeout: answered, not timed out
 
 
 async def test_lifecycle_and_heartbeats_are_events(bus_config: BusConfig, bus: Bus) -> None:

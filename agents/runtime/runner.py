@@ -27,7 +27,8 @@ from bus.client import Bus
 from bus.config import BusConfig, ConsumerSettings, check_name
 from bus.errors import BusError, PermanentError
 from schemas import Delivery, Envelope, Payload, PayloadRegistry
-from schemas.payloads import AgentHeartbeat, AgentStarted, AgentStopped
+from schemas.payloads import AgentHeartbeat, AgentStarted, AgentStopped, RequestFailed
+from schemas.payloads.messaging import NO_REPLY
 
 log = logging.getLogger("continuum.agents.runtime")
 
@@ -127,14 +128,15 @@ class AgentRuntime:
         try:
             ctx = Context(bus=self.bus, agent=self.name, envelope=envelope, delivery=delivery)
             result = await handle(envelope.payload, ctx)
-            if result is not None:
-                if not isinstance(result, Payload):
-                    raise PermanentError(
-                        f"handler of {envelope.kind!r} returned a {type(result).__name__}; "
-                        "return a Payload (the reply to a request) or None"
-                    )
-                if envelope.reply_to is not None and not ctx.replied:
-                    await ctx.reply(result)
+            if result is not None and not isinstance(result, Payload):
+                raise PermanentError(
+                    f"handler of {envelope.kind!r} returned a {type(result).__name__}; "
+                    "return a Payload (the reply to a request) or None"
+                )
+            if envelope.reply_to is not None and not ctx.replied:
+                # A request always gets an answer: without one its requester would wait out its
+                # timeout and be told the request "will still be handled" though it was.
+                await ctx.reply(result if result is not None else _no_reply(self.name, envelope))
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -176,3 +178,12 @@ class AgentRuntime:
             await self.bus.record(self.name, payload)
         except BusError as exc:
             log.warning("could not record %s for %s: %s", type(payload).__name__, self.name, exc)
+
+
+def _no_reply(agent: str, request: Envelope[Any]) -> RequestFailed:
+    """The answer to a request whose handler returned None without replying."""
+    return RequestFailed(
+        reason=f"agent {agent!r} handled the {request.kind!r} request but gave no reply "
+        "(its handler returned None; return a Payload, or call ctx.reply, to answer)",
+        error_type=NO_REPLY,
+    )

@@ -35,8 +35,13 @@ class Pong(Payload, frozen=True, kw_only=True, tag="pong"):
 
 
 class RequestFailed(Payload, frozen=True, kw_only=True, tag="request.failed"):
-    """Sent as the reply when the handler of a request failed permanently, so the requester
-    learns it at once instead of waiting for its timeout."""
+    """Sent as the reply when the handler of a request failed permanently, or returned without an
+    answer (`error_type` NO_REPLY), so the requester learns it at once instead of waiting for its
+    timeout."""
 
     reason: str
     error_type: str = ""
+
+
+# `RequestFailed.error_type` of a request whose handler returned None without replying.
+NO_REPLY = "no_reply"
