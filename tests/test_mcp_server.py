@@ -93,10 +93,12 @@ async def call(session: ClientSession, tool: str, **arguments: Any) -> dict[str,
 
 
 async def refused(session: ClientSession, tool: str, arguments: dict[str, Any]) -> str:
-    """Call a tool that must fail; its one error message."""
+    """Call a tool that must fail; its error message, which is one line."""
     result = await asyncio.wait_for(session.call_tool(tool, arguments), 60)
     assert isinstance(result, CallToolResult) and result.is_error, f"{tool}({arguments}) did not fail"
-    return _text(result)
+    message = _text(result)
+    assert "\n" not in message and len(message) <= 600, message
+    return message
 
 
 def _text(result: CallToolResult) -> str:
@@ -182,13 +184,14 @@ async def test_bad_input_is_a_clear_tool_error_and_nothing_is_lost(bus_config: B
             last = await bus.last_seq()
 
             assert "no_such_tool" in await refused(session, "no_such_tool", {})
-            assert "limit" in await refused(session, "search_memory", {"limit": "ten"})
-            assert "limit" in await refused(session, "search_memory", {"limit": 500})
+            assert "limit: Input should be a valid integer" in await refused(session, "search_memory", {"limit": "ten"})
+            assert "limit: Input should be less than or equal to 50 (got 500)" in await refused(
+                session, "search_memory", {"limit": 500})
             assert "kinds" in await refused(session, "search_memory", {"kinds": ["facts", "dreams"]})
             assert "confidence" in await refused(session, "record_fact", {
                 "subject": "s", "statement": "x", "source_ref": "r", "confidence": 1.5})
-            assert "statement" in await refused(session, "record_fact", {"subject": "s", "source_ref": "r",
-                                                                         "confidence": 0.5})
+            assert "statement: Field required" in await refused(session, "record_fact", {
+                "subject": "s", "source_ref": "r", "confidence": 0.5})
             assert "neither a log sequence" in await refused(session, "search_memory", {"as_of": "yesterday"})
             assert "invalid agent name" in await refused(session, "send_message", {"to": "two words", "text": "x"})
             assert "unknown agent 'nobody'" in await refused(session, "request_agent", {"to": "nobody", "text": "x"})

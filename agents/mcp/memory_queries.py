@@ -109,7 +109,8 @@ _FACT_COLUMNS = (
 )
 
 
-async def _search_facts(bus: Bus, spec: SearchSpec) -> tuple[list[Fact], bool, int]:
+def facts_statement(spec: SearchSpec) -> tuple[str, list[Any]]:
+    """The SQL and parameters of the facts part of a search (its `LIMIT ?` not yet bound)."""
     where, params = ["TRUE"], []
     if spec.text:
         pattern = like_pattern(spec.text)
@@ -133,7 +134,11 @@ async def _search_facts(bus: Bus, spec: SearchSpec) -> tuple[list[Fact], bool, i
     if spec.since_seq is not None:
         where.append("recorded_seq > ?")
         params.append(spec.since_seq)
-    sql = f"SELECT {_FACT_COLUMNS} FROM facts WHERE {' AND '.join(where)} ORDER BY recorded_seq DESC LIMIT ?"
+    return f"SELECT {_FACT_COLUMNS} FROM facts WHERE {' AND '.join(where)} ORDER BY recorded_seq DESC LIMIT ?", params
+
+
+async def _search_facts(bus: Bus, spec: SearchSpec) -> tuple[list[Fact], bool, int]:
+    sql, params = facts_statement(spec)
     result = await _query(bus, sql, params, min_seq=spec.min_seq, limit=spec.limit)
     rows = [_fact(r, spec.as_of_seq) for r in _records(result)[: spec.limit]]
     return rows, len(result.rows) > spec.limit, result.applied_seq

@@ -24,11 +24,13 @@ message (`ToolError`); the server keeps serving.
 
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import msgspec
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from pydantic import Field
@@ -112,6 +114,35 @@ def tool_errors() -> Iterator[None]:
         raise ToolError(_one_line(f"the bus is unavailable ({type(exc).__name__}): {exc}")) from exc
 
 
+_PYDANTIC_DETAIL = re.compile(r"\s*\[type=(?P<type>[^,\]]+), input_value=(?P<value>.*?), input_type=\w+\]")
+_PYDANTIC_HELP = re.compile(r"\s*For further information visit \S+")
+_PYDANTIC_FIELD = re.compile(r"\n(?P<field>\S[^\n]*)\n\s+(?P<message>[^\n]+)")
+_PYDANTIC_HEAD = re.compile(r"\d+ validation errors? for \w+Arguments")
+
+
+async def one_line_errors(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+    """Middleware: a failed tool call's message on one line. The SDK reports arguments that fail
+    the input schema in pydantic's multi-line form; this keeps each field and its problem
+    ("limit: Input should be less than or equal to 50 (got 500)") and drops the rest. The
+    result reaches middleware in its wire form (a dict)."""
+    result = await call_next(ctx)
+    if ctx.method != "tools/call" or not isinstance(result, dict) or not result.get("isError"):
+        return result
+    content = [
+        {**c, "text": _compact_error(c["text"])} if isinstance(c, dict) and isinstance(c.get("text"), str) else c
+        for c in result.get("content") or []
+    ]
+    return {**result, "content": content}
+
+
+def _compact_error(text: str) -> str:
+    text = _PYDANTIC_HELP.sub("", text)
+    text = _PYDANTIC_DETAIL.sub(lambda m: "" if m["type"] == "missing" else f" (got {_one_line(m['value'], 60)})", text)
+    text = _PYDANTIC_FIELD.sub(lambda m: f"; {m['field']}: {m['message']}", text)
+    text = _PYDANTIC_HEAD.sub("invalid arguments", text)
+    return _one_line(text)
+
+
 def _one_line(text: str, limit: int = 500) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -129,6 +160,7 @@ def build_server(bus: Bus, settings: McpSettings) -> MCPServer:
             "cited facts, and talk to agents. Pass a write's `seq` as `min_seq` to read it back."
         ),
         log_level="WARNING",
+        middleware=[one_line_errors],
     )
     for fn in (tools.search_memory, tools.open_contradictions, tools.whats_new, tools.record_fact,
                tools.send_message, tools.broadcast, tools.request_agent, tools.list_agents,
