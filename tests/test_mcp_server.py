@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,10 @@ import msgspec
 import pytest
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextResourceContents
+
+from conftest import wait_for
 
 from agents.examples.greeter import Greeter
 from agents.research.corpus import load_corpus
@@ -219,3 +223,41 @@ async def test_bad_input_is_a_clear_tool_error_and_nothing_is_lost(bus_config: B
             twice = await call(session, "send_message", to="silent", text="retried once",
                                message_id="0190f1c2-0000-7000-8000-000000000001")
             assert twice["duplicate"] and twice["seq"] == sent["seq"]
+
+
+async def test_streamable_http_serves_the_same_tools(bus_config: BusConfig, tmp_path: Path) -> None:
+    """`bus mcp --http`: a client over streamable HTTP records a fact and reads it back with
+    read-your-writes; SIGTERM stops the server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with Bus(bus_config) as bus, views(bus, tmp_path):
+        with (tmp_path / "mcp-http.stderr").open("wb") as errlog:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bus.cli.main", "mcp", "--http", "--port", str(port), "--url", bus_config.url,
+                "--name", SENDER, "--home", str(tmp_path / "home"), cwd=str(tmp_path), stdout=errlog, stderr=errlog,
+                env={**os.environ, "BUS_MONITOR_URL": bus_config.monitor_url or ""},
+            )
+            try:
+                await wait_for(lambda: _listening(port), timeout_s=30, interval_s=0.05, what="bus mcp --http listening")
+                async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write), \
+                        ClientSession(read, write) as session:
+                    await asyncio.wait_for(session.initialize(), 30)
+                    recorded = await call(session, "record_fact", subject="mcp:http", statement="HTTP works too.",
+                                          source_ref="test:mcp.3", confidence=0.9)
+                    hits = await call(session, "search_memory", subject="mcp:http", kinds=["facts"],
+                                      min_seq=recorded["seq"])
+                    assert [f["fact_id"] for f in hits["facts"]] == [recorded["fact_id"]]
+            finally:
+                process.terminate()
+                assert await asyncio.wait_for(process.wait(), 30) is not None
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
