@@ -356,13 +356,14 @@ async def test_bad_arguments_exit_2_saying_what_to_fix(tmp_path, server_env, bus
 
 
 async def test_types_adds_user_payload_kinds(tmp_path, server_env, bus_config) -> None:
-    """`--types MODULE` makes the payload kinds defined in MODULE sendable, typed and validated."""
+    """`--types MODULE` makes the payload kinds defined in MODULE sendable, typed and validated; a
+    module in the working directory imports without PYTHONPATH (as `bus agent start` finds one)."""
     (tmp_path / "shop_payloads.py").write_text(
         "from schemas import Payload\n\n"
         "class OrderPlaced(Payload, frozen=True, kw_only=True, tag='shop.order_placed'):\n"
         "    order_id: str\n    amount: float\n"
     )
-    env = {**server_env, "PYTHONPATH": str(tmp_path)}
+    env = {k: v for k, v in server_env.items() if k != "PYTHONPATH"}
     ok = await run_bus(
         "send", "billing", '{"kind":"shop.order_placed","order_id":"o-1","amount":9.5}', "--types", "shop_payloads",
         "--json", env=env, cwd=tmp_path,

@@ -13,6 +13,7 @@ import difflib
 import fnmatch
 import importlib
 import signal
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -139,6 +140,11 @@ def _priority(text: str) -> int:
 def payload_registry(modules: Sequence[str]) -> PayloadRegistry:
     """The built-in payload types plus those of `modules`. Raises CliError on a bad module."""
     extra: list[type] = []
+    # Modules next to the user's files import without PYTHONPATH, as `bus agent start mod:Cls`
+    # finds its agent class.
+    workdir = os.getcwd()
+    if modules and workdir not in sys.path:
+        sys.path.insert(0, workdir)
     for name in modules:
         try:
             module = importlib.import_module(name)
