@@ -228,7 +228,7 @@ class Transport:
         if not await any_reachable(spec.addresses(), spec.connect_timeout_s):
             raise BusUnavailable(
                 f"no NATS server is running at {_shown(spec)}: start one with `bus up --detach`, "
-                "or point BUS_URL at a running server"
+                "or point the config at a running server (BUS_URL, read by BusConfig.from_env)"
             )
         options: dict[str, Any] = {}
         context = spec.ssl_context()
@@ -255,7 +255,8 @@ class Transport:
             )
         except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
             raise BusUnavailable(
-                f"cannot reach NATS at {_shown(spec)}: start one with `bus up`, or point BUS_URL at a running server"
+                f"cannot reach NATS at {_shown(spec)}: start one with `bus up`, or point the config at a running "
+                "server (BUS_URL, read by BusConfig.from_env)"
             ) from exc
         except nats.errors.Error as exc:
             raise translate(exc, f"connecting to {_shown(spec)}") from exc

@@ -21,6 +21,7 @@ import pytest
 
 from bus import Bus, BusConfig
 from bus.cli.main import main
+from bus.cli.server_commands import local_port_of
 from bus.cli.state import read_state
 from bus.server import EmbeddedServer, free_port
 from bus.topology import ensure_consumer, inbox_consumer_config
@@ -135,6 +136,29 @@ async def test_up_detach_records_state_and_down_stops_it(tmp_path, cli_env, deta
 
     nothing = await run_bus("down", env=cli_env, cwd=tmp_path)
     assert nothing.code == 0 and "nothing to stop" in nothing.stdout
+
+
+async def test_up_starts_the_server_where_bus_url_points(tmp_path, cli_env, detached_home) -> None:
+    """Without --port, `bus up` listens on the port of a local BUS_URL, where every other command
+    (and `BusConfig.from_env`) will look for it; `bus send` then finds it with no option."""
+    port = free_port()
+    env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{port}"}
+    up = await run_bus("up", "--detach", "--no-projections", env=env, cwd=tmp_path)
+    assert up.code == 0, up.stderr
+    state = read_state(detached_home)
+    assert state is not None and state.url == f"nats://127.0.0.1:{port}"
+    sent = await run_bus("send", "alice", NOTE, env=env, cwd=tmp_path)
+    assert sent.code == 0 and "seq 1" in sent.stdout, sent.stderr
+
+
+def test_only_a_single_local_url_gives_bus_up_its_port() -> None:
+    assert local_port_of("nats://127.0.0.1:4333") == 4333
+    assert local_port_of("localhost:4334") == 4334
+    assert local_port_of("nats://127.0.0.1") is None  # no port: the default
+    assert local_port_of("nats://10.0.0.5:4222") is None  # another machine: not ours to start
+    assert local_port_of("nats://127.0.0.1:4222,nats://127.0.0.1:4223") is None
+    assert local_port_of("nats://127.0.0.1:notaport") is None
+    assert local_port_of("") is None
 
 
 async def test_up_detach_starts_projections_and_down_stops_both(tmp_path, cli_env, detached_home) -> None:

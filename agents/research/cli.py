@@ -17,8 +17,8 @@ import urllib.parse
 from collections.abc import AsyncIterator
 
 from bus.cli.common import CliError, add_connection_options, open_bus, out
+from bus.cli.server_commands import LOCAL_HOSTS
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

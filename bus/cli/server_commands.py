@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,6 +42,23 @@ PROJECTIONS_MODULE = "projections.cli"
 FSYNC_TEXT = {True: "fsync on every write", False: "NOT fsyncing every write", None: "fsync unknown"}
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def local_port_of(url: str) -> int | None:
+    """The port of `url` when it is one URL naming this machine with a port, else None: `bus up`
+    starts its server where `BUS_URL` says every other command will look for it."""
+    url = url.strip()
+    if not url or "," in url:
+        return None
+    try:
+        parsed = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+        port = parsed.port
+    except ValueError:
+        return None
+    return port if parsed.hostname in LOCAL_HOSTS else None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser(
         "up",
@@ -51,8 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     up.add_argument(
         "--port", type=_port, default=None,
-        help=f"client port (default {DEFAULT_PORT}); with --cluster, the first node's, the others' "
-        f"following it (default: from {DEFAULT_PORT}, or free ones when those are taken)",
+        help=f"client port (default: BUS_URL's port when it names this machine, else {DEFAULT_PORT}); with "
+        f"--cluster, the first node's, the others' following it (default: from {DEFAULT_PORT}, or free ones "
+        "when those are taken)",
     )
     up.add_argument(
         "--monitor-port", type=_port, default=None,
@@ -156,7 +175,7 @@ async def run_up(args: argparse.Namespace) -> int:
 
         return await run_up_cluster(args, home)
     if args.port is None:
-        args.port = DEFAULT_PORT
+        args.port = local_port_of(os.environ.get("BUS_URL", "")) or DEFAULT_PORT
     await _check_port_free(args.port, "--port")
     if args.monitor_port is not None:
         await _check_port_free(args.monitor_port, "--monitor-port")
