@@ -122,10 +122,36 @@ def render_mermaid(trace: Trace) -> list[str]:
     return lines + edges
 
 
+# A full id is a UUID's 36 characters; fewer is the short form `bus tail` prints (its last 8).
+FULL_ID_CHARS = 36
+_SHORT_SQL = """
+SELECT DISTINCT correlation_id FROM conversations
+WHERE ends_with(correlation_id, ?) OR starts_with(correlation_id, ?)
+ORDER BY correlation_id LIMIT 6
+"""
+
+
+async def resolve_short_id(bus: Bus, given: str, *, min_seq: int | None = None) -> str:
+    """The correlation id `given` stands for: itself when whole, else the one id in the views that
+    ends (or starts) with it. Raises CliError when several do."""
+    given = given.strip()
+    if len(given) >= FULL_ID_CHARS or not given:
+        return given
+    result = await bus.query(_SHORT_SQL, [given, given], min_seq=min_seq)
+    found = [row["correlation_id"] for row in result.records()]
+    if len(found) > 1:
+        more = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise CliError(f"{given!r} is the short form of several correlation ids ({more}): give more of it")
+    return found[0] if found else given
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `trace` to the `bus` command."""
     trace = subparsers.add_parser("trace", help="show the causal tree of one conversation (a correlation id)")
-    trace.add_argument("correlation_id", metavar="CORRELATION_ID", help="the conversation or run to show")
+    trace.add_argument(
+        "correlation_id", metavar="CORRELATION_ID",
+        help="the conversation or run to show: its id, or the short form `bus tail` prints (its last characters)",
+    )
     trace.add_argument("--format", choices=("text", "mermaid"), default="text", help="output format (default %(default)s)")
     trace.add_argument("--min-seq", type=int, help="wait until the views have applied this stream sequence")
     add_connection_options(trace)
@@ -135,7 +161,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 async def run_trace(args: argparse.Namespace) -> int:
     """Print the trace; CliError when the id has no envelopes."""
     async with open_bus(args, name="cli-trace") as bus:
-        trace = await load_trace(bus, args.correlation_id, min_seq=args.min_seq)
+        correlation_id = await resolve_short_id(bus, args.correlation_id, min_seq=args.min_seq)
+        trace = await load_trace(bus, correlation_id, min_seq=args.min_seq)
     if trace.count == 0:
         raise CliError(
             f"no envelopes with correlation id {args.correlation_id!r} in the views: check the id "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.trace import build_trace, load_trace, render_mermaid, render_text
+from agents.trace import build_trace, load_trace, render_mermaid, render_text, resolve_short_id
 from bus import Bus
 from bus.cli.common import CliError
 from bus.cli.main import build_parser
@@ -99,6 +99,20 @@ async def test_bus_trace_command_prints_text_and_mermaid(
     args = parser.parse_args(["trace", "no-such-run", "--url", nats_server.url])
     with pytest.raises(CliError, match="no envelopes with correlation id 'no-such-run'"):
         await args.func(args)
+
+
+async def test_the_short_id_tail_prints_finds_its_trace(bus: Bus, service: ProjectionService) -> None:
+    """`bus tail` shows a correlation id's last 8 characters; `bus trace` takes them (or any start
+    or end of the id) and says so when they fit several ids."""
+    corr, _, last = await _run(bus)
+    other = (await bus.send("lead", Note(text="another run"), sender="critic")).envelope.correlation_id
+    assert await resolve_short_id(bus, corr[-8:], min_seq=last + 1) == corr
+    assert await resolve_short_id(bus, corr, min_seq=last + 1) == corr
+    assert await resolve_short_id(bus, "00000000", min_seq=last + 1) == "00000000"  # none: left as given
+    shared = next(i for i in range(len(corr)) if corr[i] != other[i])
+    assert shared >= 1  # ids made in the same minute share their start (UUIDv7: the time)
+    with pytest.raises(CliError, match="short form of several correlation ids"):
+        await resolve_short_id(bus, corr[:shared], min_seq=last + 1)
 
 
 def test_a_cause_outside_the_trace_or_later_in_the_log_makes_a_root() -> None:
