@@ -229,8 +229,7 @@ class BusTools:
         answer, or a time): facts recorded, facts ended, contradictions flagged, block writes;
         oldest first, so the last seq you see is where to continue."""
         with tool_errors():
-            since_seq = await self._point(since, "since", min_seq)
-            assert since_seq is not None  # since is required
+            since_seq = await q.seq_at(self.bus, q.parse_point(since, "since"), min_seq=min_seq)
             return await q.whats_new(self.bus, since_seq, limit=limit, min_seq=min_seq)
 
     async def record_fact(
