@@ -457,6 +457,28 @@ async def test_tail_all_shows_stored_envelopes_and_survives_bad_bytes(tmp_path, 
     assert [line.split()[1] for line in kinds.stdout.splitlines()] == ["note", "notice"]
 
 
+async def test_tail_since_a_time_or_an_age_and_count(tmp_path, server_env, bus) -> None:
+    """`tail --since WHEN` starts at a stored time (ISO, or an age such as 1h); `--count N` stops
+    after N; a WHEN that is neither is refused with exit 2 and says what it takes."""
+    from datetime import datetime, timezone
+
+    first = await bus.send("alice", Note(text="first"))
+    between = datetime.now(timezone.utc)
+    second = await bus.send("alice", Note(text="second"))
+
+    hour = await run_bus("tail", "--since", "1h", "--count", "2", "--json", env=server_env, cwd=tmp_path, timeout_s=30)
+    assert hour.code == 0, hour.stderr
+    assert [json.loads(line)["seq"] for line in hour.stdout.splitlines()] == [first.ack.seq, second.ack.seq]
+
+    later = await run_bus("tail", "--since", between.isoformat(), "--count", "1", "--json",
+                          env=server_env, cwd=tmp_path, timeout_s=30)
+    assert later.code == 0, later.stderr
+    assert [json.loads(line)["seq"] for line in later.stdout.splitlines()] == [second.ack.seq]
+
+    bad = await run_bus("tail", "--since", "yesterday-ish", env=server_env, cwd=tmp_path)
+    assert bad.code == 2 and "neither an ISO time" in bad.stderr
+
+
 async def test_tail_follows_new_envelopes_only(tmp_path, server_env, bus) -> None:
     """By default `tail` starts at the next stored envelope: one stored before it started is not
     shown, one stored after is."""

@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -149,6 +150,30 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since_time(text: str, *, now: datetime | None = None) -> datetime:
+    """An argparse type: a moment, as an ISO time (`2026-12-07T09:30`, local time unless it names
+    a zone) or an age back from now (`90s`, `10m`, `2h`, `1d`). Returned in UTC."""
+    text = text.strip()
+    now = now or datetime.now(timezone.utc)
+    unit = _AGE_UNITS.get(text[-1:].lower())
+    if unit is not None and text[:-1].replace(".", "", 1).isdigit():
+        return now - timedelta(seconds=float(text[:-1]) * unit)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO time (2026-12-07T09:30) nor an age (90s, 10m, 2h, 1d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time, as a person typing it means
+    if moment > now + timedelta(minutes=1):
+        raise argparse.ArgumentTypeError(f"{text!r} is in the future")
+    return moment.astimezone(timezone.utc)
 
 
 def _number(text: str) -> float:

@@ -35,6 +35,7 @@ from bus.cli.common import (
     out,
     positive_float,
     positive_int,
+    since_time,
 )
 from bus.config import check_name
 from schemas import DecodeError, Payload, PayloadRegistry, SchemaConflict, decode_loose
@@ -77,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tail = sub.add_parser(
         "tail", help="print envelopes live as they are stored",
         description="Print one line per stored envelope: time, kind, from -> to (or #tag, event, dead, "
-        "reply), correlation id, stream sequence. New envelopes only, unless --all or --since-seq.",
+        "reply), correlation id (its last 8 characters; `bus trace` takes them), stream sequence. New "
+        "envelopes only, unless --all, --since-seq or --since.",
     )
     tail.add_argument(
         "filter", nargs="?", default=">",
@@ -86,12 +88,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     start = tail.add_mutually_exclusive_group()
     start.add_argument("--all", action="store_true", help="start from the first stored envelope")
     start.add_argument("--since-seq", type=positive_int, metavar="N", help="start from stream sequence N")
+    start.add_argument(
+        "--since", type=since_time, metavar="WHEN",
+        help="start from what was stored at or after WHEN: an ISO time (local unless it names a zone) "
+        "or an age (90s, 10m, 2h, 1d)",
+    )
     tail.add_argument(
         "--kind", action="append", default=[], metavar="K",
         help="only this kind (repeatable; shell patterns such as 'block.*' work)",
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.add_argument("--limit", type=positive_int, default=None, metavar="N", help="exit after printing N envelopes")
+    tail.add_argument(
+        "--count", "--limit", dest="limit", type=positive_int, default=None, metavar="N",
+        help="exit after printing N envelopes",
+    )
     add_connection_options(tail)
     add_metrics_option(tail)
     tail.set_defaults(func=run_tail)
@@ -433,6 +443,9 @@ async def run_tail(args: argparse.Namespace) -> int:
         elif args.since_seq is not None:
             config.deliver_policy = js_api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = args.since_seq
+        elif args.since is not None:
+            config.deliver_policy = js_api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = args.since
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, done.set)
@@ -443,7 +456,8 @@ async def run_tail(args: argparse.Namespace) -> int:
                 )
                 try:
                     where = "from the start" if args.all else (
-                        f"from seq {args.since_seq}" if args.since_seq else "new envelopes")
+                        f"from seq {args.since_seq}" if args.since_seq else (
+                            f"since {args.since.astimezone():%Y-%m-%d %H:%M:%S}" if args.since else "new envelopes"))
                     sys.stderr.write(f"tailing {subject} on {bus.config.url} ({where}; Ctrl-C to stop)\n")
                     sys.stderr.flush()
                     await done.wait()
