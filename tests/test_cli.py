@@ -532,6 +532,7 @@ async def test_status_shows_the_log_and_consumer_backlogs(tmp_path, server_env, 
 
     text = await run_bus("status", env=server_env, cwd=tmp_path)
     assert "3 messages" in text.stdout and "carol__inbox" in text.stdout and "fsync        yes" in text.stdout
+    assert "pending: stored, not yet delivered" in text.stdout and "at seq: the log sequence delivered last" in text.stdout
 
 
 def test_schema_export_writes_a_schema_per_kind(tmp_path, capsys) -> None:

@@ -229,9 +229,10 @@ def _print_status(status: Status, monitor_url: str | None) -> None:
     if not status.consumers:
         out("consumers    none yet (an agent creates its durable consumers when it starts)")
         return
-    out("consumers")
+    out("consumers    pending: stored, not yet delivered; ack-pending: delivered, not yet settled; "
+        "redelivered: delivered more than once; at seq: the log sequence delivered last")
     width = max(len(c.name) for c in status.consumers)
-    out(f"  {'name':<{width}}  {'pending':>8}  {'ack-pending':>11}  {'redelivered':>11}  {'delivered':>9}  filters")
+    out(f"  {'name':<{width}}  {'pending':>8}  {'ack-pending':>11}  {'redelivered':>11}  {'at seq':>9}  filters")
     for c in status.consumers:
         out(f"  {c.name:<{width}}  {c.pending:>8}  {c.ack_pending:>11}  {c.redelivered:>11}  "
             f"{c.delivered_seq:>9}  {', '.join(c.filters)}")
