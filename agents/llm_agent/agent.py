@@ -28,6 +28,11 @@ Per inbound message, `converse` runs the tool loop, every effect a step of the r
 Memory events carry the inbound message as their causation and its correlation id, so a whole
 workflow can be traced and replayed (agents.research.replay).
 
+MCP tools (`mcp_servers = (McpServerSpec(...),)`, agents.mcp): the servers start in `on_start`
+and stop in `on_stop`; their tools join the memory tools as `<server>__<tool>`; each call runs
+in the same `tool:...` step with the step id as its idempotency key, so a redelivery, a restart
+or a replay gets the recorded result and never calls the server again (agents.mcp.toolbox).
+
 Retention (`retention = RetentionPolicy(idle_ttl=...)`, agents.memory.retention): conversations
 idle longer than the TTL are summarised and closed, as events, by a `memory.retention` step that
 runs on every message before its turn is recorded (as of the message's time) and on a
@@ -37,8 +42,10 @@ runs on every message before its turn is recorded (as of the message's time) and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,6 +54,8 @@ import msgspec
 from agents.llm import Model, ModelError, call_model
 from agents.llm_agent.memory_log import BLOCK_WRITES, MemoryLog
 from agents.llm_agent.models import build_model, choose_model
+from agents.mcp.errors import McpUnavailable
+from agents.mcp.spec import McpServerSpec, MountedTools
 from agents.memory import (
     AgentMemory,
     ContextCompiler,
@@ -74,7 +83,7 @@ from agents.runtime import Agent, Context, handler
 from bus.config import ConsumerSettings
 from bus.errors import BusError, ConcurrencyConflict, PermanentError
 from schemas import derived_id, stable_id
-from schemas.payloads.llm import ModelResponse, ToolResultBlock, ToolUseBlock
+from schemas.payloads.llm import ModelResponse, ToolResultBlock, ToolSpec, ToolUseBlock
 from schemas.payloads.memory import ConversationClosed, MemoryEvent
 from schemas.payloads.messaging import Note, Notice
 
@@ -125,7 +134,10 @@ class LLMAgent(Agent):
 
     Class attributes: `role` (the "Role:" line the model and the offline policies read),
     `system_prompt`, `tool_names` (memory tools offered), `core_blocks`, `budget_tokens`,
-    `max_rounds`, `max_output_tokens`, `retention` (None: conversations are never closed). The
+    `max_rounds`, `max_output_tokens`, `retention` (None: conversations are never closed),
+    `mcp_servers` (MCP servers whose tools are offered too; override `mcp()` to compute them),
+    `mcp_attempts` (how often an MCP call is tried, its server started again each time, before
+    the model is told it failed). The
     model is Claude when ANTHROPIC_API_KEY is set, else the offline model
     (agents.llm_agent.models); pass `model=` to choose one explicitly, and `clock=` for the
     retention timer (tests pass a ManualClock).
@@ -139,6 +151,8 @@ class LLMAgent(Agent):
     max_rounds: ClassVar[int] = 12
     max_output_tokens: ClassVar[int] = 4096
     retention: ClassVar[RetentionPolicy | None] = None
+    mcp_servers: ClassVar[tuple[McpServerSpec, ...]] = ()
+    mcp_attempts: ClassVar[int] = 3
     # One message at a time: turns of one conversation must not interleave. A short ack_wait is
     # safe for long model calls (the consumer engine sends in-progress while a handler runs) and
     # brings a killed process's message back quickly.
@@ -151,27 +165,41 @@ class LLMAgent(Agent):
         self._model_name_arg = model_name
         self.clock: Clock = clock or SystemClock()
         self._log: MemoryLog | None = None
+        self.mcp_tools: MountedTools | None = None
+        # What on_start opened (the MCP servers), closed by on_stop.
+        self._resources = AsyncExitStack()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def on_start(self, bus: Bus) -> None:
-        """Pick the model, rebuild memory from the log, and create missing core blocks."""
+        """Pick the model, start the MCP servers, rebuild memory from the log, and create
+        missing core blocks. Raises McpUnavailable when an MCP server cannot be started (the
+        ones started are stopped again), BusUnavailable."""
         choice = choose_model()
-        self.attach(
-            MemoryLog(bus, bus.config.name),
-            self._model_arg or build_model(choice),
-            model_name=self._model_name_arg or choice.model,
-        )
-        await self.log.catch_up()
-        if await self._ensure_blocks():
-            # Fold again in log order: blocks show in creation order, and a block another
-            # holder created just before ours must come first here too, as in any replay.
-            self._log = MemoryLog(bus, self.agent_name)
-            await self.log.catch_up()
+        async with AsyncExitStack() as opened:
+            mcp_tools = None
+            if specs := self.mcp():
+                from agents.mcp.toolbox import McpToolbox  # loads the MCP SDK: only when servers are mounted
 
-    def attach(self, log: MemoryLog, model: Model, *, model_name: str) -> None:
-        """Bind the agent to its memory log and model (on_start does this; a replay binds a log
-        that captures instead of publishing, and a model that answers from the record)."""
+                mcp_tools = await opened.enter_async_context(McpToolbox(specs))
+            self.attach(
+                MemoryLog(bus, bus.config.name),
+                self._model_arg or build_model(choice),
+                model_name=self._model_name_arg or choice.model,
+                mcp_tools=mcp_tools,
+            )
+            await self.log.catch_up()
+            if await self._ensure_blocks():
+                # Fold again in log order: blocks show in creation order, and a block another
+                # holder created just before ours must come first here too, as in any replay.
+                self._log = MemoryLog(bus, self.agent_name)
+                await self.log.catch_up()
+            self._resources = opened.pop_all()
+
+    def attach(self, log: MemoryLog, model: Model, *, model_name: str, mcp_tools: MountedTools | None = None) -> None:
+        """Bind the agent to its memory log, model and MCP tools (on_start does this; a replay
+        binds a log that captures instead of publishing, a model and MCP tools that answer from
+        the record)."""
         self.agent_name = log.agent
         self.model = model
         self.compiler = ContextCompiler(
@@ -181,16 +209,31 @@ class LLMAgent(Agent):
             )
         )
         self.tools = MemoryTools(self.tool_names)
+        self.mcp_tools = mcp_tools
         self._log = log
 
     async def on_stop(self) -> None:
-        close = getattr(self.model, "aclose", None)
-        if close is not None:
-            await close()
+        """Stop the MCP servers and close the model's client."""
+        try:
+            await self._resources.aclose()
+        finally:
+            close = getattr(self.model, "aclose", None)
+            if close is not None:
+                await close()
 
     def prompt(self) -> str:
         """The system prompt (override to compute it)."""
         return self.system_prompt
+
+    def mcp(self) -> tuple[McpServerSpec, ...]:
+        """The MCP servers to mount (override to compute them, e.g. from the process's
+        configuration); a replay asks too, to know which tool names are theirs."""
+        return self.mcp_servers
+
+    def tool_specs(self) -> list[ToolSpec]:
+        """The tools offered to the model: the memory tools, then the MCP servers'."""
+        specs = self.tools.specs()
+        return specs + self.mcp_tools.specs() if self.mcp_tools is not None else specs
 
     @property
     def log(self) -> MemoryLog:
@@ -357,7 +400,7 @@ class LLMAgent(Agent):
         # its call in the log: adopt it rather than asking the model again.
         call = await self.log.recorded_call(call_id) if ctx.attempt > 1 else None
         if call is None:
-            compiled = self.compiler.compile(self.memory, tools=self.tools.specs(), now=now)
+            compiled = self.compiler.compile(self.memory, tools=self.tool_specs(), now=now)
             events = [
                 await self.log.record(e, id=derived_id(step_id, f"evict/{k}"), cause=ctx.envelope)
                 for k, e in enumerate(compiled.evictions)
@@ -379,8 +422,11 @@ class LLMAgent(Agent):
 
     async def _execute(self, ctx: Context, use: ToolUseBlock, now: datetime) -> ToolOutcome:
         """Execute one tool call and record its events; a block write that lost a race is
-        decided again on the fresh value."""
+        decided again on the fresh value. An MCP tool is called with the step id as its
+        idempotency key (raises McpUnavailable: the step runs again on the redelivery)."""
         step_id = ctx.step_id
+        if self.mcp_tools is not None and self.mcp_tools.owns(use.name):
+            return ToolOutcome(result=await self._call_mcp(ctx, self.mcp_tools, use))
         tool_ctx = ToolContext(agent=self.agent_name, now=now)
         for _ in range(MAX_FENCE_RETRIES):
             outcome = self.tools.execute(use, self.memory, tool_ctx)
@@ -399,6 +445,26 @@ class LLMAgent(Agent):
                 return _error(use, f"{use.name} failed: {exc}")
             return msgspec.structs.replace(outcome, events=stored)
         return _error(use, f"{use.name} failed: the block kept changing under {MAX_FENCE_RETRIES} attempts; try again")
+
+    async def _call_mcp(self, ctx: Context, tools: MountedTools, use: ToolUseBlock) -> ToolResultBlock:
+        """Call an MCP tool with the step id as idempotency key; a server that is unavailable
+        (McpUnavailable) is started again and called again, up to `mcp_attempts` tries, then
+        the model is told the call failed and its outcome is unknown."""
+        failure: McpUnavailable | None = None
+        for attempt in range(1, self.mcp_attempts + 1):
+            try:
+                return await tools.call(use, key=ctx.step_id)
+            except McpUnavailable as exc:
+                failure = exc
+                log.warning("%s: %s (try %d of %d)", self.agent_name, exc, attempt, self.mcp_attempts)
+            if attempt < self.mcp_attempts:
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+        # Tried again here rather than by redelivering the message: a message put back lets
+        # the next one in first, and its turn would land between this tool call and its result
+        # (a malformed conversation); dead-lettering it would leave the call without a result.
+        return ToolResultBlock(tool_use_id=use.id, is_error=True, content=(
+            f"{failure} ({self.mcp_attempts} tries); the outcome of the call is unknown: it may have taken effect"
+        ))
 
     async def _deliver(self, ctx: Context, outcome: ToolOutcome) -> None:
         for message in outcome.messages:

@@ -10,8 +10,9 @@ For each message of the workflow that an LLM agent of the team handled, in log o
    handler recorded in its `memory.position` step);
 2. the handler runs again in this process with a `ReplayModel` over the `llm.call.completed`
    events the message caused (a request that differs from the recorded one is a ReplayMismatch:
-   the decisions diverged), a memory log that captures writes instead of publishing them, and a
-   context that runs every step afresh and captures outbound messages;
+   the decisions diverged), MCP tools answering from the recorded tool steps (no server is
+   started; agents.mcp.recorded), a memory log that captures writes instead of publishing them,
+   and a context that runs every step afresh and captures outbound messages;
 3. the produced effects (memory events and outbound messages, in order) are hashed and compared
    with the recorded ones (the events and messages whose causation is that message).
 
@@ -29,6 +30,7 @@ import msgspec
 
 from agents.llm import ModelError, ReplayModel
 from agents.llm_agent import LLMAgent, MemoryLog, StoredEvent, read_range
+from agents.mcp.recorded import RecordedTools
 from agents.memory import MEMORY_EVENT_TYPES
 from agents.runtime.journal import inbound_key
 from bus.client import Bus
@@ -194,7 +196,12 @@ async def _replay_one(
     captured = replay_log.captured
     model = ReplayModel(calls)
     agent_obj = cls(model=model)
-    agent_obj.attach(replay_log, model, model_name=calls[0].request.model if calls else "offline")
+    # MCP tools answer from the recorded steps: a replay never starts a server.
+    steps = [s.envelope.payload for s in caused if isinstance(s.envelope.payload, StepRecorded)]
+    mcp_tools = RecordedTools.from_log(specs, calls, steps) if (specs := agent_obj.mcp()) else None
+    agent_obj.attach(
+        replay_log, model, model_name=calls[0].request.model if calls else "offline", mcp_tools=mcp_tools
+    )
     error = ""
     try:
         await agent_obj.on_note(env.payload, ReplayContext(agent, env, captured))  # type: ignore[arg-type]
