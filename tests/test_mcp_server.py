@@ -17,11 +17,11 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -117,7 +117,8 @@ async def test_a_client_finds_the_day_2_contradictions_records_a_fact_and_asks_a
     findings; a fact recorded through MCP carries the MCP sender, its citation and confidence,
     is found by the next search given its seq as min_seq, and recording it again stores nothing;
     a request to the greeter comes back with its reply; the resources serve the latest report
-    and the synthesiser's blocks; the tools declare output schemas."""
+    and the synthesiser's blocks; a read without min_seq still sees the server's own writes
+    (list_agents names the MCP sender); the tools declare output schemas."""
     config = msgspec.structs.replace(bus_config, name="coordinator")
     day2 = {f.id for p in CORPUS.day(2) for f in p.findings}
     declared = {frozenset(pair) for pair in CORPUS.contradictions() if pair[0] in day2}
@@ -139,6 +140,17 @@ async def test_a_client_finds_the_day_2_contradictions_records_a_fact_and_asks_a
                                                    for c in about["contradictions"])
             before = await call(session, "open_contradictions", as_of=str(second.first_seq))
             assert before["contradictions"] == [] and before["as_of_seq"] == second.first_seq
+            now = await call(session, "open_contradictions", as_of=datetime.now(UTC).isoformat())
+            assert {c["contradiction_id"] for c in now["contradictions"]} == {
+                c["contradiction_id"] for c in found["contradictions"]}
+            past = await call(session, "search_memory", as_of="2020-01-01T00:00:00Z")
+            assert (past["as_of_seq"], past["facts"], past["turns"], past["blocks"]) == (0, [], [], [])
+
+            turns = await call(session, "search_memory", text="day 2", kinds=["recall"], agent="researcher")
+            assert turns["turns"] and all(t["agent"] == "researcher" and "day 2" in t["text"].lower()
+                                          for t in turns["turns"])
+            held = await call(session, "search_memory", kinds=["blocks"], agent="synthesiser", limit=50)
+            assert "digest" in {b["label"] for b in held["blocks"]}
 
             new = await call(session, "whats_new", since=str(second.first_seq), limit=50)
             assert {f["source_ref"] for f in new["facts"]} == day2
@@ -170,6 +182,7 @@ async def test_a_client_finds_the_day_2_contradictions_records_a_fact_and_asks_a
 
             trace = await call(session, "conversation_trace", correlation_id=second.correlation_id, limit=500)
             assert trace["steps"][0]["depth"] == 0 and trace["steps"][0]["target"] == "→ researcher"
+            # No min_seq: a read through the server waits for the server's own writes by itself.
             agents = {a["name"] for a in (await call(session, "list_agents"))["agents"]}
             assert {"researcher", "synthesiser", "writer", "reviewer", SENDER} <= agents
 
@@ -198,6 +211,8 @@ async def test_bad_input_is_a_clear_tool_error_and_nothing_is_lost(bus_config: B
                 "subject": "s", "source_ref": "r", "confidence": 0.5})
             assert "neither a log sequence" in await refused(session, "search_memory", {"as_of": "yesterday"})
             assert "invalid agent name" in await refused(session, "send_message", {"to": "two words", "text": "x"})
+            assert "no agent carries the tag 'team'" in await refused(session, "broadcast", {"tag": "team",
+                                                                                          "text": "x"})
             assert "unknown agent 'nobody'" in await refused(session, "request_agent", {"to": "nobody", "text": "x"})
             assert "unknown kind 'pnig'" in await refused(session, "send_message", {"to": "silent",
                                                                                   "payload": {"kind": "pnig"}})

@@ -272,24 +272,24 @@ async def list_agents(bus: Bus, *, limit: int, min_seq: int | None) -> Agents:
     return Agents(applied_seq=result.applied_seq, agents=agents, truncated=len(result.rows) > limit)
 
 
-async def agent_known(bus: Bus, name: str) -> bool:
+async def agent_known(bus: Bus, name: str, *, min_seq: int | None = None) -> bool:
     """True if `name` has appeared in the log (sent, was sent to, or had events recorded)."""
-    result = await _query(bus, "SELECT 1 FROM agents WHERE name = ?", [name], min_seq=None, limit=1)
+    result = await _query(bus, "SELECT 1 FROM agents WHERE name = ?", [name], min_seq=min_seq, limit=1)
     return bool(result.rows)
 
 
-async def tag_known(bus: Bus, tag: str) -> bool:
+async def tag_known(bus: Bus, tag: str, *, min_seq: int | None = None) -> bool:
     """True if some agent declared `tag` (its latest `agent.started`)."""
-    result = await _query(bus, "SELECT 1 FROM agents WHERE list_contains(tags, ?)", [tag], min_seq=None, limit=1)
+    result = await _query(bus, "SELECT 1 FROM agents WHERE list_contains(tags, ?)", [tag], min_seq=min_seq, limit=1)
     return bool(result.rows)
 
 
-async def held_blocks(bus: Bus, agent: str, *, limit: int = 50) -> list[BlockValue]:
+async def held_blocks(bus: Bus, agent: str, *, limit: int = 50, min_seq: int | None = None) -> list[BlockValue]:
     """The current value of every core block `agent` holds, by label."""
     sql = ('SELECT block_id, label, version, value, chars, "limit", actor, seq, written_at FROM blocks '
            "WHERE current AND block_id IN (SELECT block_id FROM block_holders WHERE agent = ? AND holding) "
            "ORDER BY label LIMIT ?")
-    result = await _query(bus, sql, [agent], min_seq=None, limit=limit)
+    result = await _query(bus, sql, [agent], min_seq=min_seq, limit=limit)
     return [_block(r, clip_at=None) for r in _records(result)[:limit]]
 
 
@@ -302,11 +302,11 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     stored_at: str | None
 
 
-async def latest_report(bus: Bus) -> Report | None:
+async def latest_report(bus: Bus, *, min_seq: int | None = None) -> Report | None:
     """The last report the writer sent the coordinator, or None before the first day."""
     sql = ("SELECT seq, correlation_id, payload->>'text' AS text, stored_at FROM events "
            "WHERE kind = 'note' AND sender = ? AND recipient = ? ORDER BY seq DESC LIMIT ?")
-    result = await _query(bus, sql, [REPORT_SENDER, REPORT_RECIPIENT], min_seq=None, limit=1)
+    result = await _query(bus, sql, [REPORT_SENDER, REPORT_RECIPIENT], min_seq=min_seq, limit=1)
     rows = _records(result)
     if not rows:
         return None

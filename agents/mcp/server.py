@@ -16,23 +16,19 @@ Resources:
     continuum://agents/{agent}/blocks     the core blocks an agent holds (current values)
     continuum://research/report/latest    the research team's latest report
 
-A point in the log ("as_of", "since") is a sequence or an ISO 8601 time. The SDK checks JSON
-types and ranges against each tool's input schema; the tools check names and points. Every
-failure (a bad argument, a bus timeout, an unknown agent) is an MCP tool error with a one-line
-message (`ToolError`); the server keeps serving.
+A point in the log ("as_of", "since") is a sequence or an ISO 8601 time. Reads wait for the
+server's own last write (session consistency), or for `min_seq` when a caller asks for more.
+The SDK checks JSON types and ranges against each tool's input schema; the tools check names
+and points. Every failure (a bad argument, a bus timeout, an unknown agent) is an MCP tool error
+with a one-line message (server_errors.py); the server keeps serving.
 """
 
-import contextlib
-import logging
-import re
 import uuid
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import msgspec
-from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.server.mcpserver.exceptions import ResourceError
 from pydantic import Field
 
 from agents.mcp import memory_queries as q
@@ -48,18 +44,16 @@ from agents.mcp.models import (
     TraceStep,
     WhatsNew,
 )
+from agents.mcp.server_errors import one_line, one_line_errors, tool_errors
 from agents.memory.archival import fact_id_for
 from agents.trace import TraceNode, load_trace
 from bus import Bus
-from bus.cli.common import CliError
 from bus.cli.message_commands import parse_payload, payload_registry
 from bus.config import check_name
-from bus.errors import BusError, ConfigurationError, QueryError, RemoteError, RequestTimeout
+from bus.errors import BusError
 from schemas import new_id
 from schemas.payloads import Note
 from schemas.payloads.memory import Citation, FactRecorded
-
-log = logging.getLogger("continuum.mcp")
 
 MAX_MESSAGE_CHARS = 20_000
 MAX_TRACE_STEPS = 500
@@ -94,60 +88,6 @@ MessageId = Annotated[str | None, Field(
 MemoryKinds = Annotated[list[Literal["facts", "recall", "blocks"]], Field(min_length=1, max_length=3)]
 
 
-@contextlib.contextmanager
-def tool_errors() -> Iterator[None]:
-    """Turn what a tool can expect to go wrong into a ToolError with a one-line message (the SDK
-    puts the tool's name before it)."""
-    try:
-        yield
-    except ToolError:
-        raise
-    except (ValueError, ConfigurationError, CliError) as exc:
-        raise ToolError(_one_line(str(exc))) from exc
-    except RequestTimeout as exc:
-        raise ToolError(_one_line(str(exc))) from exc
-    except QueryError as exc:
-        raise ToolError(_one_line(f"the views refused or failed the query ({exc.kind}): {exc}")) from exc
-    except RemoteError as exc:
-        raise ToolError(_one_line(f"the agent answered with a failure: {exc}")) from exc
-    except BusError as exc:
-        raise ToolError(_one_line(f"the bus is unavailable ({type(exc).__name__}): {exc}")) from exc
-
-
-_PYDANTIC_DETAIL = re.compile(r"\s*\[type=(?P<type>[^,\]]+), input_value=(?P<value>.*?), input_type=\w+\]")
-_PYDANTIC_HELP = re.compile(r"\s*For further information visit \S+")
-_PYDANTIC_FIELD = re.compile(r"\n(?P<field>\S[^\n]*)\n\s+(?P<message>[^\n]+)")
-_PYDANTIC_HEAD = re.compile(r"\d+ validation errors? for \w+Arguments")
-
-
-async def one_line_errors(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-    """Middleware: a failed tool call's message on one line. The SDK reports arguments that fail
-    the input schema in pydantic's multi-line form; this keeps each field and its problem
-    ("limit: Input should be less than or equal to 50 (got 500)") and drops the rest. The
-    result reaches middleware in its wire form (a dict)."""
-    result = await call_next(ctx)
-    if ctx.method != "tools/call" or not isinstance(result, dict) or not result.get("isError"):
-        return result
-    content = [
-        {**c, "text": _compact_error(c["text"])} if isinstance(c, dict) and isinstance(c.get("text"), str) else c
-        for c in result.get("content") or []
-    ]
-    return {**result, "content": content}
-
-
-def _compact_error(text: str) -> str:
-    text = _PYDANTIC_HELP.sub("", text)
-    text = _PYDANTIC_DETAIL.sub(lambda m: "" if m["type"] == "missing" else f" (got {_one_line(m['value'], 60)})", text)
-    text = _PYDANTIC_FIELD.sub(lambda m: f"; {m['field']}: {m['message']}", text)
-    text = _PYDANTIC_HEAD.sub("invalid arguments", text)
-    return _one_line(text)
-
-
-def _one_line(text: str, limit: int = 500) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def build_server(bus: Bus, settings: McpSettings) -> MCPServer:
     """The MCP server over a connected `bus`. Raises ConfigurationError for an invalid name."""
     check_name(settings.name, "sender name")
@@ -157,7 +97,8 @@ def build_server(bus: Bus, settings: McpSettings) -> MCPServer:
         instructions=(
             "Continuum's event-sourced bus and its agents' memory. Search facts, recall and core blocks "
             "(as of or since a log sequence or time), list open contradictions, see what is new, record "
-            "cited facts, and talk to agents. Pass a write's `seq` as `min_seq` to read it back."
+            "cited facts, and talk to agents. Reads wait for this server's own writes; pass another "
+            "writer's `seq` as `min_seq` to read it back."
         ),
         log_level="WARNING",
         middleware=[one_line_errors],
@@ -180,6 +121,10 @@ class BusTools:
         self.bus = bus
         self.settings = settings
         self.registry = payload_registry(())
+        # The last sequence this server wrote: reads wait for it unless they ask for later
+        # (session consistency, as a Bus's own reads: every client of this server reads what
+        # any call through it wrote).
+        self._written = 0
 
     # -- memory ---------------------------------------------------------------------------------
 
@@ -201,6 +146,7 @@ class BusTools:
         stood then (facts held, block values, turns recorded by then); `since` keeps only what
         came after. Ended (superseded or retracted) facts only with include_ended."""
         with tool_errors():
+            min_seq = self._consistent(min_seq)
             if agent is not None:
                 check_name(agent, "agent name")
             spec = q.SearchSpec(
@@ -221,6 +167,7 @@ class BusTools:
         retracted), about `subject` or about anything, newest first; both claims with their
         sources. `as_of` answers as they stood then."""
         with tool_errors():
+            min_seq = self._consistent(min_seq)
             as_of_seq = await self._point(as_of, "as_of", min_seq)
             return await q.open_contradictions(self.bus, subject, as_of_seq=as_of_seq, limit=limit, min_seq=min_seq)
 
@@ -229,6 +176,7 @@ class BusTools:
         answer, or a time): facts recorded, facts ended, contradictions flagged, block writes;
         oldest first, so the last seq you see is where to continue."""
         with tool_errors():
+            min_seq = self._consistent(min_seq)
             since_seq = await q.seq_at(self.bus, q.parse_point(since, "since"), min_seq=min_seq)
             return await q.whats_new(self.bus, since_seq, limit=limit, min_seq=min_seq)
 
@@ -253,7 +201,7 @@ class BusTools:
                 raise ValueError("subject, statement and source_ref must not be blank")
             recorder = self.settings.name
             fact_id = fact_id_for(recorder, subject, statement, source_ref)
-            held = await q.fact_seq(self.bus, fact_id)
+            held = await q.fact_seq(self.bus, fact_id, min_seq=self._consistent(None))
             if held is not None:
                 return RecordedFact(fact_id=fact_id, seq=held, recorded_by=recorder, already_recorded=True)
             event = FactRecorded(
@@ -262,6 +210,7 @@ class BusTools:
                 category=category.strip() or "claim", value=value.strip(),
             )
             sent = await self.bus.record(recorder, event, id=str(uuid.uuid5(_FACT_ENVELOPES, f"{recorder}/{fact_id}")))
+            self._wrote(sent.ack.seq)
             return RecordedFact(fact_id=fact_id, seq=sent.ack.seq, recorded_by=recorder,
                                 already_recorded=sent.ack.duplicate)
 
@@ -281,6 +230,7 @@ class BusTools:
             await self._known_agent(to)
             body = self._payload(text, data, payload)
             sent = await self.bus.send(to, body, id=_message_id(message_id))
+            self._wrote(sent.ack.seq)
             return _sent(sent, to=to)
 
     async def broadcast(
@@ -295,9 +245,10 @@ class BusTools:
         with tool_errors():
             check_name(tag, "tag")
             body = self._payload(text, data, payload)
-            if not await q.tag_known(self.bus, tag):
+            if not await q.tag_known(self.bus, tag, min_seq=self._consistent(None)):
                 raise ValueError(f"no agent carries the tag {tag!r}; list_agents shows each agent's tags")
             sent = await self.bus.broadcast(tag, body, id=_message_id(message_id))
+            self._wrote(sent.ack.seq)
             return _sent(sent, tag=tag)
 
     async def request_agent(
@@ -329,6 +280,7 @@ class BusTools:
         """Agents the log knows (those that sent, were sent to, or recorded events), most
         recently seen first: tags, state, replicas alive, in-flight work."""
         with tool_errors():
+            min_seq = self._consistent(min_seq)
             return await q.list_agents(self.bus, limit=limit, min_seq=min_seq)
 
     async def conversation_trace(
@@ -339,7 +291,7 @@ class BusTools:
         """A conversation's envelopes (everything with that correlation id) in causal order:
         each under the envelope that caused it, with who sent what to whom."""
         with tool_errors():
-            trace = await load_trace(self.bus, correlation_id, max_rows=limit)
+            trace = await load_trace(self.bus, correlation_id, min_seq=self._consistent(None), max_rows=limit)
             if trace.count == 0:
                 raise ValueError(f"no envelope has correlation id {correlation_id!r}")
             steps: list[TraceStep] = []
@@ -364,9 +316,9 @@ class BusTools:
         """The core blocks `agent` holds, as markdown. Raises ResourceError."""
         try:
             check_name(agent, "agent name")
-            blocks = await q.held_blocks(self.bus, agent)
+            blocks = await q.held_blocks(self.bus, agent, min_seq=self._consistent(None))
         except BusError as exc:
-            raise ResourceError(_one_line(f"blocks of {agent!r}: {exc}")) from exc
+            raise ResourceError(one_line(f"blocks of {agent!r}: {exc}")) from exc
         if not blocks:
             return f"# {agent}: core memory\n\n(no blocks held)\n"
         parts = [f"# {agent}: core memory\n"]
@@ -377,15 +329,23 @@ class BusTools:
     async def latest_report(self) -> str:
         """The research team's latest report, as markdown. Raises ResourceError."""
         try:
-            report = await q.latest_report(self.bus)
+            report = await q.latest_report(self.bus, min_seq=self._consistent(None))
         except BusError as exc:
-            raise ResourceError(_one_line(f"the latest report: {exc}")) from exc
+            raise ResourceError(one_line(f"the latest report: {exc}")) from exc
         if report is None:
             return "(no report yet: run `bus demo research`)\n"
         return (f"<!-- seq {report.seq}, correlation {report.correlation_id}, stored {report.stored_at} -->\n"
                 f"{report.text}\n")
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _consistent(self, min_seq: int | None) -> int | None:
+        """The sequence a read must wait for: the caller's, or this server's last write."""
+        wanted = max(min_seq or 0, self._written)
+        return wanted or None
+
+    def _wrote(self, seq: int) -> None:
+        self._written = max(self._written, seq)
 
     async def _point(self, text: str | None, what: str, min_seq: int | None) -> int | None:
         if text is None:
@@ -403,7 +363,7 @@ class BusTools:
 
     async def _known_agent(self, name: str) -> None:
         check_name(name, "agent name")
-        if not await q.agent_known(self.bus, name):
+        if not await q.agent_known(self.bus, name, min_seq=self._consistent(None)):
             raise ValueError(f"unknown agent {name!r}: it has never appeared in the log; list_agents shows the known ones")
 
 
