@@ -148,6 +148,7 @@ async def test_tools_are_offered_with_the_server_prefix_and_misuse_is_an_error_r
         failed = await toolbox.call(use("ledger__fail"), key="k")
         assert failed.is_error and "fail" in failed.content
     assert lines(Path(f"{ledger}.attempts")) == []  # nothing refused reached the ledger
+    assert servers_of(ledger) == []  # leaving the toolbox stopped the server
 
 
 async def test_a_hung_or_crashed_server_is_retryable_and_started_again_on_the_next_call(
@@ -170,15 +171,31 @@ async def test_a_hung_or_crashed_server_is_retryable_and_started_again_on_the_ne
         third = (await toolbox.call(use("ledger__echo", text="c"), key="k")).content
     pids = [re.search(r"pid=(\d+)", text)[1] for text in (first, second, third)]  # type: ignore[index]
     assert len(set(pids)) == 3
+    assert servers_of(ledger) == []  # the hung one too
 
 
-async def test_a_server_that_cannot_start_is_mcp_unavailable_and_leaves_nothing_running() -> None:
-    """A command that does not exist: entering the toolbox raises McpUnavailable naming it."""
+async def test_a_server_that_cannot_start_is_mcp_unavailable_and_leaves_nothing_running(ledger: Path) -> None:
+    """A command that does not exist: entering the toolbox raises McpUnavailable naming it,
+    and the server started before it is stopped again."""
     good = ledger_server()
     bad = McpServerSpec(name="missing", command="/nonexistent/mcp-server")
     with pytest.raises(McpUnavailable, match="'missing' .*could not be started"):
         async with McpToolbox([good, bad]):
             pass
+    assert servers_of(ledger) == []
+
+
+def servers_of(ledger: Path) -> list[int]:
+    """Pids of the ledger server processes serving `ledger`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(ledger).encode() in cmdline and str(mcp_ledger_server.__file__).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
 
 
 # -- an agent on the bus ----------------------------------------------------------------------
@@ -336,6 +353,8 @@ async def run_with_kills(
     assert await subject_counts(bus, "default.dead.clerk") == {}
     crashes = await payloads(bus, "default.event.clerk.agent.crashed", AgentCrashed)
     assert len(crashes) == kills and all(c.signal == "SIGKILL" for c in crashes)
+    # Orphans of killed agents exit with their parent; the last server stopped with its agent.
+    await wait_for(lambda: servers_of(ledger) == [], timeout_s=10, what="no ledger server left running")
     calls = lines(attempts)
     print(
         f"MCP fault injection ok: {kills} kills, {len(calls)} calls for {len(kept)} lines: "

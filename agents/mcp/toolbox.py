@@ -88,6 +88,12 @@ class McpToolbox:
         """The tools offered to the model, in the order of the specs, then of each listing."""
         return list(self._tool_specs)
 
+    def connection(self, server: str) -> McpConnection | None:
+        """The live connection to the server named `server` (None when it is not connected),
+        for measurements and diagnostics; calls go through `call`."""
+        connection = self._connections.get(server)
+        return connection if connection is not None and not connection.broken else None
+
     def owns(self, name: str) -> bool:
         """Whether a model tool name belongs to a mounted server (offered or not)."""
         return owner(self._specs, name) is not None
