@@ -99,6 +99,9 @@ class Bus:
         self._wire: WireConnection | None = None
         self._wire_keeper: asyncio.Task[None] | None = None
         self._publisher: Publisher | None = None
+        # The highest log sequence this Bus wrote or was delivered: what its queries wait for by
+        # default (read-your-writes, and what-you-saw, for the whole session).
+        self._session_seq = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -261,7 +264,21 @@ class Bus:
         ack = await self.publisher.publish(
             subject or self.subject_for(envelope), data, msg_id=envelope.id, **occ
         )
+        if ack.seq > self._session_seq:
+            self._session_seq = ack.seq
         return Sent(envelope, ack)
+
+    @property
+    def session_seq(self) -> int:
+        """The highest log sequence this Bus has written or been delivered (0: none yet). A query
+        waits for the views to have applied it unless told otherwise."""
+        return self._session_seq
+
+    def saw(self, seq: int) -> None:
+        """Note that this session has seen log sequence `seq` (a delivery it handles, a record it
+        read): later queries wait for it."""
+        if seq > self._session_seq:
+            self._session_seq = seq
 
     async def send(self, to: str, payload: Any, **fields: Any) -> Sent:
         """Send `payload` to the agent named `to`. `fields` are those of `envelope()`."""
@@ -400,9 +417,17 @@ class Bus:
         max_rows: int = 10_000,
         timeout_s: float = 10.0,
     ) -> QueryResult:
-        """Run read-only SQL on the projection service. With `min_seq`, wait until the views have
-        applied that stream sequence. Raises QueryError, BusUnavailable."""
-        request = QueryRequest(sql=sql, params=list(params), min_seq=min_seq, max_rows=max_rows, timeout_s=timeout_s)
+        """Run read-only SQL on the projection service and return its rows.
+
+        Session consistency by default: the views the query reads are first brought up to the
+        highest log sequence this Bus has written or been delivered (`session_seq`), so a query
+        sees this session's own sends and records. `min_seq=N` waits for sequence N instead;
+        `min_seq=0` does not wait (whatever the views hold now). Raises QueryError (kind
+        "timeout" when the views did not get there within `timeout_s`), BusUnavailable."""
+        wait_for = self._session_seq if min_seq is None else min_seq
+        request = QueryRequest(
+            sql=sql, params=list(params), min_seq=wait_for or None, max_rows=max_rows, timeout_s=timeout_s,
+        )
         try:
             data = _query_encoder.encode(request)
         except (TypeError, msgspec.EncodeError) as exc:

@@ -391,6 +391,8 @@ class ConsumerEngine:
         meters = held.meters
         error: BaseException | None = None
         meters.running += 1
+        # What the handler queries then reflects at least the message it is handling.
+        self._bus.saw(held.delivery.stream_seq)
         started = time.perf_counter()
         try:
             await self._handler(envelope, held.delivery)
