@@ -21,6 +21,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -174,6 +175,39 @@ async def test_a_hung_or_crashed_server_is_retryable_and_started_again_on_the_ne
     assert servers_of(ledger) == []  # the hung one too
 
 
+async def test_a_server_reached_by_url_over_streamable_http(ledger: Path) -> None:
+    """The same tools mounted by URL: offered with the prefix, called with the key."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, mcp_ledger_server.__file__, "--ledger", str(ledger), "--http", str(port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def listening() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return False
+            writer.close()
+            await writer.wait_closed()
+            return True
+
+        await wait_for(listening, timeout_s=20, what="the HTTP server listening")
+        spec = McpServerSpec(name="ledger", url=f"http://127.0.0.1:{port}/mcp", allowed_tools=("echo", "append"))
+        async with McpToolbox([spec]) as toolbox:
+            assert [s.name for s in toolbox.specs()] == ["ledger__append", "ledger__echo"]
+            echoed = await toolbox.call(use("ledger__echo", text="over http"), key="key-h")
+            appended = await toolbox.call(use("ledger__append", entry="h"), key="key-h")
+        assert echoed.content.startswith("over http key=key-h ") and appended.content == "appended h as line 1"
+        assert lines(ledger) == ["key-h h"]
+    finally:
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 10)
+
+
 async def test_a_server_that_cannot_start_is_mcp_unavailable_and_leaves_nothing_running(ledger: Path) -> None:
     """A command that does not exist: entering the toolbox raises McpUnavailable naming it,
     and the server started before it is stopped again."""
@@ -196,6 +230,36 @@ def servers_of(ledger: Path) -> list[int]:
         if str(ledger).encode() in cmdline and str(mcp_ledger_server.__file__).encode() in cmdline:
             found.append(int(proc.name))
     return found
+
+
+def test_tool_answers_render_as_text_for_the_model_and_are_bounded() -> None:
+    """Text blocks verbatim, other blocks named, structured content as JSON when it is all
+    there is; an answer over MAX_ANSWER_CHARS is cut with a note."""
+    from mcp import types
+
+    from agents.mcp.connection import MAX_ANSWER_CHARS, render
+
+    mixed = types.CallToolResult(content=[
+        types.TextContent(type="text", text="first"),
+        types.ImageContent(type="image", data="aGk=", mime_type="image/png"),
+    ])
+    assert render(mixed) == "first\n[image content (image/png) not shown]"
+    structured = types.CallToolResult(content=[], structured_content={"n": 1})
+    assert render(structured) == '{"n":1}'
+    long = render(types.CallToolResult(content=[types.TextContent(type="text", text="x" * (MAX_ANSWER_CHARS + 5))]))
+    assert long.startswith("x" * MAX_ANSWER_CHARS) and long.endswith(f"(cut: the answer has {MAX_ANSWER_CHARS + 5} characters)")
+
+
+async def test_a_replayed_call_that_was_never_recorded_is_a_replay_mismatch() -> None:
+    """In a replay, MCP tools answer only from the record: an unrecorded call means the agent
+    diverged (ReplayMismatch), never a call to a server."""
+    from agents.llm.errors import ReplayMismatch
+    from agents.mcp.recorded import RecordedTools
+
+    tools = RecordedTools([ledger_server()], [], {})
+    assert tools.owns("ledger__append") and not tools.owns("archival_insert")
+    with pytest.raises(ReplayMismatch, match="never calls an MCP server"):
+        await tools.call(use("ledger__append", entry="x"), key="k")
 
 
 # -- an agent on the bus ----------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """A stdio MCP server for the tests of LLM agents' MCP tools (run as a script by the agent).
 
-    python mcp_ledger_server.py --ledger PATH [--work-ms N]
+    python mcp_ledger_server.py --ledger PATH [--work-ms N] [--http PORT]
+
+Over stdio by default; with `--http PORT`, streamable HTTP at http://127.0.0.1:PORT/mcp.
 
 Tools:
     append(entry)      appends `<key> <entry>` to the ledger, once per idempotency key: the key
@@ -117,6 +119,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--ledger", required=True)
     parser.add_argument("--work-ms", type=float, default=0.0)
+    parser.add_argument("--http", type=int, default=None, metavar="PORT")
     options = parser.parse_args()
     _exit_with_parent()
-    build(Ledger(options.ledger), options.work_ms / 1000).run("stdio")
+    server = build(Ledger(options.ledger), options.work_ms / 1000)
+    if options.http is None:
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host="127.0.0.1", port=options.http)
