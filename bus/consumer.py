@@ -70,6 +70,7 @@ from bus.settle import (
     backoff_s,
     decide,
     describe,
+    describe_traceback,
     outcome,
     wire,
 )
@@ -420,12 +421,13 @@ class ConsumerEngine:
             self._batcher.add(held)
             return
         decision = decide(error, attempt=delivery.attempt, policy=self.settings.retry)
+        trace = describe_traceback(error)
         settlement = self._settlement(
-            held, outcome(decision), handler_ms=round(elapsed * 1000.0, 3), error=describe(error)
+            held, outcome(decision), handler_ms=round(elapsed * 1000.0, 3), error=describe(error), traceback=trace,
         )
         if isinstance(decision, Term):
             try:
-                await self._dead_letter(held, decision.reason, decision.error)
+                await self._dead_letter(held, decision.reason, decision.error, traceback=trace)
             except BusError as exc:
                 decision, settlement = self._later(held, exc)
             else:
@@ -477,7 +479,7 @@ class ConsumerEngine:
 
     @staticmethod
     def _settlement(
-        held: Held, result: Any, *, handler_ms: float = 0.0, error: str | None = None
+        held: Held, result: Any, *, handler_ms: float = 0.0, error: str | None = None, traceback: str | None = None,
     ) -> Settlement:
         envelope = held.envelope
         kind: str | None = None
@@ -491,9 +493,10 @@ class ConsumerEngine:
             kind=kind,
             handler_ms=handler_ms,
             error=error,
+            traceback=traceback,
         )
 
-    async def _dead_letter(self, held: Held, reason: str, error: str | None) -> None:
+    async def _dead_letter(self, held: Held, reason: str, error: str | None, *, traceback: str | None = None) -> None:
         delivery = held.delivery
         await write_dead_letter(
             self._bus,
@@ -507,6 +510,7 @@ class ConsumerEngine:
             deliveries=delivery.attempt,
             error=error,
             envelope=held.envelope,
+            traceback=traceback,
         )
 
     async def _expire(self, held: Held, envelope: Envelope[Any]) -> None:

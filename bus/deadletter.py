@@ -32,7 +32,7 @@ import nats.errors
 from bus.cancellation import cancellation_kept
 from bus.errors import BusError, ConfigurationError
 from bus.pull import Delivered, PullSettings, RawPull
-from bus.settle import ERROR_CHARS
+from bus.settle import ERROR_CHARS, TRACEBACK_CHARS
 from bus.topology import dead_letter_consumer_config, ensure_advisory_stream, ensure_consumer
 from bus.wire import WireConnection
 from schemas import DecodeError, Envelope, decode_loose, stable_id
@@ -76,6 +76,7 @@ async def write_dead_letter(
     deliveries: int,
     error: str | None,
     envelope: Envelope[Any] | None,
+    traceback: str | None = None,
 ) -> None:
     """Answer a dead request with RequestFailed, then store the dead letter on
     `<ns>.dead.<agent>`. `envelope` is the original, decoded as far as it could be (None when
@@ -106,6 +107,7 @@ async def write_dead_letter(
             error=error,
             original_size=size,
             original_sha256=hashlib.sha256(original).hexdigest(),
+            traceback=None if traceback is None else traceback[-TRACEBACK_CHARS:],
         ),
         sender=agent,
         id=dead_letter_id(stream, stream_seq),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -50,6 +51,9 @@ EXPIRED = "expired"
 IN_PROGRESS = b"+WPI"
 # Error text kept in a record; what a hostile input makes a decoder say may be its whole value.
 ERROR_CHARS = 2000
+# A failed attempt's traceback kept in its settlement and dead letter: the frames nearest the
+# failure (the end) when it is longer. Bounded so a dead letter still carries its original.
+TRACEBACK_CHARS = 4000
 
 
 class Ack(msgspec.Struct, frozen=True):
@@ -76,6 +80,16 @@ def describe(error: BaseException) -> str:
     """`Type: message` of an exception, truncated to a size fit for an event."""
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return text[:ERROR_CHARS]
+
+
+def describe_traceback(error: BaseException) -> str:
+    """The traceback of `error` as Python prints it, cut to its last TRACEBACK_CHARS characters
+    (the frames where it was raised) with a first line saying how much was cut."""
+    text = "".join(traceback.format_exception(error))
+    if len(text) <= TRACEBACK_CHARS:
+        return text
+    kept = text[-(TRACEBACK_CHARS - 64):]
+    return f"(traceback cut: its first {len(text) - len(kept)} characters)\n" + kept
 
 
 def backoff_s(attempt: int, policy: RetryPolicy) -> float:

@@ -1,5 +1,5 @@
 """`dead_letters`: messages that will not be handled, with the reason, the number of delivery
-attempts, the error, and the original bytes (and the original envelope as JSON when they were
+attempts, the error and its traceback, and the original bytes (and the original envelope as JSON when they were
 one). An original too large to travel in its dead letter has `original` NULL and is found in
 the log at `original_seq`, with `original_size` and `original_sha256` to check it by."""
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "dead_letters"
-VERSION = 2
+VERSION = 3
 
 TABLES = """
 CREATE TABLE {s}.dead_letters (
@@ -33,7 +33,8 @@ CREATE TABLE {s}.dead_letters (
     original          BLOB,              -- the exact bytes that were delivered (NULL: too large, see original_seq)
     original_envelope JSON,              -- the same, when they are a JSON envelope
     original_size     BIGINT,            -- bytes of the original
-    original_sha256   VARCHAR            -- hex SHA-256 of the original (NULL in dead letters older than it)
+    original_sha256   VARCHAR,           -- hex SHA-256 of the original (NULL in dead letters older than it)
+    traceback         VARCHAR            -- the last attempt's traceback when its handler raised (its last frames)
 )
 """
 
@@ -47,7 +48,7 @@ SELECT seq, stored_at, id, payload->>'agent', payload->>'consumer', payload->>'r
        payload->>'original_id', payload->>'original_kind', correlation_id,
        CASE WHEN carried THEN original END, CASE WHEN carried THEN TRY_CAST(TRY(decode(original)) AS JSON) END,
        coalesce(TRY_CAST(payload->>'original_size' AS BIGINT), octet_length(original)),
-       payload->>'original_sha256'
+       payload->>'original_sha256', payload->>'traceback'
 FROM (SELECT *, coalesce(octet_length(original) = TRY_CAST(payload->>'original_size' AS BIGINT), true) AS carried
       FROM (SELECT *, TRY(from_base64(payload->>'original')) AS original
             FROM batch WHERE kind = 'delivery.dead_lettered' AND error IS NULL))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "messages"
-VERSION = 3
+VERSION = 4
 
 TABLES = """
 CREATE TABLE {s}.messages (
@@ -52,7 +52,8 @@ CREATE TABLE {s}.messages (
     -- query (three such expressions cost a point lookup ~1 ms, a third of it).
     publish_ms       DOUBLE,            -- to stored_at
     handled_ms       DOUBLE,            -- to first_handled_at
-    settled_ms       DOUBLE             -- to status_at, once the status is terminal
+    settled_ms       DOUBLE,            -- to status_at, once the status is terminal
+    last_traceback   VARCHAR            -- the traceback of the last failed attempt (its last frames)
 );
 -- Point lookups by envelope id (the common question: "what became of my message?").
 CREATE INDEX messages_by_id ON {s}.messages (id)
@@ -69,7 +70,7 @@ _INSERT = """
 INSERT INTO {s}.messages
 SELECT seq, id, kind, sender, recipient, tag, reply_to, correlation_id, causation_id, priority,
        created_at, stored_at, expires_at, 'sent', stored_at, 0, 0, 0, NULL,
-       NULL, NULL, NULL, NULL, NULL, NULL, (epoch_us(stored_at) - epoch_us(created_at)) / 1000.0, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL, NULL, (epoch_us(stored_at) - epoch_us(created_at)) / 1000.0, NULL, NULL, NULL
 FROM batch
 WHERE error IS NULL AND split_part(subject, '.', 2) IN ('inbox', 'group', 'reply')
 """
@@ -92,23 +93,23 @@ _SETTLE = """
 WITH reports AS (
     SELECT seq, stored_at, payload->>'agent' AS agent,
            from_json(payload->'settlements',
-                     '[{"stream_seq":"BIGINT","attempt":"INTEGER","outcome":"VARCHAR","handler_ms":"DOUBLE","error":"VARCHAR"}]') AS sts
+                     '[{"stream_seq":"BIGINT","attempt":"INTEGER","outcome":"VARCHAR","handler_ms":"DOUBLE","error":"VARCHAR","traceback":"VARCHAR"}]') AS sts
     FROM batch WHERE kind = 'delivery.report' AND error IS NULL
 ), settled AS (
     SELECT seq, stored_at, agent, unnest(sts) AS st, generate_subscripts(sts, 1) AS idx FROM reports
 ), facts AS (
     SELECT st.stream_seq AS target, seq * 65536 + idx AS ord, stored_at AS fact_at, agent, st.outcome AS outcome,
            st.attempt AS attempt, coalesce(st.handler_ms, 0.0) AS handler_ms, st.error AS error,
-           NULL::VARCHAR AS reason, 1 AS delivery
+           st.traceback AS traceback, NULL::VARCHAR AS reason, 1 AS delivery
     FROM settled
     UNION ALL
     SELECT TRY_CAST(payload->>'original_seq' AS BIGINT), seq * 65536, stored_at, payload->>'agent',
            'dead_lettered', TRY_CAST(payload->>'deliveries' AS INTEGER), NULL, payload->>'error',
-           payload->>'reason', 0
+           payload->>'traceback', payload->>'reason', 0
     FROM batch WHERE kind = 'delivery.dead_lettered' AND error IS NULL
     UNION ALL
     SELECT TRY_CAST(payload->>'original_seq' AS BIGINT), seq * 65536, stored_at, payload->>'agent',
-           'expired', NULL, NULL, NULL, NULL, 0
+           'expired', NULL, NULL, NULL, NULL, NULL, 0
     FROM batch WHERE kind = 'delivery.expired' AND error IS NULL
 ), agg AS (
     SELECT target,
@@ -125,6 +126,7 @@ WITH reports AS (
            min(fact_at) FILTER (WHERE outcome = 'handled')                  AS first_handled_at,
            arg_min(handler_ms, ord) FILTER (WHERE outcome = 'handled') AS handler_ms,
            arg_max(error, ord) FILTER (WHERE error IS NOT NULL)        AS last_error,
+           arg_max(traceback, ord) FILTER (WHERE traceback IS NOT NULL) AS last_traceback,
            min(fact_at) FILTER (WHERE outcome = 'dead_lettered')            AS dead_lettered_at,
            arg_min(reason, ord) FILTER (WHERE reason IS NOT NULL)      AS dead_reason,
            min(fact_at) FILTER (WHERE outcome = 'expired')                  AS expired_at
@@ -142,6 +144,7 @@ UPDATE {s}.messages AS m SET
     first_handled_at = coalesce(m.first_handled_at, a.first_handled_at),
     handler_ms = CASE WHEN m.first_handled_at IS NULL THEN a.handler_ms ELSE m.handler_ms END,
     last_error = coalesce(a.last_error, m.last_error),
+    last_traceback = coalesce(a.last_traceback, m.last_traceback),
     dead_lettered_at = coalesce(m.dead_lettered_at, a.dead_lettered_at),
     dead_reason = coalesce(m.dead_reason, a.dead_reason),
     expired_at = coalesce(m.expired_at, a.expired_at),

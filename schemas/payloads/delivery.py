@@ -23,6 +23,8 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kind: str | None = None
     handler_ms: float = 0.0
     error: str | None = None
+    # The failed attempt's traceback (bounded, its last frames kept); None when it did not raise.
+    traceback: str | None = None
 
 
 class DeliveryReport(Payload, frozen=True, kw_only=True, tag="delivery.report"):
@@ -54,6 +56,8 @@ class DeadLettered(Payload, frozen=True, kw_only=True, tag="delivery.dead_letter
     error: str | None = None
     original_size: int | None = None
     original_sha256: str | None = None
+    # The last attempt's traceback, when a handler raised (bounded, its last frames kept).
+    traceback: str | None = None
 
     @property
     def carries_original(self) -> bool:
