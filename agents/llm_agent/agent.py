@@ -137,10 +137,9 @@ class LLMAgent(Agent):
     `max_rounds`, `max_output_tokens`, `retention` (None: conversations are never closed),
     `mcp_servers` (MCP servers whose tools are offered too; override `mcp()` to compute them),
     `mcp_attempts` (how often an MCP call is tried, its server started again each time, before
-    the model is told it failed). The
-    model is Claude when ANTHROPIC_API_KEY is set, else the offline model
-    (agents.llm_agent.models); pass `model=` to choose one explicitly, and `clock=` for the
-    retention timer (tests pass a ManualClock).
+    the model is told it failed). The model is Claude when ANTHROPIC_API_KEY is set, else the
+    offline model (agents.llm_agent.models); pass `model=` to choose one explicitly, and
+    `clock=` for the retention timer (tests pass a ManualClock).
     """
 
     role: ClassVar[str] = "assistant"
@@ -422,8 +421,7 @@ class LLMAgent(Agent):
 
     async def _execute(self, ctx: Context, use: ToolUseBlock, now: datetime) -> ToolOutcome:
         """Execute one tool call and record its events; a block write that lost a race is
-        decided again on the fresh value. An MCP tool is called with the step id as its
-        idempotency key (raises McpUnavailable: the step runs again on the redelivery)."""
+        decided again on the fresh value. An MCP tool goes to its server (`_call_mcp`)."""
         step_id = ctx.step_id
         if self.mcp_tools is not None and self.mcp_tools.owns(use.name):
             return ToolOutcome(result=await self._call_mcp(ctx, self.mcp_tools, use))
@@ -450,20 +448,21 @@ class LLMAgent(Agent):
         """Call an MCP tool with the step id as idempotency key; a server that is unavailable
         (McpUnavailable) is started again and called again, up to `mcp_attempts` tries, then
         the model is told the call failed and its outcome is unknown."""
+        tries = max(1, self.mcp_attempts)
         failure: McpUnavailable | None = None
-        for attempt in range(1, self.mcp_attempts + 1):
+        for attempt in range(1, tries + 1):
             try:
                 return await tools.call(use, key=ctx.step_id)
             except McpUnavailable as exc:
                 failure = exc
-                log.warning("%s: %s (try %d of %d)", self.agent_name, exc, attempt, self.mcp_attempts)
-            if attempt < self.mcp_attempts:
+                log.warning("%s: %s (try %d of %d)", self.agent_name, exc, attempt, tries)
+            if attempt < tries:
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
         # Tried again here rather than by redelivering the message: a message put back lets
         # the next one in first, and its turn would land between this tool call and its result
         # (a malformed conversation); dead-lettering it would leave the call without a result.
         return ToolResultBlock(tool_use_id=use.id, is_error=True, content=(
-            f"{failure} ({self.mcp_attempts} tries); the outcome of the call is unknown: it may have taken effect"
+            f"{failure} ({tries} tries); the outcome of the call is unknown: it may have taken effect"
         ))
 
     async def _deliver(self, ctx: Context, outcome: ToolOutcome) -> None:

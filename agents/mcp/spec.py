@@ -47,9 +47,9 @@ class McpServerSpec(msgspec.Struct, frozen=True, kw_only=True):
     streamable HTTP `url`; exactly one of the two.
 
     `allowed_tools`: the server's tools offered to the model (None: every tool it lists).
-    `call_timeout_s`: how long one tool call may take before it counts as a hung server (the
-    message is retried, the server restarted). `connect_timeout_s`: how long starting the
-    server and listing its tools may take.
+    `call_timeout_s`: how long one tool call may take before it counts as a hung server
+    (McpUnavailable: the server is started again for the next try). `connect_timeout_s`: how
+    long each request of starting the server and listing its tools may take.
 
     Raises McpConfigError for a bad name, both or neither of command and url, or a timeout that
     is not positive.
