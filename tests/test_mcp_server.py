@@ -140,19 +140,22 @@ async def test_a_client_finds_the_day_2_contradictions_records_a_fact_and_asks_a
                                                    for c in about["contradictions"])
             before = await call(session, "open_contradictions", as_of=str(second.first_seq))
             assert before["contradictions"] == [] and before["as_of_seq"] == second.first_seq
-            now = await call(session, "open_contradictions", as_of=datetime.now(UTC).isoformat())
+            now = await call(session, "open_contradictions", as_of=datetime.now(UTC).isoformat(),
+                             min_seq=second.last_seq)
             assert {c["contradiction_id"] for c in now["contradictions"]} == {
                 c["contradiction_id"] for c in found["contradictions"]}
-            past = await call(session, "search_memory", as_of="2020-01-01T00:00:00Z")
+            past = await call(session, "search_memory", as_of="2020-01-01T00:00:00Z", min_seq=second.last_seq)
             assert (past["as_of_seq"], past["facts"], past["turns"], past["blocks"]) == (0, [], [], [])
 
-            turns = await call(session, "search_memory", text="day 2", kinds=["recall"], agent="researcher")
+            turns = await call(session, "search_memory", text="day 2", kinds=["recall"], agent="researcher",
+                               min_seq=second.last_seq)
             assert turns["turns"] and all(t["agent"] == "researcher" and "day 2" in t["text"].lower()
                                           for t in turns["turns"])
-            held = await call(session, "search_memory", kinds=["blocks"], agent="synthesiser", limit=50)
+            held = await call(session, "search_memory", kinds=["blocks"], agent="synthesiser", limit=50,
+                              min_seq=second.last_seq)
             assert "digest" in {b["label"] for b in held["blocks"]}
 
-            new = await call(session, "whats_new", since=str(second.first_seq), limit=50)
+            new = await call(session, "whats_new", since=str(second.first_seq), limit=50, min_seq=second.last_seq)
             assert {f["source_ref"] for f in new["facts"]} == day2
             assert len(new["contradictions"]) == len(declared)
 

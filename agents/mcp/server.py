@@ -287,11 +287,12 @@ class BusTools:
         self,
         correlation_id: Annotated[str, Field(min_length=1, max_length=128, description="the conversation's correlation id")],
         limit: Annotated[int, Field(ge=1, le=MAX_TRACE_STEPS)] = 100,
+        min_seq: MinSeq = None,
     ) -> ConversationTrace:
         """A conversation's envelopes (everything with that correlation id) in causal order:
         each under the envelope that caused it, with who sent what to whom."""
         with tool_errors():
-            trace = await load_trace(self.bus, correlation_id, min_seq=self._consistent(None), max_rows=limit)
+            trace = await load_trace(self.bus, correlation_id, min_seq=self._consistent(min_seq), max_rows=limit)
             if trace.count == 0:
                 raise ValueError(f"no envelope has correlation id {correlation_id!r}")
             steps: list[TraceStep] = []
