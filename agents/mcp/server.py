@@ -65,7 +65,6 @@ class McpSettings(msgspec.Struct, frozen=True, kw_only=True):
     """The server's own settings (the bus connection is the Bus's)."""
 
     name: str = "mcp"
-    request_timeout_s: float = 30.0
 
 
 # -- argument types (their constraints are the input schema the SDK checks) ---------------------
