@@ -422,6 +422,11 @@ class ConsumerEngine:
             return
         decision = decide(error, attempt=delivery.attempt, policy=self.settings.retry)
         trace = describe_traceback(error)
+        # In the process's log too (a replica's log file: `bus agent logs`), traceback included.
+        log.warning(
+            "%s: %s at seq %d failed on attempt %d (%s): %s\n%s", delivery.consumer, envelope.kind,
+            delivery.stream_seq, delivery.attempt, type(decision).__name__.lower(), describe(error), trace.rstrip(),
+        )
         settlement = self._settlement(
             held, outcome(decision), handler_ms=round(elapsed * 1000.0, 3), error=describe(error), traceback=trace,
         )

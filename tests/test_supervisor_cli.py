@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bus import Bus, BusConfig
-from schemas.payloads import AgentStarted, AgentStopped, Ping, Pong
+from schemas.payloads import AgentStarted, AgentStopped, Note, Ping, Pong
 from conftest import wait_for
 from fixtures_agents.helpers import payloads
 
@@ -83,6 +83,24 @@ async def test_start_ps_stop_round_trip(cli: Cli, bus: Bus) -> None:
     assert {s.pid for s in await payloads(bus, "default.event.greeter.agent.started", AgentStarted)} == pids
     stopped = await payloads(bus, "default.event.greeter.agent.stopped", AgentStopped)
     assert {s.pid for s in stopped} == pids and all(s.graceful for s in stopped)
+
+
+async def test_agent_logs_show_a_failing_handlers_traceback(cli: Cli, bus: Bus) -> None:
+    """A handler that raises: its replica's log (what `bus agent logs` prints) holds the failed
+    attempt with the full traceback, down to the helper's line."""
+    code, _, stderr = await cli("start", "fixtures_agents.basic:Grumpy", "--name", "grumpy")
+    assert code == 0, stderr
+    sent = await bus.send("grumpy", Note(text="no amount here"))
+    shown = ""
+
+    async def logged() -> bool:
+        nonlocal shown
+        code, shown, _ = await cli("logs", "grumpy", "-n", "200")
+        return code == 0 and "in _parse_amount" in shown
+
+    await wait_for(logged, timeout_s=30, what="the traceback in the replica log")
+    assert f"note at seq {sent.ack.seq} failed on attempt 1" in shown
+    assert "Traceback (most recent call last):" in shown and "IndexError: list index out of range" in shown
 
 
 async def test_bad_targets_and_unknown_agents_are_clear_errors(cli: Cli) -> None:

@@ -20,11 +20,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
 
 from agents.errors import AgentDefinitionError, AgentLoadError
 from agents.runtime.loader import load_agent_class
+from agents.runtime.output_log import DEFAULT_KEEP, DEFAULT_MAX_BYTES, keep_rotating
 from agents.runtime.runner import AgentRuntime
 from bus.config import BusConfig, ConsumerSettings
 from bus.errors import BusUnavailable, ConfigurationError
@@ -48,6 +50,11 @@ class ProcessSpec(msgspec.Struct, frozen=True, kw_only=True):
     status_interval_s: float = 1.0
     # Put first on sys.path, so `module:Class` resolves like it did where `bus agent start` ran.
     workdir: str | None = None
+    # The log file the supervisor made this process's stdout and stderr: rotated past
+    # `log_max_bytes`, `log_keep` old files kept (agents.runtime.output_log).
+    log_path: str | None = None
+    log_max_bytes: int = DEFAULT_MAX_BYTES
+    log_keep: int = DEFAULT_KEEP
 
 
 class StatusChannel:
@@ -118,6 +125,10 @@ async def serve(spec: ProcessSpec, status: StatusChannel, started: float) -> Non
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(run())
         tasks.create_task(report())
+        if spec.log_path is not None:
+            tasks.create_task(keep_rotating(
+                Path(spec.log_path), max_bytes=spec.log_max_bytes, keep=spec.log_keep, stop=done,
+            ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -223,6 +223,7 @@ class Supervisor:
             target=spec.target, name=spec.name, bus=spec.bus, tags=list(spec.tags), replica=index,
             consumer=spec.consumer, heartbeat_s=spec.heartbeat_s,
             status_interval_s=self.settings.status_interval_s, workdir=spec.workdir,
+            log_path=str(self._paths.replica_log(index)) if self._paths else None,
         )
         log_path = self._paths.replica_log(index) if self._paths else None
         return await launch(process_spec, log_path=log_path)

@@ -35,3 +35,17 @@ class NeverStarts(Agent):
     @handler
     async def on_ping(self, ping: Ping, ctx: Context) -> None:
         return None
+
+
+class Grumpy(Agent):
+    """Fails on every note, deep in a helper: its tracebacks are what `bus agent logs` shows."""
+
+    name = "grumpy"
+
+    @handler
+    async def on_note(self, note: Note, ctx: Context) -> None:
+        _parse_amount(note.text)
+
+
+def _parse_amount(text: str) -> float:
+    return float(text.split("=")[1])  # IndexError without an "="
