@@ -17,7 +17,7 @@ Resources:
     continuum://research/report/latest    the research team's latest report
 
 A point in the log ("as_of", "since") is a sequence or an ISO 8601 time. Reads wait for the
-server's own last write (session consistency), or for `min_seq` when a caller asks for more.
+server's own last write (the Bus's session consistency), or for `min_seq` when a caller gives it.
 The SDK checks JSON types and ranges against each tool's input schema; the tools check names
 and points. Every failure (a bad argument, a bus timeout, an unknown agent) is an MCP tool error
 with a one-line message (server_errors.py); the server keeps serving.
@@ -120,10 +120,6 @@ class BusTools:
         self.bus = bus
         self.settings = settings
         self.registry = payload_registry(())
-        # The last sequence this server wrote: reads wait for it unless they ask for later
-        # (session consistency, as a Bus's own reads: every client of this server reads what
-        # any call through it wrote).
-        self._written = 0
 
     # -- memory ---------------------------------------------------------------------------------
 
@@ -145,7 +141,6 @@ class BusTools:
         stood then (facts held, block values, turns recorded by then); `since` keeps only what
         came after. Ended (superseded or retracted) facts only with include_ended."""
         with tool_errors():
-            min_seq = self._consistent(min_seq)
             if agent is not None:
                 check_name(agent, "agent name")
             spec = q.SearchSpec(
@@ -166,7 +161,6 @@ class BusTools:
         retracted), about `subject` or about anything, newest first; both claims with their
         sources. `as_of` answers as they stood then."""
         with tool_errors():
-            min_seq = self._consistent(min_seq)
             as_of_seq = await self._point(as_of, "as_of", min_seq)
             return await q.open_contradictions(self.bus, subject, as_of_seq=as_of_seq, limit=limit, min_seq=min_seq)
 
@@ -175,7 +169,6 @@ class BusTools:
         answer, or a time): facts recorded, facts ended, contradictions flagged, block writes;
         oldest first, so the last seq you see is where to continue."""
         with tool_errors():
-            min_seq = self._consistent(min_seq)
             since_seq = await q.seq_at(self.bus, q.parse_point(since, "since"), min_seq=min_seq)
             return await q.whats_new(self.bus, since_seq, limit=limit, min_seq=min_seq)
 
@@ -200,7 +193,7 @@ class BusTools:
                 raise ValueError("subject, statement and source_ref must not be blank")
             recorder = self.settings.name
             fact_id = fact_id_for(recorder, subject, statement, source_ref)
-            held = await q.fact_seq(self.bus, fact_id, min_seq=self._consistent(None))
+            held = await q.fact_seq(self.bus, fact_id)
             if held is not None:
                 return RecordedFact(fact_id=fact_id, seq=held, recorded_by=recorder, already_recorded=True)
             event = FactRecorded(
@@ -209,7 +202,6 @@ class BusTools:
                 category=category.strip() or "claim", value=value.strip(),
             )
             sent = await self.bus.record(recorder, event, id=str(uuid.uuid5(_FACT_ENVELOPES, f"{recorder}/{fact_id}")))
-            self._wrote(sent.ack.seq)
             return RecordedFact(fact_id=fact_id, seq=sent.ack.seq, recorded_by=recorder,
                                 already_recorded=sent.ack.duplicate)
 
@@ -229,7 +221,6 @@ class BusTools:
             await self._known_agent(to)
             body = self._payload(text, data, payload)
             sent = await self.bus.send(to, body, id=_message_id(message_id))
-            self._wrote(sent.ack.seq)
             return _sent(sent, to=to)
 
     async def broadcast(
@@ -244,10 +235,9 @@ class BusTools:
         with tool_errors():
             check_name(tag, "tag")
             body = self._payload(text, data, payload)
-            if not await q.tag_known(self.bus, tag, min_seq=self._consistent(None)):
+            if not await q.tag_known(self.bus, tag):
                 raise ValueError(f"no agent carries the tag {tag!r}; list_agents shows each agent's tags")
             sent = await self.bus.broadcast(tag, body, id=_message_id(message_id))
-            self._wrote(sent.ack.seq)
             return _sent(sent, tag=tag)
 
     async def request_agent(
@@ -279,7 +269,6 @@ class BusTools:
         """Agents the log knows (those that sent, were sent to, or recorded events), most
         recently seen first: tags, state, replicas alive, in-flight work."""
         with tool_errors():
-            min_seq = self._consistent(min_seq)
             return await q.list_agents(self.bus, limit=limit, min_seq=min_seq)
 
     async def conversation_trace(
@@ -291,7 +280,7 @@ class BusTools:
         """A conversation's envelopes (everything with that correlation id) in causal order:
         each under the envelope that caused it, with who sent what to whom."""
         with tool_errors():
-            trace = await load_trace(self.bus, correlation_id, min_seq=self._consistent(min_seq), max_rows=limit)
+            trace = await load_trace(self.bus, correlation_id, min_seq=min_seq, max_rows=limit)
             if trace.count == 0:
                 raise ValueError(f"no envelope has correlation id {correlation_id!r}")
             steps: list[TraceStep] = []
@@ -316,7 +305,7 @@ class BusTools:
         """The core blocks `agent` holds, as markdown. Raises ResourceError."""
         try:
             check_name(agent, "agent name")
-            blocks = await q.held_blocks(self.bus, agent, min_seq=self._consistent(None))
+            blocks = await q.held_blocks(self.bus, agent)
         except BusError as exc:
             raise ResourceError(one_line(f"blocks of {agent!r}: {exc}")) from exc
         if not blocks:
@@ -329,7 +318,7 @@ class BusTools:
     async def latest_report(self) -> str:
         """The research team's latest report, as markdown. Raises ResourceError."""
         try:
-            report = await q.latest_report(self.bus, min_seq=self._consistent(None))
+            report = await q.latest_report(self.bus)
         except BusError as exc:
             raise ResourceError(one_line(f"the latest report: {exc}")) from exc
         if report is None:
@@ -338,14 +327,6 @@ class BusTools:
                 f"{report.text}\n")
 
     # -- helpers --------------------------------------------------------------------------------
-
-    def _consistent(self, min_seq: int | None) -> int | None:
-        """The sequence a read must wait for: the caller's, or this server's last write."""
-        wanted = max(min_seq or 0, self._written)
-        return wanted or None
-
-    def _wrote(self, seq: int) -> None:
-        self._written = max(self._written, seq)
 
     async def _point(self, text: str | None, what: str, min_seq: int | None) -> int | None:
         if text is None:
@@ -363,7 +344,7 @@ class BusTools:
 
     async def _known_agent(self, name: str) -> None:
         check_name(name, "agent name")
-        if not await q.agent_known(self.bus, name, min_seq=self._consistent(None)):
+        if not await q.agent_known(self.bus, name):
             raise ValueError(f"unknown agent {name!r}: it has never appeared in the log; list_agents shows the known ones")
 
 
