@@ -222,8 +222,10 @@ class Bus:
         priority: int = PRIORITY_DEFAULT,
         expires_in_s: float | None = None,
         headers: dict[str, str] | None = None,
+        hops: int = 0,
     ) -> Envelope[Any]:
-        """Build an envelope (no I/O). The correlation id defaults to the envelope's own id.
+        """Build an envelope (no I/O). The correlation id defaults to the envelope's own id;
+        `hops` is how many handled messages led to it (see Envelope.hops).
 
         Raises ConfigurationError for an invalid name or a priority outside 0..9.
         """
@@ -244,6 +246,7 @@ class Bus:
             priority=priority,
             expires_at=None if expires_in_s is None else now + timedelta(seconds=expires_in_s),
             headers=headers or {},
+            hops=hops,
         )
 
     def subject_for(self, envelope: Envelope[Any]) -> str:
@@ -381,6 +384,7 @@ class Bus:
             id=derived_id(request.id, "reply"),
             correlation_id=request.correlation_id,
             causation_id=request.id,
+            hops=request.hops + 1,
         )
         return await self.publish(envelope, self.subjects.reply(request.reply_to, request.id))
 

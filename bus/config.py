@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import msgspec
 
 from bus.errors import ConfigurationError
+from schemas.envelope import MAX_HOPS_ON_WIRE
 from schemas.limits import MAX_NAME_CHARS, misnamed
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -57,10 +58,15 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     report_max: int = 1000
     # Bounded shutdown: how long in-flight handlers may finish before they are cancelled.
     drain_timeout_s: float = 10.0
+    # A message more than this many handled messages down a chain (Envelope.hops) is not
+    # handled but dead-lettered as `hop_limit`: agents answering each other stop here.
+    max_hops: int = 32
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.prefetch < 0:
             raise ConfigurationError("concurrency must be >= 1 and prefetch >= 0")
+        if not 1 <= self.max_hops <= MAX_HOPS_ON_WIRE:
+            raise ConfigurationError(f"max_hops must be 1..{MAX_HOPS_ON_WIRE}, not {self.max_hops}")
 
 
 class PublisherSettings(msgspec.Struct, frozen=True, kw_only=True):

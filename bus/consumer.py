@@ -60,6 +60,7 @@ from bus.pull import Delivered, PullSettings, RawPull, ack_facts
 from bus.settle import (
     ERROR_CHARS,
     EXPIRED,
+    HOP_LIMIT,
     IN_PROGRESS,
     Ack,
     Decision,
@@ -363,6 +364,7 @@ class ConsumerEngine:
 
     async def _work(self) -> None:
         agent = self.agent
+        max_hops = self.settings.max_hops
         take_nowait = self._window.take_nowait
         while True:
             # Take without awaiting while the window has work: a coroutine per take is measurable.
@@ -377,6 +379,7 @@ class ConsumerEngine:
                 and envelope is not None
                 and envelope.expires_at is None
                 and (envelope.tag is None or envelope.sender != agent)
+                and envelope.hops <= max_hops
             ):
                 await self._handle(held, envelope)
             else:
@@ -456,6 +459,15 @@ class ConsumerEngine:
                 raise AssertionError("a delivery without envelope or problem")
             elif envelope.tag is not None and envelope.sender == self.agent:
                 decision, settlement = Ack(), self._settlement(held, "skipped")
+            elif envelope.hops > self.settings.max_hops:
+                error = (
+                    f"{envelope.hops} handled messages led to this one, over max_hops "
+                    f"{self.settings.max_hops}: agents answering each other without end? (conversation "
+                    f"{envelope.correlation_id})"
+                )
+                await self._dead_letter(held, HOP_LIMIT, error)
+                meters.dead(HOP_LIMIT)
+                decision, settlement = Term(HOP_LIMIT, error), self._settlement(held, "dead_lettered", error=error)
             elif envelope.is_expired():
                 await self._expire(held, envelope)
                 meters.expired()

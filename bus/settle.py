@@ -44,9 +44,12 @@ DeadReason = Literal[
     "unknown_kind",    # an envelope whose payload kind this process does not know
     "invalid",         # a known kind whose fields do not validate
     "max_deliveries",  # the server gave up: no process settled it in max_deliver attempts
+    "hop_limit",       # more handled messages led to it than the consumer's max_hops
 ]
 # An expired envelope is terminated too, but recorded as expired rather than dead-lettered.
 EXPIRED = "expired"
+# The dead-letter reason of a message past its consumer's max_hops.
+HOP_LIMIT: DeadReason = "hop_limit"
 
 IN_PROGRESS = b"+WPI"
 # Error text kept in a record; what a hostile input makes a decoder say may be its whole value.

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from bus.log_reader import LogRecord
 from schemas import PRIORITY_DEFAULT, DecodeError, decode_loose
-from schemas.envelope import ENVELOPE_VERSION, Priority
+from schemas.envelope import ENVELOPE_VERSION, Hops, Priority
 from schemas.limits import MAX_DEPTH, MAX_ENVELOPE_BYTES, Headers, Ident, Name, refusal
 
 PREV_SEQ_HEADER = "Bus-Prev-Seq"
@@ -76,6 +76,7 @@ class _Fields(msgspec.Struct, kw_only=True, gc=False):
     # UNSET when absent (nearly always): no empty dict per record. An explicit null is still
     # refused, as the envelope refuses it.
     headers: Headers | msgspec.UnsetType = msgspec.UNSET
+    hops: Hops = 0  # checked as the envelope checks it; no column (the envelope JSON keeps it)
     v: int = ENVELOPE_VERSION
 
 

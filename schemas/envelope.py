@@ -26,6 +26,9 @@ PRIORITY_DEFAULT = 4
 # Out of range is invalid on the wire too (a consumer dead-letters it, a projection folds it as an
 # undecodable record), not only when sending.
 Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
+# Envelope.hops on the wire; a consumer's own bound (ConsumerSettings.max_hops) is far lower.
+MAX_HOPS_ON_WIRE = 10_000
+Hops = Annotated[int, msgspec.Meta(ge=0, le=MAX_HOPS_ON_WIRE)]
 
 
 class Payload(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -57,6 +60,10 @@ class Envelope(msgspec.Struct, Generic[P], frozen=True, kw_only=True, omit_defau
     priority: Priority = PRIORITY_DEFAULT
     expires_at: datetime | None = None
     headers: Headers = {}
+    # How many handled messages led to this one: what a handler sends, broadcasts, requests or
+    # replies carries its inbound message's hops + 1. Consumers end a chain past their
+    # `max_hops` (agents answering each other for ever), dead-lettering it as `hop_limit`.
+    hops: Hops = 0
     v: int = ENVELOPE_VERSION
 
     @property

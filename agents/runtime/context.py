@@ -219,6 +219,7 @@ class Context:
                 id=self.journal.outbound_id(info.index, name),
                 correlation_id=self.envelope.correlation_id,
                 causation_id=self.envelope.id,
+                hops=self.envelope.hops + 1,
                 **fields,
             )
             sent = await self.bus.publish(envelope)
@@ -238,6 +239,7 @@ class Context:
             id=self.journal.outbound_id(info.index, f"request:{to}"),
             correlation_id=self.envelope.correlation_id,
             causation_id=self.envelope.id,
+            hops=self.envelope.hops + 1,
             **fields,
         )
         reply_subject = bus.subjects.reply(self.agent, envelope.id)
