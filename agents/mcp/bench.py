@@ -34,10 +34,14 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CallToolResult
 
 from agents.mcp.memory_queries import SearchSpec, facts_statement
-from agents.memory.bench_views import _DOMAIN, _QUERY_WORDS, LOG_EVENTS
-from agents.memory.bench_views import _fill as fill_memory_log
-from agents.memory.bench_views import _projection_service as projection_service
-from agents.memory.bench_views import _wait_applied as wait_applied
+from agents.memory.bench_views import (
+    DOMAIN_WORDS,
+    LOG_EVENTS,
+    QUERY_WORDS,
+    fill_memory_log,
+    projection_service,
+    wait_applied,
+)
 from bus import Bus, BusConfig
 
 if TYPE_CHECKING:
@@ -81,13 +85,13 @@ async def _round(session: ClientSession, bus: Bus, index: int) -> dict[str, floa
     via_mcp: list[float] = []
     direct: list[float] = []
     for _ in range(CALLS_PER_ROUND):
-        word, subject = rng.choice(_QUERY_WORDS), f"{rng.choice(_DOMAIN)}:{rng.choice(_DOMAIN)}"
+        word, subject = rng.choice(QUERY_WORDS), f"{rng.choice(DOMAIN_WORDS)}:{rng.choice(DOMAIN_WORDS)}"
         args = {"text": word, "kinds": ["facts"], "subject": subject, "limit": 10}
         via_mcp.append(await _timed(_tool(session, "search_memory", args)))
         sql, params = facts_statement(SearchSpec(text=word, kinds=("facts",), subject=subject, limit=10))
         direct.append(await _timed(bus.query(sql, [*params, 11], max_rows=11)))
     all_kinds = [
-        await _timed(_tool(session, "search_memory", {"text": rng.choice(_QUERY_WORDS), "limit": 10}))
+        await _timed(_tool(session, "search_memory", {"text": rng.choice(QUERY_WORDS), "limit": 10}))
         for _ in range(ALL_KINDS_CALLS)
     ]
     return {

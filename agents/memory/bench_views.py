@@ -52,11 +52,11 @@ AGENTS = 40
 WRITES_PER_ROUND = 200
 QUERIES_PER_ROUND = 100
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-_DOMAIN = ["electrolyte", "salt", "additive", "anode", "cathode", "interphase", "capacity", "retention", "impedance", "sodium", "carbonate", "ether", "fluoride", "cycle", "voltage", "gas", "water", "temperature", "dendrite", "conductivity", "separator", "polymer", "concentration"]
-_WORDS = _DOMAIN + [f"term{i}" for i in range(5000)]
+DOMAIN_WORDS = ["electrolyte", "salt", "additive", "anode", "cathode", "interphase", "capacity", "retention", "impedance", "sodium", "carbonate", "ether", "fluoride", "cycle", "voltage", "gas", "water", "temperature", "dendrite", "conductivity", "separator", "polymer", "concentration"]
+_WORDS = DOMAIN_WORDS + [f"term{i}" for i in range(5000)]
 _WEIGHTS = [1.0 / (rank + 1) for rank in range(len(_WORDS))]
 # Searched words: common, middling and rare, so result sizes vary as in use.
-_QUERY_WORDS = ["sodium", "impedance", "dendrite", "term40", "term400", "term3000"]
+QUERY_WORDS = ["sodium", "impedance", "dendrite", "term40", "term400", "term3000"]
 
 
 async def run(env: BenchEnv) -> dict[str, float]:
@@ -65,10 +65,10 @@ async def run(env: BenchEnv) -> dict[str, float]:
     async with env.server("memory-views") as server:
         config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bench")
         async with Bus(config) as bus:
-            last = await _fill(bus, events)
+            last = await fill_memory_log(bus, events)
             started = time.perf_counter()
-            async with _projection_service(server.url, env.workdir / f"memory-views-{server.settings.port}"):
-                await _wait_applied(bus, last, timeout_s=900.0)
+            async with projection_service(server.url, env.workdir / f"memory-views-{server.settings.port}"):
+                await wait_applied(bus, last, timeout_s=900.0)
                 catch_up = time.perf_counter() - started
                 rounds = [await _round(bus, index) for index in range(max(1, env.repeats))]
     figures = {key: round(statistics.median(r[key] for r in rounds), 2) for key in rounds[0]}
@@ -79,7 +79,7 @@ async def run(env: BenchEnv) -> dict[str, float]:
 # -- the log ----------------------------------------------------------------------------------
 
 
-async def _fill(bus: Bus, count: int) -> int:
+async def fill_memory_log(bus: Bus, count: int) -> int:
     """Record `count` turns and facts (concurrently, so the publisher group-commits them);
     returns the last sequence."""
     rng = random.Random(7)
@@ -98,7 +98,7 @@ async def _fill(bus: Bus, count: int) -> int:
                     at=START + timedelta(seconds=index), text=_sentence(rng, 12, 30))))
             else:
                 payloads.append((name, FactRecorded(
-                    fact_id=f"f{index}", subject=f"{rng.choice(_DOMAIN)}:{rng.choice(_DOMAIN)}",
+                    fact_id=f"f{index}", subject=f"{rng.choice(DOMAIN_WORDS)}:{rng.choice(DOMAIN_WORDS)}",
                     statement=_sentence(rng, 8, 20), source=Citation(ref=f"paper:{index % 997}"),
                     confidence=round(rng.uniform(0.3, 0.95), 2), recorded_by=name)))
         sent = await _gather([bus.record(name, payload) for name, payload in payloads])
@@ -122,7 +122,7 @@ async def _gather(calls: list[Awaitable[Any]]) -> list[Any]:
 
 
 @asynccontextmanager
-async def _projection_service(url: str, home: Path) -> AsyncIterator[None]:
+async def projection_service(url: str, home: Path) -> AsyncIterator[None]:
     """`bus projections run` against `url`, stopped (SIGTERM, then SIGKILL after 30 s) on exit."""
     home.mkdir(parents=True, exist_ok=True)
     log = (home / "projections.log").open("wb")
@@ -143,7 +143,7 @@ async def _projection_service(url: str, home: Path) -> AsyncIterator[None]:
         log.close()
 
 
-async def _wait_applied(bus: Bus, seq: int, *, timeout_s: float) -> None:
+async def wait_applied(bus: Bus, seq: int, *, timeout_s: float) -> None:
     """Until the service answers with every view applied up to `seq`. Raises TimeoutError."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -187,7 +187,7 @@ async def _round(bus: Bus, index: int) -> dict[str, float]:
     archival = "SELECT fact_id, statement, source_ref FROM facts WHERE recorded_by = ? AND current AND statement ILIKE ? LIMIT 20"
     one_agent, all_agents, facts = [], [], []
     for _ in range(QUERIES_PER_ROUND):
-        agent, word = f"agent{rng.randrange(AGENTS)}", f"%{rng.choice(_QUERY_WORDS)}%"
+        agent, word = f"agent{rng.randrange(AGENTS)}", f"%{rng.choice(QUERY_WORDS)}%"
         one_agent.append(await _timed(bus.query(recall.replace("{agent}", "agent = ? AND"), [agent, word])))
         all_agents.append(await _timed(bus.query(recall.replace("{agent}", ""), [word])))
         facts.append(await _timed(bus.query(archival, [agent, word])))
