@@ -10,7 +10,7 @@ from schemas.payloads.agents import (
     AgentStopped,
     StepRecorded,
 )
-from schemas.payloads.delivery import DeadLettered, DeliveryExpired, DeliveryReport, Settlement
+from schemas.payloads.delivery import DeadLettered, DeadLetterRetried, DeliveryExpired, DeliveryReport, Settlement
 from schemas.payloads.llm import LlmCallCompleted, LlmCallFailed
 from schemas.payloads.memory import (
     BlockAppended,
@@ -40,6 +40,7 @@ BUILTIN_PAYLOADS: tuple[type, ...] = (
     TaskCompleted,
     TaskFailed,
     DeadLettered,
+    DeadLetterRetried,
     DeliveryExpired,
     DeliveryReport,
     AgentStarted,
@@ -93,6 +94,7 @@ __all__ = [
     "FactSuperseded",
     "TurnRecorded",
     "DeadLettered",
+    "DeadLetterRetried",
     "DeliveryExpired",
     "DeliveryReport",
     "Note",

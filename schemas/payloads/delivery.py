@@ -73,3 +73,15 @@ class DeliveryExpired(Payload, frozen=True, kw_only=True, tag="delivery.expired"
     original_kind: str
     original_seq: int
     expired_at: datetime
+
+
+class DeadLetterRetried(Payload, frozen=True, kw_only=True, tag="delivery.dead_letter.retried"):
+    """A dead letter's original sent again (`bus dlq retry`): who did it, and as what. The new
+    message is caused by the dead letter; if it fails again it is dead-lettered again."""
+
+    agent: str  # whose consumer gave up on the original
+    dead_letter_id: str
+    original_id: str | None
+    retried_as: str  # the new envelope's id
+    retried_seq: int
+    by: str  # the sender name of whoever retried it
