@@ -82,10 +82,12 @@ class McpClerk(LLMAgent):
 
     name = "clerk"
     role = "clerk"
-    # A short ack_wait brings a killed process's message back quickly; the budget is large:
-    # the kill test redelivers a message as often as it kills the agent.
+    # A short ack_wait brings a killed process's message back before its replacement is ready
+    # (~1.5 s: the SDK's import and the server's start), so no later message overtakes it and
+    # lands its turn in the middle of its tool loop. The budget is large: the kill test
+    # redelivers a message as often as it kills the agent.
     consumer = ConsumerSettings(
-        concurrency=1, prefetch=0, ack_wait_s=1.0,
+        concurrency=1, prefetch=0, ack_wait_s=0.5,
         retry=RetryPolicy(backoff_s=(0.05,), max_deliver=1000), drain_timeout_s=5.0,
     )
 
