@@ -60,18 +60,18 @@ async def test_trace_builds_the_causal_tree_of_a_real_run(bus: Bus, service: Pro
     assert lines[0] == f"trace {corr}: 5 envelope(s)"
     body = [line.split("  +")[0] for line in lines[1:]]
     assert body == [
-        f"- #{s['ask']} task.requested lead → reader",
-        f"  - #{s['dig']} task.requested reader → scout",
+        f'- #{s["ask"]} task.requested "survey" lead → reader',
+        f'  - #{s["dig"]} task.requested "dig" reader → scout',
         f"    - #{s['found']} task.completed scout → reader",
         f"      - #{s['done']} task.completed reader → lead",
-        f"  - #{s['note']} notice reader → #team",
+        f'  - #{s["note"]} notice "digging" reader → #team',
     ]
 
     mermaid = render_mermaid(trace)
     assert mermaid[0] == "graph TD"
     nodes = [line for line in mermaid if line.lstrip().startswith("n") and "[" in line]
     edges = sorted(line.strip() for line in mermaid if "-->" in line)
-    assert len(nodes) == 5 and f'n{s["dig"]}["#{s["dig"]} task.requested<br/>reader → scout' in nodes[1]
+    assert len(nodes) == 5 and f'n{s["dig"]}["#{s["dig"]} task.requested &quot;dig&quot;<br/>reader → scout' in nodes[1]
     assert edges == sorted([
         f"n{s['ask']} --> n{s['dig']}", f"n{s['ask']} --> n{s['note']}",
         f"n{s['dig']} --> n{s['found']}", f"n{s['found']} --> n{s['done']}",
@@ -89,7 +89,7 @@ async def test_bus_trace_command_prints_text_and_mermaid(
     args = parser.parse_args(["trace", corr, "--url", nats_server.url, "--min-seq", str(last)])
     assert await args.func(args) == 0
     text = capsys.readouterr().out.splitlines()
-    assert text[0] == f"trace {corr}: 5 envelope(s)" and text[1].startswith(f"- #{s['ask']} task.requested lead → reader")
+    assert text[0] == f"trace {corr}: 5 envelope(s)" and text[1].startswith(f'- #{s["ask"]} task.requested "survey" lead → reader')
 
     args = parser.parse_args(["trace", corr, "--url", nats_server.url, "--format", "mermaid"])
     assert await args.func(args) == 0
@@ -113,6 +113,35 @@ async def test_the_short_id_tail_prints_finds_its_trace(bus: Bus, service: Proje
     assert shared >= 1  # ids made in the same minute share their start (UUIDv7: the time)
     with pytest.raises(CliError, match="short form of several correlation ids"):
         await resolve_short_id(bus, corr[:shared], min_seq=last + 1)
+
+
+def _row(seq: int, kind: str, sender: str, recipient: str | None, cause: int | None, summary: str | None = None) -> dict:
+    return {"seq": seq, "id": f"e{seq}", "kind": kind, "sender": sender, "recipient": recipient, "tag": None,
+            "category": "event" if recipient is None else "inbox", "causation_id": None if cause is None else f"e{cause}",
+            "stored_at": None, "summary": summary}
+
+
+def test_repeated_steps_collapse_and_depth_and_agent_narrow_the_tree() -> None:
+    """Tool-call steps that differ only in their position collapse into one node with a count;
+    --depth cuts and counts what is below; --agent keeps the branches leading to that agent."""
+    rows = [_row(1, "note", "lead", "writer", None, "write the report")]
+    rows += [_row(2 + i, "agent.step", "writer", None, 1, f"tool:0.{i}:archival_insert") for i in range(19)]
+    rows += [_row(21, "note", "writer", "reviewer", 1, "draft ready"),
+             _row(22, "agent.step", "reviewer", None, 21, "llm:0"),
+             _row(23, "note", "lead", "critic", None, "unrelated")]
+    trace = build_trace("r", rows)
+    text = render_text(trace)
+    assert text[1] == '- #1 note "write the report" lead → writer'
+    assert text[2] == '  - #2..#20 agent.step "tool:archival_insert" x19 writer (event)'
+    assert text[3:] == ['  - #21 note "draft ready" writer → reviewer', '    - #22 agent.step "llm:0" reviewer (event)',
+                        '- #23 note "unrelated" lead → critic']
+    cut = render_text(trace, depth=1)
+    assert cut[1:] == ['- #1 note "write the report" lead → writer  (+21 below)', '- #23 note "unrelated" lead → critic']
+    focus = render_text(trace, agent="reviewer")
+    assert focus[1:] == ['- #1 note "write the report" lead → writer', '  - #21 note "draft ready" writer → reviewer',
+                         '    - #22 agent.step "llm:0" reviewer (event)']
+    mermaid = render_mermaid(trace, agent="reviewer")
+    assert sum(1 for line in mermaid if "[" in line) == 3 and "    n1 --> n21" in mermaid
 
 
 def test_a_cause_outside_the_trace_or_later_in_the_log_makes_a_root() -> None:
