@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from bus.cli.common import CliError, add_connection_options, bus_config, open_bus, out
+from bus.errors import BusError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -123,15 +126,28 @@ async def run_ps(args: argparse.Namespace) -> int:
     from agents.supervisor.control import list_statuses
 
     statuses = list_statuses(args.home, args.namespace)
+    supervised = {status.agent for status, _ in statuses}
+    elsewhere = [r for r in await _seen_elsewhere(args) if r["name"] not in supervised]
     if args.json:
         for status, alive in statuses:
             out(msgspec.json.encode({"alive": alive, **msgspec.structs.asdict(status)}).decode())
+        for replica in elsewhere:
+            out(json.dumps({"agent": replica["name"], "elsewhere": True, **replica}, default=str))
         return 0
-    if not statuses:
-        out(f"no agents under {args.home.resolve() / 'agents' / args.namespace}")
+    if not statuses and not elsewhere:
+        out(f"no agents under {args.home.resolve() / 'agents' / args.namespace}, and none alive on the bus")
         return 0
     now = time.time()
     rows = [["AGENT", "REPLICA", "PID", "STATE", "RESTARTS", "HEARTBEAT", "IN-FLIGHT", "HANDLED", "UP"]]
+    for replica in elsewhere:  # run by no supervisor here: another machine, another language
+        beat = replica["last_heartbeat"].timestamp() if replica["last_heartbeat"] else 0.0
+        started = replica["started_at"].timestamp() if replica["started_at"] else 0.0
+        rows.append([
+            replica["name"], str(replica["replica"]), str(replica["pid"] or "-"), f"{replica['state']} (elsewhere)",
+            str(replica["restarts"]), _ago(now, beat), str(replica["in_flight"] if replica["in_flight"] is not None else "-"),
+            str(replica["handled"] if replica["handled"] is not None else "-"),
+            _duration(now - started) if started else "-",
+        ])
     for status, alive in statuses:
         for r in status.replicas:
             state = r.state if alive else ("stopped" if status.state == "stopped" else "no supervisor")
@@ -145,6 +161,27 @@ async def run_ps(args: argparse.Namespace) -> int:
     for row in rows:
         out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+_ALIVE_REPLICAS_SQL = """
+SELECT name, replica, pid, state, last_heartbeat, in_flight, handled, started_at, restarts
+FROM agent_replicas WHERE alive ORDER BY name, replica
+"""
+
+
+async def _seen_elsewhere(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Replicas alive on the bus by their heartbeats (the `agent_replicas` view), whoever runs
+    them; [] when no server or projection service answers (ps then shows the supervisors alone)."""
+    from bus.client import server_reachable
+
+    config = bus_config(args, name="cli-ps")
+    if not await server_reachable(config.url, timeout_s=1.0):
+        return []
+    try:
+        async with open_bus(args, name="cli-ps") as bus:
+            return (await bus.query(_ALIVE_REPLICAS_SQL, min_seq=0, timeout_s=3.0)).records()
+    except (BusError, CliError):
+        return []
 
 
 async def run_stop(args: argparse.Namespace) -> int:
