@@ -91,6 +91,12 @@ async def test_a_day_records_every_finding_once_and_a_rerun_finds_nothing_new(
     assert again.nothing_new and "Nothing new on day 1" in again.report and not parse_claims(again.report)
 
     assert {c["ref"] for c in parse_claims(second.report)} == ids(2)
+    # The offline writer's day-2 slip (one direction reversed) is caught by the reviewer against
+    # the cited source and corrected: the final report states every finding as its paper does.
+    assert first.corrections == 0 and second.corrections == 1
+    findings = CORPUS.findings
+    assert all(c["effect"] == findings[c["ref"]].effect for c in parse_claims(second.report))
+    assert any("- correction [" in line for line in lines)  # shown in the printed run
     declared = {frozenset(pair) for pair in CORPUS.contradictions() if pair[0] in ids(2)}
     assert {frozenset((c.claim_a.source, c.claim_b.source)) for c in flagged} == declared
     assert second.contradictions == len(declared) > 0

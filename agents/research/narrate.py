@@ -63,7 +63,10 @@ def describe(stored: StoredEvent) -> str | None:
             return f"{who} llm FAILED     {p.error_type}: {_clip(p.message, 80)}"
         case Note() if env.to is not None:
             first = next((line for line in p.text.splitlines() if line.strip()), "")
-            return f"{who} → {env.to:<12} {_clip(first, 90)}"
+            shown = f"{who} → {env.to:<12} {_clip(first, 90)}"
+            # A review's corrections are the point of the loop: each on a line of its own.
+            fixes = [line.strip() for line in p.text.splitlines() if line.strip().startswith("- correction [")]
+            return "\n".join([shown, *(f"{'':<{WIDTH + 18}}{_clip(fix, 110)}" for fix in fixes)])
         case AgentStarted():
             return f"{p.agent.ljust(WIDTH)} started        pid {p.pid}"
         case AgentCrashed():

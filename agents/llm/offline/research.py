@@ -29,7 +29,9 @@ synthesiser (tools: archival_search, flag_contradiction, core_memory_rethink)
 writer (tools: core_memory_append)
     1. a line in its "log" block, when it has one and it fits
     2. the report: one claim line per finding in the task ("- subject: effect. statement [ref]"),
-       then the synthesis lines; or, given corrections, the report with the corrected claims
+       then the synthesis lines; or, given corrections, the report with the corrected claims.
+       On day 2 its first draft reverses one finding's direction (a realistic slip), so the
+       reviewer's correction loop shows in the demo
 reviewer (tools: archival_search)
     1. one archival_search per subject claimed in the report
     2. the review: every claim checked against the fact recorded from its cited source (same
@@ -48,6 +50,9 @@ from agents.memory.render import FactLine, parse_fact_lines
 from agents.research.corpus import parse_findings
 
 CONTRADICTION_RULE = "same-subject-different-effect"
+# The day whose first draft the offline writer gets wrong (one direction reversed); see _writer.
+SLIP_DAY = "2"
+_REVERSED = {"increases": "decreases", "decreases": "increases"}
 NOTE_LABELS = ("notes", "progress", "log")
 DIGEST_LABEL = "digest"
 READER_CONFIDENCE = 0.7
@@ -283,7 +288,16 @@ def _writer(view: RequestView) -> Decision | None:
             and block is not None and block.chars + len(note) + 1 <= block.limit):
         return Decision(calls=[ToolCall("core_memory_append", {"label": WRITER_LOG_LABEL, "text": note})])
     lines = [f"Report for {label}: {len(findings)} new findings from {_span(papers)}", "", "New findings:"]
-    lines += [claim_line(f.subject, f.effect, f.statement, f.finding_id) for f in findings]
+    claims = [claim_line(f.subject, f.effect, f.statement, f.finding_id) for f in findings]
+    if day is not None and day.group(1) == SLIP_DAY:
+        # The offline writer slips once, as a model does: on day 2 its first draft reports one
+        # finding's direction reversed. The reviewer's check against the cited source catches
+        # it, and the corrected report is what reaches the coordinator: the loop shows.
+        slip = next((k for k, f in enumerate(findings) if f.effect in _REVERSED), None)
+        if slip is not None:
+            f = findings[slip]
+            claims[slip] = claim_line(f.subject, _REVERSED[f.effect], f.statement, f.finding_id)
+    lines += claims
     synthesis = [line.strip() for line in task.splitlines()
                  if line.strip().startswith(("- contradiction on", "- refinement of"))]
     contradictions = [line for line in synthesis if line.startswith("- contradiction")]
