@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from bus.cli.common import add_connection_options, open_bus
+from bus.cli.common import add_connection_options, open_bus, port_number
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,21 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (default %(default)s)")
-    parser.add_argument("--port", type=_port, default=8765, help="HTTP port (default %(default)s)")
+    parser.add_argument("--port", type=port_number, default=8765, help="HTTP port (default %(default)s)")
     parser.add_argument("--name", default="mcp", help="the sender name on the bus; facts it records carry it "
                         "(default %(default)s)")
     add_connection_options(parser)
     parser.set_defaults(func=run_mcp)
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is outside 1..65535")
-    return value
 
 
 async def run_mcp(args: argparse.Namespace) -> int:

@@ -141,6 +141,17 @@ async def open_bus(
     await bus.__aexit__(None, None, None)
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535 (else a message saying what was wrong)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1..65535")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1 (else a message saying what was wrong)."""
     try:

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_server, out
+from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_server, out, port_number
 from bus.cli.keeper import describe_exit
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
 from bus.config import BusConfig, check_name
@@ -68,13 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with --detach returns once the server is ready (stop it with `bus down`).",
     )
     up.add_argument(
-        "--port", type=_port, default=None,
+        "--port", type=port_number, default=None,
         help=f"client port (default: BUS_URL's port when it names this machine, else {DEFAULT_PORT}); with "
         f"--cluster, the first node's, the others' following it (default: from {DEFAULT_PORT}, or free ones "
         "when those are taken)",
     )
     up.add_argument(
-        "--monitor-port", type=_port, default=None,
+        "--monitor-port", type=port_number, default=None,
         help=f"HTTP monitoring port (default {DEFAULT_MONITOR_PORT}, or a free one when that is taken); with "
         "--cluster, the first node's, as for --port",
     )
@@ -132,16 +132,6 @@ def cluster_size(text: str) -> int:
             f"{value} nodes: use 3 or 5 (an odd number, so a majority survives losing one node or two; "
             "JetStream keeps at most 5 replicas), or 1 for one server"
         )
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is outside 1..65535")
     return value
 
 
