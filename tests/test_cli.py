@@ -459,7 +459,8 @@ async def test_tail_all_shows_stored_envelopes_and_survives_bad_bytes(tmp_path, 
 
 async def test_tail_since_a_time_or_an_age_and_count(tmp_path, server_env, bus) -> None:
     """`tail --since WHEN` starts at a stored time (ISO, or an age such as 1h); `--count N` stops
-    after N; a WHEN that is neither is refused with exit 2 and says what it takes."""
+    after N; `--corr` keeps one conversation, by the short id tail prints; a WHEN that is neither
+    is refused with exit 2 and says what it takes."""
     from datetime import datetime, timezone
 
     first = await bus.send("alice", Note(text="first"))
@@ -474,6 +475,13 @@ async def test_tail_since_a_time_or_an_age_and_count(tmp_path, server_env, bus) 
                           env=server_env, cwd=tmp_path, timeout_s=30)
     assert later.code == 0, later.stderr
     assert [json.loads(line)["seq"] for line in later.stdout.splitlines()] == [second.ack.seq]
+
+    other = await bus.send("bob", Note(text="another conversation"))
+    short = second.envelope.correlation_id[-8:]  # what tail prints
+    only = await run_bus("tail", "--all", "--corr", short, "--count", "1", "--json", env=server_env, cwd=tmp_path, timeout_s=30)
+    assert only.code == 0, only.stderr
+    assert [json.loads(line)["seq"] for line in only.stdout.splitlines()] == [second.ack.seq]
+    assert other.envelope.correlation_id[-8:] != short
 
     bad = await run_bus("tail", "--since", "yesterday-ish", env=server_env, cwd=tmp_path)
     assert bad.code == 2 and "neither an ISO time" in bad.stderr

@@ -97,6 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--kind", action="append", default=[], metavar="K",
         help="only this kind (repeatable; shell patterns such as 'block.*' work)",
     )
+    tail.add_argument(
+        "--corr", metavar="ID",
+        help="only this conversation: its correlation id, or the short form tail prints (its last characters)",
+    )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.add_argument(
         "--count", "--limit", dest="limit", type=positive_int, default=None, metavar="N",
@@ -348,6 +352,8 @@ class _TailPrinter:
 
     def __init__(self, args: argparse.Namespace, subjects: Any) -> None:
         self.kinds: list[str] = args.kind
+        # A conversation, as its whole id or the short form this command prints (its end).
+        self.correlation: str | None = (args.corr or "").strip() or None
         self.json = args.json
         self.subjects = subjects
         self.printed = 0
@@ -370,6 +376,8 @@ class _TailPrinter:
             self._undecodable(msg.subject, seq, stamp, "payload has no kind")
             return True
         if self.kinds and not any(fnmatch.fnmatchcase(kind, pattern) for pattern in self.kinds):
+            return False
+        if self.correlation is not None and not (envelope.correlation_id or "").endswith(self.correlation):
             return False
         if not kind.isprintable():
             kind = ascii(kind)  # anyone may name a kind: no escape sequences reach the terminal
