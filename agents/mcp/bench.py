@@ -23,8 +23,7 @@ import os
 import random
 import statistics
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,9 @@ from agents.memory.bench_views import (
     LOG_EVENTS,
     QUERY_WORDS,
     fill_memory_log,
+    percentile,
     projection_service,
+    timed_ms,
     wait_applied,
 )
 from bus import Bus, BusConfig
@@ -87,11 +88,11 @@ async def _round(session: ClientSession, bus: Bus, index: int) -> dict[str, floa
     for _ in range(CALLS_PER_ROUND):
         word, subject = rng.choice(QUERY_WORDS), f"{rng.choice(DOMAIN_WORDS)}:{rng.choice(DOMAIN_WORDS)}"
         args = {"text": word, "kinds": ["facts"], "subject": subject, "limit": 10}
-        via_mcp.append(await _timed(_tool(session, "search_memory", args)))
+        via_mcp.append(await timed_ms(_tool(session, "search_memory", args)))
         sql, params = facts_statement(SearchSpec(text=word, kinds=("facts",), subject=subject, limit=10))
-        direct.append(await _timed(bus.query(sql, [*params, 11], max_rows=11)))
+        direct.append(await timed_ms(bus.query(sql, [*params, 11], max_rows=11)))
     all_kinds = [
-        await _timed(_tool(session, "search_memory", {"text": rng.choice(QUERY_WORDS), "limit": 10}))
+        await timed_ms(_tool(session, "search_memory", {"text": rng.choice(QUERY_WORDS), "limit": 10}))
         for _ in range(ALL_KINDS_CALLS)
     ]
     return {
@@ -106,12 +107,5 @@ async def _tool(session: ClientSession, name: str, arguments: dict[str, Any]) ->
         raise RuntimeError(f"{name} failed in the bench: {getattr(result, 'content', result)}")
 
 
-async def _timed(call: Awaitable[Any]) -> float:
-    started = time.perf_counter()
-    await call
-    return (time.perf_counter() - started) * 1000.0
-
-
-def _pct(samples: list[float], pct: int) -> float:
-    ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))], 2)
+def _pct(samples: list[float], p: int) -> float:
+    return round(percentile(samples, p), 2)

@@ -179,8 +179,8 @@ async def _round(bus: Bus, index: int) -> dict[str, float]:
             if not result.rows:
                 raise RuntimeError(f"write at seq {sent.ack.seq} not visible at its own min_seq")
 
-        writes.append(await _timed(write_and_read()))
-        baseline.append(await _timed(_note_and_read(bus, n)))
+        writes.append(await timed_ms(write_and_read()))
+        baseline.append(await timed_ms(_note_and_read(bus, n)))
 
     rng = random.Random(index)
     recall = "SELECT agent, conversation, turn, role, text, turn_at FROM recall WHERE {agent} text ILIKE ? ORDER BY seq DESC LIMIT 20"
@@ -188,14 +188,14 @@ async def _round(bus: Bus, index: int) -> dict[str, float]:
     one_agent, all_agents, facts = [], [], []
     for _ in range(QUERIES_PER_ROUND):
         agent, word = f"agent{rng.randrange(AGENTS)}", f"%{rng.choice(QUERY_WORDS)}%"
-        one_agent.append(await _timed(bus.query(recall.replace("{agent}", "agent = ? AND"), [agent, word])))
-        all_agents.append(await _timed(bus.query(recall.replace("{agent}", ""), [word])))
-        facts.append(await _timed(bus.query(archival, [agent, word])))
+        one_agent.append(await timed_ms(bus.query(recall.replace("{agent}", "agent = ? AND"), [agent, word])))
+        all_agents.append(await timed_ms(bus.query(recall.replace("{agent}", ""), [word])))
+        facts.append(await timed_ms(bus.query(archival, [agent, word])))
     return {
-        "memory_write_p50_ms": _pct(writes, 50), "memory_write_p99_ms": _pct(writes, 99),
-        "baseline_record_visible_p50_ms": _pct(baseline, 50), "baseline_record_visible_p99_ms": _pct(baseline, 99),
-        "recall_query_p50_ms": _pct(one_agent, 50), "recall_query_p95_ms": _pct(one_agent, 95),
-        "recall_query_all_agents_p95_ms": _pct(all_agents, 95), "archival_query_p95_ms": _pct(facts, 95),
+        "memory_write_p50_ms": percentile(writes, 50), "memory_write_p99_ms": percentile(writes, 99),
+        "baseline_record_visible_p50_ms": percentile(baseline, 50), "baseline_record_visible_p99_ms": percentile(baseline, 99),
+        "recall_query_p50_ms": percentile(one_agent, 50), "recall_query_p95_ms": percentile(one_agent, 95),
+        "recall_query_all_agents_p95_ms": percentile(all_agents, 95), "archival_query_p95_ms": percentile(facts, 95),
     }
 
 
@@ -204,13 +204,14 @@ async def _note_and_read(bus: Bus, n: int) -> None:
     await bus.query("SELECT seq FROM events WHERE seq = ?", [sent.ack.seq], min_seq=sent.ack.seq)
 
 
-async def _timed(call: Awaitable[Any]) -> float:
+async def timed_ms(call: Awaitable[Any]) -> float:
     """Milliseconds until `call` (a coroutine not yet started) completes."""
     started = time.perf_counter()
     await call
     return (time.perf_counter() - started) * 1000
 
 
-def _pct(samples: list[float], p: int) -> float:
+def percentile(samples: list[float], p: int) -> float:
+    """The nearest-rank `p`th percentile of `samples` (not empty)."""
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
