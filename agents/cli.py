@@ -172,11 +172,6 @@ FROM agent_replicas WHERE alive ORDER BY name, replica
 async def _seen_elsewhere(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Replicas alive on the bus by their heartbeats (the `agent_replicas` view), whoever runs
     them; [] when no server or projection service answers (ps then shows the supervisors alone)."""
-    from bus.client import server_reachable
-
-    config = bus_config(args, name="cli-ps")
-    if not await server_reachable(config.url, timeout_s=1.0):
-        return []
     try:
         async with open_bus(args, name="cli-ps") as bus:
             return (await bus.query(_ALIVE_REPLICAS_SQL, min_seq=0, timeout_s=3.0)).records()
