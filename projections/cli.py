@@ -1,6 +1,7 @@
 """`bus projections run|rebuild|status` and `bus query`.
 
     bus projections run [--db PATH] [--metrics-port P]      keep the views current, answer queries
+                                                             (metrics on P, or a free port; see bus.scrape)
     bus projections rebuild [--view NAME ...]                rebuild from seq 1, then swap
     bus projections status [--format text|json]              checkpoints, lag, integrity
     bus query "SELECT ..." [--format table|json|csv] [--min-seq N] [--param V ...]
@@ -28,7 +29,7 @@ from bus.cli.common import (
     CliError,
     add_connection_options,
     add_metrics_option,
-    metrics_server,
+    metrics_endpoint,
     non_negative_float,
     open_bus,
     out,
@@ -36,6 +37,7 @@ from bus.cli.common import (
     write_out,
 )
 from bus.errors import BusUnavailable
+from bus.scrape import ScrapeTarget
 from projections.config import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUCKDB_THREADS,
@@ -68,7 +70,7 @@ def register(subparsers: Any) -> None:
 
     run = sub.add_parser("run", help="keep the views current and answer queries, until stopped")
     _common(run)
-    add_metrics_option(run)
+    add_metrics_option(run, always=True)
     run.add_argument("--batch-max", type=int, default=DEFAULT_BATCH_MAX,
                      help="events per transaction at most (default %(default)s)")
     run.add_argument("--name", default="", metavar="NAME",
@@ -176,7 +178,8 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         with tuned_gc(), quick_gil_handoff():
             async with open_bus(args, name="projections", metrics_registry=registry) as bus:
-                with metrics_server(registry, args.metrics_port):
+                target = ScrapeTarget.of("projections", namespace=args.namespace, service=settings.service)
+                async with metrics_endpoint(registry, args.metrics_port, target, args.home.resolve()):
                     async with ProjectionService(bus, settings, registry=registry) as service:
                         # What exists now lives as long as the process: keep the cycle
                         # collector from re-scanning it.

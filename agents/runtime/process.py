@@ -3,7 +3,8 @@
 The supervisor launches it with a `ProcessSpec` (JSON, first argument) and the write end of a
 status pipe (file descriptor in CONTINUUM_STATUS_FD). Over the pipe the process reports, one
 JSON object per line: `ready` once its consumers pull, then a `beat` every status interval with
-its counters. When the pipe breaks (the supervisor is gone) the process stops gracefully, so an
+its counters; both name the address of its metrics (bus.scrape: 127.0.0.1, a port of the kernel's
+choosing, registered as a scrape target in `metrics_dir` when the spec gives one). When the pipe breaks (the supervisor is gone) the process stops gracefully, so an
 orphaned replica does not go on unsupervised.
 
 SIGTERM or SIGINT: stop fetching, finish in-flight handlers, record `agent.stopped`, exit 0.
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
+from prometheus_client import CollectorRegistry
 
 from agents.errors import AgentDefinitionError, AgentLoadError
 from agents.runtime.loader import load_agent_class
@@ -30,6 +32,7 @@ from agents.runtime.output_log import DEFAULT_KEEP, DEFAULT_MAX_BYTES, keep_rota
 from agents.runtime.runner import AgentRuntime
 from bus.config import BusConfig, ConsumerSettings
 from bus.errors import BusUnavailable, ConfigurationError
+from bus.scrape import ScrapeTarget, add_process_metrics, serve_metrics
 
 log = logging.getLogger("continuum.agents.process")
 
@@ -55,6 +58,9 @@ class ProcessSpec(msgspec.Struct, frozen=True, kw_only=True):
     log_path: str | None = None
     log_max_bytes: int = DEFAULT_MAX_BYTES
     log_keep: int = DEFAULT_KEEP
+    # Where to register this replica's metrics endpoint as a Prometheus file_sd target
+    # (<home>/metrics-targets); None: serve the metrics, register nothing.
+    metrics_dir: str | None = None
 
 
 class StatusChannel:
@@ -91,17 +97,30 @@ async def serve(spec: ProcessSpec, status: StatusChannel, started: float) -> Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     agent_cls = load_agent_class(spec.target, spec.workdir)
+    registry = CollectorRegistry()
+    add_process_metrics(registry)
     runtime = AgentRuntime(
         agent_cls(), spec.bus, name=spec.name, tags=spec.tags, replica=spec.replica,
-        consumer=spec.consumer, heartbeat_s=spec.heartbeat_s, started=started,
+        consumer=spec.consumer, heartbeat_s=spec.heartbeat_s, started=started, metrics_registry=registry,
     )
+    target = ScrapeTarget.of("agent", namespace=spec.bus.namespace, agent=runtime.name, replica=str(spec.replica))
+    metrics_dir = Path(spec.metrics_dir) if spec.metrics_dir is not None else None
+    async with serve_metrics(registry, target=target, targets_dir=metrics_dir) as endpoint:
+        await _serve(spec, runtime, status, started, stop, endpoint.address)
+
+
+async def _serve(
+    spec: ProcessSpec, runtime: AgentRuntime, status: StatusChannel, started: float, stop: asyncio.Event, metrics: str
+) -> None:
     done = asyncio.Event()
     is_ready = False
 
     def ready() -> None:
         nonlocal is_ready
         is_ready = True
-        status.send(type="ready", pid=os.getpid(), start_ms=round((time.monotonic() - started) * 1e3, 1))
+        status.send(
+            type="ready", pid=os.getpid(), start_ms=round((time.monotonic() - started) * 1e3, 1), metrics=metrics
+        )
 
     async def run() -> None:
         try:
@@ -117,7 +136,7 @@ async def serve(spec: ProcessSpec, status: StatusChannel, started: float) -> Non
             state = "stopping" if stop.is_set() else "running"
             if not status.send(
                 type="beat", state=state, ready=is_ready,
-                in_flight=stats.in_flight, handled=stats.handled, failed=stats.failed,
+                in_flight=stats.in_flight, handled=stats.handled, failed=stats.failed, metrics=metrics,
             ) and not stop.is_set():
                 log.warning("supervisor is gone (status pipe closed): stopping")
                 stop.set()

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
+from prometheus_client import CollectorRegistry
 
 from agents.runtime.agent import Agent, HandlerTable
 from agents.runtime.context import Context
@@ -61,10 +62,12 @@ class AgentRuntime:
         consumer: ConsumerSettings | None = None,
         heartbeat_s: float = 5.0,
         started: float | None = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         """`started` is the monotonic time the process began (default: now), from which
-        `agent.started` reports its start time. Raises AgentDefinitionError for a malformed
-        agent class and ConfigurationError for an invalid name or tag."""
+        `agent.started` reports its start time; the bus's metrics go on `metrics_registry` (default:
+        one of its own). Raises AgentDefinitionError for a malformed agent class and
+        ConfigurationError for an invalid name or tag."""
         self.agent = agent
         self.name = check_name(name or agent.default_name(), "agent name")
         self.tags = tuple(check_name(t, "tag") for t in (agent.tags if tags is None else tags))
@@ -75,6 +78,7 @@ class AgentRuntime:
         self.consumer_settings = consumer or agent.consumer or config.consumer
         self.heartbeat_s = heartbeat_s
         self.stats = RuntimeStats(started)
+        self.metrics_registry = metrics_registry
         self._bus: Bus | None = None
 
     @property
@@ -89,7 +93,7 @@ class AgentRuntime:
         `on_ready` is called once the consumers are pulling. Raises BusUnavailable when the bus
         cannot be reached, and whatever `on_start` raises.
         """
-        async with Bus(self.config, registry=self.registry) as bus:
+        async with Bus(self.config, registry=self.registry, metrics_registry=self.metrics_registry) as bus:
             self._bus = bus
             await self.agent.on_start(bus)
             try:

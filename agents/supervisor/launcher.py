@@ -31,6 +31,8 @@ class StatusLine(msgspec.Struct, kw_only=True):
     in_flight: int = 0
     handled: int = 0
     failed: int = 0
+    # host:port of the replica's metrics endpoint ("" from a replica that serves none).
+    metrics: str = ""
 
 
 _status_decoder = msgspec.json.Decoder(StatusLine)

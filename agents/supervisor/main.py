@@ -1,8 +1,9 @@
 """Entry point of a detached supervisor: `python -m agents.supervisor.main '<SupervisorLaunch>'`.
 
 Started by `bus agent start` in its own session. It connects to the bus (to record lifecycle
-events), runs the Supervisor until SIGTERM or SIGINT, stops the replicas gracefully, flushes its
-events and exits. Exit codes: 0 stopped, 1 crashed, 3 bus unreachable at start.
+events), serves its metrics (agents.supervisor.metrics, registered as a scrape target under
+--home like each replica's: bus.scrape), runs the Supervisor until SIGTERM or SIGINT, stops the
+replicas gracefully, flushes its events and exits. Exit codes: 0 stopped, 1 crashed, 3 bus unreachable at start.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from pathlib import Path
+
 import msgspec
+from prometheus_client import CollectorRegistry
 
 from agents.supervisor.control import SupervisorLaunch
+from agents.supervisor.metrics import SupervisorCollector
 from agents.supervisor.recorder import EventRecorder
 from agents.supervisor.supervisor import Supervisor
 from bus.client import Bus
 from bus.errors import BusUnavailable
+from bus.scrape import ScrapeTarget, add_process_metrics, serve_metrics, targets_dir
 
 log = logging.getLogger("continuum.agents.supervisor")
 
@@ -34,10 +40,18 @@ async def serve(launch: SupervisorLaunch) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     config = msgspec.structs.replace(launch.spec.bus, name="supervisor")
-    async with Bus(config) as bus:
+    registry = CollectorRegistry()
+    add_process_metrics(registry)
+    async with Bus(config, metrics_registry=registry) as bus:
         recorder = EventRecorder(bus)
         supervisor = Supervisor(launch.spec, launch.settings, recorder=recorder)
-        async with asyncio.TaskGroup() as tasks:
+        registry.register(SupervisorCollector(supervisor.status, lambda: recorder.dropped))
+        home = launch.settings.home
+        target = ScrapeTarget.of("supervisor", namespace=config.namespace, agent=launch.spec.name)
+        async with (
+            serve_metrics(registry, target=target, targets_dir=targets_dir(Path(home)) if home else None),
+            asyncio.TaskGroup() as tasks,
+        ):
             recording = tasks.create_task(recorder.run())
             log.info("supervising %s (%s) with %d replica(s)", launch.spec.name, launch.spec.target, launch.spec.replicas)
             await supervisor.run(stop)

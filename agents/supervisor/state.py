@@ -31,6 +31,8 @@ class ReplicaStatus(msgspec.Struct, kw_only=True):
     # Launch to ready, as the supervisor measured it, for the latest launch.
     start_ms: float = 0.0
     last_exit: str = ""
+    # host:port where the running process serves its Prometheus metrics ("" when unknown).
+    metrics: str = ""
 
 
 class SupervisorStatus(msgspec.Struct, kw_only=True):

@@ -37,6 +37,7 @@ from agents.supervisor.policy import CrashHistory, RestartPolicy
 from agents.supervisor.recorder import EventRecorder
 from agents.supervisor.state import AgentPaths, ReplicaStatus, SupervisorStatus, process_start, write_status
 from bus.config import BusConfig, ConsumerSettings
+from bus.scrape import targets_dir
 from schemas.payloads import AgentCircuitOpened, AgentCrashed, AgentRestarted, AgentStopped
 
 log = logging.getLogger("continuum.agents.supervisor")
@@ -174,7 +175,7 @@ class Supervisor:
             launched = await self._launch(index)
             self._launched[index] = launched
             replica.state, replica.pid = "starting", launched.pid
-            replica.launched_at, replica.ready_at, replica.in_flight = time.time(), 0.0, 0
+            replica.launched_at, replica.ready_at, replica.in_flight, replica.metrics = time.time(), 0.0, 0, ""
             if previous_pid is not None:
                 replica.restarts += 1
                 self._record(AgentRestarted(
@@ -224,6 +225,7 @@ class Supervisor:
             consumer=spec.consumer, heartbeat_s=spec.heartbeat_s,
             status_interval_s=self.settings.status_interval_s, workdir=spec.workdir,
             log_path=str(self._paths.replica_log(index)) if self._paths else None,
+            metrics_dir=str(targets_dir(Path(self.settings.home))) if self.settings.home else None,
         )
         log_path = self._paths.replica_log(index) if self._paths else None
         return await launch(process_spec, log_path=log_path)
@@ -265,6 +267,7 @@ class Supervisor:
             timeout_s, silence = self.settings.liveness_timeout_s, "unresponsive"
             now = time.time()
             replica.last_heartbeat = now
+            replica.metrics = line.metrics or replica.metrics
             if line.type == "ready" or (line.ready and replica.state == "starting"):
                 replica.state, replica.ready_at = "running", now
                 replica.start_ms = round((time.monotonic() - launched.started) * 1e3, 1)

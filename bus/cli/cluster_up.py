@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from bus.cli.common import CliError, metrics_server, out
+from bus.cli.common import CliError, out
 from bus.cli.keeper import describe_exit
 from bus.cli.server_commands import (
     DEFAULT_MONITOR_PORT,
@@ -33,6 +33,7 @@ from bus.cli.server_commands import (
     projections_summary,
     start_projections_detached,
     up_metrics,
+    up_metrics_endpoint,
 )
 from bus.cli.state import NodeState, ServerState, clear_state, read_state, state_path, write_state
 from bus.cluster import ClusterNode, LocalCluster
@@ -122,7 +123,7 @@ async def _up_foreground(args: argparse.Namespace, home: Path, cluster: LocalClu
         return up
 
     try:
-        with metrics_server(up_metrics(children_up, None), args.metrics_port):
+        async with up_metrics_endpoint(up_metrics(children_up, None), args, home):
             try:
                 await cluster.start_nodes()
                 state = cluster_state(cluster, supervisor_pid=os.getpid())

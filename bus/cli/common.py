@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, start_http_server
 
 from bus.config import DEFAULT_URL, BusConfig
+from bus.scrape import MetricsEndpoint, ScrapeTarget, add_process_metrics, serve_metrics, targets_dir
 
 if TYPE_CHECKING:
     from bus.client import Bus
@@ -50,12 +51,14 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_metrics_option(parser: argparse.ArgumentParser) -> None:
-    """--metrics-port for long-running commands."""
-    parser.add_argument(
-        "--metrics-port", type=int, default=None,
-        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics while running",
-    )
+def add_metrics_option(parser: argparse.ArgumentParser, *, always: bool = False) -> None:
+    """--metrics-port for long-running commands (`always`: they serve metrics on a port of the
+    kernel's choosing without it, registered under <home>/metrics-targets)."""
+    help_text = "serve Prometheus metrics on 127.0.0.1:PORT/metrics while running"
+    if always:
+        help_text += (" (default: a free port, registered as a Prometheus file_sd target in "
+                      "<home>/metrics-targets; see `bus metrics targets`)")
+    parser.add_argument("--metrics-port", type=int, default=None, help=help_text)
 
 
 def bus_config(args: argparse.Namespace, *, name: str = "cli", **overrides: object) -> BusConfig:
@@ -91,6 +94,24 @@ def metrics_server(registry: CollectorRegistry, port: int | None) -> Iterator[No
     finally:
         server.shutdown()
         thread.join(timeout=2)
+
+
+@contextlib.asynccontextmanager
+async def metrics_endpoint(
+    registry: CollectorRegistry, port: int | None, target: ScrapeTarget, home: Path
+) -> AsyncIterator[MetricsEndpoint]:
+    """Serve a long-running command's metrics (with the `process_*` ones) on 127.0.0.1:`port`, or
+    on a port of the kernel's choosing when None, registered as a scrape target under `home`
+    (bus.scrape). Raises CliError when the port cannot be bound."""
+    add_process_metrics(registry)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            endpoint = await stack.enter_async_context(
+                serve_metrics(registry, port=port, target=target, targets_dir=targets_dir(home))
+            )
+        except OSError as exc:
+            raise CliError(f"cannot serve metrics on 127.0.0.1:{port}: {exc}; pick another --metrics-port") from exc
+        yield endpoint
 
 
 NO_SERVER_HINT = "run `bus up --detach` to start the embedded server, or set BUS_URL (or --url) to a running one"

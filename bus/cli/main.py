@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "bus.cli.ops_commands",        # status, schema
     "bus.cli.stream_commands",     # stream info|update
     "bus.cli.dlq_commands",        # dlq list|show|retry
+    "bus.cli.metrics_commands",    # metrics targets
     "bus.cli.bench_command",       # bench
     "bus.cli.smoke_command",       # smoke
     "projections.cli",             # projections run|rebuild|status, query

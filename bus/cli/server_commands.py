@@ -21,18 +21,19 @@ import signal
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import msgspec
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_server, out, port_number
+from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_endpoint, out, port_number
 from bus.cli.keeper import describe_exit
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
 from bus.config import BusConfig, check_name
+from bus.scrape import MetricsEndpoint, ScrapeTarget
 from bus.errors import BusUnavailable, QueryError
 from bus.server import ServerSettings, free_port, port_bindable, read_varz, wait_until_listening
 
@@ -99,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--namespace", default=os.environ.get("BUS_NAMESPACE", "default"),
         help="namespace the projection service folds (env BUS_NAMESPACE; default %(default)s)",
     )
-    add_metrics_option(up)
+    add_metrics_option(up, always=True)
     up.set_defaults(func=run_up)
 
     down = sub.add_parser(
@@ -259,7 +260,7 @@ async def _up_foreground(
         loop.add_signal_handler(sig, stop.set)
     children = _Children()
     try:
-        with metrics_server(_up_metrics(children, settings.monitor_url), args.metrics_port):
+        async with up_metrics_endpoint(_up_metrics(children, settings.monitor_url), args, home):
             settings.store_dir.mkdir(parents=True, exist_ok=True)
             server_log = settings.store_dir / "nats-server.log"
             try:
@@ -660,12 +661,38 @@ def _up_metrics(children: _Children, monitor_url: str | None) -> CollectorRegist
     return up_metrics(children_up, monitor_url)
 
 
+@contextlib.asynccontextmanager
+async def up_metrics_endpoint(
+    registry: CollectorRegistry, args: argparse.Namespace, home: Path
+) -> AsyncIterator[MetricsEndpoint]:
+    """Serve a foreground `bus up`'s metrics on --metrics-port (or a free port), registered as
+    the `bus_up` scrape target of `home`; the projection service registers its own."""
+    target = ScrapeTarget.of("bus_up", namespace=args.namespace)
+    async with metrics_endpoint(registry, args.metrics_port, target, home) as endpoint:
+        out(f"metrics: {endpoint.url}; every process's scrape target in {home / 'metrics-targets'}")
+        yield endpoint
+
+
 def up_metrics(children_up: Callable[[], list[tuple[str, bool]]], monitor_url: str | None) -> CollectorRegistry:
     """A registry with `bus up`'s metrics: each child's liveness (`children_up()`: name, running)
     and, with a `monitor_url`, that server's own counters."""
     registry = CollectorRegistry()
     registry.register(_UpCollector(children_up, monitor_url))
     return registry
+
+
+# nats-server /varz fields exported by `bus up`, named as Prometheus wants: cumulative counts are
+# counters (`_total`), sizes are in bytes (`_bytes`), levels are gauges.
+VARZ_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    # (varz key, metric name, type, help)
+    ("connections", "continuum_nats_connections", "gauge", "Client connections open now."),
+    ("in_msgs", "continuum_nats_received_messages_total", "counter", "Messages the server received from clients and routes."),
+    ("out_msgs", "continuum_nats_sent_messages_total", "counter", "Messages the server sent to clients and routes."),
+    ("in_bytes", "continuum_nats_received_bytes_total", "counter", "Message bytes the server received."),
+    ("out_bytes", "continuum_nats_sent_bytes_total", "counter", "Message bytes the server sent."),
+    ("slow_consumers", "continuum_nats_slow_consumers_total", "counter", "Clients the server cut off for reading too slowly."),
+    ("mem", "continuum_nats_resident_memory_bytes", "gauge", "The server process's resident memory."),
+)
 
 
 class _UpCollector(Collector):
@@ -675,7 +702,7 @@ class _UpCollector(Collector):
         self._children_up = children_up
         self._monitor_url = monitor_url
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("continuum_child_up", "1 while a child process of `bus up` runs.", labels=["child"])
         for name, running in self._children_up():
             up.add_metric([name], 1.0 if running else 0.0)
@@ -685,7 +712,12 @@ class _UpCollector(Collector):
         try:
             varz = read_varz(self._monitor_url, timeout_s=1.0)  # runs in the metrics HTTP thread
         except (OSError, ValueError):
-            return
-        for key in ("connections", "in_msgs", "out_msgs", "in_bytes", "out_bytes", "mem", "slow_consumers"):
-            if key in varz:
-                yield GaugeMetricFamily(f"continuum_nats_{key}", f"nats-server /varz {key}.", value=float(varz[key]))
+            varz = None
+        yield GaugeMetricFamily(
+            "continuum_nats_up", "1 when the server's monitoring endpoint (/varz) answered this scrape.",
+            value=0.0 if varz is None else 1.0,
+        )
+        for key, name, kind, help_text in VARZ_METRICS if varz is not None else ():
+            if isinstance(varz.get(key), (int, float)):
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, f"{help_text} (nats-server /varz {key})", value=float(varz[key]))
