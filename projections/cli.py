@@ -179,8 +179,10 @@ async def _run(args: argparse.Namespace) -> int:
         with tuned_gc(), quick_gil_handoff():
             async with open_bus(args, name="projections", metrics_registry=registry) as bus:
                 target = ScrapeTarget.of("projections", namespace=args.namespace, service=settings.service)
-                async with metrics_endpoint(registry, args.metrics_port, target, args.home.resolve()):
-                    async with ProjectionService(bus, settings, registry=registry) as service:
+                async with ProjectionService(bus, settings, registry=registry) as service:
+                    # Registered once the views file is ours: a second service, refused it, must
+                    # not replace (and on its way out remove) the running one's scrape target.
+                    async with metrics_endpoint(registry, args.metrics_port, target, args.home.resolve()):
                         # What exists now lives as long as the process: keep the cycle
                         # collector from re-scanning it.
                         gc.freeze()

@@ -199,6 +199,15 @@ async def test_the_projection_service_is_a_scrape_target(bus: Bus, tmp_path: Pat
         assert_prometheus_names(families)
         assert total(families, "continuum_projection_events_applied_total") >= 1
         assert total(families, "process_resident_memory_bytes") > 0
+
+        # A second service on the same views file is refused, and leaves the first's target be.
+        second = await asyncio.create_subprocess_exec(
+            *BUS, "projections", "run", "--url", bus.config.url, "--namespace", bus.subjects.ns, "--home", str(home),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(second.communicate(), 60)
+        assert second.returncode == 2, stderr.decode()
+        assert read_targets(targets_dir(home)) == [target]
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
