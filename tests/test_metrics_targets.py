@@ -25,7 +25,7 @@ from prometheus_client.samples import Sample
 from bus import Bus, BusConfig
 from bus.scrape import ScrapeTarget, read_target, read_targets, serve_metrics, targets_dir
 from bus.server import EmbeddedServer, free_port
-from conftest import wait_for
+from conftest import refused_port, wait_for
 from schemas.payloads import Ping, Pong
 
 TESTS = Path(__file__).resolve().parent
@@ -289,3 +289,23 @@ async def test_an_endpoint_removes_only_its_own_target_file(tmp_path: Path) -> N
         assert endpoint.target_file is not None
         endpoint.target_file.write_text(json.dumps([{"targets": ["127.0.0.1:1"], "labels": target.labels}]))
     assert (tmp_path / "agent.default.demo.0.json").exists()
+
+
+async def test_metrics_targets_prunes_only_targets_that_do_not_answer(tmp_path: Path) -> None:
+    """`bus metrics targets --prune` removes the file of a process that no longer answers (left by
+    a kill) and keeps the one of a process that does."""
+    home = tmp_path / "home"
+    registry = CollectorRegistry()
+    live = ScrapeTarget.of("agent", namespace="default", agent="alive", replica="0")
+    with refused_port() as dead_port:
+        dead = targets_dir(home) / "agent.default.gone.0.json"
+        dead.parent.mkdir(parents=True)
+        dead.write_text(json.dumps([{"targets": [f"127.0.0.1:{dead_port}"], "labels": {"process": "agent"}}]))
+        async with serve_metrics(registry, target=live, targets_dir=targets_dir(home)) as endpoint:
+            env = {**os.environ, "BUS_HOME": str(home)}
+            code, stdout, _ = await run_bus("metrics", "targets", "--prune", env=env)
+            assert code == 0
+            answering = {line.split()[-2]: line.split()[-1] for line in stdout.splitlines()[1:3]}
+            assert answering == {endpoint.address: "yes", f"127.0.0.1:{dead_port}": "no"}
+            assert f"removed {dead.name}" in stdout
+            assert [t.address for t in read_targets(targets_dir(home))] == [endpoint.address]
