@@ -82,6 +82,7 @@ async def run_start(args: argparse.Namespace) -> int:
     from agents.supervisor.main import serve
     from agents.supervisor.policy import RestartPolicy
     from agents.supervisor.supervisor import AgentSpec, SupervisorSettings
+    from bus.cli.creds_commands import provision_agent
 
     workdir = Path.cwd()
     try:
@@ -93,9 +94,15 @@ async def run_start(args: argparse.Namespace) -> int:
         raise CliError("--replicas must be at least 1")
     name = args.name or agent_cls.default_name()
     tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags is not None else list(agent_cls.tags)
-    config = bus_config(args, name=name)
-    async with open_bus(args, name=name):
-        pass  # fail here, saying how to start a server, when none is reachable
+    # Its own credential (authorization on): it may then act only as itself. This fails,
+    # saying how to start a server, when none is reachable.
+    provisioned = await provision_agent(args, name, tags)
+    if provisioned is None:
+        config = bus_config(args, name=name)
+        async with open_bus(args, name=name):
+            pass  # fail here, saying how to start a server, when none is reachable
+    else:
+        config = bus_config(args, name=name, credentials=str(provisioned[0]))
     launch = SupervisorLaunch(
         spec=AgentSpec(
             target=args.target, name=name, bus=config, tags=tags, replicas=args.replicas,

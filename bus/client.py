@@ -29,6 +29,7 @@ from bus.errors import (
     BusUnavailable,
     ConfigurationError,
     NoAnswer,
+    PermissionDenied,
     NoResponders,
     QueryError,
     RemoteError,
@@ -38,7 +39,17 @@ from bus.fsync import check_fsync
 from bus.metrics import BusMetrics
 from bus.publisher import PubAck, Publisher
 from bus.subjects import Subjects
-from bus.topology import ensure_advisory_stream, ensure_stream, log_stream_checks, log_stream_config, stream_nodes
+from bus.topology import (
+    dead_letter_consumer_config,
+    ensure_advisory_stream,
+    ensure_consumer,
+    ensure_stream,
+    group_consumer_config,
+    inbox_consumer_config,
+    log_stream_checks,
+    log_stream_config,
+    stream_nodes,
+)
 from bus.transport import ConnectionSpec, Transport, any_reachable, translate
 from bus.wire import WireConnection, parse_urls
 from bus.wire.connection import stop_keeper
@@ -420,6 +431,35 @@ class Bus:
         min_seq: int | None = None,
         max_rows: int = 10_000,
         timeout_s: float = 10.0,
+    async def prepare_agent(
+        self, agent: str, tags: Sequence[str] = (), settings: ConsumerSettings | None = None
+    ) -> None:
+        """Create (or bring up to date) `agent`'s consumers: its inbox, its tags' broadcasts and
+        its dead-letter watcher. An agent's own credential cannot change consumers (so it cannot
+        widen what it reads); whoever issues its credential prepares them with this. Raises
+        BusUnavailable, PermissionDenied."""
+        settings = settings or self.config.consumer
+        name = check_name(agent, "agent name")
+        configs = [(self.subjects.stream, inbox_consumer_config(self.subjects, name, settings))]
+        if tags:
+            configs.append((self.subjects.stream, group_consumer_config(
+                self.subjects, name, [check_name(t, "tag") for t in tags], settings
+            )))
+
+        async def prepare() -> None:
+            await ensure_advisory_stream(self.js, self.subjects, await self.js.stream_info(self.subjects.stream))
+            configs.append((self.subjects.advisory_stream, dead_letter_consumer_config(self.subjects, name)))
+            for stream, config in configs:
+                await ensure_consumer(self.js, stream, config)
+
+        try:
+            # Any JetStream API refusal meanwhile is this preparation's: raise it at once.
+            await self.transport.guarded("$JS.API.", prepare())
+        except PermissionDenied:
+            raise
+        except Exception as exc:  # nats-py's errors, translated here
+            raise translate(exc, f"preparing the consumers of agent {name!r}") from exc
+
     ) -> QueryResult:
         """Run read-only SQL on the projection service and return its rows.
 

@@ -150,8 +150,12 @@ class BusConfig(msgspec.Struct, frozen=True, kw_only=True):
     # verify fsync-on-every-write at start on every node that holds the log.
     monitor_url: str | None = None
     tls: TlsSettings | None = None
-    # Subjects this process's inboxes live under (an account's permissions may require one).
-    inbox_prefix: str = "_INBOX"
+    # The nkey credential file this process connects with (bus.identity; `bus up` turns
+    # authorization on and writes the admin one under <home>/auth/creds/). None: no credential.
+    credentials: str | None = None
+    # Subjects this process's request inboxes live under. None: `_INBOX.<name>`, the prefix an
+    # agent's credential lets only that agent subscribe to.
+    inbox_prefix: str | None = None
     # Refuse to start if the server is known not to fsync every write.
     require_fsync: bool = True
     connect_timeout_s: float = 2.0
@@ -163,6 +167,11 @@ class BusConfig(msgspec.Struct, frozen=True, kw_only=True):
         check_name(self.namespace, "namespace")
         check_name(self.name, "sender name")
         split_urls(self.url)
+
+    @property
+    def inbox(self) -> str:
+        """The request-inbox prefix in use: `inbox_prefix`, else `_INBOX.<name>`."""
+        return self.inbox_prefix or f"_INBOX.{self.name}"
 
     @property
     def servers(self) -> tuple[str, ...]:
@@ -190,6 +199,7 @@ class BusConfig(msgspec.Struct, frozen=True, kw_only=True):
             BUS_PLACEMENT_TAGS  comma-separated server tags the log's replicas must carry
             BUS_TLS_CA, BUS_TLS_CERT, BUS_TLS_KEY   TLS files
             BUS_INBOX_PREFIX    inbox subject prefix
+            BUS_CREDS           the nkey credential file to connect with
 
         Raises ConfigurationError for a value that cannot be used, naming the variable."""
         env = os.environ if env is None else env
@@ -198,6 +208,8 @@ class BusConfig(msgspec.Struct, frozen=True, kw_only=True):
             "namespace": env.get("BUS_NAMESPACE", "default"),
             "monitor_url": env.get("BUS_MONITOR_URL") or None,
         }
+        if env.get("BUS_CREDS"):
+            fields["credentials"] = env["BUS_CREDS"]
         if env.get("BUS_INBOX_PREFIX"):
             fields["inbox_prefix"] = env["BUS_INBOX_PREFIX"]
         if any(env.get(k) for k in ("BUS_TLS_CA", "BUS_TLS_CERT", "BUS_TLS_KEY")):

@@ -50,6 +50,7 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import nats.errors
 
 from bus.config import ConsumerSettings
@@ -60,6 +61,7 @@ from bus.pull import Delivered, PullSettings, RawPull, ack_facts
 from bus.settle import (
     ERROR_CHARS,
     EXPIRED,
+    FORGED_SENDER,
     HOP_LIMIT,
     IN_PROGRESS,
     Ack,
@@ -155,9 +157,13 @@ class ConsumerEngine:
             configs.append(group_consumer_config(bus.subjects, self.agent, list(self.tags), self.settings))
         window = self.settings.concurrency + self.settings.prefetch
         windows = [window] if len(configs) == 1 else [max(1, (window + 1) // 2), max(1, window // 2)]
-        try:
+        async def prepare() -> None:
             for config in configs:
                 await ensure_consumer(bus.js, stream, config)
+
+        try:
+            # A credential that may not read or shape these consumers is refused at once.
+            await bus.transport.guarded("$JS.API.CONSUMER.", prepare())
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             raise BusUnavailable(f"cannot create the consumers of agent {self.agent!r}: {exc}") from exc
         # Deliveries and their settlements travel on a connection of the engine's own.
@@ -338,6 +344,13 @@ class ConsumerEngine:
             envelope = self._codec.decode(data)
             problem = None
             rank = -envelope.priority
+            # The subject's last token is the sender the server's permissions vouched for
+            # (`<ns>.inbox.<to>.<from>`, `<ns>.group.<tag>.<from>`); the envelope must agree.
+            claimed = delivery.subject.rpartition(".")[2]
+            if envelope.sender != claimed:
+                problem = (FORGED_SENDER, f"the envelope says it is from {envelope.sender!r} but was published "
+                           f"as {claimed!r} (subject {delivery.subject})"[:ERROR_CHARS])
+                rank = _RANK_PROBLEM
         except DecodeError as exc:
             envelope, problem = self._diagnose(data, exc)
             rank = _RANK_PROBLEM
@@ -501,7 +514,8 @@ class ConsumerEngine:
         envelope = held.envelope
         kind: str | None = None
         if envelope is not None:
-            kind = envelope.kind if held.problem is None else kind_of_raw(envelope.payload)
+            # A loose envelope (the payload did not decode) carries its payload raw.
+            kind = kind_of_raw(envelope.payload) if isinstance(envelope.payload, msgspec.Raw) else envelope.kind
         return Settlement(
             stream_seq=held.delivery.stream_seq,
             attempt=held.delivery.attempt,

@@ -50,8 +50,9 @@ from typing import Any, Literal
 import msgspec
 
 from bus.config import PublisherSettings
-from bus.errors import BusUnavailable, ConcurrencyConflict, ConfigurationError
+from bus.errors import BusUnavailable, ConcurrencyConflict, ConfigurationError, PermissionDenied
 from bus.metrics import BusMetrics
+from bus.refusal import Refusal
 from bus.puback import (
     BATCH_LEVEL_ERRORS,
     ERR_BATCH_INCOMPLETE,
@@ -121,6 +122,9 @@ class _Unit:
 
 
 _Outcome = Literal["done", "resend", "one_by_one"]
+# Refused subjects remembered (refused again without a round trip) for this long, at most this many.
+_REFUSED_FOR_S = 5.0
+_REFUSED_MAX = 256
 # An unanswered commit checks this often whether the connection was lost (its reply would then
 # never come, and the unit is re-sent with the same message ids).
 _RECONNECT_CHECK_S = 0.1
@@ -172,6 +176,10 @@ class Publisher:
         self._open = False
         self._closing = False
         self._broken: BaseException | None = None
+        # Units being settled, for failing a refused subject's callers at once.
+        self._settling: set[_Unit] = set()
+        # Subjects the server refused this identity (PermissionDenied), and when.
+        self._refused: dict[bytes, tuple[float, PermissionDenied]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -186,6 +194,7 @@ class Publisher:
         # No flush needed: the SUB frame precedes every publish on this one connection (and is
         # sent again first after a reconnect), so the server knows the inbox before any ack.
         self._sid = self._conn.subscribe(inbox + ".*", self._on_reply)
+        self._conn.on_refusal(self._on_refused)
         self._tasks = [
             self._loop.create_task(self._form_units(), name="publisher-former"),
             self._loop.create_task(self._commit_units(), name="publisher-committer"),
@@ -290,6 +299,8 @@ class Publisher:
         cached = self._subject_cache.get(subject)
         if cached is None:
             cached = self._learn_subject(subject)
+        if self._refused:
+            self._check_refused(cached[0])
         if not msg_id or not msg_id.isprintable() or " " in msg_id:
             raise ConfigurationError(f"invalid msg_id {msg_id!r}: it must be non-empty, printable, without spaces")
         if headers or expected is not None:
@@ -431,6 +442,7 @@ class Publisher:
                 return
             self._waiting_units -= 1
             self._wake_former.set()
+            self._settling.add(unit)
             try:
                 await self._settle(unit)
             except asyncio.CancelledError:
@@ -440,6 +452,7 @@ class Publisher:
                 log.exception("a publish unit failed unexpectedly")
                 self._fail_unit(unit, lambda error=exc: BusUnavailable(f"publish failed: {error!r}"))
             finally:
+                self._settling.discard(unit)
                 self._slots.release()
 
     def _batched(self, unit: _Unit) -> bool:
@@ -579,6 +592,9 @@ class Publisher:
             leaderless = False
             for entry, reply, future in zip(pending, replies, futures):
                 msg = None if future.cancelled() or not future.done() else future.result()
+                if msg is None and entry.future.done():  # refused (PermissionDenied) or cancelled
+                    self._replies.pop(reply, None)
+                    continue
                 if msg is None:
                     self._replies.pop(reply, None)
                     sent.add(id(entry))
@@ -781,6 +797,38 @@ class Publisher:
     def _count_published(self, counts: dict[str, int]) -> None:
         for kind, n in counts.items():
             self._metrics.published.labels(kind).inc(n)
+
+    # -- refusals ----------------------------------------------------------------------------
+
+    def _on_refused(self, refusal: Refusal) -> None:
+        """The server refused a publish (in the socket callback): fail every caller waiting on
+        that subject now, and refuse later calls to it for a while without sending them."""
+        if refusal.action != "publish" or self._loop is None:
+            return
+        subject = refusal.subject.encode()
+        error = refusal.error(self._conn.name)
+        self._refused[subject] = (self._loop.time(), error)
+        if len(self._refused) > _REFUSED_MAX:
+            self._refused.pop(next(iter(self._refused)))
+        for entry in self._queue:
+            if entry.subject == subject:
+                self._fail(entry, _copy_error(error))
+        for unit in self._settling:
+            for entry in unit.entries:
+                if entry.subject == subject:
+                    self._fail(entry, _copy_error(error))
+
+    def _check_refused(self, subject: bytes) -> None:
+        """Raise the PermissionDenied the server sent for `subject` recently (a credential's
+        grants change only by re-issuing it, which reconnects)."""
+        refused = self._refused.get(subject)
+        if refused is None:
+            return
+        assert self._loop is not None
+        if self._loop.time() - refused[0] > _REFUSED_FOR_S:
+            del self._refused[subject]
+            return
+        raise _copy_error(refused[1])
 
     def _fail(self, entry: _Entry, error: BaseException) -> None:
         if not entry.future.done():

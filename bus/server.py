@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -488,6 +490,38 @@ async def _wait_bindable(ports: list[int], deadline: float) -> bool:
             return False
         await asyncio.sleep(0.05)
     return loop.time() < deadline
+
+
+async def reload_config(pid: int, monitor_url: str | None, *, timeout_s: float = 10.0) -> bool:
+    """Make the nats-server `pid` reload its config file (SIGHUP) and, when it has a monitoring
+    endpoint, wait until its /varz shows a load after the signal. False when no such process
+    runs. Raises BusUnavailable when the reload does not show within `timeout_s`."""
+    before = time.time()
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return False
+    if monitor_url is None:
+        return True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await _loaded_since(monitor_url, before):
+        if loop.time() > deadline:
+            raise BusUnavailable(f"nats-server pid {pid} did not reload its config within {timeout_s}s")
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def _loaded_since(monitor_url: str, since: float) -> bool:
+    try:
+        varz = await asyncio.to_thread(read_varz, monitor_url, 1.0)
+    except (OSError, ValueError):
+        return False
+    try:
+        loaded = datetime.datetime.fromisoformat(str(varz.get("config_load_time", "")).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return loaded.timestamp() >= since - 0.001
 
 
 def read_varz(monitor_url: str, timeout_s: float = 2.0) -> dict:

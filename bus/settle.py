@@ -45,11 +45,15 @@ DeadReason = Literal[
     "invalid",         # a known kind whose fields do not validate
     "max_deliveries",  # the server gave up: no process settled it in max_deliver attempts
     "hop_limit",       # more handled messages led to it than the consumer's max_hops
+    "forged_sender",   # its `sender` differs from the sender token of the subject it was published on
 ]
 # An expired envelope is terminated too, but recorded as expired rather than dead-lettered.
 EXPIRED = "expired"
 # The dead-letter reason of a message past its consumer's max_hops.
 HOP_LIMIT: DeadReason = "hop_limit"
+# The dead-letter reason of an envelope claiming a sender its subject (which the server's
+# permissions tie to the publisher's credential) does not carry.
+FORGED_SENDER: DeadReason = "forged_sender"
 
 IN_PROGRESS = b"+WPI"
 # Error text kept in a record; what a hostile input makes a decoder say may be its whole value.

@@ -27,7 +27,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -39,10 +39,13 @@ from nats.js import JetStreamContext
 
 from bus.config import BusConfig, TlsSettings
 from bus.errors import BusError, BusUnavailable, ConfigurationError, NoAnswer, NoResponders, PermissionDenied
+from bus.identity.keys import Credential, load_credential
+from bus.refusal import RefusalWatch, parse_refusal
 from bus.wire import ServerAddress, WireConnection, WireSettings, parse_urls
 from bus.wire.address import with_credentials
 
 log = logging.getLogger("continuum.transport")
+T = TypeVar("T")
 
 # Between reconnect rounds over the server list. A cluster node that died is skipped at once
 # (connection refused), so this bounds how long a client waits once every node is down.
@@ -71,12 +74,14 @@ class ConnectionSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Where every connection of a process goes and how it presents itself.
 
     `servers` are seed URLs (`nats://[user:password@]host:port`, `tls://...`); a cluster's other
-    nodes are learned from the servers. Credentials ride in the URLs."""
+    nodes are learned from the servers. An nkey `credential` (bus.identity) signs the server's
+    nonce; user/password or a token may ride in the URLs instead."""
 
     servers: tuple[str, ...]
     name: str
     inbox_prefix: str = "_INBOX"
     tls: TlsSettings | None = None
+    credential: Credential | None = None
     connect_timeout_s: float = 2.0
     reconnect_wait_s: float = RECONNECT_WAIT_S
 
@@ -85,12 +90,14 @@ class ConnectionSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_config(cls, config: BusConfig, *, purpose: str = "") -> "ConnectionSpec":
-        """The spec of a Bus with `config`: its seeds, TLS, inbox prefix, and its name as the
-        connection name (`continuum:<name>[:<purpose>]`). Raises ConfigurationError."""
+        """The spec of a Bus with `config`: its seeds, TLS, credential, inbox prefix, and its name
+        as the connection name (`continuum:<name>[:<purpose>]`). Raises ConfigurationError (a
+        credential file that cannot be read)."""
         name = f"continuum:{config.name}" + (f":{purpose}" if purpose else "")
+        credential = load_credential(config.credentials) if config.credentials else None
         return cls(
-            servers=config.servers, name=name, inbox_prefix=config.inbox_prefix, tls=config.tls,
-            connect_timeout_s=config.connect_timeout_s,
+            servers=config.servers, name=name, inbox_prefix=config.inbox, tls=config.tls,
+            connect_timeout_s=config.connect_timeout_s, credential=credential,
         )
 
     @classmethod
@@ -118,7 +125,22 @@ class ConnectionSpec(msgspec.Struct, frozen=True, kw_only=True):
             reconnect_wait_s=self.reconnect_wait_s,
             inbox_prefix=self.inbox_prefix,
             ssl_context=self.ssl_context(),
+            credential=self.credential,
         )
+
+
+def _is_auth_refusal(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text or (
+        "authentication" in text and "expired" not in text
+    )
+
+
+def _identity(spec: ConnectionSpec) -> str:
+    """Who a connection acts as, for refusal messages: its name and credential file."""
+    if spec.credential is not None and spec.credential.path:
+        return f"{spec.name} (credential {spec.credential.path})"
+    return spec.name
 
 
 def _userinfo(address: ServerAddress) -> str:
@@ -220,6 +242,9 @@ class Transport:
         self.spec = spec
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        # Calls waiting on the control connection, failed at once when the server refuses them.
+        self.refusals = RefusalWatch(_identity(spec))
+        self._refused_at_connect: asyncio.Future[str] | None = None
 
     async def __aenter__(self) -> "Transport":
         """Connect the control connection. Raises BusUnavailable when no seed answers (at once:
@@ -234,8 +259,12 @@ class Transport:
         context = spec.ssl_context()
         if context is not None:
             options["tls"] = context
+        if spec.credential is not None:
+            options["nkeys_seed_str"] = spec.credential.seed
+        nc = NATS()
+        self._refused_at_connect = asyncio.get_running_loop().create_future()
         try:
-            self._nc = await nats.connect(
+            await self._connect(nc, dict(
                 servers=list(spec.servers),
                 name=spec.name,
                 connect_timeout=spec.connect_timeout_s,
@@ -252,7 +281,7 @@ class Transport:
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
                 **options,
-            )
+            ))
         except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
             raise BusUnavailable(
                 f"cannot reach NATS at {_shown(spec)}: start one with `bus up`, or point the config at a running "
@@ -260,6 +289,7 @@ class Transport:
             ) from exc
         except nats.errors.Error as exc:
             raise translate(exc, f"connecting to {_shown(spec)}") from exc
+        self._nc = nc
         # Each JetStream API call waits this long; callers retry while an election explains the
         # silence (bus.topology.patiently), so a lost request costs seconds, not a whole timeout.
         self._js = self._nc.jetstream(timeout=JS_API_TIMEOUT_S)
@@ -277,8 +307,48 @@ class Transport:
         except (nats.errors.Error, asyncio.TimeoutError, OSError):
             await nc.close()  # the server is gone: nothing left to drain
 
+    async def _connect(self, nc: NATS, options: dict[str, Any]) -> None:
+        """Connect `nc`; a first connection the server refuses (no credential, an unknown or
+        revoked one) raises PermissionDenied at once (nats-py would try again for ever)."""
+        connecting = asyncio.ensure_future(nc.connect(**options))
+        refused = self._refused_at_connect
+        assert refused is not None
+        try:
+            await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            raise
+        if connecting.done():
+            connecting.result()
+            return
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError, OSError):
+            await nc.close()
+        who = f"credential {self.spec.credential.path}" if self.spec.credential is not None else "no credential"
+        raise PermissionDenied(
+            f"the server at {_shown(self.spec)} refused the connection ({who}): {refused.result()}; "
+            "a server with authorization on needs a valid credential (BUS_CREDS / --creds; `bus creds list`)"
+        )
+
     async def _on_error(self, exc: Exception) -> None:
+        refused = self._refused_at_connect
+        if self._nc is None and refused is not None and not refused.done() and _is_auth_refusal(exc):
+            refused.set_result(str(exc).removeprefix("nats: ").strip("'"))
+            return
+        refusal = parse_refusal(str(exc))
+        if refusal is not None:
+            self.refusals.refused(refusal)
+            log.warning("%s: the server refused to let it %s to %s", self.spec.name, refusal.action, refusal.subject)
+            return
         log.warning("%s: NATS client error: %s", self.spec.name, exc)
+
+    async def guarded(self, subject_prefix: str, call: Awaitable[T]) -> T:
+        """`call` (a JetStream API call or a request on the control connection), raising
+        PermissionDenied as soon as the server refuses to let this identity publish to a
+        subject starting with `subject_prefix`, instead of after the call's timeout."""
+        return await self.refusals.guard(subject_prefix, call)
 
     async def _on_disconnected(self) -> None:
         nc = self._nc
@@ -367,7 +437,7 @@ class Transport:
         nobody listens, BusUnavailable on no answer in time or a lost connection,
         PermissionDenied, ConfigurationError (over the server's message limit)."""
         try:
-            msg = await self.nc.request(subject, data, timeout=timeout_s, headers=headers)
+            msg = await self.refusals.guard(subject, self.nc.request(subject, data, timeout=timeout_s, headers=headers))
         except _NATS_FAILURES as exc:
             raise translate(exc, f"request on {subject}") from exc
         return _inbound(msg)
@@ -399,7 +469,20 @@ class Transport:
             sub = await self.nc.subscribe(subject, queue=queue, cb=deliver, pending_msgs_limit=max_pending)
         except _NATS_FAILURES as exc:
             raise translate(exc, f"subscribe to {subject}") from exc
+        await self._confirm_interest(sub, subject)
         return Subscription(sub)
+
+    async def _confirm_interest(self, sub: NatsSubscription, subject: str) -> None:
+        """Round-trip to the server so a refused subscription raises PermissionDenied now (the
+        server answers SUB with -ERR before the PONG). Raises BusUnavailable, PermissionDenied."""
+        try:
+            await self.refusals.guard(subject, self.nc.flush(timeout=JS_API_TIMEOUT_S), action="subscribe")
+        except BaseException as exc:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await sub.unsubscribe()
+            if isinstance(exc, _NATS_FAILURES):
+                raise translate(exc, f"subscribe to {subject}") from exc
+            raise
 
     async def respond(self, to: Inbound, data: bytes) -> bool:
         """Answer a request (nothing when it expects no answer); False when the answer could not
@@ -451,7 +534,7 @@ class Transport:
             raise translate(exc, f"subscribe to {subject}") from exc
         try:
             try:
-                await self.nc.flush(timeout=max(1, int(timeout_s)))
+                await self.refusals.guard(subject, self.nc.flush(timeout=max(1, int(timeout_s))), action="subscribe")
             except _NATS_FAILURES as exc:
                 raise translate(exc, f"subscribe to {subject}") from exc
             yield OneReply(sub)

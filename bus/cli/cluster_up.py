@@ -29,8 +29,10 @@ from bus.cli.server_commands import (
     _projections_command,
     _stop_child,
     _wait_projections_ready,
+    admin_credentials,
     print_next_steps,
     projections_summary,
+    setup_auth,
     start_projections_detached,
     up_metrics,
     up_metrics_endpoint,
@@ -57,11 +59,12 @@ async def run_up_cluster(args: argparse.Namespace, home: Path) -> int:
     detached. Raises CliError (or BusUnavailable) on failure, with every node stopped again."""
     find_nats_server()  # fail early (exit 2) if the binary or the config is missing
     find_config(args.config)
+    auth = await setup_auth(args, home)
     size = args.cluster
     cluster = LocalCluster(
         size,
         store_root=(args.store or home / "cluster").resolve(),
-        config=args.config,
+        config=auth.server_config if auth is not None else args.config,
         client_ports=await _node_ports(args.port, DEFAULT_PORT, size, "--port"),
         monitor_ports=await _node_ports(args.monitor_port, DEFAULT_MONITOR_PORT, size, "--monitor-port"),
         start_timeout_s=args.start_timeout,
@@ -95,7 +98,7 @@ async def _up_detached(args: argparse.Namespace, home: Path, cluster: LocalClust
         write_state(home, state)  # before waiting, so `bus down` can clean up after an interruption
         meta_leader = await cluster.wait_for_meta_leader()
         await cluster.wait_for_stream_leaders()  # a restart: the log's own election comes first
-        log = await prepare_replicated_log(cluster, args.namespace, args.start_timeout)
+        log = await prepare_replicated_log(cluster, args.namespace, args.start_timeout, home)
         projections_cmd = _projections_command(args, cluster.url, home)
         if projections_cmd is not None:
             state, answering = await start_projections_detached(
@@ -130,7 +133,7 @@ async def _up_foreground(args: argparse.Namespace, home: Path, cluster: LocalClu
                 write_state(home, state)
                 meta_leader = await cluster.wait_for_meta_leader()
                 await cluster.wait_for_stream_leaders()
-                log = await prepare_replicated_log(cluster, args.namespace, args.start_timeout)
+                log = await prepare_replicated_log(cluster, args.namespace, args.start_timeout, home)
                 projections_cmd = _projections_command(args, cluster.url, home)
                 answering = False
                 if projections_cmd is not None:
@@ -141,7 +144,7 @@ async def _up_foreground(args: argparse.Namespace, home: Path, cluster: LocalClu
                     write_state(home, state)
                     running = projections
                     answering = await _wait_projections_ready(
-                        cluster.url, args.namespace, lambda: running.returncode, None, args.start_timeout
+                        cluster.url, args.namespace, lambda: running.returncode, None, args.start_timeout, home
                     )
                 _print_summary(args, home, state, meta_leader, log, projections_cmd, answering, detached=False)
                 code = await _supervise(cluster, projections, stop)
@@ -198,14 +201,14 @@ async def _supervise(
     return 0
 
 
-async def prepare_replicated_log(cluster: LocalCluster, namespace: str, timeout_s: float) -> LogReady:
+async def prepare_replicated_log(cluster: LocalCluster, namespace: str, timeout_s: float, home: Path) -> LogReady:
     """Create the namespace's log with one replica per node (a Bus declares it on connect) and
     report it. Raises CliError when it is not ready within `timeout_s`."""
     from bus.client import Bus
 
     config = BusConfig(
         url=cluster.url, monitor_url=cluster.monitor_url, namespace=namespace, name="bus-up",
-        stream=StreamSettings(replicas=cluster.size),
+        stream=StreamSettings(replicas=cluster.size), credentials=admin_credentials(home),
     )
     try:
         async with asyncio.timeout(timeout_s):

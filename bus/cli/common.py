@@ -36,7 +36,14 @@ class ReaderGone(Exception):
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
-    """--url, --namespace and --home, with defaults from BUS_URL, BUS_NAMESPACE, BUS_HOME."""
+    """--url, --namespace, --home and --creds, with defaults from BUS_URL, BUS_NAMESPACE,
+    BUS_HOME and BUS_CREDS."""
+    parser.add_argument(
+        "--creds", type=Path, default=Path(os.environ["BUS_CREDS"]) if os.environ.get("BUS_CREDS") else None,
+        metavar="FILE",
+        help="nkey credential file to connect with (env BUS_CREDS; default: the admin credential "
+        "`bus up` wrote under <home>/auth/creds/, when there is one)",
+    )
     parser.add_argument(
         "--url", default=os.environ.get("BUS_URL", DEFAULT_URL),
         help="NATS server URL, or a cluster's seed URLs comma-separated (env BUS_URL; default %(default)s)",
@@ -71,9 +78,30 @@ def bus_config(args: argparse.Namespace, *, name: str = "cli", **overrides: obje
     if monitor_url is None and state is not None and state.url == args.url:
         monitor_url = state.monitor_url
     fields: dict[str, object] = {"url": args.url, "namespace": args.namespace, "name": name, "monitor_url": monitor_url}
+    credentials = credentials_for(args)
+    if credentials is not None:
+        fields["credentials"] = str(credentials)
     fields.update(overrides)
     # The rest (BUS_REPLICAS, BUS_PLACEMENT_TAGS, TLS, inbox prefix) from the environment.
     return BusConfig.from_env(**fields)
+
+
+def credentials_for(args: argparse.Namespace) -> Path | None:
+    """The credential file a command connects with: --creds (or BUS_CREDS), else the admin
+    credential of the home `bus up` set authorization up in, else None. Raises CliError for a
+    --creds file that does not exist."""
+    from bus.identity import CredentialRegistry
+
+    given = getattr(args, "creds", None)
+    if given is not None:
+        if not Path(given).is_file():
+            raise CliError(f"the credential file {given} does not exist (--creds / BUS_CREDS)")
+        return Path(given)
+    home = getattr(args, "home", None)
+    if home is None:
+        return None
+    admin = CredentialRegistry(Path(home)).admin_credential
+    return admin if admin.is_file() else None
 
 
 @contextlib.contextmanager

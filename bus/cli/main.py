@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from bus.cli.common import CliError, ReaderGone, silence_stdout
-from bus.errors import BusError, BusUnavailable, ConfigurationError
+from bus.errors import BusError, BusUnavailable, ConfigurationError, PermissionDenied
 
 COMMAND_MODULES = (
     "bus.cli.server_commands",     # up, down
@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "bus.cli.ops_commands",        # status, schema
     "bus.cli.stream_commands",     # stream info|update
     "bus.cli.dlq_commands",        # dlq list|show|retry
+    "bus.cli.creds_commands",      # creds issue|list|revoke
     "bus.cli.metrics_commands",    # metrics targets
     "bus.cli.bench_command",       # bench
     "bus.cli.smoke_command",       # smoke
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader of standard output went away (`bus ... | head`): nobody is left to tell.
         silence_stdout()
         return 0
-    except (CliError, ConfigurationError, BusUnavailable) as exc:
+    except (CliError, ConfigurationError, BusUnavailable, PermissionDenied) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except BusError as exc:

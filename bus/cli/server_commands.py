@@ -33,9 +33,10 @@ from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_e
 from bus.cli.keeper import describe_exit
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
 from bus.config import BusConfig, check_name
+from bus.identity import CredentialRegistry, Role
 from bus.scrape import MetricsEndpoint, ScrapeTarget
 from bus.errors import BusUnavailable, QueryError
-from bus.server import ServerSettings, free_port, port_bindable, read_varz, wait_until_listening
+from bus.server import ServerSettings, find_config, free_port, port_bindable, read_varz, wait_until_listening
 
 DEFAULT_PORT = 4222
 DEFAULT_MONITOR_PORT = 8222
@@ -89,6 +90,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="JetStream store directory (default <home>/nats; with --cluster, <home>/cluster/<node>)",
     )
     up.add_argument("--config", type=Path, default=None, help="nats-server config (default ./nats.conf, else the repo's)")
+    up.add_argument(
+        "--no-auth", action="store_true",
+        help="start without authorization (any local client may act as anyone); by default every "
+        "connection needs a credential: the admin one (<home>/auth/creds/admin.nk, used by the CLI), "
+        "the projection service's, and one per agent (`bus agent start`, `bus creds issue`)",
+    )
     up.add_argument("--detach", action="store_true", help="start in the background and return when ready")
     up.add_argument("--no-projections", action="store_true", help="do not start the projection service")
     up.add_argument(
@@ -173,11 +180,12 @@ async def run_up(args: argparse.Namespace) -> int:
         monitor_port = args.monitor_port
     else:
         monitor_port = DEFAULT_MONITOR_PORT if port_bindable(DEFAULT_MONITOR_PORT) else free_port()
+    auth = await setup_auth(args, home)
     settings = ServerSettings(
         store_dir=(args.store or home / "nats").resolve(),
         port=args.port,
         monitor_port=monitor_port,
-        config_file=args.config,
+        config_file=auth.server_config if auth is not None else args.config,
         start_timeout_s=args.start_timeout,
     )
     settings.command()  # fail early (exit 2) if the binary or the config is missing
@@ -187,17 +195,41 @@ async def run_up(args: argparse.Namespace) -> int:
     return await _up_foreground(args, home, settings, projections)
 
 
+async def setup_auth(args: argparse.Namespace, home: Path) -> CredentialRegistry | None:
+    """Authorization for the server(s) `bus up` starts: the admin and projection-service
+    credentials exist, and the server config that includes auth.conf is written. None with
+    --no-auth. Raises CliError when the base config cannot be read."""
+    if args.no_auth:
+        return None
+    registry = CredentialRegistry(home)
+    try:
+        await asyncio.to_thread(registry.initialize, find_config(args.config), (args.namespace,))
+    except OSError as exc:
+        raise CliError(f"cannot write the authorization files under {registry.dir}: {exc}") from exc
+    return registry
+
+
+def admin_credentials(home: Path) -> str | None:
+    """The admin credential's path when this home has authorization set up, else None."""
+    path = CredentialRegistry(home).admin_credential
+    return str(path) if path.is_file() else None
+
+
 def _projections_command(args: argparse.Namespace, url: str, home: Path) -> list[str] | None:
     """The projection service's command line, or None when it is off or not installed."""
     if args.no_projections or not _projections_installed():
         return None
     # Under the keeper: a service that dies (a record that crashes it, the OOM killer) is started
     # again with backoff, foreground or detached; stopping the keeper stops the service.
-    return [
+    command = [
         sys.executable, "-m", "bus.cli.keeper", "--",
         sys.executable, "-m", "bus.cli.main", "projections", "run",
         "--url", url, "--namespace", args.namespace, "--home", str(home),
     ]
+    service = CredentialRegistry(home).credential_path(Role.SERVICE, "projections")
+    if not args.no_auth and service.is_file():
+        command += ["--creds", str(service)]
+    return command
 
 
 def _projections_installed() -> bool:
@@ -218,7 +250,7 @@ async def start_projections_detached(
     state = msgspec.structs.replace(state, projections_pid=projections.pid)
     write_state(home, state)
     try:
-        answering = await _wait_projections_ready(url, namespace, projections.poll, log_file, timeout_s)
+        answering = await _wait_projections_ready(url, namespace, projections.poll, log_file, timeout_s, home)
     except BaseException:
         await _terminate(projections.pid, 5.0)
         raise
@@ -237,7 +269,7 @@ async def _up_detached(
     write_state(home, state)
     try:
         await _wait_server_ready(settings, server.poll, server_log)
-        fsync = await _prepare_log(settings, args.namespace)
+        fsync = await _prepare_log(settings, args.namespace, home)
         answering = False
         if projections_cmd is not None:
             state, answering = await start_projections_detached(
@@ -276,7 +308,7 @@ async def _up_foreground(
                 write_state(home, state)
                 server = children.server
                 await _wait_server_ready(settings, lambda: server.returncode, server_log)
-                fsync = await _prepare_log(settings, args.namespace)
+                fsync = await _prepare_log(settings, args.namespace, home)
                 answering = False
                 if projections_cmd is not None:
                     children.projections = await asyncio.create_subprocess_exec(
@@ -286,7 +318,7 @@ async def _up_foreground(
                     write_state(home, state)
                     projections = children.projections
                     answering = await _wait_projections_ready(
-                        settings.url, args.namespace, lambda: projections.returncode, None, args.start_timeout
+                        settings.url, args.namespace, lambda: projections.returncode, None, args.start_timeout, home
                     )
                 _print_summary(args, home, state, fsync, projections_cmd, answering, detached=False)
                 code = await _supervise(children, stop, server_log)
@@ -400,12 +432,15 @@ def _log_tail(log_file: Path | None, chars: int = 1500) -> str:
         return f"(no log at {log_file})"
 
 
-async def _prepare_log(settings: ServerSettings, namespace: str) -> bool | None:
+async def _prepare_log(settings: ServerSettings, namespace: str, home: Path) -> bool | None:
     """Create the namespace's log and advisory streams (the Bus declares them on connect) and
     report whether the server fsyncs every write (None when unknown)."""
     from bus.client import Bus
 
-    config = BusConfig(url=settings.url, namespace=namespace, name="bus-up", monitor_url=settings.monitor_url)
+    config = BusConfig(
+        url=settings.url, namespace=namespace, name="bus-up", monitor_url=settings.monitor_url,
+        credentials=admin_credentials(home),
+    )
     async with asyncio.timeout(settings.start_timeout_s):
         async with Bus(config):
             pass
@@ -419,13 +454,16 @@ async def _prepare_log(settings: ServerSettings, namespace: str) -> bool | None:
 
 
 async def _wait_projections_ready(
-    url: str, namespace: str, exit_code: Callable[[], int | None], log_file: Path | None, timeout_s: float
+    url: str, namespace: str, exit_code: Callable[[], int | None], log_file: Path | None, timeout_s: float,
+    home: Path,
 ) -> bool:
     """Wait until the projection service answers a query. Returns False if it is running but did
     not answer in time; raises CliError if it exited."""
     from bus.client import Bus
 
-    config = BusConfig(url=url, namespace=namespace, name="bus-up", require_fsync=False)
+    config = BusConfig(
+        url=url, namespace=namespace, name="bus-up", require_fsync=False, credentials=admin_credentials(home)
+    )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with Bus(config) as bus:

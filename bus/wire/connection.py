@@ -32,12 +32,13 @@ import collections
 import logging
 import secrets
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
 from bus.errors import BusError, BusUnavailable, ConfigurationError, PermissionDenied
+from bus.refusal import Refusal, parse_refusal
 from bus.wire.address import ServerAddress, parse_url, with_credentials
 from bus.wire.protocol import (
     PING,
@@ -74,6 +75,8 @@ class WireSettings(msgspec.Struct, frozen=True, kw_only=True):
     inbox_prefix: str = "_INBOX"
     # An ssl.SSLContext for tls:// servers (and servers that require TLS); None: the default one.
     ssl_context: Any = None
+    # An nkey credential (bus.identity.keys.Credential): signs the nonce of the server's INFO.
+    credential: Any = None
 
 
 def refusal(text: str) -> BusError:
@@ -198,6 +201,7 @@ class WireConnection:
         self._pongs: collections.deque[tuple[asyncio.Future[None] | None, int]] = collections.deque()
         self._errors = 0  # -ERR permission refusals seen so far
         self._last_refusal: BusError | None = None
+        self._refusal_listeners: list[Callable[[Refusal], None]] = []
         self._pings_out = 0
         self._lost = asyncio.Event()
         self._up = asyncio.Event()
@@ -223,6 +227,11 @@ class WireConnection:
     def server(self) -> ServerAddress:
         """The server this connection is (or was last) connected to."""
         return self._servers[self._server_index]
+
+    def on_refusal(self, listener: Callable[[Refusal], None]) -> None:
+        """Call `listener` (in the socket callback: no I/O, no raising) with each permission
+        refusal the server sends (a publish or subscription it dropped)."""
+        self._refusal_listeners.append(listener)
 
     def new_inbox(self) -> str:
         """A unique subject under this connection's inbox prefix."""
@@ -433,6 +442,10 @@ class WireConnection:
                     "protocol": 1, "echo": True, "lang": "python/continuum-wire", "version": "1",
                     "name": self.name, **server.connect_options(),
                 }
+                credential = self.settings.credential
+                if credential is not None:
+                    options["nkey"] = credential.public_key
+                    options["sig"] = credential.sign(link.info.get("nonce", ""))
                 step = link.next_step(loop)
                 assert link.transport is not None
                 link.transport.write(connect_frame(options) + PING)
@@ -556,6 +569,13 @@ class WireConnection:
         if isinstance(error, PermissionDenied):
             self._errors += 1
             self._last_refusal = error
+            refusal = parse_refusal(text)
+            if refusal is not None:
+                for listener in self._refusal_listeners:
+                    try:
+                        listener(refusal)
+                    except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
+                        log.exception("%s: a refusal listener failed", self.name)
         log.warning("%s: NATS error: %s", self.name, text)
 
     def _keepalive(self) -> None:

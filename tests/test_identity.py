@@ -1,0 +1,251 @@
+"""Who may do what: per-agent nkey credentials against a real nats-server with authorization on.
+
+Each refusal is a typed PermissionDenied, comes long before any timeout, and leaves the log
+unchanged; an envelope whose sender its subject does not carry is dead-lettered `forged_sender`;
+a revoked credential is disconnected at once and cannot connect again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from bus import Bus, BusConfig
+from bus.errors import BusUnavailable, PermissionDenied
+from bus.identity import CredentialRegistry, Role
+from bus.server import ANY_PORT, EmbeddedServer, ServerSettings, find_config, reload_config
+from conftest import read_records, wait_for
+from schemas.payloads import DeadLettered, Note
+
+# Far below every timeout a refused call would otherwise wait out (publish acks 10 s, JetStream
+# API calls 2 s per attempt); measured refusals take about a millisecond on one machine.
+REFUSED_WITHIN_S = 1.0
+
+
+class Secured:
+    """A server with authorization on, the registry that configured it, and configs for its
+    identities."""
+
+    def __init__(self, server: EmbeddedServer, registry: CredentialRegistry) -> None:
+        self.server = server
+        self.registry = registry
+
+    def config(self, name: str, credentials: Path | None) -> BusConfig:
+        return BusConfig(
+            url=self.server.url, monitor_url=self.server.settings.monitor_url, name=name,
+            credentials=None if credentials is None else str(credentials),
+        )
+
+    def admin(self) -> BusConfig:
+        return self.config("admin", self.registry.admin_credential)
+
+    def agent(self, name: str, tags: tuple[str, ...] = ()) -> BusConfig:
+        issued = self.registry.issue(name, Role.AGENT, namespace="default", tags=tags)
+        return self.config(name, issued.path)
+
+    async def reload(self) -> None:
+        assert self.server.pid is not None
+        await reload_config(self.server.pid, self.server.settings.monitor_url)
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
+    registry = CredentialRegistry(tmp_path / "home")
+    registry.initialize(find_config(None), ("default",))
+    server = EmbeddedServer(ServerSettings(
+        store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=ANY_PORT, config_file=registry.server_config,
+    ))
+    await server.start()
+    try:
+        yield Secured(server, registry)
+    finally:
+        await server.stop()
+
+
+async def _agent_bus(secured: Secured, name: str, tags: tuple[str, ...] = ()) -> Bus:
+    """A connected Bus for agent `name` with its own credential (issued, loaded by the server,
+    its consumers prepared by the admin). The caller closes it."""
+    config = secured.agent(name, tags)
+    await secured.reload()
+    async with Bus(secured.admin()) as admin:
+        await admin.prepare_agent(name, tags)
+    bus = Bus(config)
+    await bus.__aenter__()
+    return bus
+
+
+async def _refused(call: Any) -> tuple[PermissionDenied, float]:
+    started = time.perf_counter()
+    with pytest.raises(PermissionDenied) as caught:
+        await call
+    return caught.value, time.perf_counter() - started
+
+
+async def test_without_a_credential_nobody_connects(secured: Secured) -> None:
+    with pytest.raises(PermissionDenied):
+        async with Bus(secured.config("anyone", None)):
+            pass
+
+
+async def test_credential_files_are_private_and_hold_no_secret_elsewhere(secured: Secured) -> None:
+    issued = secured.registry.issue("bob", Role.AGENT, namespace="default")
+    assert stat.S_IMODE(os.stat(issued.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(secured.registry.admin_credential).st_mode) == 0o600
+    seed = secured.registry.load("bob", namespace="default").seed
+    for public in (secured.registry.dir / "identities.json", secured.registry.auth_config):
+        assert seed not in public.read_text()
+    assert seed not in repr(secured.registry.load("bob", namespace="default"))
+
+
+async def test_an_agent_with_its_own_credential_sends_and_handles_as_itself(secured: Secured) -> None:
+    handled: list[str] = []
+    alice = await _agent_bus(secured, "alice")
+    bob = await _agent_bus(secured, "bob")
+    try:
+        async def on_message(envelope: Any, delivery: Any) -> None:
+            handled.append(envelope.payload.text)
+
+        async with alice.consumer("alice", on_message):
+            await bob.send("alice", Note(text="hello from bob"))
+            await wait_for(lambda: handled == ["hello from bob"], what="alice handling bob's note")
+    finally:
+        await bob.__aexit__(None, None, None)
+        await alice.__aexit__(None, None, None)
+
+
+async def test_a_forged_sender_on_another_agents_subject_is_refused_at_once(secured: Secured) -> None:
+    bob = await _agent_bus(secured, "bob")
+    try:
+        before = await bob.last_seq()
+        forged = bob.envelope(Note(text="I am carol"), to="alice", sender="carol")
+        error, took = await _refused(bob.publish(forged))
+        assert "default.inbox.alice.carol" in str(error) and "publish" in str(error)
+        assert took < REFUSED_WITHIN_S
+        # Refused again without waiting on the server, and the rest of the bus still works.
+        _, again = await _refused(bob.send("alice", Note(text="again"), sender="carol"))
+        assert again < REFUSED_WITHIN_S
+        await bob.send("alice", Note(text="as myself"))
+        assert await bob.last_seq() == before + 1
+    finally:
+        await bob.__aexit__(None, None, None)
+
+
+async def test_recording_on_another_agents_event_subject_is_refused(secured: Secured) -> None:
+    bob = await _agent_bus(secured, "bob")
+    try:
+        before = await bob.last_seq()
+        error, took = await _refused(bob.record("researcher", Note(text="a fact the researcher never recorded")))
+        assert "default.event.researcher." in str(error)
+        assert took < REFUSED_WITHIN_S
+        assert await bob.last_seq() == before
+    finally:
+        await bob.__aexit__(None, None, None)
+
+
+async def test_stream_purge_delete_and_update_are_refused_to_an_agent(secured: Secured) -> None:
+    bob = await _agent_bus(secured, "bob")
+    try:
+        await bob.send("bob", Note(text="keep me"))
+        before = await bob.log_bounds()
+        stream = bob.subjects.stream
+        for api in (f"$JS.API.STREAM.PURGE.{stream}", f"$JS.API.STREAM.DELETE.{stream}",
+                    f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.STREAM.MSG.DELETE.{stream}"):
+            error, took = await _refused(bob.transport.request(api, b"{}", timeout_s=5))
+            assert api in str(error)
+            assert took < REFUSED_WITHIN_S
+    finally:
+        await bob.__aexit__(None, None, None)
+    async with Bus(secured.admin()) as admin:
+        assert await admin.log_bounds() == before
+
+
+async def test_another_agents_consumer_can_be_neither_pulled_nor_created(secured: Secured) -> None:
+    alice = await _agent_bus(secured, "alice")
+    await alice.__aexit__(None, None, None)
+    bob = await _agent_bus(secured, "bob")
+    try:
+        stream = bob.subjects.stream
+        pull = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.alice__inbox"
+        error, took = await _refused(bob.transport.request(pull, b'{"batch":1,"expires":1000000000}', timeout_s=5))
+        assert pull in str(error) and took < REFUSED_WITHIN_S
+        _, took = await _refused(bob.prepare_agent("alice"))
+        assert took < REFUSED_WITHIN_S
+        # Its own inbox, with another filter (reading alice's inbox under its own name): refused.
+        create = f"$JS.API.CONSUMER.CREATE.{stream}.bob__inbox.default.inbox.alice.*"
+        body = msgspec.json.encode({"stream_name": stream, "config": {
+            "name": "bob__inbox", "durable_name": "bob__inbox", "filter_subject": "default.inbox.alice.*",
+            "ack_policy": "explicit",
+        }})
+        _, took = await _refused(bob.transport.request(create, body, timeout_s=5))
+        assert took < REFUSED_WITHIN_S
+        with pytest.raises(PermissionDenied):
+            await bob.transport.subscribe("default.inbox.>", _ignore)
+    finally:
+        await bob.__aexit__(None, None, None)
+
+
+async def _ignore(message: Any) -> None:
+    return None
+
+
+async def test_an_envelope_whose_sender_differs_from_its_subject_is_dead_lettered(secured: Secured) -> None:
+    handled: list[Any] = []
+
+    async def on_message(envelope: Any, delivery: Any) -> None:
+        handled.append(envelope)
+
+    alice = await _agent_bus(secured, "alice")
+    try:
+        async with Bus(secured.admin()) as admin, alice.consumer("alice", on_message):
+            # The admin may publish anywhere: an envelope claiming "mallory" on bob's subject.
+            lying = admin.envelope(Note(text="from mallory, honest"), to="alice", sender="mallory")
+            sent = await admin.publish(lying, admin.subjects.inbox("alice", "bob"))
+            honest = await admin.send("alice", Note(text="truly from bob"), sender="bob")
+            await wait_for(lambda: len(handled) == 1, what="the honest envelope handled")
+
+            async def dead_letter() -> DeadLettered | None:
+                for record in await read_records(admin, await admin.last_seq()):
+                    if not record.subject.startswith(b"default.dead."):
+                        continue
+                    payload = admin.codec.decode(record.data).payload
+                    if isinstance(payload, DeadLettered) and payload.original_seq == sent.ack.seq:
+                        return payload
+                return None
+
+            await wait_for(dead_letter, what="the forged envelope's dead letter")
+            letter = await dead_letter()
+            assert letter is not None and letter.reason == "forged_sender"
+            assert "mallory" in (letter.error or "") and "bob" in (letter.error or "")
+            assert [e.id for e in handled] == [honest.envelope.id]
+    finally:
+        await alice.__aexit__(None, None, None)
+
+
+async def test_a_revoked_credential_is_disconnected_and_cannot_connect_again(secured: Secured) -> None:
+    bob = await _agent_bus(secured, "bob")
+    kept = secured.registry.dir.parent / "kept-copy.nk"
+    kept.write_text(secured.registry.credential_path(Role.AGENT, "bob", "default").read_text())
+    try:
+        await bob.send("bob", Note(text="before"))
+        secured.registry.revoke("bob", namespace="default")
+        await secured.reload()
+        with pytest.raises((BusUnavailable, PermissionDenied)):
+            async with asyncio.timeout(15):
+                while True:  # the server closed it; reconnects are refused
+                    await bob.send("bob", Note(text="after"))
+                    await asyncio.sleep(0.05)
+    finally:
+        await bob.__aexit__(None, None, None)
+    assert not secured.registry.credential_path(Role.AGENT, "bob", "default").exists()
+    # A copy of the seed kept elsewhere no longer works.
+    with pytest.raises(PermissionDenied):
+        async with Bus(secured.config("bob", kept)):
+            pass
