@@ -153,8 +153,8 @@ class BusConfig(msgspec.Struct, frozen=True, kw_only=True):
     # The nkey credential file this process connects with (bus.identity; `bus up` turns
     # authorization on and writes the admin one under <home>/auth/creds/). None: no credential.
     credentials: str | None = None
-    # Subjects this process's request inboxes live under. None: `_INBOX.<name>`, the prefix an
-    # agent's credential lets only that agent subscribe to.
+    # Subjects this process's request inboxes live under. None: `_INBOX.<credential's public
+    # key>` with a credential (only its holder may subscribe there), else `_INBOX`.
     inbox_prefix: str | None = None
     # Refuse to start if the server is known not to fsync every write.
     require_fsync: bool = True
@@ -167,11 +167,6 @@ class BusConfig(msgspec.Struct, frozen=True, kw_only=True):
         check_name(self.namespace, "namespace")
         check_name(self.name, "sender name")
         split_urls(self.url)
-
-    @property
-    def inbox(self) -> str:
-        """The request-inbox prefix in use: `inbox_prefix`, else `_INBOX.<name>`."""
-        return self.inbox_prefix or f"_INBOX.{self.name}"
 
     @property
     def servers(self) -> tuple[str, ...]:

@@ -806,7 +806,9 @@ class Publisher:
         if refusal.action != "publish" or self._loop is None:
             return
         subject = refusal.subject.encode()
-        error = refusal.error(self._conn.name)
+        credential = self._conn.settings.credential
+        who = self._conn.name + (f" (credential {credential.path})" if credential is not None and credential.path else "")
+        error = refusal.error(who)
         self._refused[subject] = (self._loop.time(), error)
         if len(self._refused) > _REFUSED_MAX:
             self._refused.pop(next(iter(self._refused)))

@@ -40,6 +40,7 @@ from nats.js import JetStreamContext
 from bus.config import BusConfig, TlsSettings
 from bus.errors import BusError, BusUnavailable, ConfigurationError, NoAnswer, NoResponders, PermissionDenied
 from bus.identity.keys import Credential, load_credential
+from bus.identity.permissions import inbox_prefix
 from bus.refusal import RefusalWatch, parse_refusal
 from bus.wire import ServerAddress, WireConnection, WireSettings, parse_urls
 from bus.wire.address import with_credentials
@@ -95,8 +96,9 @@ class ConnectionSpec(msgspec.Struct, frozen=True, kw_only=True):
         credential file that cannot be read)."""
         name = f"continuum:{config.name}" + (f":{purpose}" if purpose else "")
         credential = load_credential(config.credentials) if config.credentials else None
+        inbox = config.inbox_prefix or (inbox_prefix(credential.public_key) if credential is not None else "_INBOX")
         return cls(
-            servers=config.servers, name=name, inbox_prefix=config.inbox, tls=config.tls,
+            servers=config.servers, name=name, inbox_prefix=inbox, tls=config.tls,
             connect_timeout_s=config.connect_timeout_s, credential=credential,
         )
 
@@ -340,7 +342,8 @@ class Transport:
         refusal = parse_refusal(str(exc))
         if refusal is not None:
             self.refusals.refused(refusal)
-            log.warning("%s: the server refused to let it %s to %s", self.spec.name, refusal.action, refusal.subject)
+            # The waiting call gets PermissionDenied; an unguarded one (a bare publish) only this line.
+            log.info("%s: the server refused to let it %s to %s", self.spec.name, refusal.action, refusal.subject)
             return
         log.warning("%s: NATS client error: %s", self.spec.name, exc)
 

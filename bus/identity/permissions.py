@@ -15,7 +15,7 @@ An agent's grant (namespace `ns`, log stream `S`, advisory stream `A`, name `me`
                $JS.API.CONSUMER.CREATE.S.me__groups.ns.group.<tag>.*  (one tag; several: the issuer)
                $JS.ACK.S.me__inbox.> ... (acks of its own deliveries)
                $JS.API.DIRECT.GET.S[.>]                    its runtime's reads of the log
-    subscribe  _INBOX.me.>  ns.reply.me.>
+    subscribe  _INBOX.<its public key>.>  ns.reply.me.>
 
 No stream purge/delete/update, and consumer creation only in the form whose filter rides in the
 API subject (the server checks the body against it), so an agent can never widen what it reads.
@@ -77,9 +77,11 @@ def matches(pattern: str, subject: str) -> bool:
     return len(have) == len(want)
 
 
-def inbox_prefix(name: str) -> str:
-    """The subjects an identity's request inboxes live under: only it may subscribe there."""
-    return f"_INBOX.{name}"
+def inbox_prefix(public_key: str) -> str:
+    """The subjects a credential's request inboxes live under: only its holder may subscribe
+    there. Named by the key, not the name: a client acting under another name (the CLI's
+    `--from`) still has its inboxes, and is refused only what it may not do."""
+    return f"_INBOX.{public_key}"
 
 
 # Stream-changing JetStream API calls no service or agent may make.
@@ -95,18 +97,18 @@ def admin_grant() -> Grant:
     return Grant(unrestricted=True)
 
 
-def service_grant(namespaces: tuple[str, ...], name: str) -> Grant:
+def service_grant(namespaces: tuple[str, ...], public_key: str) -> Grant:
     """The projection service: reads streams (direct gets, its own consumers), serves queries
     and status on `_continuum.<ns>.>`, answers on the requester's reply subject."""
     return Grant(
         publish_allow=("$JS.API.>", "$JS.ACK.>", *(f"_continuum.{ns}.>" for ns in namespaces)),
         publish_deny=_STREAM_CHANGES,
-        subscribe_allow=(f"{inbox_prefix(name)}.>", *(f"_continuum.{ns}.>" for ns in namespaces)),
+        subscribe_allow=(f"{inbox_prefix(public_key)}.>", *(f"_continuum.{ns}.>" for ns in namespaces)),
         allow_responses=True,
     )
 
 
-def agent_grant(namespace: str, name: str, tags: tuple[str, ...] = ()) -> Grant:
+def agent_grant(namespace: str, name: str, public_key: str, tags: tuple[str, ...] = ()) -> Grant:
     """An agent: only itself (see the module docstring)."""
     subjects = Subjects(namespace)
     ns, log, advisories = subjects.ns, subjects.stream, subjects.advisory_stream
@@ -126,7 +128,7 @@ def agent_grant(namespace: str, name: str, tags: tuple[str, ...] = ()) -> Grant:
             *(f"$JS.API.CONSUMER.CREATE.{log}.{groups}.{subjects.group_filter(tag)}" for tag in tags),
             f"$JS.API.DIRECT.GET.{log}", f"$JS.API.DIRECT.GET.{log}.>",
         ),
-        subscribe_allow=(f"{inbox_prefix(name)}.>", f"{ns}.reply.{name}.>"),
+        subscribe_allow=(f"{inbox_prefix(public_key)}.>", f"{ns}.reply.{name}.>"),
     )
 
 

@@ -201,8 +201,8 @@ class CredentialRegistry:
         if identity.role is Role.ADMIN:
             return admin_grant()
         if identity.role is Role.SERVICE:
-            return service_grant(tuple(namespaces), identity.name)
-        return agent_grant(identity.namespace, identity.name, identity.tags)
+            return service_grant(tuple(namespaces), identity.public_key)
+        return agent_grant(identity.namespace, identity.name, identity.public_key, identity.tags)
 
     def _save(self, registry: _Registry) -> None:
         self._write_plain(self.dir / "identities.json", msgspec.json.format(msgspec.json.encode(registry)).decode())

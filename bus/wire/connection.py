@@ -576,6 +576,9 @@ class WireConnection:
                         listener(refusal)
                     except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
                         log.exception("%s: a refusal listener failed", self.name)
+                # The caller whose publish or subscription it was gets PermissionDenied.
+                log.info("%s: the server refused to let it %s to %s", self.name, refusal.action, refusal.subject)
+                return
         log.warning("%s: NATS error: %s", self.name, text)
 
     def _keepalive(self) -> None:
