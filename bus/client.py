@@ -54,6 +54,7 @@ from bus.transport import ConnectionSpec, Transport, any_reachable, translate
 from bus.wire import WireConnection, parse_urls
 from bus.wire.connection import stop_keeper
 from schemas import Codec, DecodeError, Delivery, Envelope, PayloadRegistry, derived_id, new_id, utcnow
+from schemas.ids import id_problem, is_id, unidentified
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from schemas.payloads import RequestFailed
 from schemas.query import QueryFailure, QueryRequest, QueryResult
@@ -238,11 +239,17 @@ class Bus:
         """Build an envelope (no I/O). The correlation id defaults to the envelope's own id;
         `hops` is how many handled messages led to it (see Envelope.hops).
 
-        Raises ConfigurationError for an invalid name or a priority outside 0..9.
+        Raises ConfigurationError for an invalid name, a priority outside 0..9, or an `id`,
+        `correlation_id` or `causation_id` that is not a UUID in lowercase text.
         """
         if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
             raise ConfigurationError(f"priority {priority} is outside {PRIORITY_MIN}..{PRIORITY_MAX}")
         envelope_id = id or new_id()
+        if id is not None or correlation_id is not None or causation_id is not None:
+            # What a consumer's decoder would refuse is refused here (fresh ids need no check).
+            wrong = unidentified(envelope_id, correlation_id, causation_id)
+            if wrong is not None:
+                raise ConfigurationError(wrong)
         now = utcnow()
         return Envelope(
             id=envelope_id,
@@ -385,9 +392,12 @@ class Bus:
     async def reply(self, request: Envelope[Any], payload: Any, *, sender: str | None = None) -> Sent:
         """Answer `request`. The reply id is derived from the request id, so a redelivered
         request that is answered again is stored once. Raises ConfigurationError if `request`
-        expects no reply."""
+        expects no reply, or cannot be answered (its id is not a UUID in lowercase text)."""
         if request.reply_to is None:
             raise ConfigurationError(f"envelope {request.id} is not a request (no reply_to)")
+        if not is_id(request.id):
+            # Its reply's id is derived from its id, and its reply subject names it.
+            raise ConfigurationError(f"the request cannot be answered: {id_problem('id', request.id)}")
         envelope = self.envelope(
             payload,
             to=request.reply_to,
@@ -421,16 +431,6 @@ class Bus:
             settings=settings or self.config.consumer,
         )
 
-    # -- queries --------------------------------------------------------------------------
-
-    async def query(
-        self,
-        sql: str,
-        params: Sequence[Any] = (),
-        *,
-        min_seq: int | None = None,
-        max_rows: int = 10_000,
-        timeout_s: float = 10.0,
     async def prepare_agent(
         self, agent: str, tags: Sequence[str] = (), settings: ConsumerSettings | None = None
     ) -> None:
@@ -460,6 +460,16 @@ class Bus:
         except Exception as exc:  # nats-py's errors, translated here
             raise translate(exc, f"preparing the consumers of agent {name!r}") from exc
 
+    # -- queries --------------------------------------------------------------------------
+
+    async def query(
+        self,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        min_seq: int | None = None,
+        max_rows: int = 10_000,
+        timeout_s: float = 10.0,
     ) -> QueryResult:
         """Run read-only SQL on the projection service and return its rows.
 

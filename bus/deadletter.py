@@ -36,6 +36,7 @@ from bus.settle import ERROR_CHARS, TRACEBACK_CHARS
 from bus.topology import dead_letter_consumer_config, ensure_advisory_stream, ensure_consumer
 from bus.wire import WireConnection
 from schemas import DecodeError, Envelope, decode_loose, stable_id
+from schemas.ids import is_id
 from schemas.payloads import DeadLettered, RequestFailed
 from schemas.limits import refusal
 from schemas.registry import kind_of_raw
@@ -111,8 +112,10 @@ async def write_dead_letter(
         ),
         sender=agent,
         id=dead_letter_id(stream, stream_seq),
-        correlation_id=None if envelope is None else envelope.correlation_id,
-        causation_id=None if envelope is None else envelope.id,
+        # An original dead for its ids (`invalid`) names them in `original_id` and the error;
+        # the letter itself keeps to the protocol.
+        correlation_id=None if envelope is None or not is_id(envelope.correlation_id or "") else envelope.correlation_id,
+        causation_id=None if envelope is None or not is_id(envelope.id) else envelope.id,
     )
     await bus.publish(letter, bus.subjects.dead(agent))
 
@@ -121,7 +124,8 @@ async def answer_failed(
     bus: "Bus", request: Envelope[Any], *, reason: str, error_type: str, sender: str
 ) -> None:
     """Reply `RequestFailed` to `request` if it is a request (has `reply_to`); else do nothing.
-    A `reply_to` that is not a valid name cannot be answered and is only logged. Raises
+    A `reply_to` that is not a valid name, or an id that is not a UUID, cannot be answered and
+    is only logged. Raises
     BusUnavailable when the reply cannot be stored."""
     if request.reply_to is None:
         return

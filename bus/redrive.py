@@ -21,6 +21,7 @@ import msgspec
 from bus.errors import ConfigurationError
 from schemas import DecodeError, Envelope, derived_id, utcnow
 from schemas.codec import decode_loose
+from schemas.ids import id_problem, is_id
 from schemas.payloads import DeadLettered, DeadLetterRetried
 
 if TYPE_CHECKING:
@@ -85,6 +86,11 @@ async def retry_dead_letter(bus: Bus, letter: Envelope[DeadLettered], *, by: str
         ) from exc
     if original.to is None and original.tag is None:
         raise ConfigurationError(f"dead letter {letter.id} holds an event ({original.kind}), not a message")
+    if original.correlation_id is not None and not is_id(original.correlation_id):
+        # Sent again it would be refused again, for the same reason.
+        raise ConfigurationError(
+            f"dead letter {letter.id} cannot be sent again: {id_problem('correlation_id', original.correlation_id)}"
+        )
     # A broadcast goes again only to the agent whose consumer gave up on it.
     again = msgspec.structs.replace(
         original,

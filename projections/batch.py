@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from bus.log_reader import LogRecord
 from schemas import PRIORITY_DEFAULT, DecodeError, decode_loose
 from schemas.envelope import ENVELOPE_VERSION, Hops, Priority
+from schemas.ids import ID_PATTERN
 from schemas.limits import MAX_DEPTH, MAX_ENVELOPE_BYTES, Headers, Ident, Name, refusal
 
 PREV_SEQ_HEADER = "Bus-Prev-Seq"
@@ -52,6 +53,7 @@ _SCHEMA = pa.schema([
     ("raw", pa.binary()),
 ])
 _headers_encoder = msgspec.json.Encoder()
+_ID_ANCHORED = f"^{ID_PATTERN}$"
 
 
 class _Fields(msgspec.Struct, kw_only=True, gc=False):
@@ -129,6 +131,10 @@ class Batch:
     kinds: frozenset[str] | None = None
     categories: frozenset[str] | None = None
     claims: bool | None = None  # some record carries Bus-Prev-Seq
+    # Some record broke the protocol though it was kept (an id that is not a lowercase UUID), or
+    # is not an envelope at all: the `integrity` view reports those.
+    odd_ids: bool | None = None
+    refused: bool | None = None
 
     @property
     def size(self) -> int:
@@ -183,6 +189,8 @@ def merge(batches: Sequence[Batch]) -> Batch:
     kinds = [b.kinds for b in batches]
     categories = [b.categories for b in batches]
     claims = [b.claims for b in batches]
+    odd_ids = [b.odd_ids for b in batches]
+    refused = [b.refused for b in batches]
     return Batch(
         table=pa.concat_tables([b.table for b in batches]),
         seqs=[seq for b in batches for seq in b.seqs],
@@ -190,8 +198,15 @@ def merge(batches: Sequence[Batch]) -> Batch:
         after_seq=batches[0].after_seq,
         kinds=None if None in kinds else frozenset().union(*kinds),  # type: ignore[arg-type]
         categories=None if None in categories else frozenset().union(*categories),  # type: ignore[arg-type]
-        claims=True if True in claims else (None if None in claims else False),
+        claims=_any(claims),
+        odd_ids=_any(odd_ids),
+        refused=_any(refused),
     )
+
+
+def _any(flags: list[bool | None]) -> bool | None:
+    """True if one batch's flag is, False if every one's is False, else None (unknown)."""
+    return True if True in flags else (None if None in flags else False)
 
 
 def _time_at(table: pa.Table, index: int) -> int:
@@ -237,7 +252,19 @@ def build_batch(records: Sequence[LogRecord], *, after_seq: int = 0) -> Batch:
         kinds=frozenset(k for k in pc.unique(table.column("kind")).to_pylist() if k is not None),
         categories=_categories(subject_bytes, subjects[0]),
         claims=prevs.null_count < count,
+        odd_ids=not _all_ids(table),
+        refused=errors is not None,
     )
+
+
+def _all_ids(table: pa.Table) -> bool:
+    """True when every id, correlation id and causation id present is an id as the protocol
+    spells it (one RE2 pass per column, ~0.06 us a record)."""
+    for name in ("id", "correlation_id", "causation_id"):
+        column = table.column(name)
+        if column.null_count < len(column) and pc.all(pc.match_substring_regex(column, _ID_ANCHORED)).as_py() is False:
+            return False
+    return True
 
 
 def _decode(datas: Sequence[bytes]) -> tuple[list[Any], list[str | None] | None, pa.Array, pa.Array]:

@@ -3,7 +3,9 @@
 `Codec.decode` validates the envelope and its payload together; anything wrong (bytes that are
 not JSON, a missing field, an unknown kind, a limit of `schemas.limits` exceeded) raises
 `DecodeError` whose message says what and where. `decode_loose` keeps the payload undecoded
-(`msgspec.Raw`) for readers that must accept every kind, such as projections and `bus tail`.
+(`msgspec.Raw`) for readers that must accept every kind, such as projections and `bus tail`; it
+also keeps names and ids that break the protocol's rules (the log may hold them; the
+projections report them in the `integrity` view), which only `Codec.decode` refuses.
 Both check the size and nesting limits on the bytes before msgspec (which recurses) sees them.
 """
 
@@ -14,6 +16,7 @@ from typing import Any, Literal
 import msgspec
 
 from schemas.envelope import Envelope
+from schemas.ids import unidentified
 from schemas.limits import MAX_NAME_CHARS, misnamed, refusal
 from schemas.registry import PayloadRegistry
 
@@ -50,7 +53,7 @@ class Codec:
         """Decode and validate bytes into an envelope with a typed payload.
 
         Raises DecodeError with the reason (not JSON, missing or wrong field, unknown kind, a
-        name that is not one subject token).
+        name that is not one subject token, an id that is not a lowercase UUID).
         """
         envelope = _decode_within_limits(self._decoder, data, "undecodable bytes")
         bad = misnamed(envelope.sender, envelope.to, envelope.tag, envelope.reply_to)
@@ -58,6 +61,9 @@ class Codec:
             raise DecodeError(
                 f"invalid envelope: {bad[:80]!r} is not a name (1-{MAX_NAME_CHARS} letters, digits, '_' or '-')"
             )
+        wrong = unidentified(envelope.id, envelope.correlation_id, envelope.causation_id)
+        if wrong is not None:
+            raise DecodeError(f"invalid envelope: {wrong}")
         if self.registry.has_upcasters:
             upcast = self.registry.apply_upcasters(envelope.payload)
             if upcast is not envelope.payload:

@@ -4,6 +4,9 @@ A fresh id sorts by creation time (so the log, the DuckDB views and humans can o
 A derived id is a pure function of (parent id, name): a handler that is redelivered and publishes
 "the same" outbound message again produces the same id, and JetStream's `Nats-Msg-Id` dedup
 stores it once.
+
+Every id is a UUID in lowercase text (`is_id`): the protocol requires it of an envelope's `id`,
+`correlation_id` and `causation_id`, and the typed decoder refuses an envelope that breaks it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,21 @@ import random
 import threading
 import time
 import uuid
+
+# The protocol's id (schemas/PROTOCOL.md §2): a UUID as lowercase text, 8-4-4-4-12 hex digits.
+# `id`, `correlation_id` and `causation_id` are all such ids; the typed decoder (`Codec`) and
+# `Bus.envelope` refuse anything else. Any version: fresh ids are v7, derived ones v7, stable v8.
+ID_CHARS = 36
+ID_PATTERN = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # for SQL and Arrow
+_EXAMPLE_ID = "018f0000-0000-7000-8000-000000000001"
+# Checked on every decode, so not with a regex (~0.25 us an id): each character is mapped to its
+# class in one C pass (a lowercase hex digit to 'x', '-' to itself, anything else to '?') and the
+# result compared with the shape, all of an envelope's ids at once (~0.08 us each).
+_AS_SHAPE = bytes(
+    ord("x") if chr(byte) in "0123456789abcdef" else byte if byte == ord("-") else ord("?") for byte in range(256)
+)
+_SHAPE = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+_SHAPES = (b"", _SHAPE, _SHAPE * 2, _SHAPE * 3)
 
 _lock = threading.Lock()
 # SystemRandom draws from os.urandom; ids must not be predictable across processes.
@@ -74,3 +92,41 @@ def stable_id(*parts: str | int) -> str:
     value = (value & ~(0xF << 76)) | 0x8 << 76  # version 8: custom
     value = (value & ~(0b11 << 62)) | 0b10 << 62
     return str(uuid.UUID(int=value))
+
+
+def is_id(text: str) -> bool:
+    """True when `text` is an id as the protocol spells it: a lowercase, hyphenated UUID."""
+    # Non-ASCII characters become '?' (one byte each), so the shape also fixes the length.
+    return len(text) == ID_CHARS and text.encode("ascii", "replace").translate(_AS_SHAPE) == _SHAPE
+
+
+def id_problem(field: str, value: str) -> str:
+    """The one-line reason `value` cannot be the envelope's `field` (the runtime's dead letter and
+    the CLI say the same)."""
+    shown = value if len(value) <= 80 else value[:80] + "..."
+    return f"{field} {shown!r} is not a UUID in lowercase text (8-4-4-4-12 hex digits, e.g. {_EXAMPLE_ID})"
+
+
+def unidentified(id: str, correlation_id: str | None, causation_id: str | None) -> str | None:
+    """Why an envelope's ids break the protocol (the first that is not an id), or None. A hot
+    path: the ids are checked in one pass over their concatenation, a correlation id equal to
+    the id (a new conversation) only once."""
+    if correlation_id == id:
+        correlation_id = None
+    text = id
+    if correlation_id is not None:
+        text += correlation_id
+    if causation_id is not None:
+        text += causation_id
+    # Each length first: then the concatenation's shape is each id's shape in turn.
+    if (
+        len(id) == ID_CHARS
+        and (correlation_id is None or len(correlation_id) == ID_CHARS)
+        and (causation_id is None or len(causation_id) == ID_CHARS)
+        and text.encode("ascii", "replace").translate(_AS_SHAPE) == _SHAPES[len(text) // ID_CHARS]
+    ):
+        return None
+    for field, value in (("id", id), ("correlation_id", correlation_id), ("causation_id", causation_id)):
+        if value is not None and not is_id(value):
+            return id_problem(field, value)
+    return None  # pragma: no cover - some id failed the check above

@@ -11,7 +11,9 @@ decoder. So the nesting depth is measured on the bytes first, without recursion.
     MAX_NAME_CHARS       64      sender, to, tag, reply_to: one subject token (see bus.config);
                                  the characters are checked by the typed decoder (`Codec`), which
                                  every agent uses; the projections keep such records as they are
-    MAX_ID_CHARS         128     id, correlation_id, causation_id
+    MAX_ID_CHARS         128     id, correlation_id, causation_id; the typed decoder (`Codec`)
+                                 takes only a UUID in lowercase text (`schemas.ids.is_id`); the
+                                 projections keep other ids and report them (`integrity`)
     MAX_HEADERS          32      envelope headers; keys up to 128 and values up to 4096 chars
     MAX_KIND_CHARS       128     a payload kind as recorded about a message of unknown kind
 

@@ -116,6 +116,12 @@ CASES: list[HostileCase] = [
     HostileCase("nested just over the limit", lambda: nested(MAX_DEPTH), "dead:invalid"),
     HostileCase("nested just within the limit", lambda: nested(MAX_DEPTH - 3), "handled"),
     HostileCase("1 MB id", lambda: text(envelope(id="i" * MB)), "dead:invalid"),
+    # Ids are UUIDs in lowercase text (PROTOCOL.md §2), every one of the three.
+    HostileCase("id not a UUID", lambda: text(envelope(id="hostile-1")), "dead:invalid"),
+    HostileCase("id an upper-case UUID", lambda: text(envelope(id=_ID.upper())), "dead:invalid"),
+    HostileCase("request whose id is not a UUID", lambda: text(envelope(id="req-1", reply_to="tester")), "dead:invalid"),
+    HostileCase("correlation id not a UUID", lambda: text(envelope(correlation_id="day-1")), "dead:invalid"),
+    HostileCase("causation id not a UUID", lambda: text(envelope(causation_id=_ID.replace("-", ""))), "dead:invalid"),
     HostileCase("1 MB correlation id", lambda: text(envelope(correlation_id="c" * MB)), "dead:invalid"),
     HostileCase("1 MB header value", lambda: text(envelope(headers={"x": "v" * MB})), "dead:invalid"),
     HostileCase("too many headers", lambda: text(envelope(headers={f"h{i}": "v" for i in range(MAX_HEADERS + 1)})),

@@ -33,6 +33,7 @@ from conftest import refused_port, wait_for
 ENTRY = Path(sys.executable).parent / "bus"
 BUS = [str(ENTRY)] if ENTRY.exists() else [sys.executable, "-m", "bus.cli.main"]
 NOTE = '{"kind":"note","text":"hi"}'
+CONVERSATION = "018f0000-0000-7c0f-8e5a-1d2b3c4d5e6f"
 
 
 class Result(msgspec.Struct, frozen=True):
@@ -322,7 +323,7 @@ async def test_send_stores_a_typed_envelope_with_the_options(tmp_path, server_en
     subject with sender, priority, expiry and correlation id; it prints the id and the seq."""
     result = await run_bus(
         "send", "alice", '{"kind":"note","text":"hi","data":{"n":1}}', "--from", "ops", "--priority", "8",
-        "--expires-in", "60", "--correlation-id", "conv-1", "--json", env=server_env, cwd=tmp_path,
+        "--expires-in", "60", "--correlation-id", CONVERSATION, "--json", env=server_env, cwd=tmp_path,
     )
     assert result.code == 0, result.stderr
     receipt = json.loads(result.stdout)
@@ -330,7 +331,7 @@ async def test_send_stores_a_typed_envelope_with_the_options(tmp_path, server_en
     envelope = Bus(bus_config).codec.decode(data)
     assert subject == "default.inbox.alice.ops"
     assert envelope.id == receipt["id"] and envelope.payload == Note(text="hi", data={"n": 1})
-    assert (envelope.sender, envelope.to, envelope.priority, envelope.correlation_id) == ("ops", "alice", 8, "conv-1")
+    assert (envelope.sender, envelope.to, envelope.priority, envelope.correlation_id) == ("ops", "alice", 8, CONVERSATION)
     assert envelope.expires_at is not None
 
     plain = await run_bus("send", "alice", f"@{_write(tmp_path / 'p.json', NOTE)}", env=server_env, cwd=tmp_path)

@@ -21,6 +21,7 @@ from projections.config import ProjectionSettings
 from projections.service import ProjectionService
 from projections.store import Store
 from projections.views import VIEWS
+from schemas import new_id
 from schemas.payloads.llm import (
     LlmCallCompleted,
     LlmCallFailed,
@@ -264,8 +265,9 @@ async def test_llm_calls_keep_the_full_request_response_tokens_and_cost(bus: Bus
         usage=Usage(input_tokens=120, output_tokens=30, cache_read_input_tokens=900, cache_creation_input_tokens=50))
     done = LlmCallCompleted(agent="reader", call_id="k1", provider="anthropic", model="claude-test", request=_request(),
                             response=response, request_sha256="ab" * 32, latency_ms=812.5, step="llm:1")
-    await bus.record("reader", done, correlation_id="day-1")
-    await bus.record("reader", done, correlation_id="day-1")
+    day = new_id()
+    await bus.record("reader", done, correlation_id=day)
+    await bus.record("reader", done, correlation_id=day)
     failed = await bus.record("reader", LlmCallFailed(
         agent="reader", call_id="k2", provider="anthropic", model="claude-test", request=_request(), request_sha256="cd" * 32,
         error_type="RateLimited", message="slow down", retryable=True, latency_ms=20.0, status_code=429))
@@ -275,7 +277,7 @@ async def test_llm_calls_keep_the_full_request_response_tokens_and_cost(bus: Bus
     k1, k2 = calls["k1"], calls["k2"]
     assert (k1["ok"], k1["input_tokens"], k1["output_tokens"], k1["cache_read_tokens"], k1["cache_write_tokens"]) == (True, 120, 30, 900, 50)
     assert (k1["tool_calls"], k1["response_text"], k1["stop_reason"], k1["cost_usd"]) == (["archival_search"], "Let me look.", "tool_use", None)
-    assert (k1["messages"], k1["tools"], k1["system_chars"], k1["latency_ms"], k1["correlation_id"]) == (1, 1, 16, 812.5, "day-1")
+    assert (k1["messages"], k1["tools"], k1["system_chars"], k1["latency_ms"], k1["correlation_id"]) == (1, 1, 16, 812.5, day)
     assert k1["request_json"]["system"][0]["text"] == "You read papers." and k1["response_json"]["id"] == "msg_1"
     assert (k2["ok"], k2["input_tokens"], k2["error_type"], k2["retryable"], k2["status_code"]) == (False, None, "RateLimited", True, 429)
     [totals] = await rows(bus, "SELECT sum(cost_usd) AS cost, count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced FROM llm_calls")

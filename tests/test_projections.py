@@ -57,7 +57,8 @@ async def raw_publish(bus: Bus, subject: str, data: bytes) -> int:
 async def test_events_view_keeps_every_record_even_unknown_and_undecodable(bus: Bus, service: ProjectionService) -> None:
     """Every stored message becomes an `events` row: a known kind, an unknown kind (payload kept
     as JSON), and bytes that are no envelope at all (kept in `raw`, with the decode error)."""
-    sent = await bus.send("alice", Note(text="hello"), correlation_id="c-1")
+    conversation = new_id()
+    sent = await bus.send("alice", Note(text="hello"), correlation_id=conversation)
     unknown = msgspec.json.encode({
         "id": new_id(), "sender": "martian", "to": "alice", "created_at": utcnow(),
         "payload": {"kind": "x.unknown", "depth": 3},
@@ -70,7 +71,7 @@ async def test_events_view_keeps_every_record_even_unknown_and_undecodable(bus: 
     assert [e["seq"] for e in events] == [sent.ack.seq, unknown_seq, garbage_seq]
     first, second, third = events
     assert (first["kind"], first["sender"], first["recipient"], first["category"]) == ("note", "tester", "alice", "inbox")
-    assert first["id"] == sent.envelope.id and first["correlation_id"] == "c-1"
+    assert first["id"] == sent.envelope.id and first["correlation_id"] == conversation
     assert first["payload"] == {"kind": "note", "text": "hello", "data": {}}
     assert first["stored_at"] is not None and first["error"] is None
     assert second["kind"] == "x.unknown" and second["payload"] == {"kind": "x.unknown", "depth": 3}

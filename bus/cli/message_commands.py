@@ -40,6 +40,7 @@ from bus.cli.common import (
 from bus.config import check_name
 from schemas import DecodeError, Payload, PayloadRegistry, SchemaConflict, decode_loose
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
+from schemas.ids import id_problem, is_id
 from schemas.registry import kind_of_raw
 
 EXAMPLE_PAYLOAD = '{"kind":"note","text":"hi"}'
@@ -121,7 +122,7 @@ def _add_message_options(parser: argparse.ArgumentParser) -> None:
         "--expires-in", type=positive_float, default=None, metavar="SECONDS",
         help="not handled if it reaches the agent later than this",
     )
-    parser.add_argument("--correlation-id", default=None, help="conversation/workflow id (default: the envelope id)")
+    parser.add_argument("--correlation-id", default=None, help="the conversation's id, a UUID in lowercase text (default: the envelope id)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_types_option(parser)
     add_connection_options(parser)
@@ -246,8 +247,12 @@ def _read_payload_arg(text: str) -> bytes:
 
 
 def _message_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The envelope fields the options give. Raises CliError for a correlation id the agents'
+    decoder would refuse (in the words of their dead letter)."""
     fields: dict[str, Any] = {"priority": args.priority, "expires_in_s": args.expires_in}
     if args.correlation_id:
+        if not is_id(args.correlation_id):
+            raise CliError(id_problem("correlation_id", args.correlation_id))
         fields["correlation_id"] = args.correlation_id
     return fields
 
@@ -261,8 +266,9 @@ async def run_send(args: argparse.Namespace) -> int:
     check_name(args.sender, "sender name")
     registry = payload_registry(args.types)
     payload = parse_payload(args.payload, registry)
+    fields = _message_fields(args)
     async with open_bus(args, name=args.sender, registry=registry) as bus:
-        sent = await bus.send(args.agent, payload, **_message_fields(args))
+        sent = await bus.send(args.agent, payload, **fields)
     _print_sent(args, sent, f"to {args.agent}")
     return 0
 
@@ -273,8 +279,9 @@ async def run_broadcast(args: argparse.Namespace) -> int:
     check_name(args.sender, "sender name")
     registry = payload_registry(args.types)
     payload = parse_payload(args.payload, registry)
+    fields = _message_fields(args)
     async with open_bus(args, name=args.sender, registry=registry) as bus:
-        sent = await bus.broadcast(args.tag, payload, **_message_fields(args))
+        sent = await bus.broadcast(args.tag, payload, **fields)
     _print_sent(args, sent, f"to #{args.tag}")
     return 0
 
@@ -298,10 +305,11 @@ async def run_request(args: argparse.Namespace) -> int:
     check_name(args.sender, "sender name")
     registry = payload_registry(args.types)
     payload = parse_payload(args.payload, registry)
+    fields = _message_fields(args)
     async with open_bus(args, name=args.sender, registry=registry) as bus:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        reply = await bus.request(args.agent, payload, timeout_s=args.timeout, **_message_fields(args))
+        reply = await bus.request(args.agent, payload, timeout_s=args.timeout, **fields)
         elapsed_ms = (loop.time() - started) * 1000
         reply_seq = await _stored_seq(bus, bus.subjects.reply(args.sender, reply.causation_id or ""))
     body = msgspec.json.encode(reply.payload).decode()

@@ -1,6 +1,6 @@
 """`integrity`: what is wrong with the log as the projection saw it. Never folded silently.
 
-Two checks:
+Three checks:
 * Agent chains. An event recorded with `bus.record(agent, ..., expected_seq=N)` carries
   `Bus-Prev-Seq: N`: the agent's previous event (on the subject filter the server checked, by
   default all of `<ns>.event.<agent>.>`) is at stream sequence N. If the last event on that chain
@@ -10,6 +10,10 @@ Two checks:
   link on: its history before the first fenced write is not known.
 * The stream. Sequences that never reached the views (a hole in the log between two that did)
   are a `stream_gap`.
+* The records. Bytes that are not an envelope (`events.error` says why) are `not_an_envelope`; an
+  envelope whose `id`, `correlation_id` or `causation_id` is not a UUID in lowercase text (the
+  protocol requires it; agents dead-letter such a message as `invalid`, the views keep it as it
+  is, e.g. from a log written before that was enforced) is a `bad_id`.
 """
 
 from __future__ import annotations
@@ -17,18 +21,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from projections.views import Tx, render
+from schemas.ids import ID_PATTERN
 
 if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "integrity"
-VERSION = 1
+VERSION = 2
 
 TABLES = """
 CREATE TABLE {s}.integrity (
     seq          BIGINT NOT NULL,   -- the event at which the problem was seen
     stored_at    TIMESTAMPTZ,
-    problem      VARCHAR NOT NULL,  -- missing | fork | bad_link | stream_gap
+    problem      VARCHAR NOT NULL,  -- missing | fork | bad_link | stream_gap | not_an_envelope | bad_id
     agent        VARCHAR,
     chain        VARCHAR,           -- the subject filter of the agent chain
     subject      VARCHAR,
@@ -119,12 +124,35 @@ ON CONFLICT (chain) DO UPDATE SET last_seq = greatest(last_seq, excluded.last_se
 """
 
 
+# `batch.id` is NULL exactly when the record did not decode (`error` says why).
+_ID = "'^" + ID_PATTERN + "$'"
+_RECORDS = """
+INSERT INTO {s}.integrity
+SELECT seq, stored_at, CASE WHEN id IS NULL THEN 'not_an_envelope' ELSE 'bad_id' END,
+       CASE WHEN split_part(subject, '.', 2) = 'event' THEN split_part(subject, '.', 3) END,
+       NULL, subject, id, kind, NULL, NULL,
+       CASE WHEN id IS NULL THEN error
+            ELSE (CASE WHEN NOT regexp_matches(id, """ + _ID + """) THEN 'id'
+                       WHEN NOT regexp_matches(coalesce(correlation_id, id), """ + _ID + """) THEN 'correlation_id'
+                       ELSE 'causation_id' END)
+                 || ' is not a UUID in lowercase text: agents dead-letter such a message as invalid' END
+FROM batch
+WHERE id IS NULL
+   OR NOT regexp_matches(id, """ + _ID + """)
+   OR NOT regexp_matches(coalesce(correlation_id, id), """ + _ID + """)
+   OR NOT regexp_matches(coalesce(causation_id, id), """ + _ID + """)
+"""
+
+
 def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Record the problems the batch shows, then move every chain's head to its last event.
-    (Nothing to check without a claimed link or a hole; nothing to advance without events.)"""
+    (Nothing to check without a claimed link, a hole, a refused record or an odd id; nothing to
+    advance without events.)"""
     found = 0
     if batch.claims is not False or not batch.contiguous:
         found = tx.run(render(_CHECK, s), [batch.after_seq])
+    if batch.refused is not False or batch.odd_ids is not False:
+        found += tx.run(render(_RECORDS, s))
     if batch.has_category("event"):
         tx.run(render(_ADVANCE, s))
     return found
