@@ -36,6 +36,7 @@ from bus.cli.common import (
     positive_int,
     write_out,
 )
+from bus.cli.progress_line import ProgressLine
 from bus.errors import BusUnavailable
 from bus.scrape import ScrapeTarget
 from projections.config import (
@@ -245,13 +246,14 @@ async def _rebuild(args: argparse.Namespace) -> int:
 
 async def _rebuild_one(bus: Any, args: argparse.Namespace, settings: ProjectionSettings, service: str | None) -> Any:
     try:
-        return await request_rebuild(bus, args.view, timeout_s=args.timeout, service=service)
+        return await request_rebuild(bus, args.view, timeout_s=args.timeout, service=service,
+                                     progress=ProgressLine("rebuild", unit="events"))
     except BusUnavailable as exc:
         if service is not None:
             raise CliError(f"{exc}: `bus projections status --all` lists the running ones") from exc
         out(f"no projection service is running: rebuilding {settings.db_path} directly")
         try:
-            return await rebuild_file(bus, settings, args.view)
+            return await rebuild_file(bus, settings, args.view, progress=ProgressLine("rebuild", unit="events"))
         except (StoreLocked, StoreMismatch) as exc:
             raise CliError(str(exc)) from exc
     except RebuildError as exc:

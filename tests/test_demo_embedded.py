@@ -1,5 +1,5 @@
 """The main job's own path: `bus demo research` with no server running starts the embedded one
-(through `bus up`'s code), runs a day, and stops it again."""
+(through `bus up`'s code), runs a day, and stops it again; in a pipe, without a progress line."""
 
 from __future__ import annotations
 
@@ -18,3 +18,4 @@ async def test_the_demo_starts_and_stops_its_embedded_server(tmp_path: Path) -> 
     assert result.code == 0, result.stderr[-3000:]
     assert "starting the embedded one" in result.stdout and "day 1:" in result.stdout
     assert "bus is down" in result.stdout
+    assert "\r" not in result.stderr and "agents ready" not in result.stderr  # no progress line in a pipe

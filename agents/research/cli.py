@@ -17,6 +17,7 @@ import urllib.parse
 from collections.abc import AsyncIterator
 
 from bus.cli.common import CliError, add_connection_options, open_bus, out
+from bus.cli.progress_line import ProgressLine
 from bus.cli.server_commands import LOCAL_HOSTS
 
 
@@ -93,6 +94,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     async with _server(args) as started_here, open_bus(args, name="coordinator") as bus:
         demo = ResearchDemo(
             bus, DemoSettings(home=str(args.home.resolve()), day_timeout_s=args.timeout), say=out,
+            progress=ProgressLine("team", unit="agents ready", rate=False),
         )
         try:
             async with demo.team():

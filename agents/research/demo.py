@@ -38,6 +38,7 @@ from agents.supervisor import (
     Supervisor,
     SupervisorSettings,
 )
+from bus.cli.progress_line import ProgressLine, polling
 from bus.client import Bus
 from bus.errors import RequestTimeout
 from schemas import utcnow
@@ -83,8 +84,10 @@ class DemoError(AgentError):
 class ResearchDemo:
     """The team on one bus. Use `team()` around `run_day` calls."""
 
-    def __init__(self, bus: Bus, settings: DemoSettings | None = None, *, say: Callable[[str], None] = print) -> None:
+    def __init__(self, bus: Bus, settings: DemoSettings | None = None, *, say: Callable[[str], None] = print, progress: ProgressLine | None = None) -> None:
         self.bus = bus
+        # Drawn while the team starts (each agent reads its memory back from the log first).
+        self.progress = progress or ProgressLine("team", is_tty=False)
         self.settings = settings or DemoSettings()
         self.say = say
         self.supervisors: dict[str, Supervisor] = {}
@@ -107,10 +110,15 @@ class ResearchDemo:
                     self.supervisors[name] = await stack.enter_async_context(
                         Supervisor(spec, settings, recorder=recorder).running()
                     )
-                await asyncio.gather(*(s.wait_ready(self.settings.start_timeout_s) for s in self.supervisors.values()))
+                async with polling(self.progress, self._count_ready):
+                    await asyncio.gather(*(s.wait_ready(self.settings.start_timeout_s) for s in self.supervisors.values()))
                 yield self
             await recorder.flush(5.0)
             recording.cancel()
+
+    async def _count_ready(self) -> None:
+        ready = sum(all(r.state == "running" for r in s.status().replicas) for s in self.supervisors.values())
+        self.progress.update(ready, total=len(TEAM))
 
     async def run_day(self, day: int, *, on_event: Callable[[StoredEvent], Any] | None = None) -> DayResult:
         """Give the team day `day` and wait for its report. Raises DemoError on timeout."""

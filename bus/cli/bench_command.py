@@ -2,7 +2,9 @@
 
 Each section (bus.bench.SECTIONS) starts its own fresh servers in a scratch directory and
 returns {figure: value}. A section whose module does not exist is skipped and said so; one
-that fails is reported and the others still run. `--json` prints one object:
+that fails is reported and the others still run. While a section runs, a terminal's standard
+error shows which one and for how long (redrawn once a second, so the figures are not disturbed;
+nothing in a pipe). `--json` prints one object:
 
     {"figures": {name: value, ...},
      "targets": {name: {"target": ">= 40000", "met": true}, ...},   (figures that have one)
@@ -27,6 +29,7 @@ import msgspec
 
 from bus.bench import SECTIONS, BenchEnv
 from bus.cli.common import CliError, out
+from bus.cli.progress_line import ProgressLine, polling
 
 log = logging.getLogger("continuum.bench")
 
@@ -127,8 +130,9 @@ async def run_bench(args: argparse.Namespace) -> int:
     sections: dict[str, SectionResult] = {}
     with tempfile.TemporaryDirectory(prefix="continuum-bench-") as tmp:
         root = args.workdir or Path(tmp)
-        for module_name in modules:
-            sections[module_name] = await _run_section(module_name, root, scale, repeats, figures, progress)
+        for number, module_name in enumerate(modules, 1):
+            line = ProgressLine(f"bench: section {number}/{len(modules)} {_short(module_name)}")
+            sections[module_name] = await _run_section(module_name, root, scale, repeats, figures, progress, line)
     if args.json:
         out(msgspec.json.encode(_report(figures, sections, scale, repeats)).decode())
     else:
@@ -139,7 +143,8 @@ async def run_bench(args: argparse.Namespace) -> int:
 
 
 async def _run_section(
-    module_name: str, root: Path, scale: float, repeats: int, figures: dict[str, float], progress: Any
+    module_name: str, root: Path, scale: float, repeats: int, figures: dict[str, float], progress: Any,
+    line: ProgressLine,
 ) -> SectionResult:
     try:
         module = importlib.import_module(module_name)
@@ -152,8 +157,13 @@ async def _run_section(
     workdir.mkdir(parents=True, exist_ok=True)
     progress(f"section {_short(module_name)}: running (scale {scale:g}, {repeats} repeat(s)) ...")
     started = time.perf_counter()
+
+    async def elapsed() -> None:
+        line.update(note=f"running for {time.perf_counter() - started:.0f}s")
+
     try:
-        result = await module.run(BenchEnv(workdir=workdir, scale=scale, repeats=repeats))
+        async with polling(line, elapsed, interval_s=1.0):
+            result = await module.run(BenchEnv(workdir=workdir, scale=scale, repeats=repeats))
     except Exception as exc:  # noqa: BLE001 - one failing section must not hide the others' figures
         log.debug("section %s failed", module_name, exc_info=True)
         seconds = time.perf_counter() - started
