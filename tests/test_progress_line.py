@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from agents.research.demo import DemoSettings, ResearchDemo
 from bus import Bus, BusConfig
@@ -77,7 +78,8 @@ def test_on_a_terminal_the_line_shows_count_share_and_rate_at_most_ten_times_a_s
 
 
 async def test_off_a_terminal_nothing_is_written_and_nothing_polls() -> None:
-    """A stream that is not a terminal gets no byte, and `polling` never asks how far the work is."""
+    """A stream that is not a terminal gets no byte, and `polling` never asks how far the work is
+    (however many turns the event loop takes meanwhile)."""
     stream = io.StringIO()
     line = ProgressLine("rebuild", unit="events", stream=stream)  # StringIO.isatty() is False
     asked = 0
@@ -86,8 +88,9 @@ async def test_off_a_terminal_nothing_is_written_and_nothing_polls() -> None:
         nonlocal asked
         asked += 1
 
-    async with polling(line, poll, interval_s=0.001):
-        await asyncio.sleep(0.05)
+    async with polling(line, poll, interval_s=0.0):
+        for _ in range(100):
+            await asyncio.sleep(0)  # a turn of the loop, in which a poll would run
     line.update(5, total=10, force=True)
     line.close()
     assert not line.shown and asked == 0 and stream.getvalue() == ""
@@ -97,22 +100,24 @@ async def test_a_failing_poll_leaves_the_work_alone_and_the_blocks_own_error_pas
     """A poll that raises is tried again; an error of the block itself reaches the caller as it
     was (not wrapped in an ExceptionGroup), and the line is erased."""
     stream, tty = terminal()
-    line = ProgressLine("work", **tty)  # type: ignore[arg-type]
+    line = ProgressLine("work", rate=False, min_interval_s=0.0, **tty)  # type: ignore[arg-type]
     asked = 0
+    thrice = asyncio.Event()
 
     async def poll() -> None:
         nonlocal asked
         asked += 1
+        line.update(asked)
+        if asked == 3:
+            thrice.set()
         raise RuntimeError("status unavailable")
 
-    try:
-        async with polling(line, poll, interval_s=0.001):
-            while asked < 3:
-                await asyncio.sleep(0.001)
+    with pytest.raises(ValueError, match="^the work failed$"):
+        async with polling(line, poll, interval_s=0.0):
+            await asyncio.wait_for(thrice.wait(), 5)
             raise ValueError("the work failed")
-    except ValueError as exc:
-        assert str(exc) == "the work failed"
-    assert asked >= 3
+    assert asked >= 3 and drawn(stream)[:3] == ["work: 1", "work: 2", "work: 3"]
+    assert stream.getvalue().endswith("\r\x1b[K")
 
 
 async def test_a_rebuild_on_a_terminal_shows_how_far_the_building_views_are(bus: Bus, tmp_path: Path) -> None:
