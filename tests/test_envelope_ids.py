@@ -19,7 +19,8 @@ from bus.server import EmbeddedServer
 from conftest import wait_for
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
-from schemas import Codec, DecodeError, Delivery, Envelope, decode_loose, new_id
+from schemas import Codec, DecodeError, Delivery, Envelope, PayloadRegistry, decode_loose, new_id
+from schemas.export import json_schemas
 from schemas.ids import id_problem, is_id
 from schemas.payloads import DeadLettered, Note
 from fixtures_agents.helpers import read_log
@@ -193,3 +194,20 @@ async def test_a_request_with_a_bad_id_is_refused_an_answer_not_crashed_on(bus: 
     request = decode_loose(envelope_bytes(id="msg-1", reply_to="asker"))
     with pytest.raises(ConfigurationError, match=WORDS):
         await bus.reply(request, Note(text="pong"))
+
+
+@pytest.mark.parametrize("value", [GOOD, *NOT_IDS])
+def test_the_exported_json_schema_states_the_rule_for_other_languages(value: str) -> None:
+    """`bus schema export`'s envelope.json gives each id field the pattern and length the decoder
+    checks, and the pattern accepts exactly what the decoder accepts."""
+    import re
+
+    schema = json_schemas(PayloadRegistry.with_builtins())["envelope.json"]
+    envelope = next(d for name, d in schema["$defs"].items() if name.startswith("Envelope"))
+    rule = envelope["properties"]["id"]
+    assert rule["minLength"] == rule["maxLength"] == 36
+    for field in ("correlation_id", "causation_id"):
+        assert envelope["properties"][field]["anyOf"] == [rule, {"type": "null"}]
+    # JSON Schema patterns are ECMA 262: `$` does not match before a final newline there.
+    matches = re.fullmatch(rule["pattern"].removesuffix("$").removeprefix("^"), value) is not None
+    assert matches == is_id(value) == (len(value) == 36 and matches)
