@@ -124,9 +124,8 @@ async def answer_failed(
     bus: "Bus", request: Envelope[Any], *, reason: str, error_type: str, sender: str
 ) -> None:
     """Reply `RequestFailed` to `request` if it is a request (has `reply_to`); else do nothing.
-    A `reply_to` that is not a valid name, or an id that is not a UUID, cannot be answered and
-    is only logged. Raises
-    BusUnavailable when the reply cannot be stored."""
+    A request that cannot be answered (a `reply_to` that is not a valid name, ids that are not
+    UUIDs) is only logged. Raises BusUnavailable when the reply cannot be stored."""
     if request.reply_to is None:
         return
     try:

@@ -4,8 +4,8 @@
 not JSON, a missing field, an unknown kind, a limit of `schemas.limits` exceeded) raises
 `DecodeError` whose message says what and where. `decode_loose` keeps the payload undecoded
 (`msgspec.Raw`) for readers that must accept every kind, such as projections and `bus tail`; it
-also keeps names and ids that break the protocol's rules (the log may hold them; the
-projections report them in the `integrity` view), which only `Codec.decode` refuses.
+also keeps names and ids that break the protocol's rules (the log may hold them), which only
+`Codec.decode` refuses (the projections report such ids in the `integrity` view).
 Both check the size and nesting limits on the bytes before msgspec (which recurses) sees them.
 """
 
