@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import urllib.parse
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from bus.cli.common import CliError, add_connection_options, open_bus, out
 from bus.cli.progress_line import ProgressLine
@@ -95,6 +96,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         demo = ResearchDemo(
             bus, DemoSettings(home=str(args.home.resolve()), day_timeout_s=args.timeout), say=out,
             progress=ProgressLine("team", unit="agents ready", rate=False),
+            credentials=await _team_credentials(args),
         )
         try:
             async with demo.team():
@@ -119,6 +121,23 @@ async def run_demo(args: argparse.Namespace) -> int:
     else:
         out("query it: bus query \"select subject, value, source_ref from facts\"")
     return 0
+
+
+async def _team_credentials(args: argparse.Namespace) -> dict[str, str]:
+    """Each team member's own credential (issued, loaded by the servers, consumers created),
+    when the home has authorization; else none (they connect as the CLI does)."""
+    from agents.research.team import TEAM, target
+    from agents.runtime.loader import load_agent_class
+    from bus.cli.creds_commands import provision_agent
+
+    credentials = {}
+    for name in TEAM:
+        tags = list(load_agent_class(target(name), Path.cwd()).tags)
+        provisioned = await provision_agent(args, name, tags)
+        if provisioned is None:
+            return {}
+        credentials[name] = str(provisioned[0])
+    return credentials
 
 
 def _first(group: BaseException) -> BaseException:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -84,10 +84,15 @@ class DemoError(AgentError):
 class ResearchDemo:
     """The team on one bus. Use `team()` around `run_day` calls."""
 
-    def __init__(self, bus: Bus, settings: DemoSettings | None = None, *, say: Callable[[str], None] = print, progress: ProgressLine | None = None) -> None:
+    def __init__(
+        self, bus: Bus, settings: DemoSettings | None = None, *, say: Callable[[str], None] = print, progress: ProgressLine | None = None,
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
         self.bus = bus
         # Drawn while the team starts (each agent reads its memory back from the log first).
         self.progress = progress or ProgressLine("team", is_tty=False)
+        # Each agent's own credential file (authorization on); others connect as `bus` does.
+        self.credentials = dict(credentials or {})
         self.settings = settings or DemoSettings()
         self.say = say
         self.supervisors: dict[str, Supervisor] = {}
@@ -103,10 +108,10 @@ class ResearchDemo:
             recording = tasks.create_task(recorder.run())
             async with contextlib.AsyncExitStack() as stack:
                 for name in TEAM:
-                    spec = AgentSpec(
-                        target=target(name), name=name,
-                        bus=msgspec.structs.replace(self.bus.config, name=name), heartbeat_s=5.0,
+                    config = msgspec.structs.replace(
+                        self.bus.config, name=name, credentials=self.credentials.get(name, self.bus.config.credentials),
                     )
+                    spec = AgentSpec(target=target(name), name=name, bus=config, heartbeat_s=5.0)
                     self.supervisors[name] = await stack.enter_async_context(
                         Supervisor(spec, settings, recorder=recorder).running()
                     )
