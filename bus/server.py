@@ -148,6 +148,8 @@ class ServerSettings:
     server_name: str | None = None
     # None: a server on its own. Else the cluster it is one node of.
     cluster: RouteSettings | None = None
+    # The address clients connect to (`bus up --listen`); clients on this machine use 127.0.0.1.
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
@@ -176,7 +178,7 @@ class ServerSettings:
         cmd = [
             str(find_nats_server()),
             "-c", str(find_config(self.config_file)),
-            "-a", "127.0.0.1",
+            "-a", self.host,
             "-p", _port_arg(self.port),
             "-sd", str(self.store_dir),
             # Written once every listener is bound: the ports a server chose, and proof that this

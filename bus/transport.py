@@ -131,6 +131,9 @@ class ConnectionSpec(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+_TLS_UNTRUSTED = "tls-untrusted: "
+
+
 def _is_auth_refusal(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text or (
@@ -328,17 +331,28 @@ class Transport:
         await asyncio.gather(connecting, return_exceptions=True)
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError, OSError):
             await nc.close()
+        why = refused.result()
+        if why.startswith(_TLS_UNTRUSTED):
+            raise ConfigurationError(
+                f"the server at {_shown(self.spec)} serves TLS with a certificate this client does not trust "
+                f"({why.removeprefix(_TLS_UNTRUSTED)}): give the CA that signed it (BUS_TLS_CA; `bus up --tls` "
+                "keeps it in <home>/auth/tls/ca.pem)"
+            )
         who = f"credential {self.spec.credential.path}" if self.spec.credential is not None else "no credential"
         raise PermissionDenied(
-            f"the server at {_shown(self.spec)} refused the connection ({who}): {refused.result()}; "
+            f"the server at {_shown(self.spec)} refused the connection ({who}): {why}; "
             "a server with authorization on needs a valid credential (BUS_CREDS / --creds; `bus creds list`)"
         )
 
     async def _on_error(self, exc: Exception) -> None:
         refused = self._refused_at_connect
-        if self._nc is None and refused is not None and not refused.done() and _is_auth_refusal(exc):
-            refused.set_result(str(exc).removeprefix("nats: ").strip("'"))
-            return
+        if self._nc is None and refused is not None and not refused.done():
+            if _is_auth_refusal(exc):
+                refused.set_result(str(exc).removeprefix("nats: ").strip("'"))
+                return
+            if isinstance(exc, ssl.SSLCertVerificationError):  # nats-py would try again for ever
+                refused.set_result(_TLS_UNTRUSTED + (exc.verify_message or str(exc)))
+                return
         refusal = parse_refusal(str(exc))
         if refusal is not None:
             self.refusals.refused(refusal)

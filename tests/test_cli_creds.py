@@ -77,3 +77,37 @@ async def test_up_no_auth_lets_anyone_connect_and_creds_says_where_they_live(tmp
         await bus.send("someone", Note(text="open door"))
     listed = await run_bus("creds", "list", env=env, cwd=tmp_path)
     assert listed.code == 2 and "bus up" in listed.stderr and "--no-auth" in listed.stderr
+
+
+async def test_up_tls_serves_a_certificate_only_its_ca_verifies(tmp_path, cli_env, detached_home) -> None:
+    from bus.config import TlsSettings
+    from bus.errors import ConfigurationError
+
+    port = free_port()
+    env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{port}"}
+    up = await run_bus("up", "--detach", "--no-projections", "--tls", env=env, cwd=tmp_path)
+    assert up.code == 0, up.stderr
+    ca = detached_home / "auth" / "tls" / "ca.pem"
+    assert ca.is_file() and stat.S_IMODE(os.stat(detached_home / "auth" / "tls" / "server-key.pem").st_mode) == 0o600
+    sent = await run_bus("send", "alice", '{"kind":"note","text":"over tls"}', env=env, cwd=tmp_path)
+    assert sent.code == 0, sent.stderr  # the CLI verifies with the home's CA on its own
+
+    admin = str(detached_home / "auth" / "creds" / "admin.nk")
+    with pytest.raises(ConfigurationError, match="BUS_TLS_CA"):
+        async with Bus(BusConfig(url=env["BUS_URL"], name="plain", credentials=admin, require_fsync=False)):
+            pass
+    verified = BusConfig(url=env["BUS_URL"], name="verified", credentials=admin, require_fsync=False,
+                         tls=TlsSettings(ca_file=str(ca)))
+    async with Bus(verified) as bus:
+        assert await bus.last_seq() == 1
+        await bus.send("alice", Note(text="verified"))
+
+
+@pytest.mark.parametrize("extra", [(), ("--tls", "--no-auth"), ("--no-auth",)])
+async def test_up_listening_beyond_loopback_needs_authorization_and_tls(tmp_path, cli_env, detached_home, extra) -> None:
+    port = free_port()
+    result = await run_bus("up", "--detach", "--no-projections", "--port", str(port), "--listen", "0.0.0.0", *extra,
+                           env=cli_env, cwd=tmp_path)
+    assert result.code == 2
+    assert "error:" in result.stderr and ("TLS" in result.stderr or "--tls" in result.stderr)
+    assert not (detached_home / "server.json").exists()

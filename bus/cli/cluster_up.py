@@ -30,6 +30,7 @@ from bus.cli.server_commands import (
     _stop_child,
     _wait_projections_ready,
     admin_credentials,
+    local_tls,
     print_next_steps,
     projections_summary,
     setup_auth,
@@ -94,7 +95,7 @@ async def _up_detached(args: argparse.Namespace, home: Path, cluster: LocalClust
     answering = False
     try:
         await cluster.start_nodes()
-        state = cluster_state(cluster)
+        state = cluster_state(cluster, tls_ca=args.tls_ca_file)
         write_state(home, state)  # before waiting, so `bus down` can clean up after an interruption
         meta_leader = await cluster.wait_for_meta_leader()
         await cluster.wait_for_stream_leaders()  # a restart: the log's own election comes first
@@ -129,7 +130,7 @@ async def _up_foreground(args: argparse.Namespace, home: Path, cluster: LocalClu
         async with up_metrics_endpoint(up_metrics(children_up, None), args, home):
             try:
                 await cluster.start_nodes()
-                state = cluster_state(cluster, supervisor_pid=os.getpid())
+                state = cluster_state(cluster, supervisor_pid=os.getpid(), tls_ca=args.tls_ca_file)
                 write_state(home, state)
                 meta_leader = await cluster.wait_for_meta_leader()
                 await cluster.wait_for_stream_leaders()
@@ -208,7 +209,7 @@ async def prepare_replicated_log(cluster: LocalCluster, namespace: str, timeout_
 
     config = BusConfig(
         url=cluster.url, monitor_url=cluster.monitor_url, namespace=namespace, name="bus-up",
-        stream=StreamSettings(replicas=cluster.size), credentials=admin_credentials(home),
+        stream=StreamSettings(replicas=cluster.size), credentials=admin_credentials(home), tls=local_tls(home),
     )
     try:
         async with asyncio.timeout(timeout_s):
@@ -244,7 +245,7 @@ async def _every_node_fsyncs(cluster: LocalCluster) -> bool | None:
     return None if None in answers else True
 
 
-def cluster_state(cluster: LocalCluster, *, supervisor_pid: int | None = None) -> ServerState:
+def cluster_state(cluster: LocalCluster, *, supervisor_pid: int | None = None, tls_ca: str | None = None) -> ServerState:
     """The state file's record of a started cluster: every node, and the comma-joined URLs."""
     nodes = []
     for node in cluster.nodes:
@@ -254,7 +255,7 @@ def cluster_state(cluster: LocalCluster, *, supervisor_pid: int | None = None) -
                                store_dir=str(node.store_dir)))
     return ServerState(
         pid=nodes[0].pid, url=cluster.url, monitor_url=cluster.monitor_url, store_dir=str(cluster.store_root),
-        supervisor_pid=supervisor_pid, nodes=tuple(nodes),
+        supervisor_pid=supervisor_pid, nodes=tuple(nodes), tls_ca=tls_ca,
     )
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from bus.config import DEFAULT_URL, BusConfig
+from bus.config import DEFAULT_URL, BusConfig, TlsSettings
 from bus.scrape import MetricsEndpoint, ScrapeTarget, add_process_metrics, serve_metrics, targets_dir
 
 if TYPE_CHECKING:
@@ -75,9 +75,13 @@ def bus_config(args: argparse.Namespace, *, name: str = "cli", **overrides: obje
 
     monitor_url = os.environ.get("BUS_MONITOR_URL") or None
     state = read_state(args.home)
-    if monitor_url is None and state is not None and state.url == args.url:
+    ours = state is not None and state.url == args.url
+    if monitor_url is None and ours:
         monitor_url = state.monitor_url
     fields: dict[str, object] = {"url": args.url, "namespace": args.namespace, "name": name, "monitor_url": monitor_url}
+    tls_from_env = any(os.environ.get(k) for k in ("BUS_TLS_CA", "BUS_TLS_CERT", "BUS_TLS_KEY"))
+    if ours and state.tls_ca and not tls_from_env:
+        fields["tls"] = TlsSettings(ca_file=state.tls_ca)  # the CA `bus up --tls` made
     credentials = credentials_for(args)
     if credentials is not None:
         fields["credentials"] = str(credentials)

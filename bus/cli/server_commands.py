@@ -32,8 +32,9 @@ from prometheus_client.registry import Collector
 from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_endpoint, out, port_number
 from bus.cli.keeper import describe_exit
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
-from bus.config import BusConfig, check_name
+from bus.config import BusConfig, TlsSettings, check_name
 from bus.identity import CredentialRegistry, Role
+from bus.identity.certificates import ensure_server_tls, given_server_tls
 from bus.scrape import MetricsEndpoint, ScrapeTarget
 from bus.errors import BusUnavailable, QueryError
 from bus.server import ServerSettings, find_config, free_port, port_bindable, read_varz, wait_until_listening
@@ -95,6 +96,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start without authorization (any local client may act as anyone); by default every "
         "connection needs a credential: the admin one (<home>/auth/creds/admin.nk, used by the CLI), "
         "the projection service's, and one per agent (`bus agent start`, `bus creds issue`)",
+    )
+    up.add_argument(
+        "--tls", action="store_true",
+        help="serve TLS to every client: a local CA and server certificate are made under <home>/auth/tls "
+        "(kept across restarts), and every `bus` command in this home verifies the server with that CA",
+    )
+    up.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="with --tls: serve this certificate")
+    up.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="with --tls: its private key")
+    up.add_argument("--tls-ca", type=Path, default=None, metavar="FILE", help="with --tls: the CA clients verify it with")
+    up.add_argument(
+        "--listen", default="127.0.0.1", metavar="HOST",
+        help="address to accept clients on (default %(default)s); any other needs authorization and --tls",
     )
     up.add_argument("--detach", action="store_true", help="start in the background and return when ready")
     up.add_argument("--no-projections", action="store_true", help="do not start the projection service")
@@ -187,6 +200,7 @@ async def run_up(args: argparse.Namespace) -> int:
         monitor_port=monitor_port,
         config_file=auth.server_config if auth is not None else args.config,
         start_timeout_s=args.start_timeout,
+        host=args.listen,
     )
     settings.command()  # fail early (exit 2) if the binary or the config is missing
     projections = _projections_command(args, settings.url, home)
@@ -199,11 +213,33 @@ async def setup_auth(args: argparse.Namespace, home: Path) -> CredentialRegistry
     """Authorization for the server(s) `bus up` starts: the admin and projection-service
     credentials exist, and the server config that includes auth.conf is written. None with
     --no-auth. Raises CliError when the base config cannot be read."""
+    # Defaults for callers that build the namespace themselves (`bus demo` starting a server).
+    for option, default in (("tls", False), ("tls_cert", None), ("tls_key", None), ("tls_ca", None),
+                            ("listen", "127.0.0.1"), ("no_auth", False)):
+        if not hasattr(args, option):
+            setattr(args, option, default)
+    loopback = args.listen in ("127.0.0.1", "::1", "localhost")
+    if not loopback and (args.no_auth or not args.tls):
+        raise CliError(
+            f"--listen {args.listen} would let other machines connect: that needs authorization (drop --no-auth) "
+            "and TLS (--tls), so no one can act as anyone and nothing crosses the network in clear"
+        )
+    given = [f for f in (args.tls_cert, args.tls_key, args.tls_ca) if f is not None]
+    if given and (len(given) != 3 or not args.tls):
+        raise CliError("--tls-cert, --tls-key and --tls-ca go together, with --tls")
+    if args.tls and args.no_auth:
+        raise CliError("--tls needs authorization: drop --no-auth (TLS without credentials protects nothing worth having)")
+    args.tls_ca_file = None
     if args.no_auth:
         return None
     registry = CredentialRegistry(home)
     try:
-        await asyncio.to_thread(registry.initialize, find_config(args.config), (args.namespace,))
+        tls = None
+        if args.tls:
+            tls = (given_server_tls(args.tls_cert, args.tls_key, args.tls_ca) if given
+                   else await asyncio.to_thread(ensure_server_tls, registry.tls_dir))
+            args.tls_ca_file = tls.ca_file
+        await asyncio.to_thread(registry.initialize, find_config(args.config), (args.namespace,), tls=tls)
     except OSError as exc:
         raise CliError(f"cannot write the authorization files under {registry.dir}: {exc}") from exc
     return registry
@@ -213,6 +249,12 @@ def admin_credentials(home: Path) -> str | None:
     """The admin credential's path when this home has authorization set up, else None."""
     path = CredentialRegistry(home).admin_credential
     return str(path) if path.is_file() else None
+
+
+def local_tls(home: Path) -> TlsSettings | None:
+    """TLS settings verifying the servers `bus up` recorded in `home`, when they serve TLS."""
+    state = read_state(home)
+    return TlsSettings(ca_file=state.tls_ca) if state is not None and state.tls_ca else None
 
 
 def _projections_command(args: argparse.Namespace, url: str, home: Path) -> list[str] | None:
@@ -263,7 +305,8 @@ async def _up_detached(
     server_log = settings.store_dir / "nats-server.log"
     server = _spawn_detached(settings.command(), server_log)
     state = ServerState(
-        pid=server.pid, url=settings.url, monitor_url=settings.monitor_url, store_dir=str(settings.store_dir)
+        pid=server.pid, url=settings.url, monitor_url=settings.monitor_url, store_dir=str(settings.store_dir),
+        tls_ca=args.tls_ca_file,
     )
     # Recorded before waiting, so `bus down` can clean up even if this command is interrupted.
     write_state(home, state)
@@ -303,7 +346,7 @@ async def _up_foreground(
                     )
                 state = ServerState(
                     pid=children.server.pid, url=settings.url, monitor_url=settings.monitor_url,
-                    store_dir=str(settings.store_dir), supervisor_pid=os.getpid(),
+                    store_dir=str(settings.store_dir), supervisor_pid=os.getpid(), tls_ca=args.tls_ca_file,
                 )
                 write_state(home, state)
                 server = children.server
@@ -439,7 +482,7 @@ async def _prepare_log(settings: ServerSettings, namespace: str, home: Path) -> 
 
     config = BusConfig(
         url=settings.url, namespace=namespace, name="bus-up", monitor_url=settings.monitor_url,
-        credentials=admin_credentials(home),
+        credentials=admin_credentials(home), tls=local_tls(home),
     )
     async with asyncio.timeout(settings.start_timeout_s):
         async with Bus(config):
@@ -462,7 +505,8 @@ async def _wait_projections_ready(
     from bus.client import Bus
 
     config = BusConfig(
-        url=url, namespace=namespace, name="bus-up", require_fsync=False, credentials=admin_credentials(home)
+        url=url, namespace=namespace, name="bus-up", require_fsync=False, credentials=admin_credentials(home),
+        tls=local_tls(home),
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

@@ -32,6 +32,8 @@ class ServerState(msgspec.Struct, frozen=True, kw_only=True):
     # The nodes of a local cluster; empty for a single server (and in files written before
     # clusters existed).
     nodes: tuple[NodeState, ...] = ()
+    # The CA that verifies the servers when they serve TLS (`bus up --tls`); None: plain TCP.
+    tls_ca: str | None = None
 
     @property
     def servers(self) -> tuple[NodeState, ...]:

@@ -30,6 +30,7 @@ import msgspec
 
 from bus.config import check_name
 from bus.errors import ConfigurationError
+from bus.identity.certificates import ServerTls
 from bus.identity.keys import Credential, load_credential, new_user_seed, public_key_of, write_secret
 from bus.identity.permissions import Grant, Role, admin_grant, agent_grant, render, service_grant
 
@@ -108,10 +109,10 @@ class CredentialRegistry:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def initialize(self, base_config: Path, namespaces: tuple[str, ...]) -> None:
+    def initialize(self, base_config: Path, namespaces: tuple[str, ...], *, tls: ServerTls | None = None) -> None:
         """Make sure the admin and projection-service credentials exist, the services serve
-        `namespaces`, and the server config (from `base_config`, the nats.conf to build on)
-        and auth.conf are written. Idempotent."""
+        `namespaces`, and the server config (from `base_config`, the nats.conf to build on, with
+        `tls` served when given) and auth.conf are written. Idempotent."""
         with self._locked() as registry:
             for ns in namespaces:
                 check_name(ns, "namespace")
@@ -120,8 +121,15 @@ class CredentialRegistry:
             self._issue_locked(registry, ADMIN, Role.ADMIN, "", ())
             self._issue_locked(registry, "projections", Role.SERVICE, "", ())
             self._save(registry)
-        text = base_config.read_text()
-        self._write_plain(self.server_config, f"{text.rstrip()}\n\n# Who may connect, and what each may do (rendered by bus.identity).\ninclude \"auth.conf\"\n")
+        text = base_config.read_text().rstrip() + "\n"
+        if tls is not None:
+            text += "\n# Every client connection is TLS, verified against the local CA (bus.identity.certificates).\n" + tls.config_block
+        text += "\n# Who may connect, and what each may do (rendered by bus.identity).\ninclude \"auth.conf\"\n"
+        self._write_plain(self.server_config, text)
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.dir / "tls"
 
     def issue(
         self, name: str, role: Role = Role.AGENT, *, namespace: str = "", tags: tuple[str, ...] = (),
