@@ -114,6 +114,8 @@ class Bus:
         # The highest log sequence this Bus wrote or was delivered: what its queries wait for by
         # default (read-your-writes, and what-you-saw, for the whole session).
         self._session_seq = 0
+        # Where queries go: the unscoped service until the server refuses it to this credential.
+        self._query_subject = self.subjects.query
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -470,14 +472,19 @@ class Bus:
         min_seq: int | None = None,
         max_rows: int = 10_000,
         timeout_s: float = 10.0,
+        scope: str | None = None,
     ) -> QueryResult:
         """Run read-only SQL on the projection service and return its rows.
 
         Session consistency by default: the views the query reads are first brought up to the
         highest log sequence this Bus has written or been delivered (`session_seq`), so a query
         sees this session's own sends and records. `min_seq=N` waits for sequence N instead;
-        `min_seq=0` does not wait (whatever the views hold now). Raises QueryError (kind
-        "timeout" when the views did not get there within `timeout_s`), BusUnavailable."""
+        `min_seq=0` does not wait (whatever the views hold now).
+
+        `scope="<agent>"` reads only what that agent may (projections.scopes); an agent's
+        credential may query in its own scope only, so a Bus refused the unscoped service asks
+        again in its own name's scope, and keeps doing so. Raises QueryError (kind "timeout"
+        when the views did not get there within `timeout_s`), BusUnavailable, PermissionDenied."""
         wait_for = self._session_seq if min_seq is None else min_seq
         request = QueryRequest(
             sql=sql, params=list(params), min_seq=wait_for or None, max_rows=max_rows, timeout_s=timeout_s,
@@ -493,8 +500,18 @@ class Bus:
                 f"{self.max_payload} bytes: send less SQL or fewer parameters",
                 kind="too_large",
             )
+        subject = self._query_subject if scope is None else f"{self.subjects.query}.{check_name(scope, 'agent name')}"
         try:
-            msg = await cancellation_kept(self.transport.request(self.subjects.query, data, timeout_s=timeout_s + 2.0))
+            try:
+                msg = await cancellation_kept(self.transport.request(subject, data, timeout_s=timeout_s + 2.0))
+            except PermissionDenied:
+                if scope is not None or subject != self.subjects.query:
+                    raise
+                # An agent's credential: its queries are answered in its own scope.
+                self._query_subject = f"{self.subjects.query}.{self.config.name}"
+                msg = await cancellation_kept(
+                    self.transport.request(self._query_subject, data, timeout_s=timeout_s + 2.0)
+                )
         except NoResponders as exc:
             raise BusUnavailable(
                 "no projection service is answering queries: start one with `bus projections run` (or `bus up`)"

@@ -127,6 +127,11 @@ def register(subparsers: Any) -> None:
                        help="a value for the next `?` (JSON if it parses, else text; repeatable)")
     query.add_argument("--max-rows", type=int, default=10_000)
     query.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
+    query.add_argument(
+        "--as", dest="scope", default=None, metavar="AGENT",
+        help="read only what AGENT may (its own conversations, steps and model calls; the team's facts); "
+        "an agent's credential can query only this way, as itself",
+    )
     query.set_defaults(func=_query)
 
 
@@ -307,9 +312,9 @@ async def _status_from_file(settings: ProjectionSettings, stream: str, last_seq:
 
 async def _query(args: argparse.Namespace) -> int:
     params = [_param(value) for value in args.param]
-    async with open_bus(args, name="cli") as bus:
+    async with open_bus(args, name=args.scope or "cli") as bus:
         result = await bus.query(
-            args.sql, params, min_seq=args.min_seq, max_rows=args.max_rows, timeout_s=args.timeout
+            args.sql, params, min_seq=args.min_seq, max_rows=args.max_rows, timeout_s=args.timeout, scope=args.scope,
         )
     write_out(render(result, args.format))
     if result.truncated:

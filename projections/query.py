@@ -43,6 +43,7 @@ from projections.config import format_bytes
 from projections.fold import rollback
 from projections.memory_share import FoldsFirst
 from projections.recent import Recent
+from projections.scopes import scoped_sql
 from projections.statement import check
 from schemas.query import QueryFailure, QueryResult, failure
 
@@ -232,14 +233,18 @@ class QueryExecutor:
             self._probe.close()
 
     def run(
-        self, sql: str, params: list[Any], *, max_rows: int, timeout_s: float, applied_seq: int
+        self, sql: str, params: list[Any], *, max_rows: int, timeout_s: float, applied_seq: int,
+        scope: str | None = None,
     ) -> QueryResult | QueryFailure:
-        """Run `sql` read-only; at most `max_rows` rows, at most `timeout_s` seconds. Never raises
-        for anything the SQL does: the failure is the answer."""
+        """Run `sql` read-only; at most `max_rows` rows, at most `timeout_s` seconds; in agent
+        `scope`'s rows only when given (projections.scopes). Never raises for anything the SQL
+        does: the failure is the answer."""
         started = time.perf_counter()
-        refusal = self._check(sql)
+        refusal = self._check(sql, scope)
         if refusal is not None:
             return refusal
+        if scope is not None:
+            sql = scoped_sql(sql.rstrip().rstrip(";"), scope)
         cursor = self._cursor
         if self.retired:
             return failure("internal", "the views file was opened again while this query waited: send it again")
@@ -331,11 +336,12 @@ class QueryExecutor:
             )
         return failure("not_allowed", f"the query service reads and writes no files: {_first_line(exc)}")
 
-    def _check(self, sql: str) -> QueryFailure | None:
-        known, verdict = self._checked.lookup(sql)
+    def _check(self, sql: str, scope: str | None) -> QueryFailure | None:
+        key = sql if scope is None else f"{scope}\0{sql}"
+        known, verdict = self._checked.lookup(key)
         if not known:
-            verdict = check(self._cursor, sql)
-            self._checked.add(sql, verdict)
+            verdict = check(self._cursor, sql, scope)
+            self._checked.add(key, verdict)
         return verdict
 
 

@@ -160,6 +160,9 @@ class ProjectionService:
         name = settings.service
         self._subscriptions = [
             await transport.subscribe(bus.subjects.query, self._on_query, queue=group, max_pending=100_000),
+            # `<query>.<agent>`: the server lets only that agent's credential (and the admin) send
+            # here, so the last token says whose scope the query runs in.
+            await transport.subscribe(f"{bus.subjects.query}.*", self._on_query, queue=group, max_pending=100_000),
             await transport.subscribe(status_subject(bus.subjects), self._on_status, queue=group),
             await transport.subscribe(rebuild_subject(bus.subjects), self._on_rebuild, queue=group),
             # This service alone, by name (several may fold the same log, each into its own file).
@@ -281,8 +284,9 @@ class ProjectionService:
         assert self._writer is not None and self.store is not None
         return await self._writer.call(self.store.content_hashes)
 
-    async def query(self, request: QueryRequest) -> QueryResult | QueryFailure:
-        """Answer one query (what a request on the query subject gets)."""
+    async def query(self, request: QueryRequest, scope: str | None = None) -> QueryResult | QueryFailure:
+        """Answer one query (what a request on the query subject gets); in agent `scope`'s rows
+        only when given (projections.scopes)."""
         limits = self._settings.query
         timeout_s = min(max(request.timeout_s, 0.001), limits.max_timeout_s)
         loop = asyncio.get_running_loop()
@@ -312,6 +316,7 @@ class ProjectionService:
                     max_rows=max(1, min(request.max_rows, limits.max_rows)),
                     timeout_s=max(0.001, deadline - loop.time()),
                     applied_seq=self.watermark.seq_of(views),
+                    scope=scope,
                 ),
             )
         finally:
@@ -352,7 +357,7 @@ class ProjectionService:
         started = time.perf_counter()
         try:
             try:
-                response = await self._response_to(msg.data)
+                response = await self._response_to(msg.data, self._scope_of(msg.subject))
             finally:
                 self._slots.release()
             response, data = self._encoded(response)
@@ -362,7 +367,12 @@ class ProjectionService:
         except Exception:  # noqa: BLE001 - one request must never end the serve loop (the task group)
             log.exception("could not answer a query request")
 
-    async def _response_to(self, data: bytes) -> QueryResult | QueryFailure:
+    def _scope_of(self, subject: str) -> str | None:
+        """The agent whose scope a query on `subject` runs in; None on the unscoped subject."""
+        query = self._bus.subjects.query
+        return None if subject == query else subject[len(query) + 1:]
+
+    async def _response_to(self, data: bytes, scope: str | None = None) -> QueryResult | QueryFailure:
         """The answer to request bytes from any client: size first, then nesting (before the
         recursive decoder runs), then the decoder, whatever it raises."""
         limit = self._settings.query.max_request_bytes
@@ -378,7 +388,7 @@ class ProjectionService:
         except Exception as exc:  # noqa: BLE001 - any decoder error on hostile bytes is the client's
             return failure("bad_sql", f"malformed query request: {exc}")
         try:
-            return await self.query(request)
+            return await self.query(request, scope)
         except Exception as exc:
             log.exception("query failed unexpectedly")
             return failure("internal", f"{type(exc).__name__}: {exc}")

@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 import msgspec
 
+from projections.scopes import AGENT_ROWS, readable
 from schemas.query import QueryFailure, failure
 
 __all__ = ["TABLE_FUNCTIONS", "check"]
@@ -44,8 +45,10 @@ _RELATIONS = (
 )
 
 
-def check(cursor: duckdb.DuckDBPyConnection, sql: str) -> QueryFailure | None:
+def check(cursor: duckdb.DuckDBPyConnection, sql: str, scope: str | None = None) -> QueryFailure | None:
     """Why `sql` is not run (a `bad_sql` or `not_allowed` failure), or None when it may be.
+    With a `scope` (an agent's name), it may also name only the views that scope reads,
+    unqualified, and WITH names of its own that are no view's name (projections.scopes).
     Parses on `cursor` (outside any transaction; nothing is bound or run). Never raises for
     anything in `sql`."""
     try:
@@ -69,14 +72,15 @@ def check(cursor: duckdb.DuckDBPyConnection, sql: str) -> QueryFailure | None:
         why = tree.get("error_message") if isinstance(tree, dict) else "no parse tree"
         return failure("not_allowed", f"this SELECT form cannot be checked, so it is not answered: {why}")
     try:
-        return _references(cursor, tree)
+        return _references(cursor, tree, scope)
     except duckdb.Error as exc:  # (reading the catalog)
         return failure("internal", f"the query could not be checked: {type(exc).__name__}: {exc}")
 
 
-def _references(cursor: duckdb.DuckDBPyConnection, tree: dict[str, Any]) -> QueryFailure | None:
+def _references(cursor: duckdb.DuckDBPyConnection, tree: dict[str, Any], scope: str | None) -> QueryFailure | None:
     """Walks the parse tree without recursion (its depth follows the SQL's nesting)."""
     named: list[list[str]] = []
+    with_names: set[str] = set()
     stack: list[Any] = [tree]
     while stack:
         node = stack.pop()
@@ -92,7 +96,14 @@ def _references(cursor: duckdb.DuckDBPyConnection, tree: dict[str, Any]) -> Quer
                 return refusal
         elif kind == "BASE_TABLE" or (kind == "SHOW_REF" and node.get("show_type") == "SHOW"):
             named.append(_path(node))
+        ctes = node.get("cte_map")
+        if isinstance(ctes, dict) and isinstance(ctes.get("map"), list):
+            with_names.update(str(e.get("key", "")).lower() for e in ctes["map"] if isinstance(e, dict))
         stack.extend(value for value in node.values() if isinstance(value, (dict, list)))
+    if scope is not None:
+        refusal = _out_of_scope(cursor, named, with_names, scope)
+        if refusal is not None:
+            return refusal
     unknown = [path for path in named if not (len(path) == 1 and _PLAIN.match(path[0]))]
     if not unknown:
         return None
@@ -105,6 +116,28 @@ def _references(cursor: duckdb.DuckDBPyConnection, tree: dict[str, Any]) -> Quer
             return failure(
                 "not_allowed",
                 f"{name!r} is not a view or table of the views file; the query service reads no files",
+            )
+    return None
+
+
+def _out_of_scope(
+    cursor: duckdb.DuckDBPyConnection, named: list[list[str]], with_names: set[str], scope: str
+) -> QueryFailure | None:
+    relations = {row[2].lower() for row in cursor.execute(_RELATIONS).fetchall()}
+    shadowing = sorted(name for name in with_names if name in relations or readable(name))
+    if shadowing:
+        return failure("not_allowed", f"a WITH name may not be a view's name in an agent's query ({', '.join(shadowing)})")
+    for path in named:
+        if len(path) != 1:
+            return failure(
+                "not_allowed",
+                f"{'.'.join(path)}: an agent's query names views unqualified (it reads them in its own scope)",
+            )
+        name = path[0].lower()
+        if name not in with_names and not readable(name):
+            return failure(
+                "not_allowed",
+                f"{path[0]} is not readable by agent {scope!r} (an agent reads: {', '.join(sorted(AGENT_ROWS))})",
             )
     return None
 

@@ -8,7 +8,7 @@
 An agent's grant (namespace `ns`, log stream `S`, advisory stream `A`, name `me`):
 
     publish    ns.inbox.*.me  ns.group.*.me  ns.event.me.>  ns.dead.me  ns.reply.*.*
-               _continuum.ns.query[.me]                    queries
+               _continuum.ns.query.me                      queries, answered in its own scope
                $JS.API.INFO  $JS.API.STREAM.INFO.{S,A}     read the streams' state
                $JS.API.CONSUMER.INFO|MSG.NEXT.S.me__inbox|me__groups, A.me__deadletters
                $JS.API.CONSUMER.CREATE.S.me__inbox.ns.inbox.me.*      (its inbox, that filter only)
@@ -119,7 +119,7 @@ def agent_grant(namespace: str, name: str, public_key: str, tags: tuple[str, ...
         publish_allow=(
             f"{ns}.inbox.*.{name}", f"{ns}.group.*.{name}", f"{ns}.event.{name}.>", f"{ns}.dead.{name}",
             f"{ns}.reply.*.*",
-            subjects.query, f"{subjects.query}.{name}",
+            f"{subjects.query}.{name}",  # queries in its own scope only (projections.scopes)
             "$JS.API.INFO", f"$JS.API.STREAM.INFO.{log}", f"$JS.API.STREAM.INFO.{advisories}",
             *(f"$JS.API.CONSUMER.INFO.{s}.{c}" for s, c in consumers),
             *(f"$JS.API.CONSUMER.MSG.NEXT.{s}.{c}" for s, c in consumers),
