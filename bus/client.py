@@ -126,11 +126,13 @@ class Bus:
         try:
             # A live stream is used as it is (a warning names what differs): only an operator
             # changes a log's retention or replicas (`bus stream update`), never a process starting.
-            info = await ensure_stream(
+            # A credential that may not create the log (an agent's, on a server where it does
+            # not exist yet) is refused at once rather than after the API's timeouts.
+            info = await transport.guarded("$JS.API.STREAM.", ensure_stream(
                 transport.js,
                 log_stream_config(self.subjects, self.config.stream),
                 checked=log_stream_checks(self.config.stream),
-            )
+            ))
             await check_fsync(self.config, stream_nodes(info))
             await self._ensure_advisories(transport, info)
             wire = await self._open_wire(transport)

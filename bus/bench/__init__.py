@@ -17,6 +17,7 @@ from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 SECTIONS = (
     "bus.bench.publish",      # durable_publish_per_s, baseline_publish_async_per_s
     "bus.bench.consume",      # consume_ack_per_s, baseline_fetch_ack_per_s, latency_p50_ms, latency_p99_ms
+    "bus.bench.secured",      # auth_durable_publish_per_s, auth_consume_ack_per_s (authorization + TLS) vs plain, ratios
     "bus.bench.cluster",      # r1/r3 publish and consume rates and ratios, failover_resume_s
     "projections.bench",      # fold_per_s, read_per_s, catchup_per_s, rebuild_1m_s, query_p50/p99_ms, lag_p50/p99_ms
     "agents.bench",           # agent_start_ms, agent_restart_ms, agent_rss_mb, step_overhead_us, ...

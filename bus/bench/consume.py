@@ -34,7 +34,8 @@ from bus.config import BusConfig
 from schemas import Delivery, Envelope
 from schemas.payloads import Note
 
-_AGENT = "bench"
+AGENT = "bench"
+_AGENT = AGENT
 _LATENCY_AGENT = "latency"
 _RATE_PER_S = 1000
 _WARMUP = 200
@@ -94,9 +95,13 @@ async def _all_acked(bus: Bus, consumer: str, count: int) -> bool:
     return info.delivered.consumer_seq >= count and info.num_ack_pending == 0 and info.num_pending == 0
 
 
-async def engine_rate(bus: Bus, count: int) -> float:
+async def engine_rate(bus: Bus, count: int, *, admin: Bus | None = None) -> float:
+    """`count` envelopes consumed and acked by `bus`'s consumer engine, from a fresh consumer
+    (`admin` makes it when `bus` is an agent that may not); returns msgs/s."""
     consumer = bus.subjects.inbox_consumer(_AGENT)
-    await _delete_consumer(bus, consumer)  # a fresh deliver-all consumer replays all `count`
+    await _delete_consumer(admin or bus, consumer)  # a fresh deliver-all consumer replays all `count`
+    if admin is not None:
+        await admin.prepare_agent(_AGENT)
     handled = 0
     done = asyncio.Event()
 

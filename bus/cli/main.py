@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_tls_eof(record: logging.LogRecord) -> bool:
+    """Drop asyncio's notice that a stream protocol upgraded to TLS (nats-py's) asked to keep
+    a closing connection half-open: harmless, and printed at every TLS disconnect."""
+    return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -66,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("asyncio").addFilter(_quiet_tls_eof)
     try:
         code = asyncio.run(args.func(args))
     except KeyboardInterrupt:
