@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from bus.cluster import LocalCluster
+from bus.config import TlsSettings
+from bus.identity import CredentialRegistry, Role
+from bus.identity.certificates import ensure_server_tls
+from bus.server import find_config
 
 
 @pytest.fixture
@@ -18,3 +22,23 @@ async def nats_cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     leader they all agree on. `cluster.url` / `cluster.monitor_url` are the BusConfig values."""
     async with LocalCluster(3, store_root=tmp_path / "cluster") as cluster:
         yield cluster
+
+
+class ClusterAccess:
+    """How clients reach a secured local cluster: authorization on (the admin credential, and an
+    agent's own on request) and TLS on every client connection, verified with a local CA."""
+
+    def __init__(self, home: Path) -> None:
+        self.registry = CredentialRegistry(home)
+        tls = ensure_server_tls(self.registry.tls_dir)
+        self.registry.initialize(find_config(None), ("default",), tls=tls)
+        self.tls = TlsSettings(ca_file=tls.ca_file)
+        self.admin = str(self.registry.admin_credential)
+
+    @property
+    def server_config(self) -> Path:
+        return self.registry.server_config
+
+    def agent(self, name: str) -> str:
+        """`name`'s own credential file (issued before the cluster starts: no reload needed)."""
+        return str(self.registry.issue(name, Role.AGENT, namespace="default").path)

@@ -40,6 +40,7 @@ from bus.server import read_monitor
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
 from schemas.payloads import TaskRequested
+from cluster import ClusterAccess
 from conftest import wait_for
 from fixtures_agents.helpers import subject_counts
 from test_exactly_once import ledger_lines
@@ -57,8 +58,12 @@ LOG = "CONTINUUM_DEFAULT"
 INBOX = "tally__inbox"
 
 
-def cluster_config(cluster: LocalCluster, name: str = "tester", *, first: str | None = None) -> BusConfig:
-    """A config for the cluster, R3; with `first`, that node's URL is the first seed."""
+def cluster_config(
+    cluster: LocalCluster, access: ClusterAccess, name: str = "tester", *, first: str | None = None,
+    credentials: str | None = None,
+) -> BusConfig:
+    """A config for the secured cluster (the admin's credential unless given, TLS verified), R3;
+    with `first`, that node's URL is the first seed."""
     urls = list(cluster.urls)
     if first is not None:
         node_url = cluster.node_named(first).url
@@ -66,6 +71,7 @@ def cluster_config(cluster: LocalCluster, name: str = "tester", *, first: str | 
     return BusConfig(
         url=",".join(urls), monitor_url=cluster.monitor_url, name=name,
         stream=StreamSettings(replicas=3), publisher=PublisherSettings(ack_timeout_s=30.0),
+        credentials=credentials or access.admin, tls=access.tls,
     )
 
 
@@ -162,7 +168,7 @@ async def ledger_moved(path: Path, beyond: set[str], timeline: Timeline) -> floa
 
 
 async def run_failover(
-    cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
+    cluster: LocalCluster, access: ClusterAccess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
     messages: int, faults: int, mode: str, publishers: int = 8, bound_shares: bool = True,
 ) -> list[dict[str, float]]:
     seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
@@ -170,11 +176,14 @@ async def run_failover(
     rng = random.Random(seed)
     ledger = tmp_path / "ledger.txt"
     monkeypatch.setenv("CONTINUUM_TEST_LEDGER", str(ledger))
-    config = cluster_config(cluster)
+    config = cluster_config(cluster, access)
     measured: list[dict[str, float]] = []
     async with Bus(config) as bus:
         timeline = Timeline()
-        spec = AgentSpec(target="fixtures_agents.tally:TallyAgent", name="tally", bus=config, workdir=str(TESTS))
+        # The agent runs with its own credential: it may act only as itself, through the faults too.
+        await bus.prepare_agent("tally")
+        agent_config = cluster_config(cluster, access, "tally", credentials=access.agent("tally"))
+        spec = AgentSpec(target="fixtures_agents.tally:TallyAgent", name="tally", bus=agent_config, workdir=str(TESTS))
         settings = SupervisorSettings(
             restart=RestartPolicy(backoff_initial_s=0.05, backoff_max_s=0.5, max_crashes=1000, window_s=1.0),
             stop_grace_s=10.0,
@@ -192,7 +201,7 @@ async def run_failover(
                     await wait_for(lambda f=fault: len(timeline.acks) >= f * per_fault, timeout_s=300,
                                    what=f"{fault * per_fault} acked publishes before fault {fault}")
                     timeline.allow((fault + 1) * per_fault)
-                    measured.append(await inject(bus, cluster, mode, timeline, service, ledger, rng, bound_shares))
+                    measured.append(await inject(bus, cluster, access, mode, timeline, service, ledger, rng, bound_shares))
                     print(f"fault {fault}: " + ", ".join(f"{k} {v:.2f}s" for k, v in measured[-1].items()))
                 timeline.allow(messages)
                 await wait_for(lambda: len(timeline.acks) >= messages, timeout_s=600, what="every publish acked")
@@ -213,7 +222,7 @@ async def run_failover(
 
 
 async def inject(
-    bus: Bus, cluster: LocalCluster, mode: str, timeline: Timeline, service: ProjectionService,
+    bus: Bus, cluster: LocalCluster, access: ClusterAccess, mode: str, timeline: Timeline, service: ProjectionService,
     ledger: Path, rng: random.Random, bound_shares: bool,
 ) -> dict[str, float]:
     """One fault on the log's leader; returns what took how long, in seconds from the fault."""
@@ -231,7 +240,7 @@ async def inject(
         election = asyncio.create_task(elected_after(cluster, leader, timeline))
         try:
             # A client started during the outage, its first seed the dead node, works through the others.
-            async with Bus(cluster_config(cluster, "latecomer", first=leader)) as latecomer:
+            async with Bus(cluster_config(cluster, access, "latecomer", first=leader)) as latecomer:
                 late = await latecomer.send("tally", TaskRequested(title="sent during the outage"))
             elected, consumer_elected = await asyncio.wait_for(election, 60)
         finally:
@@ -356,40 +365,50 @@ def _log_leader(view: dict[str, Any] | None, stream: str) -> str | None:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
-    async with LocalCluster(3, store_root=tmp_path / "cluster") as running:
+def access(tmp_path: Path) -> ClusterAccess:
+    """Authorization and TLS for the cluster; the tally agent's credential issued up front."""
+    secured = ClusterAccess(tmp_path / "identity")
+    secured.agent("tally")
+    return secured
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, access: ClusterAccess) -> AsyncIterator[LocalCluster]:
+    async with LocalCluster(3, store_root=tmp_path / "cluster", config=access.server_config) as running:
         yield running
 
 
 @pytest.mark.timeout(240)
-async def test_leader_sigkill_under_load(cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_leader_sigkill_under_load(
+    cluster: LocalCluster, access: ClusterAccess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGKILL the log's leader while 8 publishers and an agent run: nothing acked is lost or
     stored twice, no effect happens twice, nothing is dead-lettered, everything resumes once
     the cluster has a leader again, and the restarted node catches up."""
     started = time.monotonic()
-    [times] = await run_failover(cluster, tmp_path, monkeypatch, messages=3000, faults=1, mode="kill")
+    [times] = await run_failover(cluster, access, tmp_path, monkeypatch, messages=3000, faults=1, mode="kill")
     print(f"failover ok in {time.monotonic() - started:.1f}s: {times}")
 
 
 @pytest.mark.timeout(240)
 async def test_leader_sigstop_for_20s_under_load(
-    cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: LocalCluster, access: ClusterAccess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGSTOP the log's leader for 20 s, then SIGCONT: the same guarantees."""
-    [times] = await run_failover(cluster, tmp_path, monkeypatch, messages=3000, faults=1, mode="pause")
+    [times] = await run_failover(cluster, access, tmp_path, monkeypatch, messages=3000, faults=1, mode="pause")
     print(f"failover ok: {times}")
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
 async def test_ten_leader_kills_over_100k_messages(
-    cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: LocalCluster, access: ClusterAccess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ten SIGKILLs of the log's leader over 100,000 messages: the same guarantees each time."""
     # 32 publishers keep the agent and the projections behind: their resume times then include
     # that backlog, so they are printed, not bounded; the guarantees are checked in full.
     measured = await run_failover(
-        cluster, tmp_path, monkeypatch, messages=100_000, faults=10, mode="kill", publishers=32, bound_shares=False,
+        cluster, access, tmp_path, monkeypatch, messages=100_000, faults=10, mode="kill", publishers=32, bound_shares=False,
     )
     for what in ("elected", "consumer_elected", "publish", "consume", "projections"):
         values = sorted(m[what] for m in measured)
