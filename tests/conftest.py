@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from bus import Bus, BusConfig
-from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
+from bus.identity import CredentialRegistry
+from bus.server import ANY_PORT, EmbeddedServer, ServerSettings, find_config
 from cluster import nats_cluster  # noqa: F401 - the 3-node cluster fixture (tests/cluster.py)
 
 if TYPE_CHECKING:
@@ -23,10 +24,27 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture
-async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
-    """A real nats-server started from the repo's nats.conf (fsync always) on client and
-    monitoring ports it chose itself; a restart (stop() then start()) binds the same ones."""
-    server = EmbeddedServer(ServerSettings(store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=ANY_PORT))
+def identity(tmp_path: Path) -> CredentialRegistry:
+    """The credentials of the test's server: authorization is on in every test, as under `bus up`
+    (the admin's credential is `admin_credentials`; `identity.issue(...)` makes an agent's)."""
+    registry = CredentialRegistry(tmp_path / "identity")
+    registry.initialize(find_config(None), ("default",))
+    return registry
+
+
+@pytest.fixture
+def admin_credentials(identity: CredentialRegistry) -> str:
+    return str(identity.admin_credential)
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path, identity: CredentialRegistry) -> AsyncIterator[EmbeddedServer]:
+    """A real nats-server started from the repo's nats.conf (fsync always) with authorization on,
+    on client and monitoring ports it chose itself; a restart (stop() then start()) binds the
+    same ones. Clients connect with `admin_credentials` (the `bus_config` fixture does)."""
+    server = EmbeddedServer(ServerSettings(
+        store_dir=tmp_path / "nats", port=ANY_PORT, monitor_port=ANY_PORT, config_file=identity.server_config,
+    ))
     await server.start()
     try:
         yield server
@@ -44,8 +62,10 @@ def refused_port() -> Iterator[int]:
 
 
 @pytest.fixture
-def bus_config(nats_server: EmbeddedServer) -> BusConfig:
-    return BusConfig(url=nats_server.url, monitor_url=nats_server.settings.monitor_url, name="tester")
+def bus_config(nats_server: EmbeddedServer, admin_credentials: str) -> BusConfig:
+    return BusConfig(
+        url=nats_server.url, monitor_url=nats_server.settings.monitor_url, name="tester", credentials=admin_credentials,
+    )
 
 
 @pytest.fixture
@@ -84,3 +104,18 @@ async def read_records(bus: Bus, upto: int) -> list["LogRecord"]:
         while not records or records[-1].seq < upto:
             records += await reader.read(10_000)
     return records
+
+
+def seed_of(credentials: str) -> str:
+    """The nkey seed in a credential file, for a raw nats-py client (`nkeys_seed_str=`)."""
+    from bus.identity import load_credential
+
+    return load_credential(credentials).seed
+
+
+def admin_env(env: dict[str, str], nats_server: EmbeddedServer, admin_credentials: str) -> dict[str, str]:
+    """`env` for a `bus` subprocess (or any BusConfig.from_env) on the test's server, as its admin."""
+    return {
+        **env, "BUS_URL": nats_server.url, "BUS_MONITOR_URL": nats_server.settings.monitor_url or "",
+        "BUS_CREDS": admin_credentials,
+    }

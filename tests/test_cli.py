@@ -51,9 +51,11 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def server_env(cli_env: dict[str, str], nats_server: EmbeddedServer) -> dict[str, str]:
-    """cli_env pointed at the test's server (with its monitoring URL, for the fsync check)."""
-    return {**cli_env, "BUS_URL": nats_server.url, "BUS_MONITOR_URL": nats_server.settings.monitor_url or ""}
+def server_env(cli_env: dict[str, str], nats_server: EmbeddedServer, admin_credentials: str) -> dict[str, str]:
+    """cli_env pointed at the test's server (with its monitoring URL, for the fsync check), as
+    its admin (authorization is on)."""
+    return {**cli_env, "BUS_URL": nats_server.url, "BUS_MONITOR_URL": nats_server.settings.monitor_url or "",
+            "BUS_CREDS": admin_credentials}
 
 
 async def run_bus(*args: str, env: dict[str, str], cwd: Path, timeout_s: float = 60.0, stdin: bytes | None = None) -> Result:

@@ -72,8 +72,10 @@ async def test_replicas_are_applied_idempotently_and_changed_with_one_command(
     assert not any("num_replicas" in r.getMessage() for r in caplog.records)
 
 
-async def test_three_replicas_on_one_server_is_a_clear_configuration_error(nats_server: EmbeddedServer) -> None:
-    config = BusConfig(url=nats_server.url, stream=StreamSettings(replicas=3))
+async def test_three_replicas_on_one_server_is_a_clear_configuration_error(
+    nats_server: EmbeddedServer, admin_credentials: str
+) -> None:
+    config = BusConfig(url=nats_server.url, stream=StreamSettings(replicas=3), credentials=admin_credentials)
     with pytest.raises(ConfigurationError, match="bus up --cluster 3"):
         async with Bus(config):
             pass
@@ -98,11 +100,13 @@ def test_bus_url_takes_several_seeds() -> None:
         ConnectionSpec.from_config(BusConfig(url="http://a:1"))
 
 
-async def test_a_bus_works_through_a_later_seed_when_the_first_is_down(nats_server: EmbeddedServer) -> None:
+async def test_a_bus_works_through_a_later_seed_when_the_first_is_down(
+    nats_server: EmbeddedServer, admin_credentials: str
+) -> None:
     """A dead first seed (nothing listening) is skipped: publishing and consuming work through the next."""
     with refused_port() as dead:
         url = f"nats://127.0.0.1:{dead},{nats_server.url}"
-        async with Bus(BusConfig(url=url, monitor_url=nats_server.settings.monitor_url)) as bus:
+        async with Bus(BusConfig(url=url, monitor_url=nats_server.settings.monitor_url, credentials=admin_credentials)) as bus:
             got = asyncio.Event()
 
             async def handle(envelope, delivery) -> None:
@@ -114,7 +118,7 @@ async def test_a_bus_works_through_a_later_seed_when_the_first_is_down(nats_serv
 
 
 async def test_fsync_is_verified_on_every_node_and_an_unverifiable_one_refused(
-    nats_cluster: LocalCluster, nats_server: EmbeddedServer
+    nats_cluster: LocalCluster, nats_server: EmbeddedServer, admin_credentials: str
 ) -> None:
     """Every node holding the log is asked; a monitoring URL missing for one of them (here: the
     list names only one node) refuses to start under require_fsync, and only warns without it."""
@@ -129,8 +133,8 @@ async def test_fsync_is_verified_on_every_node_and_an_unverifiable_one_refused(
         pass
     # A single server whose monitoring URL does not answer cannot be verified either.
     with refused_port() as dead, pytest.raises(ConfigurationError, match="cannot verify"):
-        async with Bus(BusConfig(url=nats_server.url, monitor_url=f"http://127.0.0.1:{dead}")):
+        async with Bus(BusConfig(url=nats_server.url, monitor_url=f"http://127.0.0.1:{dead}", credentials=admin_credentials)):
             pass
     with pytest.raises(ConfigurationError, match="cannot verify"):
-        async with Bus(BusConfig(url=nats_server.url, monitor_url="http://127.0.0.1:notaport")):
+        async with Bus(BusConfig(url=nats_server.url, monitor_url="http://127.0.0.1:notaport", credentials=admin_credentials)):
             pass

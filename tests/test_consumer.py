@@ -17,7 +17,7 @@ from bus.pull import parse_ack_subject
 from bus.server import EmbeddedServer
 from schemas import Delivery, Envelope
 from schemas.payloads import DeliveryExpired, DeliveryReport, Note
-from conftest import wait_for
+from conftest import seed_of, wait_for
 
 
 def fast(**overrides: Any) -> ConsumerSettings:
@@ -290,7 +290,7 @@ async def test_expired_envelope_is_not_handled_and_is_recorded(bus: Bus) -> None
 
 async def test_reports_are_recorded_before_their_acks(bus: Bus, bus_config: BusConfig) -> None:
     """On the wire, every ack comes after a stored DeliveryReport that contains its message."""
-    monitor = await nats.connect(bus_config.url)
+    monitor = await nats.connect(bus_config.url, nkeys_seed_str=seed_of(str(bus_config.credentials)))
     seen: list[tuple[str, Any]] = []
 
     async def on_ack(msg: Any) -> None:

@@ -164,7 +164,7 @@ _POISONED_AGENT = '''
 import asyncio, os, sys
 from bus import Bus, BusConfig, ConsumerSettings, RetryPolicy
 
-async def main(url: str) -> None:
+async def main(url: str, credentials: str) -> None:
     async def handle(envelope, delivery):
         os._exit(3)  # the poison kills the whole process, before any settlement
 
@@ -172,12 +172,12 @@ async def main(url: str) -> None:
         concurrency=1, prefetch=0, ack_wait_s=1.0, report_interval_s=0.01,
         retry=RetryPolicy(backoff_s=(0.05,), max_deliver=3),
     )
-    async with Bus(BusConfig(url=url, name="victim")) as bus:
+    async with Bus(BusConfig(url=url, name="victim", credentials=credentials)) as bus:
         async with bus.consumer("victim", handle, settings=settings):
             await asyncio.sleep(60)
     sys.exit(1)  # never handed the poison
 
-asyncio.run(main(sys.argv[1]))
+asyncio.run(main(sys.argv[1], sys.argv[2]))
 '''
 
 
@@ -192,7 +192,7 @@ async def test_process_dying_on_every_attempt_is_dead_lettered(
     poison = await bus.send("victim", Note(text="poison"))
     for attempt in range(1, 4):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(script), bus_config.url, cwd=REPO_ROOT,
+            sys.executable, str(script), bus_config.url, str(bus_config.credentials), cwd=REPO_ROOT,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)

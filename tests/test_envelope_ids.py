@@ -133,13 +133,13 @@ async def test_a_bad_id_on_an_inbox_is_dead_lettered_as_invalid_and_nothing_else
 
 
 async def test_the_cli_refuses_a_correlation_id_in_one_line_in_the_runtimes_words(
-    nats_server: EmbeddedServer, bus: Bus, tmp_path: Path
+    nats_server: EmbeddedServer, bus: Bus, tmp_path: Path, admin_credentials: str
 ) -> None:
     """`bus send --correlation-id day-1` exits 2 with one line, the reason a consumer would
     dead-letter it for; nothing is stored. A lowercase UUID is sent as given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
     env.update(BUS_URL=nats_server.url, BUS_MONITOR_URL=nats_server.settings.monitor_url or "",
-               BUS_HOME=str(tmp_path / "home"))
+               BUS_HOME=str(tmp_path / "home"), BUS_CREDS=admin_credentials)
     before = await bus.last_seq()
     for command in ("send", "request"):
         refused = await run_bus(command, "alice", '{"kind":"note","text":"hi"}', "--correlation-id", "day-1",

@@ -328,7 +328,7 @@ async def test_a_fold_the_environment_fails_is_retried_until_it_succeeds_and_not
 # -- (b) hard crashes ----------------------------------------------------------------------
 
 
-def _serve(url: str, monitor_url: str | None, db: str, log_path: str) -> None:
+def _serve(url: str, monitor_url: str | None, credentials: str | None, db: str, log_path: str) -> None:
     """A child process: the projection service with the CRASHING view, until SIGTERM."""
     _no_core_dumps()
     _log_to(log_path)
@@ -336,7 +336,7 @@ def _serve(url: str, monitor_url: str | None, db: str, log_path: str) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        config = BusConfig(url=url, monitor_url=monitor_url, name="projections")
+        config = BusConfig(url=url, monitor_url=monitor_url, name="projections", credentials=credentials)
         async with Bus(config) as bus:
             async with ProjectionService(bus, ProjectionSettings(db_path=db), views=(*VIEWS, CRASHING)):
                 await stop.wait()
@@ -348,7 +348,8 @@ class _Service:
     """The service as a child process, one life after another; its log in `service.log`."""
 
     def __init__(self, bus: Bus, tmp_path: Path) -> None:
-        self._args = (bus.config.url, bus.config.monitor_url, str(tmp_path / "views.duckdb"), str(tmp_path / "service.log"))
+        self._args = (bus.config.url, bus.config.monitor_url, bus.config.credentials, str(tmp_path / "views.duckdb"),
+                      str(tmp_path / "service.log"))
         self.log = tmp_path / "service.log"
 
     def start(self) -> Any:

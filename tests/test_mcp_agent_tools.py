@@ -299,7 +299,7 @@ async def test_bus_replay_replays_mcp_calls_from_the_record_without_starting_a_s
     (handling,) = report.handlings
     assert handling.llm_calls == 3 and handling.recorded == handling.replayed > 0
     proc = await asyncio.create_subprocess_exec(
-        str(BUS), "replay", sent.envelope.correlation_id, "--url", bus.config.url,
+        str(BUS), "replay", sent.envelope.correlation_id, "--url", bus.config.url, "--creds", str(bus.config.credentials),
         "--agent", "tester=fixtures_agents.mcp_agent:McpClerk",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=TESTS,
     )

@@ -77,7 +77,8 @@ async def mcp_session(config: BusConfig, tmp_path: Path) -> AsyncIterator[Client
     """`bus mcp` started by the SDK's stdio client, initialised; its stderr goes to a file."""
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "bus.cli.main", "mcp", "--url", config.url, "--name", SENDER, "--home", str(tmp_path / "home")],
+        args=["-m", "bus.cli.main", "mcp", "--url", config.url, "--name", SENDER, "--home", str(tmp_path / "home"),
+              *(["--creds", config.credentials] if config.credentials else [])],
         env={"BUS_MONITOR_URL": config.monitor_url or "", "PYTHONPATH": os.getcwd()},
         cwd=str(tmp_path),
     )
@@ -253,6 +254,7 @@ async def test_streamable_http_serves_the_same_tools(bus_config: BusConfig, tmp_
         with (tmp_path / "mcp-http.stderr").open("wb") as errlog:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bus.cli.main", "mcp", "--http", "--port", str(port), "--url", bus_config.url,
+                "--creds", str(bus_config.credentials),
                 "--name", SENDER, "--home", str(tmp_path / "home"), cwd=str(tmp_path), stdout=errlog, stderr=errlog,
                 env={**os.environ, "BUS_MONITOR_URL": bus_config.monitor_url or ""},
             )

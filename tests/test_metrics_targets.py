@@ -82,7 +82,7 @@ def env(bus_config: BusConfig, tmp_path: Path) -> dict[str, str]:
     """The CLI's environment: the test's server, a private home."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
     return {**clean, "BUS_URL": bus_config.url, "BUS_HOME": str(tmp_path / "home"), "BUS_NAMESPACE": "default",
-            "BUS_MONITOR_URL": bus_config.monitor_url or ""}
+            "BUS_MONITOR_URL": bus_config.monitor_url or "", "BUS_CREDS": str(bus_config.credentials)}
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ async def test_the_projection_service_is_a_scrape_target(bus: Bus, tmp_path: Pat
     port of its own choosing, registers it, counts applied events, and removes the file on exit."""
     home = tmp_path / "home"
     proc = await asyncio.create_subprocess_exec(
-        *BUS, "projections", "run", "--url", bus.config.url, "--namespace", bus.subjects.ns, "--home", str(home),
+        *BUS, "projections", "run", "--url", bus.config.url, "--creds", str(bus.config.credentials), "--namespace", bus.subjects.ns, "--home", str(home),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -202,7 +202,7 @@ async def test_the_projection_service_is_a_scrape_target(bus: Bus, tmp_path: Pat
 
         # A second service on the same views file is refused, and leaves the first's target be.
         second = await asyncio.create_subprocess_exec(
-            *BUS, "projections", "run", "--url", bus.config.url, "--namespace", bus.subjects.ns, "--home", str(home),
+            *BUS, "projections", "run", "--url", bus.config.url, "--creds", str(bus.config.credentials), "--namespace", bus.subjects.ns, "--home", str(home),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         _, stderr = await asyncio.wait_for(second.communicate(), 60)

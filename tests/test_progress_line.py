@@ -137,13 +137,15 @@ async def test_a_rebuild_on_a_terminal_shows_how_far_the_building_views_are(bus:
     assert stream.getvalue().endswith("\r\x1b[K")
 
 
-async def test_a_rebuild_in_a_pipe_prints_no_progress(nats_server: EmbeddedServer, bus: Bus, tmp_path: Path) -> None:
+async def test_a_rebuild_in_a_pipe_prints_no_progress(
+    nats_server: EmbeddedServer, bus: Bus, tmp_path: Path, admin_credentials: str
+) -> None:
     """`bus projections rebuild` with its standard error a pipe: the report on standard output,
     not a byte of progress on standard error."""
     await fill(bus, EVENTS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
     env.update(BUS_URL=nats_server.url, BUS_MONITOR_URL=nats_server.settings.monitor_url or "",
-               BUS_HOME=str(tmp_path / "home"))
+               BUS_HOME=str(tmp_path / "home"), BUS_CREDS=admin_credentials)
     result = await run_bus("projections", "rebuild", "--db", str(tmp_path / "views.duckdb"), env=env, cwd=tmp_path)
     assert result.code == 0, result.stderr
     assert "rebuilt" in result.stdout

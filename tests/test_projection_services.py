@@ -22,11 +22,12 @@ from test_cli import run_bus
 
 
 @pytest.fixture
-def env(tmp_path: Path, nats_server: EmbeddedServer) -> dict[str, str]:
+def env(tmp_path: Path, nats_server: EmbeddedServer, admin_credentials: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
     return {
         **clean, "BUS_HOME": str(tmp_path / "home"),
         "BUS_URL": nats_server.url, "BUS_MONITOR_URL": nats_server.settings.monitor_url or "",
+        "BUS_CREDS": admin_credentials,
     }
 
 

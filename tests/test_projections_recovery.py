@@ -28,7 +28,7 @@ VIEW_NAMES = [spec.name for spec in VIEWS]
 
 
 def _command(bus: Bus, home: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "bus.cli.main", *args, "--url", bus.config.url, "--namespace",
+    return [sys.executable, "-m", "bus.cli.main", *args, "--url", bus.config.url, "--creds", str(bus.config.credentials), "--namespace",
             bus.subjects.ns, "--home", str(home)]
 
 
@@ -214,9 +214,22 @@ async def test_metrics_port_serves_prometheus_text(bus: Bus, tmp_path: Path) -> 
         *_command(bus, home, "projections", "run"), "--metrics-port", str(port),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    scraped: list[str] = []
+
+    async def metrics_served() -> bool:
+        # The endpoint opens once the views file is the service's, a moment after queries are.
+        try:
+            scraped.append(await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            ))
+        except OSError:
+            return False
+        return True
+
     try:
         await wait_for(lambda: answering(bus), timeout_s=60, what="the service to answer")
-        text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        await wait_for(metrics_served, timeout_s=30, interval_s=0.05, what="the metrics endpoint to answer")
+        text = scraped[-1]
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)

@@ -22,7 +22,7 @@ import pytest
 from nats.js import api
 
 from bus import Bus
-from conftest import wait_for
+from conftest import seed_of, wait_for
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
 from schemas import derived_id
@@ -61,8 +61,9 @@ def now() -> str:
 
 
 class PolyglotAgent:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, seed: str | None = None) -> None:
         self.url = url
+        self.seed = seed  # the nkey seed it connects with (authorization is on)
         self.handled: list[str] = []
         self.started = time.monotonic()
 
@@ -79,7 +80,7 @@ class PolyglotAgent:
         await self.publish(js, f"{NS}.event.{NAME}.{kind}", self.envelope({"kind": kind, "agent": NAME, **fields}))
 
     async def run(self, stop: asyncio.Event) -> None:
-        nc = await nats.connect(self.url)
+        nc = await nats.connect(self.url, **({"nkeys_seed_str": self.seed} if self.seed else {}))
         try:
             js = nc.jetstream()
             sub = await js.pull_subscribe(
@@ -149,7 +150,7 @@ def test_the_pages_derived_id_is_the_runtimes() -> None:
 async def test_an_agent_written_from_the_page_joins_the_bus(
     tmp_path, server_env, bus: Bus, service: ProjectionService,
 ) -> None:
-    agent = PolyglotAgent(server_env["BUS_URL"])
+    agent = PolyglotAgent(server_env["BUS_URL"], seed_of(server_env["BUS_CREDS"]))
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(agent.run(stop))

@@ -15,6 +15,8 @@ from typing import Any
 
 import nats
 import pytest
+
+from bus.identity import load_credential
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
@@ -29,7 +31,7 @@ from bus.wire import WireConnection, WireSettings, parse_urls
 from schemas import new_id
 from schemas.payloads import Note
 
-from conftest import wait_for
+from conftest import seed_of, wait_for
 
 
 def _sample(bus: Bus, name: str) -> float:
@@ -61,11 +63,13 @@ async def _stored(bus: Bus) -> list[tuple[int, str | None, str]]:
 
 @contextlib.asynccontextmanager
 async def _publisher_on(
-    url: str, nc: NATS, subjects: Subjects, settings: PublisherSettings
+    url: str, nc: NATS, subjects: Subjects, settings: PublisherSettings, credentials: str | None = None,
 ) -> AsyncIterator[tuple[Publisher, WireConnection]]:
     """A Publisher on a WireConnection of its own to `url` (kept alive by a task this helper
     owns), reading back through `nc`'s JetStream API, as a Bus would build it."""
-    conn = WireConnection(parse_urls(url), name="publisher-test", settings=WireSettings(reconnect_wait_s=0.05))
+    credential = load_credential(credentials) if credentials is not None else None
+    conn = WireConnection(parse_urls(url), name="publisher-test",
+                          settings=WireSettings(reconnect_wait_s=0.05, credential=credential))
     await conn.connect()
     keeper = asyncio.get_running_loop().create_task(conn.run())
     try:
@@ -250,18 +254,18 @@ async def test_message_no_stream_captures_fails_alone(bus: Bus) -> None:
 
 
 async def test_batch_rejected_as_a_whole_gives_every_caller_the_servers_reason(
-    nats_server: EmbeddedServer,
+    nats_server: EmbeddedServer, admin_credentials: str,
 ) -> None:
     """On a stream without atomic batches, a lone publish and a unit smaller than
     min_atomic_batch (pipelined plain requests) are stored, and the callers of a batch get
     BusUnavailable carrying the server's reason."""
     subjects = Subjects("plain")
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, nkeys_seed_str=seed_of(admin_credentials))
     try:
         config = log_stream_config(subjects, StreamSettings())
         config.allow_atomic = False
         await ensure_stream(nc.jetstream(), config)
-        async with _publisher_on(nats_server.url, nc, subjects, PublisherSettings()) as (publisher, _):
+        async with _publisher_on(nats_server.url, nc, subjects, PublisherSettings(), admin_credentials) as (publisher, _):
             subject = subjects.inbox("alice", "tester")
             alone = await publisher.publish(subject, b"{}", msg_id=new_id())
             small = await asyncio.gather(*(publisher.publish(subject, b"{}", msg_id=new_id()) for _ in range(5)))
@@ -292,9 +296,10 @@ async def test_bad_input_is_refused_before_sending(bus: Bus) -> None:
 
 
 @pytest.fixture
-async def paused_bus(nats_server: EmbeddedServer) -> AsyncIterator[tuple[Bus, EmbeddedServer]]:
+async def paused_bus(nats_server: EmbeddedServer, admin_credentials: str) -> AsyncIterator[tuple[Bus, EmbeddedServer]]:
     """A bus whose publisher has one commit slot, over a server the test may pause."""
-    config = BusConfig(url=nats_server.url, name="tester", publisher=PublisherSettings(max_inflight_batches=1))
+    config = BusConfig(url=nats_server.url, name="tester", publisher=PublisherSettings(max_inflight_batches=1),
+                       credentials=admin_credentials)
     async with Bus(config) as bus:
         try:
             yield bus, nats_server
@@ -549,18 +554,20 @@ class _CuttingRelay:
 
 
 @pytest.mark.parametrize("cut", ["after_the_commit_was_stored", "inside_the_staged_frames"])
-async def test_a_batch_cut_off_by_a_reconnect_is_resent_and_stored_once(nats_server: EmbeddedServer, cut: str) -> None:
+async def test_a_batch_cut_off_by_a_reconnect_is_resent_and_stored_once(
+    nats_server: EmbeddedServer, admin_credentials: str, cut: str
+) -> None:
     """The publishing connection is cut mid-batch, either after the server stored the batch
     (its ack is lost) or halfway through the batch's frames (nothing stored). After the
     reconnect the batch is re-sent with the same ids: every message is stored exactly once, in
     the order fired, and each caller gets the sequence of its own message (a duplicate when the
     first attempt had stored it)."""
     subjects = Subjects("default")
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, nkeys_seed_str=seed_of(admin_credentials))
     try:
         await ensure_stream(nc.jetstream(), log_stream_config(subjects, StreamSettings()))
         async with _CuttingRelay(nats_server.settings.port) as relay:
-            async with _publisher_on(relay.url, nc, subjects, PublisherSettings()) as (publisher, conn):
+            async with _publisher_on(relay.url, nc, subjects, PublisherSettings(), admin_credentials) as (publisher, conn):
                 subject = subjects.inbox("alice", "tester")
                 await publisher.publish(subject, b"{}", msg_id=new_id())  # the ack inbox is in place
                 if cut == "after_the_commit_was_stored":

@@ -13,7 +13,8 @@ from nats.js import api as js_api
 
 from bus import Bus
 from bus.pull import Delivered, PullSettings, RawPull, ack_facts
-from bus.wire import WireConnection, parse_urls
+from bus.identity import load_credential
+from bus.wire import WireConnection, WireSettings, parse_urls
 from schemas.payloads import Note
 
 from conftest import wait_for
@@ -30,7 +31,8 @@ async def _consumer(bus: Bus, name: str) -> None:
 
 @pytest.fixture
 async def conn(bus: Bus) -> AsyncIterator[WireConnection]:
-    connection = WireConnection(parse_urls(bus.config.url), name="pull-test")
+    credential = load_credential(bus.config.credentials) if bus.config.credentials else None
+    connection = WireConnection(parse_urls(bus.config.url), name="pull-test", settings=WireSettings(credential=credential))
     await connection.connect()
     runner = asyncio.create_task(connection.run())
     try:

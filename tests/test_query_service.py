@@ -235,7 +235,7 @@ async def _cli(bus: Bus, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `bus query ...` in a subprocess (off the event loop: the service answers on it)."""
     return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "bus.cli.main", "query", "--url", bus.config.url, *args],
+        [sys.executable, "-m", "bus.cli.main", "query", "--url", bus.config.url, "--creds", str(bus.config.credentials), *args],
         capture_output=True, text=True, timeout=60,
     )
 

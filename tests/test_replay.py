@@ -79,7 +79,7 @@ async def test_bus_replay_prints_both_hashes_and_exits_by_the_verdict(bus: Bus) 
 
     async def run(*args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            str(BUS), "replay", *args, "--url", bus.config.url, "--agent", "tester=test_llm_agent:Solo",
+            str(BUS), "replay", *args, "--url", bus.config.url, "--creds", str(bus.config.credentials), "--agent", "tester=test_llm_agent:Solo",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=TESTS,
         )
         out, _ = await asyncio.wait_for(proc.communicate(), 60)

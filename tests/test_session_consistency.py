@@ -58,7 +58,8 @@ async def test_a_handler_queries_at_least_the_message_it_handles(
     """A second Bus (another process, in effect) consumes a message and queries for it without
     min_seq: its session includes what it was delivered."""
     found: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
-    async with Bus(BusConfig(url=bus_config.url, monitor_url=bus_config.monitor_url, name="reader")) as reader:
+    async with Bus(BusConfig(url=bus_config.url, monitor_url=bus_config.monitor_url, name="reader",
+                             credentials=bus_config.credentials)) as reader:
 
         async def handle(envelope: Envelope[Any], delivery: Delivery) -> None:
             rows = await reader.query("SELECT id, recipient FROM messages WHERE id = ?", [envelope.id])

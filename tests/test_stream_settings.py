@@ -27,12 +27,13 @@ TOPOLOGY = "continuum.topology"
 
 
 @pytest.fixture
-def env(tmp_path: Path, nats_server: EmbeddedServer) -> dict[str, str]:
+def env(tmp_path: Path, nats_server: EmbeddedServer, admin_credentials: str) -> dict[str, str]:
     """A clean environment pointed at the test's server, with a private BUS_HOME."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
     return {
         **clean, "BUS_HOME": str(tmp_path / "home"),
         "BUS_URL": nats_server.url, "BUS_MONITOR_URL": nats_server.settings.monitor_url or "",
+        "BUS_CREDS": admin_credentials,
     }
 
 

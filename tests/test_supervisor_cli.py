@@ -26,6 +26,8 @@ class Cli:
         self.env = {**os.environ, "BUS_URL": config.url, "BUS_HOME": str(home), "BUS_NAMESPACE": "default"}
         if config.monitor_url:
             self.env["BUS_MONITOR_URL"] = config.monitor_url
+        if config.credentials:
+            self.env["BUS_CREDS"] = config.credentials
 
     async def __call__(self, *args: str, timeout_s: float = 60) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(

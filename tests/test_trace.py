@@ -86,17 +86,17 @@ async def test_bus_trace_command_prints_text_and_mermaid(
     corr, s, last = await _run(bus)
     parser = build_parser()
 
-    args = parser.parse_args(["trace", corr, "--url", nats_server.url, "--min-seq", str(last)])
+    args = parser.parse_args(["trace", corr, "--url", nats_server.url, "--creds", bus.config.credentials, "--min-seq", str(last)])
     assert await args.func(args) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0] == f"trace {corr}: 5 envelope(s)" and text[1].startswith(f'- #{s["ask"]} task.requested "survey" lead → reader')
 
-    args = parser.parse_args(["trace", corr, "--url", nats_server.url, "--format", "mermaid"])
+    args = parser.parse_args(["trace", corr, "--url", nats_server.url, "--creds", bus.config.credentials, "--format", "mermaid"])
     assert await args.func(args) == 0
     mermaid = capsys.readouterr().out.splitlines()
     assert mermaid[0] == "graph TD" and f"    n{s['found']} --> n{s['done']}" in mermaid
 
-    args = parser.parse_args(["trace", "no-such-run", "--url", nats_server.url])
+    args = parser.parse_args(["trace", "no-such-run", "--url", nats_server.url, "--creds", bus.config.credentials])
     with pytest.raises(CliError, match="no envelopes with correlation id 'no-such-run'"):
         await args.func(args)
 

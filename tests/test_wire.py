@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import msgspec
 import pytest
+
+from bus.identity import load_credential
 
 from bus import Bus, BusConfig, BusUnavailable, ConfigurationError, ConsumerSettings, PermissionDenied
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
@@ -33,7 +36,7 @@ from bus.transport import ConnectionSpec, Transport
 from schemas import Delivery, Envelope
 from schemas.payloads import Note
 
-from conftest import refused_port, wait_for
+from conftest import refused_port, seed_of, wait_for
 
 # -- parsing (no server) ---------------------------------------------------------------------
 
@@ -194,6 +197,11 @@ def test_url_lists_and_bad_urls() -> None:
 _FAST = WireSettings(connect_timeout_s=2.0, reconnect_wait_s=0.05, ping_interval_s=0.2, max_pings_out=2)
 
 
+def _fast_as(credentials: str) -> WireSettings:
+    """_FAST, presenting the test server's admin credential (authorization is on)."""
+    return msgspec.structs.replace(_FAST, credential=load_credential(credentials))
+
+
 async def _server_with(tmp_path: Path, config: str) -> EmbeddedServer:
     conf = tmp_path / "server.conf"
     conf.write_text(f"host: 127.0.0.1\njetstream {{ sync_interval: always }}\n{config}\n")
@@ -220,15 +228,15 @@ authorization {
         await server.stop()
 
 
-async def test_messages_with_and_without_headers_arrive_raw(nats_server: EmbeddedServer) -> None:
+async def test_messages_with_and_without_headers_arrive_raw(nats_server: EmbeddedServer, admin_credentials: str) -> None:
     """A subscription gets what a nats-py client publishes: subject, reply, the raw header
     block and the payload; frames written on the raw connection reach nats-py subscribers."""
-    conn = WireConnection(parse_urls(nats_server.url), name="test", settings=_FAST)
+    conn = WireConnection(parse_urls(nats_server.url), name="test", settings=_fast_as(admin_credentials))
     await conn.connect()
     got: list[tuple[bytes, bytes, bytes, bytes]] = []
     conn.subscribe("t.>", lambda *frame: got.append(frame))
     await conn.flush()
-    other = await nats.connect(nats_server.url)
+    other = await nats.connect(nats_server.url, nkeys_seed_str=seed_of(admin_credentials))
     try:
         echoed: list[bytes] = []
 
@@ -254,9 +262,9 @@ async def test_messages_with_and_without_headers_arrive_raw(nats_server: Embedde
     assert parse_headers(header) == {"Nats-Msg-Id": "m-1", "X": "y"}
 
 
-async def test_unsubscribe_drains_then_stops(nats_server: EmbeddedServer) -> None:
+async def test_unsubscribe_drains_then_stops(nats_server: EmbeddedServer, admin_credentials: str) -> None:
     """After unsubscribe returns, nothing more reaches the callback."""
-    conn = WireConnection(parse_urls(nats_server.url), name="test", settings=_FAST)
+    conn = WireConnection(parse_urls(nats_server.url), name="test", settings=_fast_as(admin_credentials))
     await conn.connect()
     got: list[bytes] = []
     sid = conn.subscribe("u", lambda s, r, h, d: got.append(d))
@@ -325,10 +333,10 @@ async def test_no_server_is_bus_unavailable() -> None:
             await conn.connect()
 
 
-async def test_reconnects_after_a_server_restart(nats_server: EmbeddedServer) -> None:
+async def test_reconnects_after_a_server_restart(nats_server: EmbeddedServer, admin_credentials: str) -> None:
     """When the server restarts, the connection comes back by itself, re-subscribes, counts
     the reconnect, and sends what was written while it was down."""
-    conn = WireConnection(parse_urls(nats_server.url), name="r", settings=_FAST)
+    conn = WireConnection(parse_urls(nats_server.url), name="r", settings=_fast_as(admin_credentials))
     await conn.connect()
     got: list[bytes] = []
     conn.subscribe("r", lambda s, r, h, d: got.append(d))
@@ -347,10 +355,10 @@ async def test_reconnects_after_a_server_restart(nats_server: EmbeddedServer) ->
         await asyncio.wait_for(runner, 2)  # run() ends with close()
 
 
-async def test_a_stale_connection_is_dropped_and_replaced(nats_server: EmbeddedServer) -> None:
+async def test_a_stale_connection_is_dropped_and_replaced(nats_server: EmbeddedServer, admin_credentials: str) -> None:
     """A server that stops answering (paused) is detected by unanswered PINGs; the connection
     is replaced once the server answers again."""
-    conn = WireConnection(parse_urls(nats_server.url), name="s", settings=_FAST)
+    conn = WireConnection(parse_urls(nats_server.url), name="s", settings=_fast_as(admin_credentials))
     await conn.connect()
     pid = nats_server.pid
     assert pid is not None
@@ -366,9 +374,9 @@ async def test_a_stale_connection_is_dropped_and_replaced(nats_server: EmbeddedS
         await conn.close()
 
 
-async def test_close_is_idempotent_and_final(nats_server: EmbeddedServer) -> None:
+async def test_close_is_idempotent_and_final(nats_server: EmbeddedServer, admin_credentials: str) -> None:
     """close() twice is fine; afterwards writes and flushes raise BusUnavailable."""
-    conn = WireConnection(parse_urls(nats_server.url), name="c", settings=_FAST)
+    conn = WireConnection(parse_urls(nats_server.url), name="c", settings=_fast_as(admin_credentials))
     await conn.connect()
     await conn.close()
     await conn.close()
