@@ -17,10 +17,17 @@ from bus.server import find_config
 
 
 @pytest.fixture
-async def nats_cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+def cluster_access(tmp_path: Path) -> "ClusterAccess":
+    """Authorization and TLS for `nats_cluster`: its admin credential and the CA to verify it."""
+    return ClusterAccess(tmp_path / "cluster-identity")
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path, cluster_access: "ClusterAccess") -> AsyncIterator[LocalCluster]:
     """Three nodes (`continuum-1`..`continuum-3`) on ports they chose, with a JetStream meta
-    leader they all agree on. `cluster.url` / `cluster.monitor_url` are the BusConfig values."""
-    async with LocalCluster(3, store_root=tmp_path / "cluster") as cluster:
+    leader they all agree on, authorization and TLS on (`cluster_access`). `cluster.url` /
+    `cluster.monitor_url` are the BusConfig values."""
+    async with LocalCluster(3, store_root=tmp_path / "cluster", config=cluster_access.server_config) as cluster:
         yield cluster
 
 
@@ -38,6 +45,10 @@ class ClusterAccess:
     @property
     def server_config(self) -> Path:
         return self.registry.server_config
+
+    def env(self) -> dict[str, str]:
+        """The BUS_* settings that present the admin credential and verify the servers."""
+        return {"BUS_CREDS": self.admin, "BUS_TLS_CA": str(self.tls.ca_file)}
 
     def agent(self, name: str) -> str:
         """`name`'s own credential file (issued before the cluster starts: no reload needed)."""

@@ -17,7 +17,7 @@ import pytest
 from bus import Bus, BusConfig
 from bus.identity import CredentialRegistry
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings, find_config
-from cluster import nats_cluster  # noqa: F401 - the 3-node cluster fixture (tests/cluster.py)
+from cluster import cluster_access, nats_cluster  # noqa: F401 - the 3-node cluster fixtures (tests/cluster.py)
 
 if TYPE_CHECKING:
     from bus.log_reader import LogRecord

@@ -19,6 +19,7 @@ from bus import Bus, BusConfig, BusUnavailable
 from bus.cli.main import main
 from bus.cli.state import NodeState, read_state, state_path
 from bus.cluster import LocalCluster, agreed_meta_leader, agreed_stream_leaders
+from cluster import ClusterAccess
 from bus.config import StreamSettings
 from bus.server import read_monitor
 from schemas.payloads import Note
@@ -202,9 +203,9 @@ def test_a_stream_counts_as_led_once_its_holders_agree_on_a_running_leader() -> 
 # -- LocalCluster ------------------------------------------------------------------------------
 
 
-def stream_config(cluster: LocalCluster, url: str | None = None) -> BusConfig:
+def stream_config(cluster: LocalCluster, access: ClusterAccess, url: str | None = None) -> BusConfig:
     return BusConfig(url=url or cluster.url, monitor_url=cluster.monitor_url, name="tester",
-                     stream=StreamSettings(replicas=3))
+                     stream=StreamSettings(replicas=3), credentials=access.admin, tls=access.tls)
 
 
 async def stream_detail(cluster: LocalCluster, node: str, stream: str) -> dict | None:
@@ -239,11 +240,13 @@ async def live_leader(cluster: LocalCluster, stream: str) -> str | None:
     return leaders.get(stream)
 
 
-async def test_a_killed_leader_is_replaced_and_catches_up_when_started_again(nats_cluster: LocalCluster) -> None:
+async def test_a_killed_leader_is_replaced_and_catches_up_when_started_again(
+    nats_cluster: LocalCluster, cluster_access: ClusterAccess
+) -> None:
     """SIGKILL of the log's leader: the other two elect a new one and keep taking writes; the node,
     started again on the same ports and store, catches up, so every node holds the same messages
     and the new leader reports each replica current with no lag."""
-    async with Bus(stream_config(nats_cluster)) as bus:
+    async with Bus(stream_config(nats_cluster, cluster_access)) as bus:
         stream = bus.subjects.stream
         for i in range(10):
             await bus.send("alice", Note(text=f"before {i}"))
@@ -269,13 +272,15 @@ async def test_a_killed_leader_is_replaced_and_catches_up_when_started_again(nat
         assert (await live_leader(nats_cluster, stream)) != old.name
 
 
-async def test_a_paused_replica_misses_writes_and_catches_up_when_resumed(nats_cluster: LocalCluster) -> None:
+async def test_a_paused_replica_misses_writes_and_catches_up_when_resumed(
+    nats_cluster: LocalCluster, cluster_access: ClusterAccess
+) -> None:
     """SIGSTOP of a replica: the leader and the other replica still take writes (a majority); the
     node, resumed, catches up to the same last sequence."""
     # Seeded with the first node only, so the client's connections are not on the paused one (a
     # client on a hung server waits for its pings to go unanswered first: another test's subject).
     first = nats_cluster.nodes[0]
-    async with Bus(stream_config(nats_cluster, url=first.url)) as bus:
+    async with Bus(stream_config(nats_cluster, cluster_access, url=first.url)) as bus:
         stream = bus.subjects.stream
         await bus.send("alice", Note(text="first"))
         leader = await live_leader(nats_cluster, stream)

@@ -14,6 +14,7 @@ import pytest
 
 from bus import Bus, BusConfig
 from bus.cluster import LocalCluster
+from cluster import ClusterAccess
 from bus.config import StreamSettings
 from bus.errors import ConfigurationError
 from bus.server import EmbeddedServer
@@ -22,10 +23,10 @@ from conftest import refused_port
 from test_cli import run_bus
 
 
-def cluster_env(tmp_path: Path, cluster: LocalCluster, **extra: str) -> dict[str, str]:
+def cluster_env(tmp_path: Path, cluster: LocalCluster, access: ClusterAccess, **extra: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
     return {**clean, "BUS_HOME": str(tmp_path / "home"), "BUS_URL": cluster.url,
-            "BUS_MONITOR_URL": cluster.monitor_url, **extra}
+            "BUS_MONITOR_URL": cluster.monitor_url, **access.env(), **extra}
 
 
 async def replicas_of(bus: Bus, stream: str) -> int:
@@ -47,25 +48,26 @@ async def test_a_bus_opened_as_the_cluster_forms_does_not_wait_out_a_lost_reques
 
 
 async def test_replicas_are_applied_idempotently_and_changed_with_one_command(
-    nats_cluster: LocalCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nats_cluster: LocalCluster, cluster_access: ClusterAccess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An R1 log stays R1 when a process asks for 3 (a warning names the field); `bus stream
     update --replicas 3` makes it (and the advisory stream) R3; BUS_REPLICAS=3 then agrees."""
     caplog.set_level(logging.WARNING, logger="continuum.topology")
-    r1 = BusConfig(url=nats_cluster.url, monitor_url=nats_cluster.monitor_url)
+    r1 = BusConfig(url=nats_cluster.url, monitor_url=nats_cluster.monitor_url, credentials=cluster_access.admin,
+                   tls=cluster_access.tls)
     async with Bus(r1) as bus:
         await bus.send("someone", Note(text="on one replica"))
         assert await replicas_of(bus, bus.subjects.stream) == 1
-    async with Bus(BusConfig.from_env(cluster_env(tmp_path, nats_cluster, BUS_REPLICAS="3"))) as bus:
+    async with Bus(BusConfig.from_env(cluster_env(tmp_path, nats_cluster, cluster_access, BUS_REPLICAS="3"))) as bus:
         assert await replicas_of(bus, bus.subjects.stream) == 1
     assert any("num_replicas live 1, wanted 3" in r.getMessage() for r in caplog.records)
 
-    env = cluster_env(tmp_path, nats_cluster)
+    env = cluster_env(tmp_path, nats_cluster, cluster_access)
     result = await run_bus("stream", "update", "--replicas", "3", env=env, cwd=tmp_path)
     assert result.code == 0, result.stderr
     assert "num_replicas 1 -> 3" in result.stdout
     caplog.clear()
-    async with Bus(BusConfig.from_env(cluster_env(tmp_path, nats_cluster, BUS_REPLICAS="3"))) as bus:
+    async with Bus(BusConfig.from_env(cluster_env(tmp_path, nats_cluster, cluster_access, BUS_REPLICAS="3"))) as bus:
         assert await replicas_of(bus, bus.subjects.stream) == 3
         assert await replicas_of(bus, bus.subjects.advisory_stream) == 3
         assert (await bus.last_seq()) >= 1  # the message stored on one replica is still there
@@ -118,18 +120,19 @@ async def test_a_bus_works_through_a_later_seed_when_the_first_is_down(
 
 
 async def test_fsync_is_verified_on_every_node_and_an_unverifiable_one_refused(
-    nats_cluster: LocalCluster, nats_server: EmbeddedServer, admin_credentials: str
+    nats_cluster: LocalCluster, cluster_access: ClusterAccess, nats_server: EmbeddedServer, admin_credentials: str
 ) -> None:
     """Every node holding the log is asked; a monitoring URL missing for one of them (here: the
     list names only one node) refuses to start under require_fsync, and only warns without it."""
     r3 = StreamSettings(replicas=3)
-    async with Bus(BusConfig(url=nats_cluster.url, monitor_url=nats_cluster.monitor_url, stream=r3)):
+    secured = {"credentials": cluster_access.admin, "tls": cluster_access.tls}
+    async with Bus(BusConfig(url=nats_cluster.url, monitor_url=nats_cluster.monitor_url, stream=r3, **secured)):
         pass  # all three verified
     partial = nats_cluster.monitor_urls[0]
     with pytest.raises(ConfigurationError, match="cannot verify"):
-        async with Bus(BusConfig(url=nats_cluster.url, monitor_url=partial, stream=r3)):
+        async with Bus(BusConfig(url=nats_cluster.url, monitor_url=partial, stream=r3, **secured)):
             pass
-    async with Bus(BusConfig(url=nats_cluster.url, monitor_url=partial, stream=r3, require_fsync=False)):
+    async with Bus(BusConfig(url=nats_cluster.url, monitor_url=partial, stream=r3, require_fsync=False, **secured)):
         pass
     # A single server whose monitoring URL does not answer cannot be verified either.
     with refused_port() as dead, pytest.raises(ConfigurationError, match="cannot verify"):

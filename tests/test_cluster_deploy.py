@@ -9,22 +9,25 @@ import os
 from pathlib import Path
 
 from bus.cluster import LocalCluster
+from cluster import ClusterAccess
 from test_cli import run_bus
 
 
-def machine(tmp_path: Path, name: str, cluster: LocalCluster, first: int) -> dict[str, str]:
+def machine(tmp_path: Path, name: str, cluster: LocalCluster, access: ClusterAccess, first: int) -> dict[str, str]:
     """The environment of one machine: its own home, the cluster's nodes starting at `first`."""
     urls = cluster.urls[first:] + cluster.urls[:first]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
     return {
         **clean, "BUS_HOME": str(tmp_path / name), "BUS_URL": ",".join(urls),
-        "BUS_MONITOR_URL": cluster.monitor_url, "BUS_REPLICAS": "3",
+        "BUS_MONITOR_URL": cluster.monitor_url, "BUS_REPLICAS": "3", **access.env(),
     }
 
 
-async def test_agents_on_two_machines_talk_through_the_cluster(nats_cluster: LocalCluster, tmp_path: Path) -> None:
-    alpha = machine(tmp_path, "alpha", nats_cluster, 0)
-    beta = machine(tmp_path, "beta", nats_cluster, 2)
+async def test_agents_on_two_machines_talk_through_the_cluster(
+    nats_cluster: LocalCluster, cluster_access: ClusterAccess, tmp_path: Path
+) -> None:
+    alpha = machine(tmp_path, "alpha", nats_cluster, cluster_access, 0)
+    beta = machine(tmp_path, "beta", nats_cluster, cluster_access, 2)
     started = await run_bus("agent", "start", "agents.examples.greeter:Greeter", "--wait", "60", env=alpha, cwd=tmp_path)
     assert started.code == 0, started.stderr
     try:
