@@ -35,11 +35,11 @@ class ClusterAccess:
     """How clients reach a secured local cluster: authorization on (the admin credential, and an
     agent's own on request) and TLS on every client connection, verified with a local CA."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *, tls: bool = True) -> None:
         self.registry = CredentialRegistry(home)
-        tls = ensure_server_tls(self.registry.tls_dir)
-        self.registry.initialize(find_config(None), ("default",), tls=tls)
-        self.tls = TlsSettings(ca_file=tls.ca_file)
+        served = ensure_server_tls(self.registry.tls_dir) if tls else None
+        self.registry.initialize(find_config(None), ("default",), tls=served)
+        self.tls = TlsSettings(ca_file=served.ca_file) if served is not None else None
         self.admin = str(self.registry.admin_credential)
 
     @property
@@ -48,7 +48,7 @@ class ClusterAccess:
 
     def env(self) -> dict[str, str]:
         """The BUS_* settings that present the admin credential and verify the servers."""
-        return {"BUS_CREDS": self.admin, "BUS_TLS_CA": str(self.tls.ca_file)}
+        return {"BUS_CREDS": self.admin, **({"BUS_TLS_CA": str(self.tls.ca_file)} if self.tls else {})}
 
     def agent(self, name: str) -> str:
         """`name`'s own credential file (issued before the cluster starts: no reload needed)."""

@@ -29,6 +29,7 @@ from bus.cli.server_commands import (
     _projections_command,
     _stop_child,
     _wait_projections_ready,
+    access_summary,
     admin_credentials,
     local_tls,
     print_next_steps,
@@ -278,6 +279,7 @@ def _print_summary(
         out(f"  {node.name:<{max(width, 11)}}  pid {node.pid}, {node.url}, monitoring {node.monitor_url}, "
             f"store {node.store_dir}")
     out(f"  projections  {projections_summary(args, home, state, projections_cmd, answering, detached=detached)}")
+    out(f"  access       {access_summary(args, home, state)}")
     out(f"  state        {state_path(home)}")
     exports = f"BUS_URL={state.url} BUS_MONITOR_URL={state.monitor_url} BUS_NAMESPACE={args.namespace} BUS_HOME={home}"
     print_next_steps(args, exports, detached=detached)

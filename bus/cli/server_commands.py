@@ -697,11 +697,23 @@ def _print_summary(
     out(f"  server       pid {state.pid}, store {state.store_dir} ({fsync_text})")
     out(f"  monitoring   {state.monitor_url}")
     out(f"  projections  {projections}")
+    out(f"  access       {access_summary(args, home, state)}")
     out(f"  state        {state_path(home)}")
     exports = None
     if state.url != f"nats://127.0.0.1:{DEFAULT_PORT}" or args.namespace != "default":
         exports = f"BUS_URL={state.url} BUS_NAMESPACE={args.namespace} BUS_HOME={home}"
     print_next_steps(args, exports, detached=detached)
+
+
+def access_summary(args: argparse.Namespace, home: Path, state: ServerState) -> str:
+    """What `bus up` says about who may connect: authorization (and the admin credential the
+    commands in this home use), TLS (and the CA they verify with)."""
+    if getattr(args, "no_auth", False):
+        return "anyone on this machine, as anyone (--no-auth)"
+    text = f"authorization on; this home's commands use {CredentialRegistry(home).admin_credential} (bus creds list)"
+    if state.tls_ca:
+        text += f"; TLS, verified with {state.tls_ca}"
+    return text
 
 
 def projections_summary(
