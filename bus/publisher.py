@@ -91,6 +91,8 @@ class _Entry(msgspec.Struct, gc=False):
     deadline: float
     # Later calls with the same msg_id in the same unit: sent once, answered as duplicates.
     followers: list[_Entry] | None = None
+    # The ack inbox subject of its latest plain-request attempt (b"": none yet, or in a batch).
+    reply: bytes = b""
 
 
 class _Reply(msgspec.Struct, gc=False):
@@ -581,6 +583,8 @@ class Publisher:
                 replies = [self._next_reply() for _ in pending]
                 blob = b"".join(encode_single(e, r) for e, r in zip(pending, replies))
             futures = [self._expect_reply(r) for r in replies]
+            for entry, reply in zip(pending, replies):
+                entry.reply = reply
             epoch = self._epoch()
             self._conn.write(blob)
             attempt = self._attempt_deadline(deadline)
@@ -819,6 +823,11 @@ class Publisher:
             for entry in unit.entries:
                 if entry.subject == subject:
                     self._fail(entry, _copy_error(error))
+                    # Its ack will never come: wake the committer now, not after resend_after_s
+                    # (every later publish waits behind it).
+                    waiting = self._replies.pop(entry.reply, None) if entry.reply else None
+                    if waiting is not None and not waiting.done():
+                        waiting.set_result(None)
 
     def _check_refused(self, subject: bytes) -> None:
         """Raise the PermissionDenied the server sent for `subject` recently (a credential's

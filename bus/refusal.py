@@ -62,9 +62,11 @@ class RefusalWatch:
             if action == refusal.action and subject.startswith(prefix) and not future.done():
                 future.set_result(refusal)
 
-    async def guard(self, prefix: str, call: Awaitable[T], *, action: str = "publish") -> T:
+    async def guard(self, prefix: str, call: Awaitable[T], *, action: str = "publish", finish: bool = False) -> T:
         """The result of `call`. Raises PermissionDenied when the server refuses `action` on a
-        subject starting with `prefix` meanwhile; whatever `call` raises otherwise."""
+        subject starting with `prefix` meanwhile; whatever `call` raises otherwise. With
+        `finish`, a refused call is awaited to its end rather than cancelled (a flush: nats-py
+        cannot take back a PING whose PONG is on its way, and the PONG follows the -ERR)."""
         loop = asyncio.get_running_loop()
         refused: asyncio.Future[Refusal] = loop.create_future()
         key = self._next
@@ -74,14 +76,16 @@ class RefusalWatch:
         try:
             await asyncio.wait((task, refused), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            task.cancel()
+            if not finish:
+                task.cancel()
             await asyncio.gather(task, return_exceptions=True)  # owned to its end
             raise
         finally:
             del self._waiters[key]
         if not refused.done():  # a refusal wins even when the call also ended (a flush after it)
             return task.result()
-        task.cancel()
+        if not finish:
+            task.cancel()
         try:
             await task
         except asyncio.CancelledError:

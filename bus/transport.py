@@ -493,7 +493,9 @@ class Transport:
         """Round-trip to the server so a refused subscription raises PermissionDenied now (the
         server answers SUB with -ERR before the PONG). Raises BusUnavailable, PermissionDenied."""
         try:
-            await self.refusals.guard(subject, self.nc.flush(timeout=JS_API_TIMEOUT_S), action="subscribe")
+            await self.refusals.guard(
+                subject, self.nc.flush(timeout=JS_API_TIMEOUT_S), action="subscribe", finish=True
+            )
         except BaseException as exc:
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
                 await sub.unsubscribe()
@@ -551,7 +553,9 @@ class Transport:
             raise translate(exc, f"subscribe to {subject}") from exc
         try:
             try:
-                await self.refusals.guard(subject, self.nc.flush(timeout=max(1, int(timeout_s))), action="subscribe")
+                await self.refusals.guard(
+                    subject, self.nc.flush(timeout=max(1, int(timeout_s))), action="subscribe", finish=True
+                )
             except _NATS_FAILURES as exc:
                 raise translate(exc, f"subscribe to {subject}") from exc
             yield OneReply(sub)

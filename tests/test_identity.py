@@ -249,3 +249,25 @@ async def test_a_revoked_credential_is_disconnected_and_cannot_connect_again(sec
     with pytest.raises(PermissionDenied):
         async with Bus(secured.config("bob", kept)):
             pass
+
+
+async def test_refusals_one_after_another_neither_wait_nor_break_the_connection(secured: Secured) -> None:
+    """Ten refused publishes to ten subjects, then ten refused subscriptions, take well under the
+    one second a single refused publish used to hold the publisher for (its ack never comes);
+    afterwards the same connections publish and subscribe as before."""
+    bob = await _agent_bus(secured, "bob")
+    try:
+        started = time.perf_counter()
+        for i in range(10):
+            with pytest.raises(PermissionDenied):
+                await bob.send("alice", Note(text="forged"), sender=f"carol{i}")
+        for i in range(10):
+            with pytest.raises(PermissionDenied):
+                await bob.transport.subscribe(f"default.inbox.someone{i}.*", _ignore)
+        assert time.perf_counter() - started < REFUSED_WITHIN_S
+        sent = await bob.send("alice", Note(text="as myself"))
+        assert sent.ack.seq > 0
+        sub = await bob.transport.subscribe("default.reply.bob.>", _ignore)
+        await sub.close()
+    finally:
+        await bob.__aexit__(None, None, None)
