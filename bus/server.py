@@ -174,10 +174,18 @@ class ServerSettings:
         return f"http://127.0.0.1:{self.monitor_port}"
 
     def command(self) -> list[str]:
-        """The nats-server command line. Raises ConfigurationError if binary or config is missing."""
+        """The nats-server command line. Raises ConfigurationError if binary or config is missing.
+
+        A cluster node's command names a config file of its own, written into its store
+        directory: the shared config included, then its name and routes. On the command line
+        they would be lost to a reload (nats-server re-reads only the file, and refuses a
+        clustered JetStream without them), and a reload is how new credentials take effect."""
+        config = find_config(self.config_file)
+        if self.cluster is not None and self.server_name is not None:
+            config = self._node_config(config)
         cmd = [
             str(find_nats_server()),
-            "-c", str(find_config(self.config_file)),
+            "-c", str(config),
             "-a", self.host,
             "-p", _port_arg(self.port),
             "-sd", str(self.store_dir),
@@ -187,15 +195,27 @@ class ServerSettings:
         ]
         if self.monitor_port is not None:
             cmd += ["-m", _port_arg(self.monitor_port)]
-        if self.server_name is not None:
+        if self.server_name is not None and self.cluster is None:
             cmd += ["--server_name", self.server_name]
-        if self.cluster is not None:
-            cmd += [
-                "--cluster_name", self.cluster.cluster_name,
-                "--cluster", self.cluster.url,
-                "--routes", ",".join(self.cluster.routes),
-            ]
         return cmd
+
+    def _node_config(self, shared: Path) -> Path:
+        """Write this cluster node's config (see `command`) and return its path."""
+        assert self.cluster is not None and self.server_name is not None
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        node = self.store_dir / "node.conf"
+        routes = ", ".join(json.dumps(route) for route in self.cluster.routes)
+        node.write_text(
+            f"# Written by bus.server for cluster node {self.server_name}; the shared config first.\n"
+            f"include {json.dumps(os.path.relpath(shared, self.store_dir))}\n"
+            f"server_name: {json.dumps(self.server_name)}\n"
+            "cluster {\n"
+            f"  name: {json.dumps(self.cluster.cluster_name)}\n"
+            f"  listen: {json.dumps(f'127.0.0.1:{self.cluster.port}')}\n"
+            f"  routes: [{routes}]\n"
+            "}\n"
+        )
+        return node
 
     def fixed_ports(self) -> list[int]:
         """The ports this server binds that were chosen before it started (not `ANY_PORT`)."""

@@ -111,3 +111,30 @@ async def test_up_listening_beyond_loopback_needs_authorization_and_tls(tmp_path
     assert result.code == 2
     assert "error:" in result.stderr and ("TLS" in result.stderr or "--tls" in result.stderr)
     assert not (detached_home / "server.json").exists()
+
+
+async def test_a_cluster_loads_and_drops_credentials_on_every_node(tmp_path, cli_env, detached_home) -> None:
+    """`bus up --cluster 3` with authorization: an issued credential works through every node
+    (each reloaded its config), and once revoked, no node lets it in."""
+    from bus.cli.state import read_state
+
+    up = await run_bus("up", "--detach", "--no-projections", "--cluster", "3", "--port", str(free_port()),
+                       env=cli_env, cwd=tmp_path, timeout_s=90)
+    assert up.code == 0, up.stderr
+    state = read_state(detached_home)
+    assert state is not None and len(state.nodes) == 3
+    env = {**cli_env, "BUS_URL": state.url}
+    issued = await run_bus("creds", "issue", "planner", env=env, cwd=tmp_path)
+    assert issued.code == 0, issued.stderr
+    path = detached_home / "auth" / "creds" / "agents" / "default" / "planner.nk"
+    kept = tmp_path / "kept.nk"
+    kept.write_text(path.read_text())
+    for node in state.nodes:  # each node on its own: the credential is known everywhere
+        async with Bus(BusConfig(url=node.url, name="planner", credentials=str(kept), require_fsync=False)) as bus:
+            await bus.send("writer", Note(text=f"via {node.name}"))
+    revoked = await run_bus("creds", "revoke", "planner", env=env, cwd=tmp_path)
+    assert revoked.code == 0 and "3 server(s) reloaded" in revoked.stdout, revoked.stdout + revoked.stderr
+    for node in state.nodes:
+        with pytest.raises(PermissionDenied):
+            async with Bus(BusConfig(url=node.url, name="planner", credentials=str(kept), require_fsync=False)):
+                pass
