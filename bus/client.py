@@ -40,12 +40,11 @@ from bus.metrics import BusMetrics
 from bus.publisher import PubAck, Publisher
 from bus.subjects import Subjects
 from bus.topology import (
+    agent_consumer_configs,
     dead_letter_consumer_config,
     ensure_advisory_stream,
     ensure_consumer,
     ensure_stream,
-    group_consumer_config,
-    inbox_consumer_config,
     log_stream_checks,
     log_stream_config,
     stream_nodes,
@@ -442,26 +441,21 @@ class Bus:
         its dead-letter watcher. An agent's own credential cannot change consumers (so it cannot
         widen what it reads); whoever issues its credential prepares them with this. Raises
         BusUnavailable, PermissionDenied."""
-        settings = settings or self.config.consumer
         name = check_name(agent, "agent name")
-        configs = [(self.subjects.stream, inbox_consumer_config(self.subjects, name, settings))]
-        if tags:
-            configs.append((self.subjects.stream, group_consumer_config(
-                self.subjects, name, [check_name(t, "tag") for t in tags], settings
-            )))
+        configs = agent_consumer_configs(
+            self.subjects, name, [check_name(t, "tag") for t in tags], settings or self.config.consumer
+        )
 
         async def prepare() -> None:
+            for config in configs:
+                await ensure_consumer(self.js, self.subjects.stream, config)
             await ensure_advisory_stream(self.js, self.subjects, await self.js.stream_info(self.subjects.stream))
-            configs.append((self.subjects.advisory_stream, dead_letter_consumer_config(self.subjects, name)))
-            for stream, config in configs:
-                await ensure_consumer(self.js, stream, config)
+            await ensure_consumer(self.js, self.subjects.advisory_stream, dead_letter_consumer_config(self.subjects, name))
 
         try:
             # Any JetStream API refusal meanwhile is this preparation's: raise it at once.
             await self.transport.guarded("$JS.API.", prepare())
-        except PermissionDenied:
-            raise
-        except Exception as exc:  # nats-py's errors, translated here
+        except Exception as exc:  # nats-py's errors, translated here (a BusError stays itself)
             raise translate(exc, f"preparing the consumers of agent {name!r}") from exc
 
     # -- queries --------------------------------------------------------------------------

@@ -77,7 +77,7 @@ from bus.settle import (
     outcome,
     wire,
 )
-from bus.topology import ensure_consumer, group_consumer_config, inbox_consumer_config
+from bus.topology import agent_consumer_configs, ensure_consumer
 from bus.wire import WireConnection, pub_frame
 from bus.window import Held, PriorityWindow
 from schemas import DecodeError, Delivery, Envelope, derived_id, stable_id
@@ -152,9 +152,7 @@ class ConsumerEngine:
             raise RuntimeError("a ConsumerEngine runs once; make a new one with bus.consumer()")
         bus = self._bus
         stream = bus.subjects.stream
-        configs = [inbox_consumer_config(bus.subjects, self.agent, self.settings)]
-        if self.tags:
-            configs.append(group_consumer_config(bus.subjects, self.agent, list(self.tags), self.settings))
+        configs = agent_consumer_configs(bus.subjects, self.agent, self.tags, self.settings)
         window = self.settings.concurrency + self.settings.prefetch
         windows = [window] if len(configs) == 1 else [max(1, (window + 1) // 2), max(1, window // 2)]
         async def prepare() -> None:

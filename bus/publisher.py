@@ -52,7 +52,7 @@ import msgspec
 from bus.config import PublisherSettings
 from bus.errors import BusUnavailable, ConcurrencyConflict, ConfigurationError, PermissionDenied
 from bus.metrics import BusMetrics
-from bus.refusal import Refusal
+from bus.refusal import Refusal, acting_as
 from bus.puback import (
     BATCH_LEVEL_ERRORS,
     ERR_BATCH_INCOMPLETE,
@@ -810,9 +810,7 @@ class Publisher:
         if refusal.action != "publish" or self._loop is None:
             return
         subject = refusal.subject.encode()
-        credential = self._conn.settings.credential
-        who = self._conn.name + (f" (credential {credential.path})" if credential is not None and credential.path else "")
-        error = refusal.error(who)
+        error = refusal.error(acting_as(self._conn.name, self._conn.settings.credential))
         self._refused[subject] = (self._loop.time(), error)
         if len(self._refused) > _REFUSED_MAX:
             self._refused.pop(next(iter(self._refused)))

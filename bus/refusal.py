@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -34,6 +34,13 @@ class Refusal(msgspec.Struct, frozen=True):
             f"permission denied: {who} may not {self.action} to {self.subject!r} "
             f"(the server refused it; its credential lacks {self.action} permission on that subject)"
         )
+
+
+def acting_as(connection: str, credential: Any) -> str:
+    """Who a connection acts as, for refusal messages: its name, and its credential file (a
+    bus.identity Credential) when it has one."""
+    path = getattr(credential, "path", "")
+    return f"{connection} (credential {path})" if path else connection
 
 
 def parse_refusal(text: str) -> Refusal | None:

@@ -396,6 +396,17 @@ def group_consumer_config(
     )
 
 
+def agent_consumer_configs(
+    subjects: Subjects, agent: str, tags: Sequence[str], settings: ConsumerSettings
+) -> list[js_api.ConsumerConfig]:
+    """The consumers an agent's messages reach it through: its inbox, and its tags' broadcasts
+    when it has tags."""
+    configs = [inbox_consumer_config(subjects, agent, settings)]
+    if tags:
+        configs.append(group_consumer_config(subjects, agent, list(tags), settings))
+    return configs
+
+
 def dead_letter_consumer_config(subjects: Subjects, agent: str) -> js_api.ConsumerConfig:
     """The max-deliveries advisories of an agent's two consumers, on the advisory stream, read
     by its dead-letter watcher (replicas share it). Unlimited redelivery: an advisory is only

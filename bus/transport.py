@@ -41,7 +41,7 @@ from bus.config import BusConfig, TlsSettings
 from bus.errors import BusError, BusUnavailable, ConfigurationError, NoAnswer, NoResponders, PermissionDenied
 from bus.identity.keys import Credential, load_credential
 from bus.identity.permissions import inbox_prefix
-from bus.refusal import RefusalWatch, parse_refusal
+from bus.refusal import RefusalWatch, acting_as, parse_refusal
 from bus.wire import ServerAddress, WireConnection, WireSettings, parse_urls
 from bus.wire.address import with_credentials
 
@@ -139,13 +139,6 @@ def _is_auth_refusal(exc: BaseException) -> bool:
     return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text or (
         "authentication" in text and "expired" not in text
     )
-
-
-def _identity(spec: ConnectionSpec) -> str:
-    """Who a connection acts as, for refusal messages: its name and credential file."""
-    if spec.credential is not None and spec.credential.path:
-        return f"{spec.name} (credential {spec.credential.path})"
-    return spec.name
 
 
 def _userinfo(address: ServerAddress) -> str:
@@ -248,7 +241,7 @@ class Transport:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         # Calls waiting on the control connection, failed at once when the server refuses them.
-        self.refusals = RefusalWatch(_identity(spec))
+        self.refusals = RefusalWatch(acting_as(spec.name, spec.credential))
         self._refused_at_connect: asyncio.Future[str] | None = None
 
     async def __aenter__(self) -> "Transport":
@@ -489,13 +482,12 @@ class Transport:
         await self._confirm_interest(sub, subject)
         return Subscription(sub)
 
-    async def _confirm_interest(self, sub: NatsSubscription, subject: str) -> None:
+    async def _confirm_interest(self, sub: NatsSubscription, subject: str, timeout_s: float = JS_API_TIMEOUT_S) -> None:
         """Round-trip to the server so a refused subscription raises PermissionDenied now (the
-        server answers SUB with -ERR before the PONG). Raises BusUnavailable, PermissionDenied."""
+        server answers SUB with -ERR before the PONG), and the interest is known to the server
+        when this returns. Unsubscribes on failure. Raises BusUnavailable, PermissionDenied."""
         try:
-            await self.refusals.guard(
-                subject, self.nc.flush(timeout=JS_API_TIMEOUT_S), action="subscribe", finish=True
-            )
+            await self.refusals.guard(subject, self.nc.flush(timeout=timeout_s), action="subscribe", finish=True)
         except BaseException as exc:
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
                 await sub.unsubscribe()
@@ -551,13 +543,8 @@ class Transport:
             sub = await self.nc.subscribe(subject, max_msgs=1)
         except _NATS_FAILURES as exc:
             raise translate(exc, f"subscribe to {subject}") from exc
+        await self._confirm_interest(sub, subject, max(1, int(timeout_s)))
         try:
-            try:
-                await self.refusals.guard(
-                    subject, self.nc.flush(timeout=max(1, int(timeout_s))), action="subscribe", finish=True
-                )
-            except _NATS_FAILURES as exc:
-                raise translate(exc, f"subscribe to {subject}") from exc
             yield OneReply(sub)
         finally:
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):

@@ -75,6 +75,7 @@ async def _server(args: argparse.Namespace) -> AsyncIterator[bool]:
     up = argparse.Namespace(
         port=parsed.port or 4222, monitor_port=None, store=None, config=None, detach=True, no_projections=False,
         start_timeout=30.0, home=args.home, namespace=args.namespace, metrics_port=None, cluster=1,
+        no_auth=False, tls=False, tls_cert=None, tls_key=None, tls_ca=None, listen="127.0.0.1",
     )
     await run_up(up)
     try:

@@ -30,8 +30,7 @@ from bus.cli.server_commands import (
     _stop_child,
     _wait_projections_ready,
     access_summary,
-    admin_credentials,
-    local_tls,
+    local_access,
     print_next_steps,
     projections_summary,
     setup_auth,
@@ -210,7 +209,7 @@ async def prepare_replicated_log(cluster: LocalCluster, namespace: str, timeout_
 
     config = BusConfig(
         url=cluster.url, monitor_url=cluster.monitor_url, namespace=namespace, name="bus-up",
-        stream=StreamSettings(replicas=cluster.size), credentials=admin_credentials(home), tls=local_tls(home),
+        stream=StreamSettings(replicas=cluster.size), **local_access(home),
     )
     try:
         async with asyncio.timeout(timeout_s):

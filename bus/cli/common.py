@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from bus.config import DEFAULT_URL, BusConfig, TlsSettings
+from bus.config import DEFAULT_URL, BusConfig
 from bus.scrape import MetricsEndpoint, ScrapeTarget, add_process_metrics, serve_metrics, targets_dir
 
 if TYPE_CHECKING:
@@ -80,8 +80,8 @@ def bus_config(args: argparse.Namespace, *, name: str = "cli", **overrides: obje
         monitor_url = state.monitor_url
     fields: dict[str, object] = {"url": args.url, "namespace": args.namespace, "name": name, "monitor_url": monitor_url}
     tls_from_env = any(os.environ.get(k) for k in ("BUS_TLS_CA", "BUS_TLS_CERT", "BUS_TLS_KEY"))
-    if ours and state.tls_ca and not tls_from_env:
-        fields["tls"] = TlsSettings(ca_file=state.tls_ca)  # the CA `bus up --tls` made
+    if ours and state.tls is not None and not tls_from_env:
+        fields["tls"] = state.tls  # the CA `bus up --tls` made
     credentials = credentials_for(args)
     if credentials is not None:
         fields["credentials"] = str(credentials)
@@ -94,17 +94,21 @@ def credentials_for(args: argparse.Namespace) -> Path | None:
     """The credential file a command connects with: --creds (or BUS_CREDS), else the admin
     credential of the home `bus up` set authorization up in, else None. Raises CliError for a
     --creds file that does not exist."""
-    from bus.identity import CredentialRegistry
-
     given = getattr(args, "creds", None)
     if given is not None:
         if not Path(given).is_file():
             raise CliError(f"the credential file {given} does not exist (--creds / BUS_CREDS)")
         return Path(given)
     home = getattr(args, "home", None)
-    if home is None:
-        return None
-    admin = CredentialRegistry(Path(home)).admin_credential
+    return None if home is None else admin_credentials(Path(home))
+
+
+def admin_credentials(home: Path) -> Path | None:
+    """The admin credential `bus up` wrote in `home`, or None when authorization was never set
+    up there."""
+    from bus.identity import CredentialRegistry
+
+    admin = CredentialRegistry(home).admin_credential
     return admin if admin.is_file() else None
 
 

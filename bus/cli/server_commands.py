@@ -29,10 +29,18 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bus.cli.common import DEFAULT_HOME, CliError, add_metrics_option, metrics_endpoint, out, port_number
+from bus.cli.common import (
+    DEFAULT_HOME,
+    CliError,
+    add_metrics_option,
+    admin_credentials,
+    metrics_endpoint,
+    out,
+    port_number,
+)
 from bus.cli.keeper import describe_exit
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
-from bus.config import BusConfig, TlsSettings, check_name
+from bus.config import BusConfig, check_name
 from bus.identity import CredentialRegistry, Role
 from bus.identity.certificates import ensure_server_tls, given_server_tls
 from bus.scrape import MetricsEndpoint, ScrapeTarget
@@ -213,11 +221,6 @@ async def setup_auth(args: argparse.Namespace, home: Path) -> CredentialRegistry
     """Authorization for the server(s) `bus up` starts: the admin and projection-service
     credentials exist, and the server config that includes auth.conf is written. None with
     --no-auth. Raises CliError when the base config cannot be read."""
-    # Defaults for callers that build the namespace themselves (`bus demo` starting a server).
-    for option, default in (("tls", False), ("tls_cert", None), ("tls_key", None), ("tls_ca", None),
-                            ("listen", "127.0.0.1"), ("no_auth", False)):
-        if not hasattr(args, option):
-            setattr(args, option, default)
     loopback = args.listen in ("127.0.0.1", "::1", "localhost")
     if not loopback and (args.no_auth or not args.tls):
         raise CliError(
@@ -245,16 +248,12 @@ async def setup_auth(args: argparse.Namespace, home: Path) -> CredentialRegistry
     return registry
 
 
-def admin_credentials(home: Path) -> str | None:
-    """The admin credential's path when this home has authorization set up, else None."""
-    path = CredentialRegistry(home).admin_credential
-    return str(path) if path.is_file() else None
-
-
-def local_tls(home: Path) -> TlsSettings | None:
-    """TLS settings verifying the servers `bus up` recorded in `home`, when they serve TLS."""
+def local_access(home: Path) -> dict[str, object]:
+    """The BusConfig fields `bus up` itself connects with: the home's admin credential, and the
+    CA its servers' TLS is verified with (both recorded before any server is waited for)."""
+    admin = admin_credentials(home)
     state = read_state(home)
-    return TlsSettings(ca_file=state.tls_ca) if state is not None and state.tls_ca else None
+    return {"credentials": None if admin is None else str(admin), "tls": None if state is None else state.tls}
 
 
 def _projections_command(args: argparse.Namespace, url: str, home: Path) -> list[str] | None:
@@ -482,7 +481,7 @@ async def _prepare_log(settings: ServerSettings, namespace: str, home: Path) -> 
 
     config = BusConfig(
         url=settings.url, namespace=namespace, name="bus-up", monitor_url=settings.monitor_url,
-        credentials=admin_credentials(home), tls=local_tls(home),
+        **local_access(home),
     )
     async with asyncio.timeout(settings.start_timeout_s):
         async with Bus(config):
@@ -505,8 +504,7 @@ async def _wait_projections_ready(
     from bus.client import Bus
 
     config = BusConfig(
-        url=url, namespace=namespace, name="bus-up", require_fsync=False, credentials=admin_credentials(home),
-        tls=local_tls(home),
+        url=url, namespace=namespace, name="bus-up", require_fsync=False, **local_access(home),
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import msgspec
 
+from bus.config import TlsSettings
+
 
 class NodeState(msgspec.Struct, frozen=True, kw_only=True):
     """One nats-server `bus up` started: a node of a local cluster, or the single server."""
@@ -34,6 +36,11 @@ class ServerState(msgspec.Struct, frozen=True, kw_only=True):
     nodes: tuple[NodeState, ...] = ()
     # The CA that verifies the servers when they serve TLS (`bus up --tls`); None: plain TCP.
     tls_ca: str | None = None
+
+    @property
+    def tls(self) -> TlsSettings | None:
+        """TLS settings verifying these servers with the CA `bus up --tls` recorded; None: plain."""
+        return TlsSettings(ca_file=self.tls_ca) if self.tls_ca else None
 
     @property
     def servers(self) -> tuple[NodeState, ...]:
