@@ -158,17 +158,19 @@ class ProjectionService:
         group = settings.query.queue_group
         transport = bus.transport
         name = settings.service
+        # Queries last: a client that got an answer finds status, rebuild and the roll call
+        # served too (each subscription is confirmed by a round trip before the next).
         self._subscriptions = [
-            await transport.subscribe(bus.subjects.query, self._on_query, queue=group, max_pending=100_000),
-            # `<query>.<agent>`: the server lets only that agent's credential (and the admin) send
-            # here, so the last token says whose scope the query runs in.
-            await transport.subscribe(f"{bus.subjects.query}.*", self._on_query, queue=group, max_pending=100_000),
             await transport.subscribe(status_subject(bus.subjects), self._on_status, queue=group),
             await transport.subscribe(rebuild_subject(bus.subjects), self._on_rebuild, queue=group),
             # This service alone, by name (several may fold the same log, each into its own file).
             await transport.subscribe(status_subject(bus.subjects, name), self._on_status),
             await transport.subscribe(rebuild_subject(bus.subjects, name), self._on_rebuild),
             await transport.subscribe(roll_call_subject(bus.subjects), self._on_roll_call),
+            # `<query>.<agent>`: the server lets only that agent's credential (and the admin) send
+            # here, so the last token says whose scope the query runs in.
+            await transport.subscribe(f"{bus.subjects.query}.*", self._on_query, queue=group, max_pending=100_000),
+            await transport.subscribe(bus.subjects.query, self._on_query, queue=group, max_pending=100_000),
         ]
         await transport.flush()
         log.info("projections: %s folded into %s from seq %d; answering queries on %s",
