@@ -63,9 +63,11 @@ CONTROL_TIMEOUT_S = 1.0
 DELETE_TIMEOUT_S = 0.5
 # Entering the reader gives up creating its first consumer after this long.
 START_TIMEOUT_S = 10.0
-# Pauses between attempts to create a consumer: from the first, doubling, up to the last.
+# Pauses between attempts to create a consumer: from the first, doubling, up to the last. The
+# last is short because the usual cause is a cluster electing a new leader (4-9 s with no
+# answer): the views resume within a pause of the election, and an attempt is one small request.
 RETRY_FIRST_S = 0.05
-RETRY_MAX_S = 1.0
+RETRY_MAX_S = 0.25
 # Unanswered attempts to create a consumer under one name before trying under a new one.
 SAME_NAME_ATTEMPTS = 3
 # Records waiting to be read beyond which flow-control requests wait for `read`.

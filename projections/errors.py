@@ -6,7 +6,12 @@
     │                     configuration, or move the file away and let it be rebuilt
     ├── FoldError         a batch could not be applied for a reason other than its data (disk full,
     │                     out of memory): nothing of it was committed; retry later
-    └── RebuildError      a rebuild could not start or finish (unknown view, one already running)
+    ├── RebuildError      a rebuild could not start or finish (unknown view, one already running)
+    └── ArchiveError      the archive could not be written or read (disk full, permissions): nothing
+        │                 sealed was changed; fix the cause and run again
+        └── ArchiveCorrupt  a segment file fails verification (unreadable, truncated, a hash or the
+                            chain broken, a segment missing): restore it from a copy; nothing is
+                            archived after it until then
 
 Query failures are not exceptions on the service side: they are `schemas.query.QueryFailure`
 answers, raised on the client as `bus.errors.QueryError`. Foreign errors (duckdb, nats, OS) are
@@ -34,3 +39,12 @@ class FoldError(ProjectionError):
 
 class RebuildError(ProjectionError):
     """A rebuild was refused or failed; the views being served are unchanged."""
+
+
+class ArchiveError(ProjectionError):
+    """The archive could not be written or read; segments already sealed are unchanged."""
+
+
+class ArchiveCorrupt(ArchiveError):
+    """A segment file fails verification: unreadable or truncated, its records not what its
+    metadata says, or the hash chain broken (a segment missing, replaced or reordered)."""

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "bus.cli.bench_command",       # bench
     "bus.cli.smoke_command",       # smoke
     "projections.cli",             # projections run|rebuild|status, query
+    "projections.archive.cli",     # archive run|list|verify
     "agents.cli",                  # agent start|ps|stop|logs, trace
     "agents.research.cli",         # demo research, replay
     "agents.mcp.cli",              # mcp

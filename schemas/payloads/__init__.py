@@ -10,6 +10,7 @@ from schemas.payloads.agents import (
     AgentStopped,
     StepRecorded,
 )
+from schemas.payloads.archive import ArchiveSegmentSealed
 from schemas.payloads.delivery import DeadLettered, DeadLetterRetried, DeliveryExpired, DeliveryReport, Settlement
 from schemas.payloads.llm import LlmCallCompleted, LlmCallFailed
 from schemas.payloads.memory import (
@@ -66,10 +67,12 @@ BUILTIN_PAYLOADS: tuple[type, ...] = (
     FactSuperseded,
     FactRetracted,
     ContradictionFlagged,
+    ArchiveSegmentSealed,
 )
 
 __all__ = [
     "BUILTIN_PAYLOADS",
+    "ArchiveSegmentSealed",
     "AgentCircuitOpened",
     "AgentCrashed",
     "AgentHeartbeat",
