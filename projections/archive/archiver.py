@@ -1,0 +1,184 @@
+"""`archive run`: seal the log, from after the last segment, into segments.
+
+    1. Clean up what a crashed run left (temporary files), check the chain from the segments'
+       metadata and verify the last segment wholly: the run goes on only after a good segment.
+    2. Record the `archive.segment.sealed` event of any segment a crash left unannounced.
+    3. Read the log from after the last segment to its end as of now (`bus.log_reader`, as the
+       projections read it), cut it into segments of `segment_records` (the rest too with
+       `seal_partial`), write each in a thread while the next is read, record its event.
+
+Each segment's event is recorded once: its id is derived from the segment's chain hash (a
+re-sent event within the log's duplicate window is stored once), and after its ack the event's
+sequence is appended to `sealed-events` in the archive directory (synced), which later runs read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bus.log_reader import LogReader, LogRecord
+from projections.archive.config import ArchiveSettings
+from projections.archive.verify import Segment, chain_of, verify_file
+from projections.archive.writer import remove_leftovers, sync_directory, write_segment
+from projections.archive.segment import GENESIS, SegmentMeta
+from projections.errors import ArchiveError
+from schemas.ids import stable_id
+from schemas.payloads.archive import ArchiveSegmentSealed
+
+if TYPE_CHECKING:
+    from bus import Bus
+
+log = logging.getLogger("continuum.projections.archive")
+
+ARCHIVER = "archiver"  # the name the sealed events are recorded under
+EVENTS_FILE = "sealed-events"
+
+
+@dataclass
+class ArchiveRun:
+    """What one run did: the segments it sealed (with their files' sizes), the events it
+    recorded for segments sealed before, and where the archive ends now."""
+
+    sealed: list[tuple[SegmentMeta, int]] = field(default_factory=list)
+    announced: list[str] = field(default_factory=list)
+    last_seq: int = 0
+    records: int = 0
+    seconds: float = 0.0
+
+
+async def run_archive(
+    bus: Bus, settings: ArchiveSettings, *, on_sealed: Callable[[SegmentMeta], None] | None = None
+) -> ArchiveRun:
+    """Archive `bus`'s log (see the module docstring). Raises ArchiveCorrupt (the archive fails
+    verification: nothing is written after a bad segment), ArchiveError (cannot write),
+    BusUnavailable (the log cannot be read or the event recorded: run again)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    stream = bus.subjects.stream
+    segments = await asyncio.to_thread(_prepare, settings.directory, stream)
+    run = ArchiveRun(last_seq=segments[-1].meta.last_seq if segments else 0)
+    recorded = await asyncio.to_thread(_recorded, settings.directory)
+    for segment in segments:
+        if segment.meta.name not in recorded:
+            await _announce(bus, settings.directory, segment.meta, segment.file_bytes)
+            run.announced.append(segment.meta.name)
+    previous = segments[-1].meta if segments else None
+    head = await bus.last_seq()
+    after = previous.last_seq if previous is not None else 0
+    wanted = head - after >= (1 if settings.seal_partial else settings.segment_records)
+    if wanted:
+        async with LogReader(bus, start_seq=after + 1, name="archive") as reader:
+            previous = await _seal_until(bus, settings, reader, head, previous, run, on_sealed)
+    run.last_seq = previous.last_seq if previous is not None else 0
+    run.seconds = loop.time() - started
+    return run
+
+
+async def _seal_until(
+    bus: Bus, settings: ArchiveSettings, reader: LogReader, head: int, previous: SegmentMeta | None,
+    run: ArchiveRun, on_sealed: Callable[[SegmentMeta], None] | None,
+) -> SegmentMeta | None:
+    """Read up to `head`, sealing a segment each `segment_records` (one written while the next
+    is read). Returns the last segment sealed (or `previous`)."""
+    stream = bus.subjects.stream
+    size = settings.segment_records
+    pending: list[LogRecord] = []
+    writing: asyncio.Task[tuple[SegmentMeta, int]] | None = None
+
+    async def finish() -> None:
+        nonlocal writing, previous
+        if writing is None:
+            return
+        task, writing = writing, None
+        meta, file_bytes = await task
+        previous = meta
+        run.sealed.append((meta, file_bytes))
+        run.records += meta.count
+        await _announce(bus, settings.directory, meta, file_bytes)
+        if on_sealed is not None:
+            on_sealed(meta)
+
+    async def start(records: Sequence[LogRecord]) -> None:
+        nonlocal writing
+        await finish()  # one segment in flight at most; the next is cut after the one before
+        writing = asyncio.create_task(asyncio.to_thread(write_segment, settings, stream, records, previous))
+
+    try:
+        read_upto = 0  # (the reader's own `last_seq` counts records queued, not yet read)
+        while read_upto < head:
+            records = await reader.read(size)
+            pending.extend(records)
+            read_upto = records[-1].seq
+            while len(pending) >= size:
+                await start(pending[:size])
+                del pending[:size]
+        # (The log cannot shrink below `head`: it keeps everything.) What is left is a full segment's
+        # remainder: sealed only when asked.
+        cut = [r for r in pending if r.seq <= head]
+        if cut and settings.seal_partial:
+            await start(cut)
+        await finish()
+    finally:
+        if writing is not None:
+            # Cancelled or failed while a segment was written: wait for its thread (the file is
+            # then whole or absent; the next run verifies and announces it). Its own failure
+            # gives way to the one being raised.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(writing)
+    return previous
+
+
+def _prepare(directory: Path, stream: str) -> list[Segment]:
+    """Remove a crashed run's leftovers, check the chain, verify the last segment wholly.
+    Raises ArchiveCorrupt, ArchiveError."""
+    removed = remove_leftovers(directory)
+    if removed:
+        log.warning("removed what a crashed archive run left: %s", ", ".join(removed))
+    segments = chain_of(directory, stream)
+    if segments:
+        last = segments[-1]
+        prev_chain = segments[-2].meta.chain_sha256 if len(segments) > 1 else GENESIS
+        verify_file(last.path, prev_chain=prev_chain, after_seq=last.meta.after_seq)
+    return segments
+
+
+def _recorded(directory: Path) -> set[str]:
+    """The segments whose sealed event is known to be on the log."""
+    path = directory / EVENTS_FILE
+    try:
+        lines = path.read_text().splitlines() if path.exists() else []
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {path}: {exc}") from exc
+    return {line.split()[0] for line in lines if line.strip()}
+
+
+async def _announce(bus: Bus, directory: Path, meta: SegmentMeta, file_bytes: int) -> None:
+    """Record `meta`'s sealed event, then note it in `sealed-events`. Raises BusUnavailable,
+    ArchiveError."""
+    payload = ArchiveSegmentSealed(
+        stream=meta.stream, name=meta.name, first_seq=meta.first_seq, last_seq=meta.last_seq,
+        after_seq=meta.after_seq, count=meta.count, content_sha256=meta.content_sha256,
+        prev_chain_sha256=meta.prev_chain_sha256, chain_sha256=meta.chain_sha256, file_bytes=file_bytes,
+        first_stored_ns=meta.first_stored_ns, last_stored_ns=meta.last_stored_ns,
+    )
+    sent = await bus.record(ARCHIVER, payload, id=stable_id("archive.segment.sealed", meta.stream, meta.chain_sha256))
+    await asyncio.to_thread(_note, directory, meta.name, sent.ack.seq)
+
+
+def _note(directory: Path, name: str, seq: int) -> None:
+    path = directory / EVENTS_FILE
+    try:
+        with open(path, "a") as out:
+            out.write(f"{name} {seq}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        sync_directory(directory)
+    except OSError as exc:
+        raise ArchiveError(f"cannot write {path}: {exc}") from exc

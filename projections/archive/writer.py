@@ -1,0 +1,117 @@
+"""Writing one segment: the records decoded into the fold's columns, plus their exact bytes,
+written to a temporary name, synced, renamed into place, and read back verified.
+
+A crash at any point leaves either no segment file (a temporary one at most, removed by the next
+run) or a whole, synced one; the next run verifies it before going on after it. Synchronous:
+call it off the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bus.log_reader import LogRecord
+from projections.archive.config import ArchiveSettings
+from projections.archive.segment import GENESIS, METADATA_KEY, SegmentMeta, chain_hash, content_hash, encode_meta
+from projections.archive.verify import verify_file
+from projections.errors import ArchiveCorrupt, ArchiveError
+from projections.runner import decode
+
+TEMP_PREFIX = ".tmp-"
+# Columns of few distinct values: dictionary-encoded (the bytes and JSON columns are not).
+_DICTIONARY = ["subject", "kind", "sender", "recipient", "tag", "reply_to", "chain"]
+
+
+def archive_table(records: Sequence[LogRecord]) -> pa.Table:
+    """The segment table of `records` (non-empty, in sequence order): the fold's batch columns
+    (`projections.batch`), then `stored_ns`, `header` and `data`. Never raises on bad bytes: a
+    record that does not decode keeps its row with the error, as in the views."""
+    batch = decode(records)
+    table = batch.table
+    table = table.append_column("stored_ns", pa.array([r.time_ns for r in records], pa.int64()))
+    table = table.append_column("header", pa.array([r.header for r in records], pa.binary()))
+    return table.append_column("data", pa.array([r.data for r in records], pa.binary()))
+
+
+def write_segment(
+    settings: ArchiveSettings, stream: str, records: Sequence[LogRecord], previous: SegmentMeta | None
+) -> tuple[SegmentMeta, int]:
+    """Seal `records` (non-empty, in sequence order, all after `previous`) as the segment after
+    `previous` (None: the first); returns its metadata and the file's size in bytes, once the
+    file is in place and read back verified. Raises ArchiveError (cannot write: disk full,
+    permissions) and ArchiveCorrupt (what was read back is not what was written); either way no
+    file is left under the segment's name."""
+    after_seq = previous.last_seq if previous is not None else 0
+    if not records or records[0].seq <= after_seq:
+        raise ValueError(f"a segment after seq {after_seq} needs records after it")
+    table = archive_table(records)
+    content = content_hash(table)
+    prev_chain = previous.chain_sha256 if previous is not None else GENESIS
+    first, last, count = records[0].seq, records[-1].seq, len(records)
+    meta = SegmentMeta(
+        stream=stream, first_seq=first, last_seq=last, after_seq=after_seq, count=count,
+        content_sha256=content, prev_chain_sha256=prev_chain,
+        chain_sha256=chain_hash(prev_chain, after_seq, first, last, count, content),
+        first_stored_ns=records[0].time_ns, last_stored_ns=records[-1].time_ns,
+    )
+    table = table.replace_schema_metadata({METADATA_KEY: encode_meta(meta)})
+    directory = settings.directory
+    path = directory / meta.name
+    temp = directory / f"{TEMP_PREFIX}{meta.name}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(temp, "wb") as out:
+            pq.write_table(
+                table, out, compression="zstd", compression_level=settings.zstd_level,
+                row_group_size=settings.row_group_records, use_dictionary=_DICTIONARY,
+            )
+            out.flush()
+            os.fsync(out.fileno())
+        if path.exists():
+            raise ArchiveError(f"{path} exists already: a segment is sealed once (run `bus archive verify`)")
+        os.replace(temp, path)
+        sync_directory(directory)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise ArchiveError(f"cannot write segment {meta.name} in {directory}: {exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    try:
+        verified = verify_file(path, prev_chain=prev_chain, after_seq=after_seq)
+        if verified != meta:
+            raise ArchiveCorrupt(f"{meta.name}: read back, its metadata differs from what was written")
+    except ArchiveCorrupt:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return meta, path.stat().st_size
+
+
+def remove_leftovers(directory: Path) -> list[str]:
+    """Remove the temporary files a crashed run left in `directory`; returns their names.
+    Raises ArchiveError when the directory cannot be read or a file removed."""
+    try:
+        leftovers = [p for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX)] if directory.exists() else []
+        for path in leftovers:
+            path.unlink()
+    except OSError as exc:
+        raise ArchiveError(f"cannot clean up {directory}: {exc}") from exc
+    return [p.name for p in leftovers]
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so a rename into it survives a power cut. Raises OSError."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,31 @@
+"""Facts about the log's archive: sealed segments of the log written to Parquet files.
+
+Recorded at `<ns>.event.archiver.archive.segment.sealed` by `bus archive run` (or a service
+applying the archive policy), once per segment, after the file was written, synced, renamed into
+place and read back verified.
+"""
+
+from __future__ import annotations
+
+from schemas.envelope import Payload
+
+
+class ArchiveSegmentSealed(Payload, frozen=True, kw_only=True, tag="archive.segment.sealed"):
+    """One sealed segment: the records with `after_seq` < seq <= `last_seq` (`count` of them,
+    the first at `first_seq`), in the file `name` of the archive directory. `content_sha256` is
+    the SHA-256 of its records (sequences, stored times, subjects, headers, bytes), `chain_sha256`
+    that of the previous segment's chain hash and this segment's range and content hash, so a
+    segment removed, replaced or reordered breaks every chain hash after it."""
+
+    stream: str
+    name: str
+    first_seq: int
+    last_seq: int
+    after_seq: int
+    count: int
+    content_sha256: str
+    prev_chain_sha256: str
+    chain_sha256: str
+    file_bytes: int
+    first_stored_ns: int = 0
+    last_stored_ns: int = 0
