@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "bus.cli.metrics_commands",    # metrics targets
     "bus.cli.bench_command",       # bench
     "bus.cli.smoke_command",       # smoke
+    "bus.cli.console_commands",    # ui
     "projections.cli",             # projections run|rebuild|status, query
     "projections.archive.cli",     # archive run|list|verify
     "agents.cli",                  # agent start|ps|stop|logs, trace

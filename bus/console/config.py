@@ -1,0 +1,38 @@
+"""ConsoleConfig: where the console listens and what it may do."""
+
+from __future__ import annotations
+
+import msgspec
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+DEFAULT_UI_PORT = 4280
+
+
+class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Typed and frozen; built by `bus ui` (or `bus up`) from its options.
+
+    `operator`: retry dead letters from the page (needs the admin credential; else read-only).
+    The feed keeps `recent` envelopes for a page that opens, pushes to each page at most every
+    `push_interval_s` and at most `max_push` envelopes per push (the rest are counted as
+    skipped), and holds at most `page_queue` pushes for a page that reads slowly (older ones are
+    dropped, and counted)."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_UI_PORT
+    operator: bool = False
+    operator_name: str = "console"
+    recent: int = 500
+    push_interval_s: float = 0.05
+    max_push: int = 200
+    pending_limit: int = 5_000
+    page_queue: int = 16
+    max_pages: int = 32
+    history_s: int = 120
+    health_interval_s: float = 2.0
+    keepalive_s: float = 15.0
+    query_timeout_s: float = 10.0
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can reach the console."""
+        return self.host in LOOPBACK_HOSTS

@@ -1,0 +1,295 @@
+"""LiveFeed: the log as it happens, aggregated for every open page.
+
+    feed = LiveFeed(config)
+    async with asyncio.TaskGroup() as tasks:            # the app's lifespan owns both loops
+        tasks.create_task(feed.follow(bus))
+        tasks.create_task(feed.push_loop())
+    async with feed.page(TrafficFilter(agent="writer")) as page:
+        data = await page.next()                      # one server-sent event, as bytes
+
+The feed reads the log through a `LogReader` (one ordered consumer for the whole console, however
+many pages are open), keeps the last `recent` envelopes for a page that opens, and counts what it
+saw per second (by subject class, failed and retried attempts, dead letters). Every
+`push_interval_s` it hands each page one batch: the envelopes since the last push that pass the
+page's filter, at most `max_push` of them (the older rest is counted as `skipped`). A page that
+reads slowly keeps at most `page_queue` batches; older ones are dropped and counted. So at any
+rate the work per page is bounded and no page falls behind the log by more than one push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from bus.console.config import ConsoleConfig
+from bus.log_reader import LogReader, LogRecord
+from schemas import DecodeError
+from schemas.codec import decode_loose
+from schemas.registry import kind_of_raw
+
+if TYPE_CHECKING:
+    from bus.client import Bus
+
+log = logging.getLogger("continuum.console.feed")
+
+CATEGORIES = ("inbox", "group", "event", "reply", "dead")
+
+
+class TrafficItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One stored envelope as the traffic view lists it (no payload: that is fetched on click)."""
+
+    seq: int
+    at: float  # when the server stored it, ms since the epoch
+    category: str
+    kind: str
+    sender: str | None = None
+    to: str | None = None
+    tag: str | None = None
+    id: str | None = None
+    corr: str | None = None
+    cause: str | None = None
+    error: str | None = None  # bytes that are not an envelope: why
+
+
+class TrafficFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """What one page follows: an agent (as sender or recipient), a kind (`note`, or a prefix
+    ending in `*`), a tag, a correlation id (or its end, as `bus tail` prints it)."""
+
+    agent: str | None = None
+    kind: str | None = None
+    tag: str | None = None
+    corr: str | None = None
+
+    def matches(self, item: TrafficItem) -> bool:
+        """True when `item` passes every part of the filter that is set."""
+        if self.agent is not None and self.agent not in (item.sender, item.to):
+            return False
+        if self.kind is not None:
+            if self.kind.endswith("*"):
+                if not item.kind.startswith(self.kind[:-1]):
+                    return False
+            elif item.kind != self.kind:
+                return False
+        if self.tag is not None and item.tag != self.tag:
+            return False
+        if self.corr is not None and not (item.corr or "").endswith(self.corr):
+            return False
+        return True
+
+
+class _Second(msgspec.Struct, kw_only=True):
+    t: int
+    total: int = 0
+    inbox: int = 0
+    group: int = 0
+    event: int = 0
+    reply: int = 0
+    dead: int = 0
+    failed: int = 0
+    retried: int = 0
+
+
+class _Page:
+    """One open page's subscription: its filter and its bounded queue of encoded events."""
+
+    def __init__(self, filter_: TrafficFilter, limit: int) -> None:
+        self.filter = filter_
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=limit)
+        self.dropped = 0
+
+    def offer(self, data: bytes) -> None:
+        """Queue `data`, dropping the oldest queued event when full (never blocks)."""
+        if self.queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+                self.dropped += 1
+        self.queue.put_nowait(data)
+
+    async def next(self) -> bytes:
+        """The next event for this page, waiting for one."""
+        return await self.queue.get()
+
+
+class TooManyPages(Exception):
+    """The console already serves `max_pages` live pages."""
+
+
+_encoder = msgspec.json.Encoder()
+_report_probe = msgspec.json.Decoder(dict[str, Any])
+
+
+def sse(event: str, data: Any) -> bytes:
+    """One server-sent event: its name and its data as one JSON line."""
+    return b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n"
+
+
+class LiveFeed:
+    """Follows the log and fans it out to pages (see the module docstring)."""
+
+    def __init__(self, config: ConsoleConfig) -> None:
+        self._config = config
+        self._recent: collections.deque[TrafficItem] = collections.deque(maxlen=config.recent)
+        self._pending: collections.deque[TrafficItem] = collections.deque(maxlen=config.pending_limit)
+        self._overflow = 0  # envelopes that left `_pending` unpushed (over pending_limit)
+        self._seconds: collections.deque[_Second] = collections.deque(maxlen=config.history_s)
+        self._pages: set[_Page] = set()
+        self._health: bytes | None = None
+        self.head_seq = 0
+        self.following = asyncio.Event()
+
+    # -- reading the log ------------------------------------------------------------------
+
+    async def follow(self, bus: "Bus") -> None:
+        """Read the log from `recent` envelopes back, for ever. Raises BusUnavailable,
+        PermissionDenied (from the reader)."""
+        first, last = await bus.log_bounds()
+        start = max(first, last - self._config.recent + 1, 1)
+        async with LogReader(bus, start_seq=start, name="console") as reader:
+            self.head_seq = last
+            self.following.set()
+            while True:
+                for record in await reader.read(5_000):
+                    self.take(record)
+
+    def take(self, record: LogRecord) -> None:
+        """Count and keep one stored message."""
+        item = traffic_item(record)
+        self.head_seq = max(self.head_seq, record.seq)
+        self._recent.append(item)
+        if len(self._pending) == self._pending.maxlen:
+            self._overflow += 1
+        self._pending.append(item)
+        second = self._second(int(record.time_ns // 1_000_000_000))
+        second.total += 1
+        if item.category in CATEGORIES:
+            setattr(second, item.category, getattr(second, item.category) + 1)
+        if item.kind == "delivery.report":
+            failed, retried = _outcomes(record.data)
+            second.failed += failed
+            second.retried += retried
+
+    def _second(self, t: int) -> _Second:
+        seconds = self._seconds
+        if seconds and seconds[-1].t >= t:
+            for entry in reversed(seconds):
+                if entry.t == t:
+                    return entry
+                if entry.t < t:
+                    break
+            return seconds[-1]  # older than the newest kept second and not kept: count it there
+        seconds.append(_Second(t=t))
+        return seconds[-1]
+
+    # -- pages ------------------------------------------------------------------------------
+
+    def recent(self, filter_: TrafficFilter, limit: int) -> list[TrafficItem]:
+        """The newest `limit` kept envelopes that pass `filter_`, oldest first."""
+        found = [item for item in reversed(self._recent) if filter_.matches(item)][:limit]
+        found.reverse()
+        return found
+
+    def stats(self) -> list[_Second]:
+        """Counts per second, oldest first (seconds with nothing stored are absent)."""
+        return list(self._seconds)
+
+    @contextlib.asynccontextmanager
+    async def page(self, filter_: TrafficFilter) -> AsyncIterator[_Page]:
+        """Subscribe a page for the duration of the block; it starts with the health figures.
+        Raises TooManyPages."""
+        if len(self._pages) >= self._config.max_pages:
+            raise TooManyPages(f"the console serves at most {self._config.max_pages} live pages")
+        page = _Page(filter_, self._config.page_queue)
+        if self._health is not None:
+            page.offer(self._health)
+        self._pages.add(page)
+        try:
+            yield page
+        finally:
+            self._pages.discard(page)
+
+    @property
+    def pages(self) -> int:
+        """Live pages open now."""
+        return len(self._pages)
+
+    def close_pages(self) -> None:
+        """End every page's stream: each gets an empty event, which its stream takes as the end."""
+        for page in self._pages:
+            page.offer(b"")
+
+    def publish_health(self, figures: Any) -> None:
+        """Send the health figures to every page now, and to each page that opens later."""
+        self._health = sse("health", figures)
+        for page in self._pages:
+            page.offer(self._health)
+
+    async def push_loop(self) -> None:
+        """Every `push_interval_s`, one batch per page; every second, the counts. Runs until
+        cancelled."""
+        interval = self._config.push_interval_s
+        last_stats = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            self.push_once()
+            now = time.monotonic()
+            if now - last_stats >= 1.0 and self._pages:
+                last_stats = now
+                data = sse("stats", {"seconds": self.stats()[-60:], "head_seq": self.head_seq})
+                for page in self._pages:
+                    page.offer(data)
+
+    def push_once(self) -> None:
+        """Hand each page the envelopes that came since the last push (bounded), then forget them."""
+        if not self._pending:
+            return
+        pending = list(self._pending)
+        overflow, self._overflow = self._overflow, 0
+        self._pending.clear()
+        limit = self._config.max_push
+        for page in self._pages:
+            chosen = [item for item in pending if page.filter.matches(item)] if _filtering(page.filter) else pending
+            if not chosen:
+                continue
+            shown = chosen[-limit:]
+            skipped = len(chosen) - len(shown) + (overflow if not _filtering(page.filter) else 0)
+            page.offer(sse("traffic", {"items": shown, "skipped": skipped, "dropped": page.dropped}))
+
+
+def _filtering(filter_: TrafficFilter) -> bool:
+    return any(v is not None for v in (filter_.agent, filter_.kind, filter_.tag, filter_.corr))
+
+
+def traffic_item(record: LogRecord) -> TrafficItem:
+    """What the traffic view shows of a stored message; never raises on bad bytes."""
+    subject = record.subject.decode(errors="replace")
+    parts = subject.split(".")
+    category = parts[1] if len(parts) > 1 else "?"
+    at = record.time_ns / 1e6
+    try:
+        envelope = decode_loose(record.data)
+    except DecodeError as exc:
+        return TrafficItem(seq=record.seq, at=at, category=category, kind="(undecodable)", error=str(exc)[:300])
+    return TrafficItem(
+        seq=record.seq, at=at, category=category, kind=kind_of_raw(envelope.payload) or "(no kind)",
+        sender=envelope.sender, to=envelope.to, tag=envelope.tag, id=envelope.id,
+        corr=envelope.correlation_id, cause=envelope.causation_id,
+    )
+
+
+def _outcomes(data: bytes) -> tuple[int, int]:
+    """(failed or dead-lettered, retried) attempts in a delivery report; (0, 0) if unreadable."""
+    try:
+        envelope = _report_probe.decode(data)
+        settlements = envelope["payload"]["settlements"]
+        outcomes = [s.get("outcome") for s in settlements if isinstance(s, dict)]
+    except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
+        return 0, 0
+    failed = sum(1 for o in outcomes if o in ("failed", "dead_lettered"))
+    return failed, sum(1 for o in outcomes if o == "retried")
