@@ -469,3 +469,24 @@ def _utf8(values: pa.Array) -> pa.Array:
             [None if v is None else v.decode("utf-8", errors="replace") for v in values.to_pylist()], pa.string()
         )
     return text
+
+
+def batch_of_table(table: pa.Table, *, last_time_ns: int) -> Batch:
+    """A Batch of a table with the columns `build_batch` makes (say, read back from an archive
+    segment), its flags worked out from the columns: nothing is decoded again. `last_time_ns` is
+    the last record's stored time. Raises ValueError for an empty table or other columns."""
+    if table.num_rows == 0:
+        raise ValueError("a batch holds at least one record")
+    if table.schema.names != _SCHEMA.names:
+        raise ValueError(f"a batch table has the columns {', '.join(_SCHEMA.names)}")
+    table = table.cast(_SCHEMA) if not table.schema.equals(_SCHEMA) else table
+    subjects = table.column("subject").combine_chunks().view(pa.binary())
+    error = table.column("error")
+    return Batch(
+        table=table, seqs=table.column("seq").to_pylist(), last_time_ns=last_time_ns,
+        kinds=frozenset(k for k in pc.unique(table.column("kind")).to_pylist() if k is not None),
+        categories=_categories(subjects, subjects[0].as_py()),
+        claims=table.column("prev_seq").null_count < table.num_rows,
+        odd_ids=not _all_ids(table),
+        refused=error.null_count < table.num_rows,
+    )

@@ -39,6 +39,7 @@ from bus.cli.common import (
 from bus.cli.progress_line import ProgressLine
 from bus.errors import BusUnavailable
 from bus.scrape import ScrapeTarget
+from projections.archive.config import ArchiveSettings
 from projections.config import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUCKDB_THREADS,
@@ -160,7 +161,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> ProjectionSettings:
     path = args.db if args.db is not None else Path(args.home) / VIEWS_FILE
-    return ProjectionSettings(db_path=str(path), **overrides)
+    archive = ArchiveSettings.for_home(args.home, args.namespace).directory
+    return ProjectionSettings(db_path=str(path), archive_dir=str(archive), **overrides)
 
 
 # -- run ---------------------------------------------------------------------------------
@@ -244,7 +246,8 @@ async def _rebuild(args: argparse.Namespace) -> int:
         for service in await _targets(bus, args):
             report = await _rebuild_one(bus, args, settings, service)
             where = f"{report.source} {service}" if service else report.source
-            out(f"rebuilt {', '.join(report.views)} ({where}): {report.events} events in {report.seconds:.2f}s; "
+            archived = f" ({report.archived} from the archive)" if report.archived else ""
+            out(f"rebuilt {', '.join(report.views)} ({where}): {report.events} events{archived} in {report.seconds:.2f}s; "
                 f"swapped in at seq {report.applied_seq}")
     return 0
 

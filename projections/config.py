@@ -89,6 +89,9 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     # This service's name among those folding the same log (each with its own file): status and
     # rebuild requests can address it (`--service`). "": <host>-<file name>.
     service_name: str = ""
+    # The namespace's archive of sealed segments (`bus archive`), read by the `archive_events`
+    # view and by rebuilds (None: no archive; `bus projections run` passes <home>/archive/<ns>).
+    archive_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.service_name and not _SERVICE_NAME.fullmatch(self.service_name):

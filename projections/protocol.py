@@ -96,6 +96,8 @@ class RebuildReport(msgspec.Struct, frozen=True, kw_only=True):
     events: int
     seconds: float
     source: str = "service"
+    # Of `events`, those folded straight from the archive's segments (projections.archive).
+    archived: int = 0
 
 
 class ControlFailure(msgspec.Struct, frozen=True, kw_only=True, tag="failure", tag_field="status"):

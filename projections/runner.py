@@ -40,15 +40,17 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyarrow as pa
 
 from bus.errors import BusUnavailable
 from bus.log_reader import LogReader, LogRecord
+from projections.archive.reader import archived_batches
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
-from projections.errors import FoldError, RebuildError
+from projections.errors import ArchiveError, FoldError, RebuildError
 from projections.fold import StoreInvalidated, StoreUnusable, describe, retry_delay
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
@@ -317,9 +319,10 @@ class Runner:
                 folded += applied.events
                 return applied.swapped
 
+            archived = 0
             try:
                 if not await self._writer.call(self._store.catch_up_build):
-                    await self._build(done)
+                    archived = await self._build(done)
                 self._restart_live.set()  # frozen views were swapped: read again from their checkpoint
             except Exception:
                 self._metrics.rebuilds.labels("failed").inc()
@@ -331,14 +334,25 @@ class Runner:
             await self._writer.call(self._store.drop_retired)
         self._metrics.rebuilds.labels("swapped").inc()
         log.info("rebuilt %s: %d events in %.2fs", ", ".join(names), folded, seconds)
-        return RebuildReport(views=names, applied_seq=self.watermark.seq, events=folded, seconds=round(seconds, 3))
+        return RebuildReport(
+            views=names, applied_seq=self.watermark.seq, events=folded, seconds=round(seconds, 3), archived=archived
+        )
 
-    async def _build(self, done: Callable[[Applied], bool]) -> None:
+    async def _build(self, done: Callable[[Applied], bool]) -> int:
+        """Fold into the building views until `done` says they swapped: the archive's segments
+        first (when there is an archive), then the log. Returns the events folded from the
+        archive. Raises RebuildError."""
+        archive = self._settings.archive_dir
+        archived = 0
+        if archive is not None:
+            swapped, archived = await self._build_from_archive(Path(archive), done)
+            if swapped:
+                return archived
         for attempt in range(1, _REBUILD_READER_ATTEMPTS + 1):
             start = await self._writer.call(lambda: self._store.build_seq) + 1
             try:
                 await self._pipeline(start_seq=start, fold=self._store.apply_build, target="rebuild", done=done)
-                return
+                return archived
             except (BusUnavailable, BaseExceptionGroup) as exc:
                 _reraise_if_cancelling(exc)
                 failure = _only(exc, _READ_FAILURES)
@@ -346,6 +360,37 @@ class Runner:
                 if attempt == _REBUILD_READER_ATTEMPTS:
                     raise RebuildError(f"the rebuild could not read the log: {failure}") from failure
                 await asyncio.sleep(0.2 * attempt)
+
+    async def _build_from_archive(self, directory: Path, done: Callable[[Applied], bool]) -> tuple[bool, int]:
+        """Fold the archive's segments after the building checkpoint straight from their files
+        (no log read, no decode: projections.archive.reader): whether the build swapped in, and
+        the events folded. A
+        segment that cannot be read ends the archive's share: the log is read from there, or,
+        when the log no longer holds those records, RebuildError."""
+        fold = self._store.apply_build
+        archived = 0
+        try:
+            after = await self._writer.call(lambda: self._store.build_seq)
+            async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
+                async for _segment, batch in batches:
+                    applied = await self._fold_retrying(
+                        "rebuild", "rebuild", batch, lambda piece: self._writer.call(fold, piece)
+                    )
+                    archived += applied.events
+                    if applied.events:
+                        self._metrics.batch_size.labels("rebuild").observe(applied.events)
+                        self._metrics.applied.labels("rebuild").inc(applied.events)
+                    if applied.swapped:
+                        self._after_swap()
+                    if done(applied):
+                        return True, archived
+        except ArchiveError as exc:
+            built = await self._writer.call(lambda: self._store.build_seq)
+            if self._store.log_floor > built:
+                raise RebuildError(f"the archive cannot be read past seq {built} ({exc}), and the log "
+                                   f"starts at seq {self._store.log_floor + 1}") from exc
+            log.warning("rebuild: the archive is read up to seq %d only (%s); the log from there", built, exc)
+        return False, archived
 
     # -- the pipeline ---------------------------------------------------------------------
 

@@ -22,17 +22,21 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import msgspec
 from prometheus_client import CollectorRegistry
 
 from bus.errors import BusError
 from bus.transport import Inbound
 from projections import sandbox
+from projections.archive.reader import ArchiveView
+from projections.archive.view import NAME as ARCHIVE_VIEW
 from projections.config import ProjectionSettings
-from projections.errors import RebuildError, StoreMismatch
+from projections.errors import ArchiveError, RebuildError, StoreMismatch
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
 from projections.protocol import (
@@ -101,6 +105,7 @@ class ProjectionService:
         self.runner: Runner | None = None
         self.store: Store | None = None
         self._writer: Writer | None = None
+        self.archive_view: ArchiveView | None = None
 
     @property
     def applied_seq(self) -> int:
@@ -126,6 +131,7 @@ class ProjectionService:
         store = Store(
             settings.db_path, stream=bus.subjects.stream, views=self._views,
             memory_limit=settings.memory_limit, threads=settings.threads, lanes=settings.lanes, fsync=settings.fsync,
+            archive_dir=settings.archive_dir,
         )
         writer = Writer(store)
         self._writer = writer
@@ -136,6 +142,8 @@ class ProjectionService:
         await self._check_log(writer)
         self.watermark.advance(store.applied_seq)
 
+        if settings.archive_dir is not None:
+            await self._open_archive(writer, Path(settings.archive_dir))
         self._executors = await writer.call(self._new_executors, store)
         for executor in self._executors:
             self._idle.put_nowait(executor)
@@ -205,9 +213,35 @@ class ProjectionService:
             return ThreadPoolExecutor(max_workers=settings.query.workers, thread_name_prefix="continuum-query")
         # What the conversions import lazily is imported now: a sandboxed thread opens no file.
         await asyncio.to_thread(warm_up)
+        readable = [settings.archive_dir] if settings.archive_dir is not None else []
         return ThreadPoolExecutor(
-            max_workers=settings.query.workers, thread_name_prefix="continuum-query", initializer=_enter_sandbox
+            max_workers=settings.query.workers, thread_name_prefix="continuum-query", initializer=_enter_sandbox,
+            initargs=(readable,),
         )
+
+    async def _open_archive(self, writer: Writer, directory: Path) -> None:
+        """Define `archive_events` over the archive's segments (the directory is made if missing:
+        the query threads' sandbox lets them read beneath it). Raises ArchiveError, duckdb.Error."""
+        store = writer.store
+        try:
+            await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArchiveError(f"cannot create the archive directory {directory}: {exc}") from exc
+
+        async def define(name: str, select: str) -> None:
+            await writer.call(store.define_relation, name, select)
+
+        self.archive_view = ArchiveView(directory, self._bus.subjects.stream, define)
+        await self.archive_view.refresh()
+
+    async def _refresh_archive_view(self) -> None:
+        """Bring `archive_events` in step with the segment files (a query naming it sees every
+        segment sealed before it was asked). A failure is logged: the view as it was answers."""
+        assert self.archive_view is not None
+        try:
+            await self.archive_view.refresh()
+        except (ArchiveError, duckdb.Error, OSError) as exc:
+            log.warning("archive_events not refreshed: %s", exc)
 
     async def _check_log(self, writer: Writer) -> None:
         store = writer.store
@@ -305,6 +339,8 @@ class ProjectionService:
                             f"was not applied within {wait_s:g}s (the projection is behind, or that "
                             "sequence is past the end of the log)",
                 )
+        if self.archive_view is not None and ARCHIVE_VIEW in request.sql.lower():
+            await self._refresh_archive_view()
         try:
             async with asyncio.timeout(max(0.001, deadline - loop.time())):
                 executor = await self._idle.get()
@@ -458,12 +494,12 @@ class ProjectionService:
         await self._bus.transport.respond(msg, data)
 
 
-def _enter_sandbox() -> None:
-    """Query pool initializer: keep the thread off the file system (projections.sandbox). Should
-    the kernel refuse, the pool breaks and queries fail (fail closed) instead of running with
-    file access."""
+def _enter_sandbox(readable: list[str]) -> None:
+    """Query pool initializer: keep the thread off the file system (projections.sandbox) but for
+    reading the archive's segments beneath `readable`. Should the kernel refuse, the pool breaks
+    and queries fail (fail closed) instead of running with file access."""
     try:
-        sandbox.deny_files()
+        sandbox.deny_files(readable)
     except OSError:
         log.exception("could not sandbox a query thread: queries are refused")
         raise

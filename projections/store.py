@@ -113,6 +113,7 @@ class Store:
         lanes: int = 2,
         fsync: bool = False,
         boot_id: str | None = None,
+        archive_dir: str | Path | None = None,
     ) -> None:
         for spec in views:
             if not _IDENT.match(spec.name) or any(not _IDENT.match(r) for r in spec.relations):
@@ -123,6 +124,9 @@ class Store:
         self._memory_limit = memory_limit
         self._threads = threads
         self._checkpoint_threshold = checkpoint_threshold
+        # The one directory beyond its own files DuckDB may read (the archive's segments, behind
+        # the `archive_events` view the service defines); queries cannot name it themselves.
+        self.archive_dir = Path(archive_dir) if archive_dir is not None else None
         self._con: duckdb.DuckDBPyConnection | None = None
         # How the folds and the queries share DuckDB's memory (the queries register with it).
         self.folds_first = FoldsFirst()
@@ -196,6 +200,10 @@ class Store:
             raise StoreMismatch(f"cannot open {self.path}: {exc}") from exc
         self._con = con
         try:
+            if self.archive_dir is not None:
+                # Before external access is disabled (DuckDB refuses to widen it after).
+                self._run(f"SET allowed_directories = [{sql_text(str(self.archive_dir.resolve()) + '/')}]")
+                self._run("SET parquet_metadata_cache = true")
             for statement in (
                 # Checkpoint the WAL into the file less often than DuckDB's 16MB default: batches
                 # of 10k events write several MB each, and a checkpoint per batch halves the fold rate.
@@ -380,6 +388,15 @@ class Store:
             return []
         self.frozen = {name for name in stale if name in self.active}
         return stale
+
+    @_lanes_paused
+    def define_relation(self, name: str, select: str) -> None:
+        """Make `main.<name>` the view `select` (trusted SQL of the service's own, e.g. the
+        archive's segments), replacing any earlier definition. Raises ValueError for a name
+        that is not a lower-case identifier or is a view's relation, duckdb.Error."""
+        if not _IDENT.match(name) or any(name in spec.relations for spec in self.specs.values()):
+            raise ValueError(f"{name!r} cannot be defined: not an identifier, or a view's own relation")
+        self._run(f'CREATE OR REPLACE VIEW main."{name}" AS {select}')
 
     # -- generations ----------------------------------------------------------------------
 
@@ -626,6 +643,11 @@ class Store:
 
     def _rollback(self) -> None:
         self._unsettled = not rollback(self.con)
+
+
+def sql_text(value: str) -> str:
+    """`value` as a SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _lock_holder(message: str) -> str:
