@@ -38,6 +38,7 @@ from bus.errors import (
 from bus.fsync import check_fsync
 from bus.metrics import BusMetrics
 from bus.publisher import PubAck, Publisher
+from bus.settle import FORGED_SENDER
 from bus.subjects import Subjects
 from bus.topology import (
     agent_consumer_configs,
@@ -70,6 +71,23 @@ ADVISORY_SETUP_S = 2.0
 
 _query_response = msgspec.json.Decoder(QueryResult | QueryFailure)
 _query_encoder = msgspec.json.Encoder()
+
+
+def answer_from(codec: Codec, data: bytes, responder: str, request_id: str) -> Envelope[Any]:
+    """The reply to `request_id` that `responder` published (on the reply subject naming it).
+    The server vouches for the subject; the envelope must say the same. Raises RemoteError
+    (not a valid envelope, or an envelope claiming another sender: `forged_sender`)."""
+    try:
+        reply = codec.decode(data)
+    except DecodeError as exc:
+        raise RemoteError(f"the reply to request {request_id} is not a valid envelope: {exc}",
+                          error_type=exc.problem) from exc
+    if reply.sender != responder:
+        raise RemoteError(
+            f"the reply to request {request_id} was published by {responder!r} but says it is from "
+            f"{reply.sender!r}", error_type=FORGED_SENDER,
+        )
+    return reply
 
 
 async def server_reachable(url: str | Sequence[str], timeout_s: float = 2.0) -> bool:
@@ -354,7 +372,7 @@ class Bus:
         BusUnavailable.
         """
         envelope = self.envelope(payload, to=check_name(to, "agent name"), reply_to=self.config.name, **fields)
-        reply_subject = self.subjects.reply(self.config.name, envelope.id)
+        reply_subject = self.subjects.reply(self.config.name, envelope.id, to)
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with self.transport.expect(reply_subject, timeout_s=timeout_s) as waiter:
@@ -369,12 +387,10 @@ class Bus:
                     request_id=envelope.id,
                 )
         try:
-            reply = self.codec.decode(data)
-        except DecodeError as exc:
-            # Anyone may publish on a reply subject: what came back is not the agent's answer.
+            reply = answer_from(self.codec, data, to, envelope.id)
+        except RemoteError:
             self.metrics.requests.labels("failed").inc()
-            raise RemoteError(f"the reply to request {envelope.id} is not a valid envelope: {exc}",
-                              error_type=exc.problem) from exc
+            raise
         self.metrics.request_seconds.observe(loop.time() - started)
         if isinstance(reply.payload, RequestFailed):
             self.metrics.requests.labels("failed").inc()
@@ -401,16 +417,17 @@ class Bus:
         if not is_id(request.id):
             # Its reply's id is derived from its id, and its reply subject names it.
             raise ConfigurationError(f"the request cannot be answered: {id_problem('id', request.id)}")
+        responder = sender or request.to or self.config.name
         envelope = self.envelope(
             payload,
             to=request.reply_to,
-            sender=sender or request.to or self.config.name,
+            sender=responder,
             id=derived_id(request.id, "reply"),
             correlation_id=request.correlation_id,
             causation_id=request.id,
             hops=request.hops + 1,
         )
-        return await self.publish(envelope, self.subjects.reply(request.reply_to, request.id))
+        return await self.publish(envelope, self.subjects.reply(request.reply_to, request.id, responder))
 
     # -- consuming ------------------------------------------------------------------------
 

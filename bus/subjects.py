@@ -3,7 +3,7 @@
     <ns>.inbox.<to>.<from>      a message to one named agent
     <ns>.group.<tag>.<from>     a broadcast to every agent carrying <tag>
     <ns>.event.<agent>.<kind>   facts an agent records (kind may contain dots)
-    <ns>.reply.<to>.<req-id>    the reply to request <req-id>, addressed to <to>
+    <ns>.reply.<to>.<req-id>.<from>  the reply to request <req-id>, addressed to <to>, from <from>
     <ns>.dead.<agent>           dead letters of <agent>'s consumers
 
 All of `<ns>.>` is one stream, the log. The query service lives outside it (queries are reads,
@@ -44,8 +44,12 @@ class Subjects:
     def event_filter(self, agent: str) -> str:
         return f"{self.ns}.event.{check_name(agent, 'agent name')}.>"
 
-    def reply(self, to: str, request_id: str) -> str:
-        return f"{self.ns}.reply.{check_name(to, 'requester name')}.{request_id}"
+    def reply(self, to: str, request_id: str, responder: str) -> str:
+        """The reply to `request_id` from `responder`: its last token names who answers, so the
+        server's permissions vouch for it, as for an inbox subject's sender, and a requester
+        listens to the one it asked only."""
+        return (f"{self.ns}.reply.{check_name(to, 'requester name')}.{request_id}."
+                f"{check_name(responder, 'responder name')}")
 
     def dead(self, agent: str) -> str:
         return f"{self.ns}.dead.{check_name(agent, 'agent name')}"

@@ -422,7 +422,7 @@ async def test_request_prints_the_typed_reply(tmp_path, server_env, bus) -> None
     reply = json.loads(result.stdout)
     assert reply["kind"] == "pong" and reply["payload"] == {"kind": "pong", "text": "there?", "responder": "bob"}
     subject, _ = await stored(bus.config, reply["seq"])
-    assert subject == f"default.reply.cli.{reply['request_id']}"
+    assert subject == f"default.reply.cli.{reply['request_id']}.bob"
     assert text.code == 0 and "reply pong from bob" in text.stdout and '"responder":"bob"' in text.stdout
 
 

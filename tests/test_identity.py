@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 from bus import Bus, BusConfig
-from bus.errors import BusUnavailable, PermissionDenied
+from bus.errors import BusUnavailable, PermissionDenied, RemoteError
 from bus.identity import CredentialRegistry, Role
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings, find_config, reload_config
 from conftest import read_records, wait_for
@@ -227,6 +227,48 @@ async def test_an_envelope_whose_sender_differs_from_its_subject_is_dead_lettere
             assert [e.id for e in handled] == [honest.envelope.id]
     finally:
         await alice.__aexit__(None, None, None)
+
+
+async def test_no_agent_can_answer_a_request_in_another_agents_place(secured: Secured) -> None:
+    """alice asks bob. mallory, holding the request, cannot publish a reply as bob (refused at
+    once); its reply in its own name reaches nobody; a reply on bob's subject whose envelope
+    claims another sender (only the admin can publish one) fails the request as forged; bob's
+    own reply is the answer."""
+    alice = await _agent_bus(secured, "alice")
+    mallory = await _agent_bus(secured, "mallory")
+    bob = await _agent_bus(secured, "bob")
+    try:
+        async with Bus(secured.admin()) as admin:
+            async def request_in_log(text: str) -> Any:
+                for record in await read_records(admin, await admin.last_seq()):
+                    if record.subject == b"default.inbox.bob.alice":
+                        envelope = admin.codec.decode(record.data)
+                        if envelope.payload.text == text:
+                            return envelope
+                return None
+
+            asking = asyncio.create_task(alice.request("bob", Note(text="what is 2+2?"), timeout_s=15))
+            await wait_for(lambda: request_in_log("what is 2+2?"), what="alice's request in the log")
+            request = await request_in_log("what is 2+2?")
+            error, took = await _refused(mallory.reply(request, Note(text="5"), sender="bob"))
+            assert f"default.reply.alice.{request.id}.bob" in str(error) and took < REFUSED_WITHIN_S
+            await mallory.reply(request, Note(text="5"), sender="mallory")  # allowed, and unheard
+            await bob.reply(request, Note(text="4"))
+            answer = await asking
+            assert answer.sender == "bob" and answer.payload.text == "4"
+
+            asking = asyncio.create_task(alice.request("bob", Note(text="and 3+3?"), timeout_s=15))
+            await wait_for(lambda: request_in_log("and 3+3?"), what="alice's second request in the log")
+            second = await request_in_log("and 3+3?")
+            lying = admin.envelope(Note(text="6, says bob"), to="alice", sender="mallory",
+                                   causation_id=second.id, correlation_id=second.correlation_id)
+            await admin.publish(lying, admin.subjects.reply("alice", second.id, "bob"))
+            with pytest.raises(RemoteError) as caught:
+                await asking
+            assert caught.value.error_type == "forged_sender" and "mallory" in str(caught.value)
+    finally:
+        for agent in (bob, mallory, alice):
+            await agent.__aexit__(None, None, None)
 
 
 async def test_a_revoked_credential_is_disconnected_and_cannot_connect_again(secured: Secured) -> None:

@@ -120,7 +120,7 @@ class PolyglotAgent:
                 correlation_id=request["correlation_id"], causation_id=request["id"],
                 hops=request.get("hops", 0) + 1,
             )
-            await self.publish(js, f"{NS}.reply.{request['reply_to']}.{request['id']}", reply)
+            await self.publish(js, f"{NS}.reply.{request['reply_to']}.{request['id']}.{NAME}", reply)
         self.handled.append(request["id"])
         return {"stream_seq": msg.metadata.sequence.stream, "attempt": msg.metadata.num_delivered,
                 "outcome": "handled", "envelope_id": request["id"], "kind": payload["kind"],

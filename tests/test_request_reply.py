@@ -44,7 +44,7 @@ async def test_request_returns_the_reply(bus: Bus) -> None:
     assert isinstance(reply.payload, Pong)
     assert reply.payload.text == "hi" and reply.payload.responder == "echo"
     assert reply.causation_id is not None
-    stored = await bus.js.get_msg(bus.subjects.stream, subject=bus.subjects.reply("tester", reply.causation_id))
+    stored = await bus.js.get_msg(bus.subjects.stream, subject=bus.subjects.reply("tester", reply.causation_id, "echo"))
     assert bus.codec.decode(stored.data).id == reply.id
 
 

@@ -37,7 +37,7 @@ from agents.errors import NondeterminismError, StepError
 from agents.runtime.journal import MAX_STEPS, StepJournal
 from agents.runtime.reads import last_by_subject
 from agents.runtime.state import StateStore
-from bus.client import Bus
+from bus.client import Bus, answer_from
 from bus.config import check_name
 from bus.errors import RemoteError, RequestTimeout
 from schemas import PRIORITY_DEFAULT, Delivery, Envelope
@@ -242,19 +242,19 @@ class Context:
             hops=self.envelope.hops + 1,
             **fields,
         )
-        reply_subject = bus.subjects.reply(self.agent, envelope.id)
+        reply_subject = bus.subjects.reply(self.agent, envelope.id, to)
         async with bus.transport.expect(reply_subject, timeout_s=timeout_s) as waiter:
             sent = await bus.publish(envelope)
             # A re-sent request (an earlier attempt sent it) may have been answered already.
             stored = await last_by_subject(bus, reply_subject) if sent.ack.duplicate else None
             if stored is not None:
-                return bus.codec.decode(stored.data)
+                return answer_from(bus.codec, stored.data, to, envelope.id)
             answer = await waiter.next(timeout_s)
             if answer is not None:
-                return bus.codec.decode(answer.data)
+                return answer_from(bus.codec, answer.data, to, envelope.id)
             stored = await last_by_subject(bus, reply_subject)
             if stored is not None:
-                return bus.codec.decode(stored.data)
+                return answer_from(bus.codec, stored.data, to, envelope.id)
             raise RequestTimeout(
                 f"no reply from {to!r} within {timeout_s}s to request {envelope.id}", request_id=envelope.id
             )

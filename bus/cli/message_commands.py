@@ -311,7 +311,7 @@ async def run_request(args: argparse.Namespace) -> int:
         started = loop.time()
         reply = await bus.request(args.agent, payload, timeout_s=args.timeout, **fields)
         elapsed_ms = (loop.time() - started) * 1000
-        reply_seq = await _stored_seq(bus, bus.subjects.reply(args.sender, reply.causation_id or ""))
+        reply_seq = await _stored_seq(bus, bus.subjects.reply(args.sender, reply.causation_id or "", args.agent))
     body = msgspec.json.encode(reply.payload).decode()
     if args.json:
         out(msgspec.json.encode({

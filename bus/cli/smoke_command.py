@@ -164,7 +164,7 @@ async def _scenario(bus: Bus, stack: contextlib.AsyncExitStack, steps: _Steps, t
     elapsed = _ms(t)
     request_id = reply.causation_id or ""
     request_delivery, _ = await arrivals.wait(asked, request_id, timeout_s, f"request to {asked}")
-    reply_seq = await _seq_of(bus, bus.subjects.reply(bus.config.name, request_id))
+    reply_seq = await _seq_of(bus, bus.subjects.reply(bus.config.name, request_id, asked))
     if not isinstance(reply.payload, Pong):
         raise SmokeFailed(f"request to {asked}: expected a pong, got {reply.kind}")
     steps.show(

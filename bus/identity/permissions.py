@@ -7,7 +7,7 @@
 
 An agent's grant (namespace `ns`, log stream `S`, advisory stream `A`, name `me`):
 
-    publish    ns.inbox.*.me  ns.group.*.me  ns.event.me.>  ns.dead.me  ns.reply.*.*
+    publish    ns.inbox.*.me  ns.group.*.me  ns.event.me.>  ns.dead.me  ns.reply.*.*.me
                _continuum.ns.query.me                      queries, answered in its own scope
                $JS.API.INFO  $JS.API.STREAM.INFO.{S,A}     read the streams' state
                $JS.API.CONSUMER.INFO|MSG.NEXT.S.me__inbox|me__groups, A.me__deadletters
@@ -20,8 +20,12 @@ An agent's grant (namespace `ns`, log stream `S`, advisory stream `A`, name `me`
 No stream purge/delete/update, and consumer creation only in the form whose filter rides in the
 API subject (the server checks the body against it), so an agent can never widen what it reads.
 A consumer with several filters (the broadcasts of several tags, the dead-letter watcher) can
-only be made by the issuer (`bus agent start`, `bus creds issue`, with the admin credential). Replies (`ns.reply.<requester>.<id>`) carry no sender token: any agent
-may publish one, and the requester checks the reply's id against its request.
+only be made by the issuer (`bus agent start`, `bus creds issue`, with the admin credential).
+A reply (`ns.reply.<requester>.<request id>.<responder>`) names its responder in its last token,
+as an inbox subject names its sender: an agent answers only as itself, and a requester listens
+only on the subject naming the agent it asked (and checks the envelope's `sender` says the same),
+so no one else's answer can reach it. Who was asked is not known to the server, so an agent may
+still publish a reply, in its own name, to a request it never received: nobody listens to it.
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def agent_grant(namespace: str, name: str, public_key: str, tags: tuple[str, ...
     return Grant(
         publish_allow=(
             f"{ns}.inbox.*.{name}", f"{ns}.group.*.{name}", f"{ns}.event.{name}.>", f"{ns}.dead.{name}",
-            f"{ns}.reply.*.*",
+            f"{ns}.reply.*.*.{name}",
             f"{subjects.query}.{name}",  # queries in its own scope only (projections.scopes)
             "$JS.API.INFO", f"$JS.API.STREAM.INFO.{log}", f"$JS.API.STREAM.INFO.{advisories}",
             *(f"$JS.API.CONSUMER.INFO.{s}.{c}" for s, c in consumers),
