@@ -50,6 +50,8 @@ from schemas.query import QueryFailure, QueryResult, failure
 __all__ = ["MEMORY_POLL_S", "QueryExecutor", "fetch_rows", "warm_up"]
 
 MEMORY_POLL_S = 0.01
+# How often a fold short of memory interrupts a query again until it lets go (make_room).
+MAKE_ROOM_POLL_S = 0.01
 _READ_BATCH = 1024
 _BAD_SQL: tuple[type[duckdb.Error], ...] = (
     duckdb.ParserException,
@@ -101,6 +103,7 @@ class _Watchdog:
         self._memory_limit = memory_limit
         self._changed = threading.Condition()
         self._deadline: float | None = None
+        self._armed = False  # from arm to disarm: a query is (about to be) running
         self._baseline: tuple[int, int] | None = None
         self.tripped: str | None = None
         self._closed = False
@@ -110,6 +113,7 @@ class _Watchdog:
     def arm(self, timeout_s: float) -> None:
         with self._changed:
             self._deadline = time.monotonic() + timeout_s
+            self._armed = True
             self._baseline = None
             self.tripped = None
             self._changed.notify()
@@ -117,6 +121,7 @@ class _Watchdog:
     def disarm(self) -> None:
         with self._changed:
             self._deadline = None
+            self._armed = False
             self._changed.notify()
 
     def close(self) -> None:
@@ -126,9 +131,11 @@ class _Watchdog:
         self._thread.join()
 
     def stop_for_folds(self) -> None:
-        """Interrupt the running query, if any, for the folds (see QueryExecutor.make_room)."""
+        """Interrupt the running query, if any, for the folds (see QueryExecutor.make_room).
+        Again if it was interrupted already: an interrupt DuckDB received before the query
+        started executing is lost."""
         with self._changed:
-            if self._deadline is not None and not self._closed:
+            if self._armed and not self._closed:
                 self._trip("folds")
 
     def _watch(self) -> None:
@@ -170,6 +177,11 @@ class _Watchdog:
 
 
 _CHECKS_REMEMBERED = 256
+
+
+def _held_back(timeout_s: float) -> QueryFailure:
+    return failure("timeout", f"the query waited its whole time limit of {timeout_s:.3g}s for the views to fold: "
+                              "they were short of the memory they share with queries")
 
 
 class QueryExecutor:
@@ -220,9 +232,16 @@ class QueryExecutor:
         """Stop the query running now, if any, because a fold ran out of DuckDB's memory (see
         projections.memory_share); wait up to `wait_s` for it to let go. Called from a fold
         lane's thread."""
-        self._watchdog.stop_for_folds()
-        if self._running.acquire(timeout=wait_s):
-            self._running.release()
+        deadline = time.monotonic() + wait_s
+        while True:
+            # Repeated until the query lets go: one armed just after an interrupt (it had been
+            # admitted before the fold ran short) is stopped within one poll of starting.
+            self._watchdog.stop_for_folds()
+            if self._running.acquire(timeout=max(0.0, min(MAKE_ROOM_POLL_S, deadline - time.monotonic()))):
+                self._running.release()
+                return
+            if time.monotonic() >= deadline:
+                return
 
     def close(self) -> None:
         if self._folds_first is not None:
@@ -248,11 +267,20 @@ class QueryExecutor:
         cursor = self._cursor
         if self.retired:
             return failure("internal", "the views file was opened again while this query waited: send it again")
-        if self._folds_first is not None and not self._folds_first.admit(timeout_s):
-            return failure("timeout", f"the query waited its whole time limit of {timeout_s:.3g}s for the views to fold: "
-                                      "they were short of the memory they share with queries")
-        timeout_s = max(0.001, timeout_s - (time.perf_counter() - started))
+        if not self._admitted(started, timeout_s):
+            return _held_back(timeout_s)
         with self._running:
+            # A fold that ran short between `admit` and here: wait for it again, without the
+            # lock its make_room waits on. From here on, one that runs short stops this query
+            # (make_room interrupts it as soon as it is armed).
+            while self._folds_first is not None and self._folds_first.holding:
+                self._running.release()
+                try:
+                    if not self._admitted(started, timeout_s):
+                        return _held_back(timeout_s)
+                finally:
+                    self._running.acquire()
+            timeout_s = max(0.001, timeout_s - (time.perf_counter() - started))
             try:
                 if self._unsettled:
                     self._unsettled = not rollback(cursor)
@@ -292,6 +320,11 @@ class QueryExecutor:
             columns=columns, types=types, rows=rows, applied_seq=applied_seq, truncated=truncated,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+    def _admitted(self, started: float, timeout_s: float) -> bool:
+        """Whether the folds let queries start within what is left of `timeout_s`."""
+        folds_first = self._folds_first
+        return folds_first is None or folds_first.admit(max(0.0, timeout_s - (time.perf_counter() - started)))
 
     def _fetch(
         self, sql: str, params: list[Any], max_rows: int, timeout_s: float

@@ -54,15 +54,24 @@ class MemoryHog:
             self._cursor.close()
 
     def make_room(self, wait_s: float) -> None:
-        with contextlib.suppress(duckdb.Error):  # (closed with the database it was a cursor of)
-            self._cursor.interrupt()
-        if self._running.acquire(timeout=wait_s):
-            self._running.release()
+        # As QueryExecutor.make_room: interrupted again until it lets go (an interrupt that
+        # arrives before the query starts executing is lost).
+        deadline = time.monotonic() + wait_s
+        while True:
+            with contextlib.suppress(duckdb.Error):  # (closed with the database it was a cursor of)
+                self._cursor.interrupt()
+            if self._running.acquire(timeout=max(0.0, min(0.01, deadline - time.monotonic()))):
+                self._running.release()
+                return
+            if time.monotonic() >= deadline:
+                return
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._folds_first.admit(5.0)
             with self._running:
+                if self._folds_first.holding:
+                    continue  # a fold ran short since `admit` (as QueryExecutor.run)
                 try:
                     self._cursor.execute(HOG).fetchall()
                 except duckdb.ConnectionException:
