@@ -38,6 +38,7 @@ from bus.cli.common import (
     out,
     port_number,
 )
+from bus.cli.console_up import add_console_options, console_command, console_summary, wait_console_ready
 from bus.cli.keeper import describe_exit
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
 from bus.config import BusConfig, check_name
@@ -119,6 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--detach", action="store_true", help="start in the background and return when ready")
     up.add_argument("--no-projections", action="store_true", help="do not start the projection service")
+    add_console_options(up, port_number)
     up.add_argument(
         "--start-timeout", type=float, default=20.0,
         help="seconds to wait for the server (and the projection service) to be ready (default %(default)s)",
@@ -212,9 +214,10 @@ async def run_up(args: argparse.Namespace) -> int:
     )
     settings.command()  # fail early (exit 2) if the binary or the config is missing
     projections = _projections_command(args, settings.url, home)
+    console = console_command(args, settings.url, home)
     if args.detach:
-        return await _up_detached(args, home, settings, projections)
-    return await _up_foreground(args, home, settings, projections)
+        return await _up_detached(args, home, settings, projections, console)
+    return await _up_foreground(args, home, settings, projections, console)
 
 
 async def setup_auth(args: argparse.Namespace, home: Path) -> CredentialRegistry | None:
@@ -299,7 +302,8 @@ async def start_projections_detached(
 
 
 async def _up_detached(
-    args: argparse.Namespace, home: Path, settings: ServerSettings, projections_cmd: list[str] | None
+    args: argparse.Namespace, home: Path, settings: ServerSettings, projections_cmd: list[str] | None,
+    console: tuple[list[str], str] | None = None,
 ) -> int:
     server_log = settings.store_dir / "nats-server.log"
     server = _spawn_detached(settings.command(), server_log)
@@ -317,16 +321,25 @@ async def _up_detached(
             state, answering = await start_projections_detached(
                 projections_cmd, home, state, settings.url, args.namespace, args.start_timeout
             )
+        serving = False
+        if console is not None:
+            ui = _spawn_detached(console[0], home / "console.log")
+            state = msgspec.structs.replace(state, console_pid=ui.pid, console_url=console[1])
+            write_state(home, state)
+            serving = await wait_console_ready(console[1], ui.poll, args.start_timeout)
     except BaseException:
+        if state.console_pid is not None:
+            await _terminate(state.console_pid, 5.0)
         await _terminate(server.pid, 5.0)
         clear_state(home)
         raise
-    _print_summary(args, home, state, fsync, projections_cmd, answering, detached=True)
+    _print_summary(args, home, state, fsync, projections_cmd, answering, detached=True, console_ready=serving)
     return 0
 
 
 async def _up_foreground(
-    args: argparse.Namespace, home: Path, settings: ServerSettings, projections_cmd: list[str] | None
+    args: argparse.Namespace, home: Path, settings: ServerSettings, projections_cmd: list[str] | None,
+    console: tuple[list[str], str] | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -362,7 +375,15 @@ async def _up_foreground(
                     answering = await _wait_projections_ready(
                         settings.url, args.namespace, lambda: projections.returncode, None, args.start_timeout, home
                     )
-                _print_summary(args, home, state, fsync, projections_cmd, answering, detached=False)
+                serving = False
+                if console is not None:
+                    children.console = ui = await asyncio.create_subprocess_exec(
+                        *console[0], stdin=subprocess.DEVNULL, start_new_session=True
+                    )
+                    state = msgspec.structs.replace(state, console_pid=ui.pid, console_url=console[1])
+                    write_state(home, state)
+                    serving = await wait_console_ready(console[1], lambda: ui.returncode, args.start_timeout)
+                _print_summary(args, home, state, fsync, projections_cmd, answering, detached=False, console_ready=serving)
                 code = await _supervise(children, stop, server_log)
             finally:
                 await children.stop(grace_s=10.0)
@@ -377,13 +398,16 @@ async def _up_foreground(
 
 
 class _Children:
-    """The foreground `bus up`'s child processes, stopped in order: projections, then server."""
+    """The foreground `bus up`'s child processes, stopped in order: the console, projections,
+    then the server."""
 
     def __init__(self) -> None:
         self.server: asyncio.subprocess.Process | None = None
         self.projections: asyncio.subprocess.Process | None = None
+        self.console: asyncio.subprocess.Process | None = None
 
     async def stop(self, grace_s: float) -> None:
+        await _stop_child(self.console, grace_s)
         await _stop_child(self.projections, grace_s)
         await _stop_child(self.server, grace_s)
 
@@ -545,8 +569,11 @@ async def run_down(args: argparse.Namespace) -> int:
         if await _wait_gone(state.supervisor_pid, 2 * args.grace + 5.0):
             out(f"stopped the foreground `bus up` (pid {state.supervisor_pid}) and its children")
             stopped_any = True
-    # The projection service first (it is a client of the servers), then every server at once.
-    groups = [[(state.projections_pid, "projection service", _is_projections)]]
+    # The console and the projection service first (clients of the servers), then every server.
+    groups = [
+        [(state.console_pid, "console", _is_console)],
+        [(state.projections_pid, "projection service", _is_projections)],
+    ]
     groups.append([
         (node.pid, f"nats-server {node.name}" if state.nodes else "nats-server", _is_nats_server)
         for node in state.servers
@@ -573,7 +600,10 @@ async def run_down(args: argparse.Namespace) -> int:
 
 
 async def _clear_stale(home: Path, state: ServerState) -> None:
-    """The recorded server is gone: stop an orphaned projection service and forget the state."""
+    """The recorded server is gone: stop an orphaned console and projection service and forget
+    the state."""
+    if state.console_pid is not None and _is_running(state.console_pid, _is_console):
+        await _terminate(state.console_pid, 5.0)
     if state.projections_pid is not None and _is_running(state.projections_pid, _is_projections):
         await _terminate(state.projections_pid, 5.0)
     clear_state(home)
@@ -589,6 +619,10 @@ def _is_nats_server(argv: list[str]) -> bool:
 
 def _is_projections(argv: list[str]) -> bool:
     return "projections" in argv
+
+
+def _is_console(argv: list[str]) -> bool:
+    return "bus.cli.main" in argv and "ui" in argv
 
 
 def _is_bus_up(argv: list[str]) -> bool:
@@ -688,6 +722,7 @@ def _print_summary(
     answering: bool,
     *,
     detached: bool,
+    console_ready: bool = False,
 ) -> None:
     fsync_text = FSYNC_TEXT[fsync]
     projections = projections_summary(args, home, state, projections_cmd, answering, detached=detached)
@@ -695,6 +730,7 @@ def _print_summary(
     out(f"  server       pid {state.pid}, store {state.store_dir} ({fsync_text})")
     out(f"  monitoring   {state.monitor_url}")
     out(f"  projections  {projections}")
+    out(f"  console      {console_summary(args, home, state.console_url, state.console_pid, console_ready, detached=detached)}")
     out(f"  access       {access_summary(args, home, state)}")
     out(f"  state        {state_path(home)}")
     exports = None

@@ -36,6 +36,9 @@ class ServerState(msgspec.Struct, frozen=True, kw_only=True):
     nodes: tuple[NodeState, ...] = ()
     # The CA that verifies the servers when they serve TLS (`bus up --tls`); None: plain TCP.
     tls_ca: str | None = None
+    # The console `bus up` started (its keeper's pid) and its address; None with --no-ui.
+    console_pid: int | None = None
+    console_url: str | None = None
 
     @property
     def tls(self) -> TlsSettings | None:
