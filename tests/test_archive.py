@@ -7,6 +7,7 @@ projections read it, byte for byte.
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,15 +16,15 @@ import pytest
 
 from bus import Bus
 from bus.server import EmbeddedServer
-from projections.archive.archiver import EVENTS_FILE, run_archive
-from projections.archive.config import ArchiveSettings
+from projections.archive.archiver import EVENTS_FILE, ArchiveRun, keep_archiving, run_archive
+from projections.archive.config import ArchivePolicy, ArchiveSettings
 from projections.archive.verify import chain_of, verify_all
 from projections.archive.writer import TEMP_PREFIX
 from projections.errors import ArchiveCorrupt
 from schemas.payloads import Note
 
-from conftest import admin_env, read_records
-from test_cli import cli_env, run_bus  # noqa: F401 - the fixture is used by name
+from conftest import admin_env, read_records, wait_for
+from test_cli import BUS, cli_env, run_bus  # noqa: F401 - the fixture is used by name
 
 SEGMENT = 1_000
 
@@ -145,3 +146,55 @@ async def test_archive_cli_runs_lists_and_verifies(
     refused = await run_bus("archive", "run", env=env, cwd=tmp_path)
     assert refused.code == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "not a readable Parquet file" in refused.stderr
+
+
+async def test_the_policy_seals_full_segments_as_the_log_grows(bus: Bus, tmp_path: Path) -> None:
+    """`keep_archiving` seals each full segment once the log has grown by one, never a partial
+    one, until cancelled (the cancellation reaches the caller)."""
+    settings = ArchiveSettings(directory=tmp_path / "archive" / "default", segment_records=500)
+    runs: list[ArchiveRun] = []
+    keeping = asyncio.create_task(keep_archiving(bus, ArchivePolicy(settings=settings, interval_s=0.05), on_run=runs.append))
+    try:
+        await publish_notes(bus, 1_200)
+        await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) == 2, what="two full segments sealed")
+        await publish_notes(bus, 400, start=1_200)  # 1,600 notes and 2 events: a third segment, not a fourth
+        await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) == 3, what="the third segment sealed")
+        ran = len(runs)
+        await wait_for(lambda: len(runs) > ran + 2, what="more runs with nothing to seal")
+    finally:
+        keeping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await keeping
+    segments = chain_of(settings.directory, bus.subjects.stream)
+    assert [s.meta.count for s in segments] == [500, 500, 500]
+
+
+async def test_archive_cli_keeps_archiving_until_stopped(
+    bus: Bus, nats_server: EmbeddedServer, admin_credentials: str, cli_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """`bus archive run --every S` seals segments as they fill and ends cleanly (exit 0) on
+    SIGTERM; combined with --all it is refused (exit 2)."""
+    env = admin_env(cli_env, nats_server, admin_credentials)
+    await publish_notes(bus, 1_000)
+    proc = await asyncio.create_subprocess_exec(
+        *BUS, "archive", "run", "--every", "0.1", "--segment-records", "500", env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+
+        async def two_sealed() -> bool:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()  # type: ignore[union-attr]
+            lines.append(line)
+            return sum(text.startswith("sealed ") for text in lines) == 2
+
+        await wait_for(two_sealed, timeout_s=30, what="two segments sealed by the policy")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    refused = await run_bus("archive", "run", "--every", "1", "--all", env=env, cwd=tmp_path)
+    assert refused.code == 2 and "cannot be combined" in refused.stderr

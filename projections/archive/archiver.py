@@ -10,12 +10,15 @@
 Each segment's event is recorded once: its id is derived from the segment's chain hash (a
 re-sent event within the log's duplicate window is stored once), and after its ack the event's
 sequence is appended to `sealed-events` in the archive directory (synced), which later runs read.
+
+`keep_archiving` applies an ArchivePolicy: a run every `interval_s`, full segments only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -23,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bus.errors import BusUnavailable
 from bus.log_reader import LogReader, LogRecord
-from projections.archive.config import ArchiveSettings
+from projections.archive.config import ArchivePolicy, ArchiveSettings
 from projections.archive.verify import Segment, chain_of, verify_file
 from projections.archive.writer import remove_leftovers, sync_directory, write_segment
 from projections.archive.segment import GENESIS, SegmentMeta
-from projections.errors import ArchiveError
+from projections.errors import ArchiveCorrupt, ArchiveError
 from schemas.ids import stable_id
 from schemas.payloads.archive import ArchiveSegmentSealed
 
@@ -182,3 +186,28 @@ def _note(directory: Path, name: str, seq: int) -> None:
         sync_directory(directory)
     except OSError as exc:
         raise ArchiveError(f"cannot write {path}: {exc}") from exc
+
+
+async def keep_archiving(
+    bus: Bus, policy: ArchivePolicy, *, on_run: Callable[[ArchiveRun], None] | None = None,
+    on_failure: Callable[[Exception], None] | None = None,
+) -> None:
+    """Apply `policy` until cancelled: every `interval_s`, seal the full segments the log has
+    grown by (never a partial one). A run that fails for want of the server or the disk
+    (BusUnavailable, ArchiveError) is logged (and given to `on_failure`) and tried again at the
+    next interval; a damaged archive (ArchiveCorrupt) ends it, raised: nothing is archived after
+    a bad segment until an operator looks."""
+    settings = dataclasses.replace(policy.settings, seal_partial=False)
+    while True:
+        try:
+            run = await run_archive(bus, settings)
+        except ArchiveCorrupt:
+            raise
+        except (BusUnavailable, ArchiveError) as exc:
+            log.warning("archive run failed (%s); trying again in %gs", exc, policy.interval_s)
+            if on_failure is not None:
+                on_failure(exc)
+        else:
+            if on_run is not None:
+                on_run(run)
+        await asyncio.sleep(policy.interval_s)

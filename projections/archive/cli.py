@@ -12,16 +12,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from bus.cli.common import CliError, add_connection_options, open_bus, out, positive_int, write_out
+from bus.cli.common import (
+    CliError,
+    add_connection_options,
+    open_bus,
+    out,
+    positive_float,
+    positive_int,
+    write_out,
+)
 from bus.subjects import Subjects
-from projections.archive.archiver import run_archive
-from projections.archive.config import DEFAULT_SEGMENT_RECORDS, ArchiveSettings
+from projections.archive.archiver import ArchiveRun, keep_archiving, run_archive
+from projections.archive.config import DEFAULT_SEGMENT_RECORDS, ArchivePolicy, ArchiveSettings
 from projections.archive.segment import SegmentMeta
 from projections.archive.verify import Segment, chain_of, verify_all
 from projections.errors import ArchiveCorrupt, ArchiveError
@@ -43,6 +52,9 @@ def register(subparsers: Any) -> None:
                      help="also seal the records after the last full segment (default: full segments only)")
     run.add_argument("--segment-records", type=positive_int, default=DEFAULT_SEGMENT_RECORDS, metavar="N",
                      help="records per segment at most (default %(default)s)")
+    run.add_argument("--every", type=positive_float, default=None, metavar="SECONDS",
+                     help="keep running: seal the full segments the log has grown by every SECONDS, until "
+                          "stopped (SIGINT/SIGTERM); --all is not allowed with it")
     run.set_defaults(func=_run)
 
     listing = sub.add_parser("list", help="the segments, from their metadata (no server needed)")
@@ -78,7 +90,11 @@ def _stream(args: argparse.Namespace) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.every is not None and args.all:
+        raise CliError("--all seals a partial segment once; it cannot be combined with --every")
     settings = _settings(args, segment_records=args.segment_records, seal_partial=args.all)
+    if args.every is not None:
+        return await _keep(args, ArchivePolicy(settings=settings, interval_s=args.every))
 
     def sealed(meta: SegmentMeta) -> None:
         out(f"sealed {meta.name}: seq {meta.first_seq}..{meta.last_seq}, {meta.count:,} records")
@@ -101,6 +117,41 @@ async def _run(args: argparse.Namespace) -> int:
             + ("" if settings.seal_partial else f" (a segment is cut every {settings.segment_records:,} records; "
                "--all seals the rest)"))
     return 0
+
+
+async def _keep(args: argparse.Namespace, policy: ArchivePolicy) -> int:
+    """`run --every`: apply the policy until SIGINT or SIGTERM (exit 0), or a damaged archive
+    (exit 2, one line)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def ran(run: ArchiveRun) -> None:
+        for meta, _ in run.sealed:
+            out(f"sealed {meta.name}: seq {meta.first_seq}..{meta.last_seq}, {meta.count:,} records")
+
+    async def until_stopped() -> None:
+        await stop.wait()
+        raise _Stopped
+
+    async with open_bus(args, name="archive") as bus:
+        out(f"archiving {bus.subjects.stream} into {policy.settings.directory} every {policy.interval_s:g}s "
+            f"({policy.settings.segment_records:,} records a segment)")
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(keep_archiving(bus, policy, on_run=ran), name="archive-policy")
+                tasks.create_task(until_stopped(), name="archive-stop")
+        except* _Stopped:
+            pass  # asked to stop
+        except* ArchiveCorrupt as group:
+            exc = group.exceptions[0]
+            raise CliError(f"{exc} (run `bus archive verify`; archiving stopped)") from exc
+    return 0
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM: the policy ends (the run in progress is cancelled between segments)."""
 
 
 async def _list(args: argparse.Namespace) -> int:

@@ -1,0 +1,128 @@
+"""`bus bench` archive section: sealing the log, rebuilding from the archive, querying it.
+
+    archive_per_s          events/s `archive run` seals end to end: the log read (bus.log_reader),
+                           decoded into the fold's columns, written to zstd Parquet, fsynced, read
+                           back and verified (hashes), and announced
+    archive_write_per_s    the same without reading the log (records already in memory): decode,
+                           write, sync, verify
+    rebuild_archive_1m_s   seconds to rebuild every view (`bus projections rebuild`, while the
+                           service serves) from an archive of the whole log plus a live tail of 1%
+                           read from the log, scaled to 1,000,000 archived events
+    rebuild_log_1m_s       the same-run baseline: the same rebuild by a service with no archive
+                           (every event read from the log and decoded), once
+    query_archive_p50_ms   a point lookup by id in `archive_events` (the archive's Parquet files)
+    query_archive_p99_ms   over the bus, 1,000,000 archived events
+
+Setup (not measured): a synthetic log of `env.n(1_000_000)` events appended with atomic batches.
+The projection services run as their own processes, as `bus up` starts them. Medians over
+`env.repeats` where a figure is repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import statistics
+import time
+from typing import TYPE_CHECKING
+
+from bus.client import Bus
+from bus.config import BusConfig
+from bus.log_reader import LogRecord
+from projections.archive.archiver import run_archive
+from projections.archive.config import ArchiveSettings
+from projections.archive.writer import write_segment
+from projections.bench import _answering, _percentile, _read_all, _service_process
+from projections.config import tuned_gc
+from projections.rebuild import request_rebuild
+from projections.workload import append_batches, synthetic_log
+
+if TYPE_CHECKING:
+    from bus.bench import BenchEnv
+
+_FULL_LOG = 1_000_000
+_TAIL = 0.01
+_LOOKUPS = 200
+
+
+def _write_rate(settings: ArchiveSettings, stream: str, records: list[LogRecord]) -> float:
+    """Events/s sealing `records` already in memory (decode, write, fsync, verify)."""
+    started = time.perf_counter()
+    previous = None
+    size = settings.segment_records
+    for at in range(0, len(records), size):
+        previous, _ = write_segment(settings, stream, records[at:at + size], previous)
+    return len(records) / (time.perf_counter() - started)
+
+
+async def _lookups(bus: Bus, ids: list[str]) -> list[float]:
+    latencies = []
+    for envelope_id in ids:
+        started = time.perf_counter()
+        result = await bus.query("SELECT seq, data FROM archive_events WHERE id = ?", [envelope_id])
+        latencies.append(time.perf_counter() - started)
+        if len(result.rows) != 1:
+            raise RuntimeError(f"archive_events holds {len(result.rows)} rows of id {envelope_id}")
+    return latencies
+
+
+async def run(env: BenchEnv) -> dict[str, float]:
+    """The archive figures (see the module docstring)."""
+    count = env.n(_FULL_LOG)
+    async with env.server("archive") as server:
+        config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bench")
+        async with Bus(config) as bus:
+            last = await append_batches(bus, list(synthetic_log(bus, count, seed=1)))
+            stream = bus.subjects.stream
+            home = env.workdir / "service"
+            archive = ArchiveSettings.for_home(home, bus.subjects.ns, seal_partial=True)
+
+            archives, writes = [], []
+            for index in range(env.repeats):
+                scratch = ArchiveSettings(directory=env.workdir / f"scratch-{index}", seal_partial=True)
+                with tuned_gc():
+                    run = await run_archive(bus, scratch)
+                archives.append(run.records / run.seconds)
+                shutil.rmtree(scratch.directory)
+            records, _ = await _read_all(bus, last)
+            for index in range(env.repeats):
+                scratch = ArchiveSettings(directory=env.workdir / f"write-{index}")
+                with tuned_gc():
+                    writes.append(await asyncio.to_thread(_write_rate, scratch, stream, records[:count]))
+                shutil.rmtree(scratch.directory)
+            del records
+
+            sealed = await run_archive(bus, archive)  # the archive the service rebuilds from
+            tail = max(1, int(count * _TAIL))
+            end = await append_batches(bus, list(synthetic_log(bus, tail, seed=2, first_seq=await bus.last_seq() + 1)))
+
+            async with _service_process(bus, home):
+                await _answering(bus, end, timeout_s=3600)
+                rebuilds = []
+                for _ in range(env.repeats):
+                    report = await request_rebuild(bus, (), timeout_s=3600)
+                    if report.archived < sealed.records:
+                        raise RuntimeError(f"the rebuild folded {report.archived} events from the archive, "
+                                           f"{sealed.records} are archived")
+                    rebuilds.append(report.seconds)
+                sample = await bus.query("SELECT id FROM (SELECT id FROM events WHERE seq <= ? AND id IS NOT NULL) "
+                                         "USING SAMPLE reservoir(400 ROWS) REPEATABLE (7)", [sealed.last_seq])
+                ids = [row[0] for row in sample.rows]
+                random.Random(7).shuffle(ids)
+                await _lookups(bus, ids[:20])  # warm the connections and the footer cache
+                latencies = await _lookups(bus, ids[:_LOOKUPS])
+
+            baseline_home = env.workdir / "service-log-only"
+            async with _service_process(bus, baseline_home):
+                await _answering(bus, end, timeout_s=3600)
+                baseline = await request_rebuild(bus, (), timeout_s=3600)
+
+    return {
+        "archive_per_s": round(statistics.median(archives)),
+        "archive_write_per_s": round(statistics.median(writes)),
+        "rebuild_archive_1m_s": round(statistics.median(rebuilds) * _FULL_LOG / count, 2),
+        "rebuild_log_1m_s": round(baseline.seconds * _FULL_LOG / count, 2),
+        "query_archive_p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),
+        "query_archive_p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
+    }
