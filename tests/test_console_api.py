@@ -112,11 +112,14 @@ async def test_a_dead_letter_is_retried_from_an_operator_console_and_recorded(
                 assert retry["to"] == "clerk" and not retry["already"]
                 again = (await client.post(f"/api/dead_letters/{seq}/retry", headers=ACTION)).json()["retry"]
                 assert again["already"] and again["retried_as"] == retry["retried_as"]
-                recorded = (await bus.query(
-                    "SELECT sender, payload->>'retried_as' AS retried_as FROM events WHERE kind = 'delivery.dead_letter.retried'",
-                    min_seq=retry["retried_seq"],
-                )).records()
-                assert recorded == [{"sender": "ops-ann", "retried_as": retry["retried_as"]}]
+                async def retried_events() -> list[dict[str, Any]]:
+                    return (await bus.query(
+                        "SELECT sender, payload->>'retried_as' AS retried_as FROM events "
+                        "WHERE kind = 'delivery.dead_letter.retried'",
+                    )).records()
+
+                await wait_for(retried_events, timeout_s=20, what="the retry recorded in the log")
+                assert await retried_events() == [{"sender": "ops-ann", "retried_as": retry["retried_as"]}]
                 listed = (await client.get("/api/dead_letters")).json()["dead_letters"]
                 mine = [d for d in listed if d["seq"] == seq]
                 assert mine and mine[0]["retried_by"] == "ops-ann"

@@ -1,6 +1,7 @@
 """The console in headless Chromium after the research team's three days (`bus up`, `bus demo
 research`, the four agents started again under their supervisors): the four agents are listed
-and alive; day 2's conversation diagram shows its four contradictions; the synthesiser's digest
+and alive; day 2's conversation diagram shows its four contradictions (and replays to the same
+events); the synthesiser's digest
 block shows its version history; the memory inspector shows a model call's context window with
 token counts per part; a dead letter is retried from an operator console (`bus ui --operator`)
 and the retry is in the log; a new envelope appears in the traffic view while the page is open.
@@ -157,6 +158,8 @@ def test_day_two_diagram_shows_the_four_contradictions(demo: Demo, page: Page) -
     contradictions.first.click()
     page.wait_for_selector("#detail .event-detail", timeout=10_000)
     assert "memory.contradiction.flagged" in page.locator("#detail").inner_text()
+    page.locator("#replay").click()  # on the recorded model answers: the same events
+    page.wait_for_selector(".replay-result [data-same='true']", timeout=60_000)
 
 
 def test_the_digest_block_shows_its_version_history(demo: Demo, page: Page) -> None:

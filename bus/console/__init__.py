@@ -7,6 +7,7 @@
     queries.py         the SQL each page runs through the query service (parameters only)
     context_window.py  a recorded model request split into its parts, with token estimates
     diagram.py         a conversation's steps as lanes and rows (repeats collapsed) for the drawing
+    replay.py          replaying a conversation from the page (`bus replay`, one at a time)
     params.py          HTTP parameters checked and converted, or a 400 saying what was wrong
     routes.py          the HTTP endpoints (pages, JSON, server-sent events, operator actions)
     app.py             the ASGI application and what it owns (its Bus, the feed, the sampler)

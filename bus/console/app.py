@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from bus.console.config import ConsoleConfig
 from bus.console.feed import LiveFeed
 from bus.console.health import HealthSampler
+from bus.console.replay import ReplayRunner
 from bus.errors import BusError
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Console:
         self.config = config
         self.feed = LiveFeed(config)
         self.health = HealthSampler(bus, self.feed, config.health_interval_s)
+        self.replays = ReplayRunner(bus.config)
         self.feed_error: str | None = None
         self.closing = asyncio.Event()
 

@@ -27,6 +27,7 @@ from bus.console.context_window import context_window
 from bus.console.diagram import layout
 from bus.console.feed import TrafficFilter
 from bus.console.health import backlog_by_agent
+from bus.console.replay import ReplayBusy
 from bus.errors import BusUnavailable, ConfigurationError, PermissionDenied, QueryError
 from bus.redrive import read_dead_letter, retry_dead_letter
 
@@ -307,6 +308,19 @@ async def retry(request: Request) -> Response:
     return JSON({"retry": outcome})
 
 
+async def replay(request: Request) -> Response:
+    """Replay a conversation on its recorded model answers (`bus replay`) and say whether the
+    handlers produced the same events; a read, so a read-only console may too. 409 while another
+    replay runs."""
+    params.unexpected(request.query_params, ())
+    corr = params.ident(request.path_params["corr"], "correlation id")
+    found = await queries.rows(_console(request).bus, queries.CONVERSATION_IDS, [corr, corr])
+    if len(found) != 1:
+        raise NotFound(f"no conversation {corr!r} in the views") if not found else params.BadRequest(
+            f"{corr!r} names several conversations: give more of its id")
+    return JSON({"replay": await _console(request).replays.run(found[0]["correlation_id"])})
+
+
 async def health(request: Request) -> Response:
     """The latest health sample and the per-second counts."""
     params.unexpected(request.query_params, ())
@@ -348,6 +362,7 @@ API = [
     Route("/api/dead_letters", dead_letters),
     Route("/api/dead_letters/{seq}", dead_letter),
     Route("/api/dead_letters/{seq}/retry", retry, methods=["POST"]),
+    Route("/api/replay/{corr}", replay, methods=["POST"]),
     Route("/api/health", health),
 ]
 
@@ -375,6 +390,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     Forbidden: _error(403),
     PermissionDenied: _error(403),
     ConfigurationError: _error(409),
+    ReplayBusy: _error(409),
     BusUnavailable: _error(503),
     QueryError: _query_failed,
     HTTPException: _http,

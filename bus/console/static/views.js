@@ -145,11 +145,28 @@ Views.conversation = async function (route) {
     h("h1", {}, "Conversation ", h("span", { class: "mono" }, diagram.correlation_id)),
     h("p", { class: "muted", id: "diagram-summary" }, `${num(diagram.steps)} steps in ${diagram.nodes.length} nodes · ${num(marks.model || 0)} model calls · ${num(marks.contradiction || 0)} contradictions · ${num(marks.block || 0)} block writes`,
       diagram.truncated ? " · (truncated)" : "", " · ", link(`#/traffic?corr=${diagram.correlation_id}`, "its traffic"), " · ",
-      link(`#/calls?corr=${diagram.correlation_id}`, "its model calls"), " · replay: ", h("code", {}, `bus replay ${diagram.correlation_id}`)),
+      link(`#/calls?corr=${diagram.correlation_id}`, "its model calls")),
+    replayButton(diagram.correlation_id),
     h("div", { class: "diagram-wrap" }, svg));
 };
 
 // -- memory inspector ------------------------------------------------------------------------
+
+function replayButton(corr) {
+  const result = h("div", { class: "replay-result" });
+  const button = h("button", { id: "replay", onclick: async () => {
+    button.disabled = true;
+    result.replaceChildren(h("p", { class: "muted" }, "replaying on the recorded model answers…"));
+    try {
+      const { replay } = await post(`/api/replay/${corr}`);
+      result.replaceChildren(h("p", { class: replay.same ? "same" : "error", dataset: { same: String(replay.same) } },
+        replay.same ? "the replay matches: same events" : replay.same === false ? "the replay DIFFERS from the log" : "the replay could not run"),
+        h("pre", {}, replay.output));
+    } catch (e) { result.replaceChildren(h("p", { class: "error" }, e.message)); }
+    button.disabled = false;
+  } }, "Replay");
+  return h("div", { class: "replay" }, button, " re-run the recorded handlers on the recorded model answers (no model is called) and compare", result);
+}
 
 function contextParts(context, reported) {
   const max = Math.max(1, ...context.parts.map((p) => p.tokens));
@@ -231,7 +248,7 @@ Views.call = async function (route) {
       ["tokens", `${num(call.input_tokens)} in, ${num(call.output_tokens)} out; cache ${num(call.cache_read_tokens)} read, ${num(call.cache_write_tokens)} written`],
       ["cost", call.cost_usd === null ? "unpriced" : `$${num(call.cost_usd)}`], ["stop", call.stop_reason || call.error_type],
       ["conversation", call.correlation_id ? link(`#/conversation/${call.correlation_id}`, call.correlation_id) : null],
-      ["replay", call.correlation_id ? h("code", {}, `bus replay ${call.correlation_id}`) : null],
+      ["replay", call.correlation_id ? replayButton(call.correlation_id) : null],
       ["memory then", link(`#/memory/${encodeURIComponent(call.agent)}?as_of=${call.seq}`, `${call.agent} as of seq ${call.seq}`)]]),
     h("h2", {}, "Context window"), contextParts(context, call.input_tokens),
     h("h2", {}, "Response"), h("pre", {}, call.response_text || ""), h("pre", {}, json(call.response_json)),
