@@ -108,7 +108,10 @@ def read_batch(segment: Segment, after_seq: int) -> Batch | None:
         if table.num_rows == 0:
             return None
     last_time_ns = table.column("stored_ns")[-1].as_py()
-    return batch_of_table(table.drop_columns(["stored_ns"]), last_time_ns=last_time_ns)
+    try:
+        return batch_of_table(table.drop_columns(["stored_ns"]), last_time_ns=last_time_ns)
+    except (ValueError, pa.ArrowException) as exc:  # columns of other types than the fold's
+        raise ArchiveCorrupt(f"{name}: its columns are not the fold's ({exc})") from exc
 
 
 async def archived_batches(directory: Path, stream: str, after_seq: int) -> AsyncIterator[tuple[Segment, Batch]]:
