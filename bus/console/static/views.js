@@ -7,6 +7,7 @@ const Views = {};
 function agentState(agent) {
   if (agent.lifecycle === "agent.circuit_opened") return badge("circuit open", "circuit");
   if (agent.replicas_alive > 0) return badge("alive", "alive");
+  if (!agent.replicas) return badge("sender only", "stopped");  // never ran as an agent here: a client that sends
   return badge(agent.state || "unknown", agent.state || "");
 }
 
@@ -299,7 +300,12 @@ Views.health = async function () {
   const charts = h("div", { class: "charts", id: "health-charts" });
   view.append(charts);
   const draw = (secs) => {
-    const by = (key) => secs.map((x) => [x.t, x[key] || 0]);
+    // Seconds in which nothing was stored are absent: count them as zero, over the last minute.
+    const known = new Map(secs.map((x) => [x.t, x]));
+    const last = Math.max(Math.floor(Date.now() / 1000), ...secs.map((x) => x.t));
+    const span = [];
+    for (let t = last - 59; t <= last; t++) span.push(known.get(t) || { t });
+    const by = (key) => span.map((x) => [x.t, x[key] || 0]);
     const samples = App.healthHistory;
     charts.replaceChildren(
       h("div", { class: "chart-card" }, h("h2", {}, "Throughput (stored per second)"),
