@@ -19,6 +19,7 @@ SECTIONS = (
     "bus.bench.consume",      # consume_ack_per_s, baseline_fetch_ack_per_s, latency_p50_ms, latency_p99_ms
     "bus.bench.secured",      # auth_durable_publish_per_s, auth_consume_ack_per_s (authorization + TLS) vs plain, ratios
     "bus.bench.cluster",      # r1/r3 publish and consume rates and ratios, failover_resume_s
+    "bus.bench.console",      # console_first_paint_ms, console_live_delay_p99_ms, console_publish/consume_ratio
     "projections.bench",      # fold_per_s, read_per_s, catchup_per_s, rebuild_1m_s, query_p50/p99_ms, lag_p50/p99_ms
     "projections.archive.bench",  # archive_per_s, rebuild_archive_1m_s, query_archive_p50/p99_ms (the log's archive)
     "agents.bench",           # agent_start_ms, agent_restart_ms, agent_rss_mb, step_overhead_us, ...

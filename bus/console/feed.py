@@ -14,6 +14,10 @@ saw per second (by subject class, failed and retried attempts, dead letters). Ev
 page's filter, at most `max_push` of them (the older rest is counted as `skipped`). A page that
 reads slowly keeps at most `page_queue` batches; older ones are dropped and counted. So at any
 rate the work per page is bounded and no page falls behind the log by more than one push.
+
+Records are kept as they came and decoded only when a page needs them: at a high rate most are
+only counted (from their subject), and a push decodes the newest `max_push` of them (all of the
+push's records only when a page filters).
 """
 
 from __future__ import annotations
@@ -135,8 +139,8 @@ class LiveFeed:
 
     def __init__(self, config: ConsoleConfig) -> None:
         self._config = config
-        self._recent: collections.deque[TrafficItem] = collections.deque(maxlen=config.recent)
-        self._pending: collections.deque[TrafficItem] = collections.deque(maxlen=config.pending_limit)
+        self._recent: collections.deque[LogRecord] = collections.deque(maxlen=config.recent)
+        self._pending: collections.deque[LogRecord] = collections.deque(maxlen=config.pending_limit)
         self._overflow = 0  # envelopes that left `_pending` unpushed (over pending_limit)
         self._seconds: collections.deque[_Second] = collections.deque(maxlen=config.history_s)
         self._pages: set[_Page] = set()
@@ -159,21 +163,30 @@ class LiveFeed:
                     self.take(record)
 
     def take(self, record: LogRecord) -> None:
-        """Count and keep one stored message."""
-        item = traffic_item(record)
-        self.head_seq = max(self.head_seq, record.seq)
-        self._recent.append(item)
+        """Count and keep one stored message (decoded later, if a page needs it)."""
+        self.head_seq = record.seq
+        self._recent.append(record)
         if len(self._pending) == self._pending.maxlen:
             self._overflow += 1
-        self._pending.append(item)
-        second = self._second(int(record.time_ns // 1_000_000_000))
+        self._pending.append(record)
+        second = self._second(record.time_ns // 1_000_000_000)
         second.total += 1
-        if item.category in CATEGORIES:
-            setattr(second, item.category, getattr(second, item.category) + 1)
-        if item.kind == "delivery.report":
-            failed, retried = _outcomes(record.data)
-            second.failed += failed
-            second.retried += retried
+        parts = record.subject.split(b".", 2)
+        category = parts[1] if len(parts) > 1 else b""
+        if category == b"inbox":
+            second.inbox += 1
+        elif category == b"event":
+            second.event += 1
+            if record.subject.endswith(b".delivery.report"):
+                failed, retried = _outcomes(record.data)
+                second.failed += failed
+                second.retried += retried
+        elif category == b"group":
+            second.group += 1
+        elif category == b"reply":
+            second.reply += 1
+        elif category == b"dead":
+            second.dead += 1
 
     def _second(self, t: int) -> _Second:
         seconds = self._seconds
@@ -191,7 +204,13 @@ class LiveFeed:
 
     def recent(self, filter_: TrafficFilter, limit: int) -> list[TrafficItem]:
         """The newest `limit` kept envelopes that pass `filter_`, oldest first."""
-        found = [item for item in reversed(self._recent) if filter_.matches(item)][:limit]
+        found: list[TrafficItem] = []
+        for record in reversed(self._recent):
+            item = traffic_item(record)
+            if filter_.matches(item):
+                found.append(item)
+                if len(found) >= limit:
+                    break
         found.reverse()
         return found
 
@@ -249,16 +268,26 @@ class LiveFeed:
         """Hand each page the envelopes that came since the last push (bounded), then forget them."""
         if not self._pending:
             return
-        pending = list(self._pending)
+        records = list(self._pending)
         overflow, self._overflow = self._overflow, 0
         self._pending.clear()
+        if not self._pages:
+            return
         limit = self._config.max_push
+        filtering = any(_filtering(page.filter) for page in self._pages)
+        # Decoded once per push for every page: all of it when a page filters, else the newest.
+        decoded = [traffic_item(r) for r in (records if filtering else records[-limit:])]
         for page in self._pages:
-            chosen = [item for item in pending if page.filter.matches(item)] if _filtering(page.filter) else pending
+            if _filtering(page.filter):
+                chosen = [item for item in decoded if page.filter.matches(item)]
+                extra = 0
+            else:
+                chosen = decoded
+                extra = len(records) - len(decoded) + overflow
             if not chosen:
                 continue
             shown = chosen[-limit:]
-            skipped = len(chosen) - len(shown) + (overflow if not _filtering(page.filter) else 0)
+            skipped = len(chosen) - len(shown) + extra
             page.offer(sse("traffic", {"items": shown, "skipped": skipped, "dropped": page.dropped}))
 
 

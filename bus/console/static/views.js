@@ -93,7 +93,8 @@ Views.traffic = async function (route) {
   let skipped = 0;
   App.follow(f, (batch) => {
     const frag = document.createDocumentFragment();
-    for (let i = batch.items.length - 1; i >= 0; i--) frag.append(trafficRow(batch.items[i], true));
+    const fresh = batch.items.length <= 5;  // highlight arrivals a person can follow, not a flood
+    for (let i = batch.items.length - 1; i >= 0; i--) frag.append(trafficRow(batch.items[i], fresh));
     body.prepend(frag);
     while (body.childElementCount > MAX_TRAFFIC_ROWS) body.lastElementChild.remove();
     skipped += batch.skipped || 0;

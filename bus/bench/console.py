@@ -1,0 +1,267 @@
+"""`bus bench` console section: the console measured in the system's headless Chromium.
+
+    console_first_paint_ms               the agents page, from navigation to its data drawn (median
+                                         of 5 loads), over a log of `console_log_events` events
+    console_conversation_first_paint_ms  a conversation of 1,000 steps, drawn as its diagram
+    console_live_delay_p50_ms / _p99_ms  publish -> shown in the traffic view, at 1,000 msg/s
+    console_live_shown_fraction          of those envelopes, the share the page listed (it may
+                                         aggregate; it must not fall behind)
+    console_live_rows_max                rows the traffic view held at the end (bounded at 500)
+    console_publish_ratio                durable publishing with the console open and following
+                                         traffic / without it (alternating, same run)
+    console_consume_ratio                consuming and acking, the same way
+
+A fresh server, a projection service and the console (`bus ui`) run as processes of their own,
+as `bus up` starts them; the publishers, consumers and the browser's driver run here. Needs
+Chromium and the playwright package (bus.bench.browser): without them the section says why and
+measures nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from bus.bench import BenchEnv
+from bus.bench.browser import launch_kwargs, missing_browser
+from bus.bench.consume import engine_rate, prepublish
+from bus.bench.publish import durable_rate
+from bus.client import Bus
+from bus.config import BusConfig
+from bus.errors import BusUnavailable, QueryError
+from schemas.payloads import Note
+
+LOG_EVENTS = 1_000_000
+CONVERSATION_STEPS = 1_000
+LIVE_RATE_PER_S = 1_000
+LIVE_TICK_S = 0.01
+PAINT_LOADS = 5
+SENDERS = 5
+RECIPIENTS = 20
+
+
+class BrowserMissing(RuntimeError):
+    """No Chromium (or no playwright) here: the section cannot measure."""
+
+
+async def run(env: BenchEnv) -> dict[str, float]:
+    """The console's figures (see the module docstring). Raises BrowserMissing."""
+    reason = missing_browser()
+    if reason is not None:
+        raise BrowserMissing(f"the console section needs a browser: {reason}")
+    from playwright.async_api import async_playwright
+
+    figures: dict[str, float] = {}
+    async with env.server("console") as server:
+        config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bencher")
+        home = env.workdir / "console-home"
+        async with Bus(config, metrics_registry=CollectorRegistry()) as bus, _child(
+            home / "projections.log", "projections", "run", "--url", server.url, "--home", str(home)
+        ):
+            events = env.n(LOG_EVENTS)
+            await _fill_log(bus, events)
+            corr = await _conversation(bus, CONVERSATION_STEPS)
+            await _views_reach(bus, await bus.last_seq(), timeout_s=600)
+            figures["console_log_events"] = float(await bus.last_seq())
+            async with async_playwright() as playwright:
+                browser = await playwright.chromium.launch_persistent_context(
+                    **launch_kwargs(env.workdir / "chromium-profile")
+                )
+                try:
+                    async with _console(server.url, home) as base:
+                        figures["console_first_paint_ms"] = await _first_paint(browser, f"{base}/#/agents")
+                        figures["console_conversation_first_paint_ms"] = await _first_paint(
+                            browser, f"{base}/#/conversation/{corr}"
+                        )
+                        figures.update(await _live_delay(bus, browser, base, seconds=max(3.0, 10 * env.scale)))
+                    figures.update(await _with_and_without(env, bus, browser, server.url, home))
+                finally:
+                    await browser.close()
+    return {name: round(value, 3) for name, value in figures.items()}
+
+
+# -- the log -----------------------------------------------------------------------------------
+
+
+async def _fill_log(bus: Bus, count: int) -> None:
+    """`count` notes from a few senders to a few agents, group-committed by 2,000 tasks."""
+    note = Note(text="an envelope of the benchmark's log", data={"n": 1})
+    tasks = 2_000
+    per_task, extra = divmod(count, tasks)
+
+    async def sender(worker: int, n: int) -> None:
+        for i in range(n):
+            await bus.publish(bus.envelope(note, to=f"agent-{(worker + i) % RECIPIENTS}",
+                                           sender=f"client-{worker % SENDERS}"))
+
+    async with asyncio.TaskGroup() as group:
+        for worker in range(tasks):
+            group.create_task(sender(worker, per_task + (1 if worker < extra else 0)))
+
+
+async def _conversation(bus: Bus, steps: int) -> str:
+    """One conversation of `steps` messages, each caused by the one before, among four agents."""
+    agents = ("planner", "researcher", "writer", "reviewer")
+    first = bus.envelope(Note(text="step 0"), to=agents[1], sender=agents[0])
+    chain = [first]
+    for i in range(1, steps):
+        chain.append(bus.envelope(
+            Note(text=f"step {i}"), to=agents[(i + 1) % 4], sender=agents[i % 4],
+            correlation_id=first.id, causation_id=chain[-1].id,
+        ))
+    for start in range(0, steps, 200):
+        await asyncio.gather(*(bus.publish(e) for e in chain[start:start + 200]))
+    return first.id
+
+
+async def _views_reach(bus: Bus, seq: int, timeout_s: float) -> None:
+    """Until the projection service answers with its views at `seq`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await bus.query("SELECT 1", min_seq=seq, timeout_s=30)
+            return
+        except (BusUnavailable, QueryError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)  # still starting or folding: ask again
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _child(log_path: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`bus ARGS` in a process of its own, output to `log_path`; SIGTERM at the end."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bus.cli.main", *args, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def _console(url: str, home: Path) -> AsyncIterator[str]:
+    """`bus ui --port 0` in a process of its own; yields its base URL once it serves."""
+    log_path = home / "console.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
+    async with _child(log_path, "ui", "--port", "0", "--url", url, "--home", str(home)) as proc:
+        deadline = time.monotonic() + 60
+        while True:
+            text = log_path.read_bytes()[start:].decode(errors="replace")
+            if "console at " in text:
+                yield text.split("console at ", 1)[1].split()[0].rstrip("/")
+                return
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the console did not start: {text[-2000:]}")
+            await asyncio.sleep(0.05)
+
+
+# -- in the browser --------------------------------------------------------------------------
+
+
+async def _first_paint(browser: Any, url: str) -> float:
+    """Median, over PAINT_LOADS fresh pages, of navigation start -> the view drawn with its data."""
+    times = []
+    for _ in range(PAINT_LOADS):
+        page = await browser.new_page()
+        try:
+            await page.goto(url)
+            await page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
+            times.append(await page.evaluate(
+                "() => performance.getEntriesByType('mark').find(m => m.name.startsWith('console-painted')).startTime"
+            ))
+        finally:
+            await page.close()
+    return statistics.median(times)
+
+
+async def _live_delay(bus: Bus, browser: Any, base: str, *, seconds: float) -> dict[str, float]:
+    """Publish at LIVE_RATE_PER_S for `seconds` with the traffic view open; per envelope, the
+    time from just before its publish to the page listing it."""
+    page = await browser.new_page()
+    try:
+        await page.goto(f"{base}/?measure=1#/traffic")
+        await page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
+        await page.wait_for_selector("#status.live", timeout=30_000)
+        sent: dict[str, float] = {}
+        per_tick = max(1, round(LIVE_RATE_PER_S * LIVE_TICK_S))
+        ticks = int(seconds / LIVE_TICK_S)
+        note = Note(text="live")
+        started = time.monotonic()
+        for tick in range(ticks):
+            envelopes = [bus.envelope(note, to="visitor") for _ in range(per_tick)]
+            now_ms = time.time() * 1000
+            for e in envelopes:
+                sent[e.id] = now_ms
+            await asyncio.gather(*(bus.publish(e) for e in envelopes))
+            pause = started + (tick + 1) * LIVE_TICK_S - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+        deadline = time.monotonic() + 10
+        seen: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            seen = await page.evaluate("() => Object.fromEntries(window.__consoleSeen)")
+            if sum(1 for i in sent if i in seen) >= len(sent):
+                break
+            await asyncio.sleep(0.2)
+        rows = await page.evaluate("() => document.querySelectorAll('tr.traffic-row').length")
+    finally:
+        await page.close()
+    delays = sorted(seen[i] - t for i, t in sent.items() if i in seen)
+    if not delays:
+        raise RuntimeError("the traffic view listed none of the envelopes published")
+    return {
+        "console_live_delay_p50_ms": delays[len(delays) // 2],
+        "console_live_delay_p99_ms": delays[min(len(delays) - 1, int(len(delays) * 0.99))],
+        "console_live_shown_fraction": len(delays) / len(sent),
+        "console_live_rows_max": float(rows),
+    }
+
+
+async def _with_and_without(env: BenchEnv, bus: Bus, browser: Any, url: str, home: Path) -> dict[str, float]:
+    """Durable publishing and consuming without the console, then with it open on the traffic
+    view (following everything), alternating `env.repeats` times; medians and their ratios."""
+    count = env.n(50_000)
+    await prepublish(bus, count)
+    rates: dict[str, list[float]] = {"pub_without": [], "pub_with": [], "con_without": [], "con_with": []}
+    for _ in range(env.repeats):
+        rates["pub_without"].append(await durable_rate(bus, count, to="sink"))
+        rates["con_without"].append(await engine_rate(bus, count))
+        async with _console(url, home) as base:
+            page = await browser.new_page()
+            try:
+                await page.goto(f"{base}/#/traffic")
+                await page.wait_for_selector("#status.live", timeout=30_000)
+                rates["pub_with"].append(await durable_rate(bus, count, to="sink"))
+                rates["con_with"].append(await engine_rate(bus, count))
+            finally:
+                await page.close()
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    return {
+        "console_off_publish_per_s": medians["pub_without"],
+        "console_open_publish_per_s": medians["pub_with"],
+        "console_publish_ratio": medians["pub_with"] / medians["pub_without"],
+        "console_off_consume_per_s": medians["con_without"],
+        "console_open_consume_per_s": medians["con_with"],
+        "console_consume_ratio": medians["con_with"] / medians["con_without"],
+    }
