@@ -52,6 +52,8 @@ _SCHEMA = pa.schema([
     ("chain", pa.string()), ("headers", pa.string()), ("payload", pa.string()), ("error", pa.string()),
     ("raw", pa.binary()),
 ])
+# The table's schema, for those that keep batches (the archive's segments).
+BATCH_SCHEMA = _SCHEMA
 _headers_encoder = msgspec.json.Encoder()
 _ID_ANCHORED = f"^{ID_PATTERN}$"
 

@@ -96,7 +96,7 @@ def read_batch(segment: Segment, after_seq: int) -> Batch | None:
     what its metadata says."""
     meta, name = segment.meta, segment.path.name
     try:
-        table = pq.read_table(segment.path, columns=[*BATCH_COLUMNS, "stored_ns"])
+        table = pq.read_table(segment.path, columns=[*BATCH_COLUMNS, "stored_ns"], page_checksum_verification=True)
     except (OSError, pa.ArrowException) as exc:
         raise ArchiveCorrupt(f"{name}: cannot be read ({str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
     seqs = table.column("seq")

@@ -24,11 +24,18 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from projections.batch import BATCH_SCHEMA
+
 FORMAT = 1
 METADATA_KEY = b"continuum.segment"
 GENESIS = "0" * 64
 SUFFIX = ".parquet"
 _NAME = re.compile(r"^seg-(\d{20})-(\d{20})\.parquet$")
+# A segment's columns: the fold's batch (projections.batch), then the record as stored.
+SCHEMA = pa.schema([*BATCH_SCHEMA, ("stored_ns", pa.int64()), ("header", pa.binary()), ("data", pa.binary())])
+# The columns whose min/max statistics are written (what lookups prune row groups by); verify
+# checks them against the values.
+STATISTICS = ("seq", "stored_at", "stored_ns", "id", "kind", "correlation_id")
 # The columns the hashes cover, in hashing order.
 HASHED_INTS = ("seq", "stored_ns")
 HASHED_BYTES = ("subject", "header", "data")

@@ -18,7 +18,15 @@ import pyarrow.parquet as pq
 
 from bus.log_reader import LogRecord
 from projections.archive.config import ArchiveSettings
-from projections.archive.segment import GENESIS, METADATA_KEY, SegmentMeta, chain_hash, content_hash, encode_meta
+from projections.archive.segment import (
+    GENESIS,
+    METADATA_KEY,
+    STATISTICS,
+    SegmentMeta,
+    chain_hash,
+    content_hash,
+    encode_meta,
+)
 from projections.archive.verify import verify_file
 from projections.errors import ArchiveCorrupt, ArchiveError
 from projections.runner import decode
@@ -69,7 +77,8 @@ def write_segment(
         with open(temp, "wb") as out:
             pq.write_table(
                 table, out, compression="zstd", compression_level=settings.zstd_level,
-                row_group_size=settings.row_group_records, use_dictionary=_DICTIONARY,
+                row_group_size=settings.row_group_records, use_dictionary=_DICTIONARY, write_page_checksum=True,
+                write_statistics=list(STATISTICS),
             )
             out.flush()
             os.fsync(out.fileno())
