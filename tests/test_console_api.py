@@ -129,7 +129,7 @@ async def test_a_dead_letter_is_retried_from_an_operator_console_and_recorded(
 
 async def test_the_live_stream_shows_an_envelope_as_it_is_stored(bus: Bus, bus_config: BusConfig, tmp_path: Path) -> None:
     """/api/live: a note sent while the stream is open arrives in a `traffic` event (filtered
-    by agent), with its id, kind and route."""
+    by agent), with its id, kind and route; a page that goes away stops being served."""
     async with projection_service(bus, tmp_path), console_served(bus_config) as base:
         async with httpx2.AsyncClient(base_url=base, timeout=10) as client:
             async with client.stream("GET", "/api/live?agent=alice") as stream:
@@ -147,4 +147,11 @@ async def test_the_live_stream_shows_an_envelope_as_it_is_stored(bus: Bus, bus_c
                     raise AssertionError("the stream ended")
 
                 batch = await asyncio.wait_for(first_traffic(), 10)
+                assert (await client.get("/api/info")).status_code == 200
+            # The page went away: its subscription with it.
+            async def no_pages() -> bool:
+                sample = (await client.get("/api/health")).json()["health"]
+                return sample is not None and sample["pages"] == 0
+
+            await wait_for(no_pages, timeout_s=10, what="the closed page's subscription to end")
     assert [(i["id"], i["kind"], i["to"]) for i in batch["items"]] == [(sent.envelope.id, "note", "alice")]

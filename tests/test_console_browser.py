@@ -175,6 +175,20 @@ def test_the_digest_block_shows_its_version_history(demo: Demo, page: Page) -> N
     assert block.locator(".version[data-version='3'] .diff .del").count() > 0
 
 
+def test_as_of_shows_what_the_agent_knew_then(demo: Demo, page: Page) -> None:
+    """The "as of" box: at the sequence of the digest's second version, the inspector shows two
+    versions and only the model calls made by then."""
+    [second] = query(demo, "SELECT seq FROM blocks WHERE block_id = 'research/digest' AND version = 2")
+    open_view(page, demo.console, "/memory/synthesiser")
+    page.locator("input[name='as_of']").fill(str(second["seq"]))
+    page.locator("input[name='as_of']").press("Enter")
+    page.wait_for_function(f"location.hash.includes('as_of={second['seq']}') && document.body.dataset.ready === '1'")
+    page.wait_for_selector(f"text=what synthesiser knew at seq {second['seq']}")
+    assert page.locator(".block[data-block='research/digest'] .version").count() == 2
+    seqs = [int(s) for s in page.locator("#memory-calls tbody tr td:first-child").all_inner_texts()]
+    assert seqs and max(seqs) <= second["seq"]
+
+
 def test_the_memory_inspector_shows_a_context_window_with_token_counts(demo: Demo, page: Page) -> None:
     """A model call's context window, part by part (tools, system prompt, core memory and its
     blocks, summaries, each message), each with its token count, beside the model's own."""

@@ -4,14 +4,16 @@
 
 It connects like every command (BUS_URL, --creds/BUS_CREDS, else the home's admin credential),
 prints its address once it serves, and runs until Ctrl-C or SIGTERM. Read-only unless
-`--operator`, which needs the admin credential: then dead letters can be retried from the page
-(recorded with `--by`). It listens on loopback only: the page has no login of its own.
+`--operator`, which needs the admin credential (one the home's registry or the file itself says
+is another identity's is refused at once; the server enforces the rest): then dead letters can
+be retried from the page (recorded with `--by`). It listens on loopback only: the page has no login of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 from pathlib import Path
 
@@ -27,6 +29,9 @@ from bus.cli.common import (
 )
 from bus.config import check_name
 from bus.console.config import DEFAULT_UI_PORT, LOOPBACK_HOSTS, ConsoleConfig
+from bus.errors import ConfigurationError
+from bus.identity import CredentialRegistry, Role
+from bus.identity.keys import load_credential
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,13 +69,30 @@ def console_config(args: argparse.Namespace) -> ConsoleConfig:
     check_name(operator_name, "--by name")
     if args.operator:
         given = credentials_for(args)
-        admin = admin_credentials(Path(args.home))
-        if given is not None and (admin is None or Path(given).resolve() != admin.resolve()):
+        role = None if given is None else credential_role(given, Path(args.home))
+        if role is not None and role != Role.ADMIN.value:
+            admin = admin_credentials(Path(args.home))
             raise CliError(
-                f"--operator needs the admin credential ({admin or '<home>/auth/creds/admin.nk'}); "
-                f"{given} is another identity's: the console would be refused what it tries"
+                f"--operator needs the admin credential ({admin or '<home>/auth/creds/admin.nk'}); {given} is "
+                f"{'an' if role[0] in 'aeiou' else 'a'} {role}'s: the console would be refused what it tries"
             )
     return ConsoleConfig(host=args.host, port=args.port, operator=args.operator, operator_name=operator_name)
+
+
+def credential_role(path: Path, home: Path) -> str | None:
+    """The role of the credential in `path` (admin, service, agent) as the home's registry knows
+    its key, else as the file says; None when neither tells. Raises CliError for an unreadable
+    file."""
+    try:
+        credential = load_credential(path)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    for identity in CredentialRegistry(home).identities():
+        if identity.public_key == credential.public_key:
+            return identity.role.value
+    first = path.read_text(errors="replace").splitlines()[:1]
+    said = re.match(r"# Continuum credential: (\w+) ", first[0]) if first else None
+    return said.group(1) if said else None
 
 
 async def run_ui(args: argparse.Namespace) -> int:
