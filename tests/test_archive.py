@@ -10,6 +10,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -228,3 +229,58 @@ async def test_a_flipped_byte_anywhere_in_a_segment_is_found_or_changes_nothing_
     path.write_bytes(whole)
     assert [s.meta.count for s in verify_all(settings.directory, bus.subjects.stream)] == [1_000]
     assert found >= 0.9 * (found + unused)  # nearly every byte matters (measured: 60 of 61)
+
+
+async def test_cancelling_a_run_leaves_a_whole_archive_that_the_next_run_goes_on_from(bus: Bus, tmp_path: Path) -> None:
+    """A run cancelled while it seals raises CancelledError after the segment being written is
+    whole (no temporary file left); the next run goes on after it, and every segment is
+    announced exactly once."""
+    await publish_notes(bus, 3_000)
+    settings = ArchiveSettings(directory=tmp_path / "archive" / "default", segment_records=300, seal_partial=True)
+    running = asyncio.create_task(run_archive(bus, settings))
+    await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) >= 2, what="two segments sealed")
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert not any(p.name.startswith(TEMP_PREFIX) for p in settings.directory.iterdir())
+    await run_archive(bus, settings)
+    segments = list(verify_all(settings.directory, bus.subjects.stream))
+    assert segments[0].meta.first_seq == 1 and sum(s.meta.count for s in segments) == segments[-1].meta.last_seq
+    events = await sealed_events(bus, await bus.last_seq())
+    assert len(events) == len(segments) == len(set(events))
+
+
+async def test_sigkill_at_any_point_loses_nothing_and_seals_nothing_twice(
+    bus: Bus, nats_server: EmbeddedServer, admin_credentials: str, cli_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """`bus archive run` killed with SIGKILL while it seals (after a random number of segments,
+    several times over) leaves an archive that verifies; the next runs go on from it, the
+    segments tile the log from seq 1, and each is announced by exactly one event."""
+    import random
+
+    env = admin_env(cli_env, nats_server, admin_credentials)
+    directory = Path(env["BUS_HOME"]) / "archive" / "default"
+    await publish_notes(bus, 6_000)
+    rng = random.Random(15)
+    for _ in range(4):
+        target = len(list(directory.glob("seg-*"))) + rng.randrange(1, 4)
+        proc = await asyncio.create_subprocess_exec(
+            *BUS, "archive", "run", "--segment-records", "250", env=env, cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await wait_for(lambda: proc.returncode is not None or len(list(directory.glob("seg-*"))) >= target,
+                           timeout_s=60, interval_s=0.002, what="the run to reach its kill point")
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        list(verify_all(directory, bus.subjects.stream))  # whatever it left verifies
+    done = await run_bus("archive", "run", "--segment-records", "250", env=env, cwd=tmp_path)
+    assert done.code == 0, done.stderr
+    segments = list(verify_all(directory, bus.subjects.stream))
+    assert segments[0].meta.first_seq == 1
+    assert [s.meta.after_seq for s in segments[1:]] == [s.meta.last_seq for s in segments[:-1]]
+    assert sum(s.meta.count for s in segments) == segments[-1].meta.last_seq >= 6_000
+    chains = [msgspec.json.decode(e)["payload"]["chain_sha256"] for e in await sealed_events(bus, await bus.last_seq())]
+    assert sorted(chains) == sorted(s.meta.chain_sha256 for s in segments)

@@ -100,8 +100,9 @@ async def _seal_until(
         nonlocal writing, previous
         if writing is None:
             return
-        task, writing = writing, None
-        meta, file_bytes = await task
+        # Shielded: a cancellation here leaves the write to the `finally` below, which waits for it.
+        meta, file_bytes = await asyncio.shield(writing)
+        writing = None
         previous = meta
         run.sealed.append((meta, file_bytes))
         run.records += meta.count
