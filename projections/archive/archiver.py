@@ -5,7 +5,8 @@
     2. Record the `archive.segment.sealed` event of any segment a crash left unannounced.
     3. Read the log from after the last segment to its end as of now (`bus.log_reader`, as the
        projections read it), cut it into segments of `segment_records` (the rest too with
-       `seal_partial`), write each in a thread while the next is read, record its event.
+       `seal_partial`), decode each in a thread while the one before is written and verified in
+       another, record its event.
 
 Each segment's event is recorded once: its id is derived from the segment's chain hash (a
 re-sent event within the log's duplicate window is stored once), and after its ack the event's
@@ -21,7 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ from bus.errors import BusUnavailable
 from bus.log_reader import LogReader, LogRecord
 from projections.archive.config import ArchivePolicy, ArchiveSettings
 from projections.archive.verify import Segment, chain_of, verify_file
-from projections.archive.writer import remove_leftovers, sync_directory, write_segment
+from projections.archive.writer import prepare_segment, remove_leftovers, store_segment, sync_directory
 from projections.archive.segment import GENESIS, SegmentMeta
 from projections.errors import ArchiveCorrupt, ArchiveError
 from schemas.ids import stable_id
@@ -85,59 +86,85 @@ async def run_archive(
     return run
 
 
+class Sealer:
+    """Seals segments one after another in two stages, each in a thread: a segment is decoded
+    and hashed (Python: `prepare_segment`) while the one before is written, synced and verified
+    (Arrow's C++, the GIL released: `store_segment`). `sealed` is called with each segment once
+    it is verified, in log order (it records the sealed event). Use it as an async context
+    manager: leaving waits for the segment being written, whatever happens (its file is then
+    whole or absent), and a failure of that write gives way to the one being raised."""
+
+    def __init__(
+        self, settings: ArchiveSettings, stream: str, previous: SegmentMeta | None,
+        sealed: Callable[[SegmentMeta, int], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._stream = stream
+        self._prepared_last = previous  # the chain goes on from the last segment prepared
+        self._sealed = sealed
+        self._storing: asyncio.Task[tuple[SegmentMeta, int]] | None = None
+
+    async def __aenter__(self) -> Sealer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._storing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._storing)
+
+    async def seal(self, records: Sequence[LogRecord]) -> None:
+        """Prepare `records` as the next segment, then start writing it once the one before is
+        sealed. Raises ValueError, ArchiveError, ArchiveCorrupt (of the segment before)."""
+        prepared = await asyncio.to_thread(prepare_segment, self._stream, records, self._prepared_last)
+        self._prepared_last = prepared.meta
+        await self.finish()  # one segment written at a time, in log order
+        self._storing = asyncio.create_task(asyncio.to_thread(store_segment, self._settings, prepared))
+
+    async def finish(self) -> None:
+        """Wait for the segment being written and hand it to `sealed`. Raises ArchiveError,
+        ArchiveCorrupt."""
+        if self._storing is None:
+            return
+        # Shielded: a cancellation here leaves the write to `__aexit__`, which waits for it.
+        meta, file_bytes = await asyncio.shield(self._storing)
+        self._storing = None
+        await self._sealed(meta, file_bytes)
+
+
 async def _seal_until(
     bus: Bus, settings: ArchiveSettings, reader: LogReader, head: int, previous: SegmentMeta | None,
     run: ArchiveRun, on_sealed: Callable[[SegmentMeta], None] | None,
 ) -> SegmentMeta | None:
-    """Read up to `head`, sealing a segment each `segment_records` (one written while the next
-    is read). Returns the last segment sealed (or `previous`)."""
-    stream = bus.subjects.stream
+    """Read up to `head`, sealing a segment each `segment_records` (a Sealer: the next read
+    and decoded while the one before is written). Returns the last segment sealed (or
+    `previous`)."""
     size = settings.segment_records
     pending: list[LogRecord] = []
-    writing: asyncio.Task[tuple[SegmentMeta, int]] | None = None
+    last = previous
 
-    async def finish() -> None:
-        nonlocal writing, previous
-        if writing is None:
-            return
-        # Shielded: a cancellation here leaves the write to the `finally` below, which waits for it.
-        meta, file_bytes = await asyncio.shield(writing)
-        writing = None
-        previous = meta
+    async def sealed(meta: SegmentMeta, file_bytes: int) -> None:
+        nonlocal last
+        last = meta
         run.sealed.append((meta, file_bytes))
         run.records += meta.count
         await _announce(bus, settings.directory, meta, file_bytes)
         if on_sealed is not None:
             on_sealed(meta)
 
-    async def start(records: Sequence[LogRecord]) -> None:
-        nonlocal writing
-        await finish()  # one segment in flight at most; the next is cut after the one before
-        writing = asyncio.create_task(asyncio.to_thread(write_segment, settings, stream, records, previous))
-
-    try:
+    async with Sealer(settings, bus.subjects.stream, previous, sealed) as sealer:
         read_upto = 0  # (the reader's own `last_seq` counts records queued, not yet read)
         while read_upto < head:
             records = await reader.read(size)
             pending.extend(records)
             read_upto = records[-1].seq
             while len(pending) >= size:
-                await start(pending[:size])
+                await sealer.seal(pending[:size])
                 del pending[:size]
-        # (The log cannot shrink below `head`: it keeps everything.) What is left is a full segment's
-        # remainder: sealed only when asked.
-        cut = [r for r in pending if r.seq <= head]
-        if cut and settings.seal_partial:
-            await start(cut)
-        await finish()
-    finally:
-        if writing is not None:
-            # Cancelled or failed while a segment was written: wait for its thread (the file is
-            # then whole or absent; the next run verifies and announces it). Its own failure
-            # gives way to the one being raised.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(writing)
-    return previous
+        # What is left is short of a full segment: sealed only when asked.
+        if pending and settings.seal_partial:
+            await sealer.seal(pending)
+        await sealer.finish()
+    return last
 
 
 def _prepare(directory: Path, stream: str) -> list[Segment]:

@@ -20,7 +20,6 @@ The projection services run as their own processes, as `bus up` starts them. Med
 
 from __future__ import annotations
 
-import asyncio
 import random
 import shutil
 import statistics
@@ -30,9 +29,9 @@ from typing import TYPE_CHECKING
 from bus.client import Bus
 from bus.config import BusConfig
 from bus.log_reader import LogRecord
-from projections.archive.archiver import run_archive
+from projections.archive.archiver import Sealer, run_archive
 from projections.archive.config import ArchiveSettings
-from projections.archive.writer import write_segment
+from projections.archive.segment import SegmentMeta
 from projections.bench import _answering, _percentile, _read_all, _service_process
 from projections.config import tuned_gc
 from projections.rebuild import request_rebuild
@@ -46,13 +45,18 @@ _TAIL = 0.01
 _LOOKUPS = 200
 
 
-def _write_rate(settings: ArchiveSettings, stream: str, records: list[LogRecord]) -> float:
-    """Events/s sealing `records` already in memory (decode, write, fsync, verify)."""
+async def _write_rate(settings: ArchiveSettings, stream: str, records: list[LogRecord]) -> float:
+    """Events/s sealing `records` already in memory (decode, write, fsync, verify), in the
+    archive's two stages."""
+    async def sealed(meta: SegmentMeta, file_bytes: int) -> None:
+        pass
+
     started = time.perf_counter()
-    previous = None
     size = settings.segment_records
-    for at in range(0, len(records), size):
-        previous, _ = write_segment(settings, stream, records[at:at + size], previous)
+    async with Sealer(settings, stream, None, sealed) as sealer:
+        for at in range(0, len(records), size):
+            await sealer.seal(records[at:at + size])
+        await sealer.finish()
     return len(records) / (time.perf_counter() - started)
 
 
@@ -89,7 +93,7 @@ async def run(env: BenchEnv) -> dict[str, float]:
             for index in range(env.repeats):
                 scratch = ArchiveSettings(directory=env.workdir / f"write-{index}")
                 with tuned_gc():
-                    writes.append(await asyncio.to_thread(_write_rate, scratch, stream, records[:count]))
+                    writes.append(await _write_rate(scratch, stream, records[:count]))
                 shutil.rmtree(scratch.directory)
             del records
 

@@ -1,5 +1,6 @@
-"""Writing one segment: the records decoded into the fold's columns, plus their exact bytes,
-written to a temporary name, synced, renamed into place, and read back verified.
+"""Writing one segment: the records decoded into the fold's columns, plus their exact bytes
+(`prepare_segment`), written to a temporary name, synced, linked into place, and read back
+verified (`store_segment`).
 
 A crash at any point leaves either no segment file (a temporary one at most, removed by the next
 run) or a whole, synced one; the next run verifies it before going on after it. Synchronous:
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,14 +49,18 @@ def archive_table(records: Sequence[LogRecord]) -> pa.Table:
     return table.append_column("data", pa.array([r.data for r in records], pa.binary()))
 
 
-def write_segment(
-    settings: ArchiveSettings, stream: str, records: Sequence[LogRecord], previous: SegmentMeta | None
-) -> tuple[SegmentMeta, int]:
-    """Seal `records` (non-empty, in sequence order, all after `previous`) as the segment after
-    `previous` (None: the first); returns its metadata and the file's size in bytes, once the
-    file is in place and read back verified. Raises ArchiveError (cannot write: disk full,
-    permissions) and ArchiveCorrupt (what was read back is not what was written); either way no
-    file is left under the segment's name."""
+@dataclass(frozen=True)
+class Prepared:
+    """A segment decoded and hashed, not yet written: its table (metadata included) and meta."""
+
+    table: pa.Table
+    meta: SegmentMeta
+
+
+def prepare_segment(stream: str, records: Sequence[LogRecord], previous: SegmentMeta | None) -> Prepared:
+    """Decode and hash `records` (non-empty, in sequence order, all after `previous`) as the
+    segment after `previous` (None: the first). The Python-bound half of sealing (the
+    decode); `store_segment` is the rest. Raises ValueError for records not after `previous`."""
     after_seq = previous.last_seq if previous is not None else 0
     if not records or records[0].seq <= after_seq:
         raise ValueError(f"a segment after seq {after_seq} needs records after it")
@@ -68,7 +74,17 @@ def write_segment(
         chain_sha256=chain_hash(prev_chain, after_seq, first, last, count, content),
         first_stored_ns=records[0].time_ns, last_stored_ns=records[-1].time_ns,
     )
-    table = table.replace_schema_metadata({METADATA_KEY: encode_meta(meta)})
+    return Prepared(table.replace_schema_metadata({METADATA_KEY: encode_meta(meta)}), meta)
+
+
+def store_segment(settings: ArchiveSettings, prepared: Prepared) -> tuple[SegmentMeta, int]:
+    """Write a prepared segment under a temporary name, fsync it, link it into place (never over
+    an existing file: a segment is sealed once, even by two runs at once), fsync the directory,
+    then read it back and verify it. Returns its metadata and the file's size in bytes. Mostly
+    Arrow's C++ (the GIL released). Raises ArchiveError (cannot write: disk full, permissions,
+    the segment exists already) and ArchiveCorrupt (what was read back is not what was
+    written); either way no file of this call is left under the segment's name."""
+    meta = prepared.meta
     directory = settings.directory
     path = directory / meta.name
     temp = directory / f"{TEMP_PREFIX}{meta.name}"
@@ -76,15 +92,17 @@ def write_segment(
         directory.mkdir(parents=True, exist_ok=True)
         with open(temp, "wb") as out:
             pq.write_table(
-                table, out, compression="zstd", compression_level=settings.zstd_level,
+                prepared.table, out, compression="zstd", compression_level=settings.zstd_level,
                 row_group_size=settings.row_group_records, use_dictionary=_DICTIONARY, write_page_checksum=True,
                 write_statistics=list(STATISTICS),
             )
             out.flush()
             os.fsync(out.fileno())
-        if path.exists():
-            raise ArchiveError(f"{path} exists already: a segment is sealed once (run `bus archive verify`)")
-        os.replace(temp, path)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            raise ArchiveError(f"{path} exists already: a segment is sealed once (another run sealed it?)") from None
+        temp.unlink()
         sync_directory(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -95,7 +113,7 @@ def write_segment(
             temp.unlink()
         raise
     try:
-        verified = verify_file(path, prev_chain=prev_chain, after_seq=after_seq)
+        verified = verify_file(path, prev_chain=meta.prev_chain_sha256, after_seq=meta.after_seq)
         if verified != meta:
             raise ArchiveCorrupt(f"{meta.name}: read back, its metadata differs from what was written")
     except ArchiveCorrupt:
@@ -103,6 +121,14 @@ def write_segment(
             path.unlink()
         raise
     return meta, path.stat().st_size
+
+
+def write_segment(
+    settings: ArchiveSettings, stream: str, records: Sequence[LogRecord], previous: SegmentMeta | None
+) -> tuple[SegmentMeta, int]:
+    """`prepare_segment` then `store_segment`: seal `records` as the segment after `previous`.
+    Raises ValueError, ArchiveError, ArchiveCorrupt (see those)."""
+    return store_segment(settings, prepare_segment(stream, records, previous))
 
 
 def remove_leftovers(directory: Path) -> list[str]:
