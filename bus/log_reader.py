@@ -43,13 +43,13 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple
 
+import msgspec
 import nats.errors
 from nats.js import api as js_api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from bus.cancellation import cancellation_kept
 from bus.errors import BusError, BusUnavailable, ConfigurationError, PermissionDenied
-from bus.transport import translate
 from bus.wire import WireConnection, header_value
 from bus.wire.connection import stop_keeper
 
@@ -376,18 +376,27 @@ class LogReader:
         # A reconnect from now on may lose deliveries of the consumer being created: `read`
         # then starts over. One before is harmless (the subscription was sent again).
         self._reconnects = conn.reconnects
+        # On the reader's own connection, not the Bus's control connection: it fails over with
+        # the deliveries. (Through TLS, the control connection leaves a hung server only after
+        # asyncio's 30 s TLS shutdown timeout; the views would wait for it.)
+        request = _CREATE.encode({"stream_name": self._stream, "config": config.as_dict()})
         try:
-            async with asyncio.timeout(CONTROL_TIMEOUT_S):
-                await cancellation_kept(self._bus.js.add_consumer(self._stream, config))
-        except NotFoundError as exc:
-            raise _StreamGone(f"cannot read the log: the stream {self._stream} does not exist") from exc
-        except BadRequestError as exc:
-            raise ConfigurationError(f"the server refused the log consumer on {self._stream}: {exc}") from exc
-        except (nats.errors.Error, TimeoutError, OSError) as exc:
-            error = translate(exc, f"creating the log consumer on {self._stream}")
-            if isinstance(error, PermissionDenied):
-                raise error from exc
-            raise BusUnavailable(str(error)) from exc
+            _, data = await conn.request(
+                f"$JS.API.CONSUMER.CREATE.{self._stream}.{config.name}", request, timeout_s=CONTROL_TIMEOUT_S
+            )
+        except BusUnavailable as exc:
+            raise BusUnavailable(f"creating the log consumer on {self._stream}: {exc}") from exc
+        try:
+            error = _API_ANSWER.decode(data).error
+        except msgspec.DecodeError as exc:
+            raise BusUnavailable(f"creating the log consumer on {self._stream}: not a JetStream answer: {exc}") from exc
+        if error is None:
+            return
+        if error.code == 404:
+            raise _StreamGone(f"cannot read the log: the stream {self._stream} does not exist ({error.description})")
+        if error.code == 400:
+            raise ConfigurationError(f"the server refused the log consumer on {self._stream}: {error.description}")
+        raise BusUnavailable(f"creating the log consumer on {self._stream}: {error.code} {error.description}")
 
     def _consumer_config(self, name: str, inbox: str) -> js_api.ConsumerConfig:
         return js_api.ConsumerConfig(
@@ -404,6 +413,22 @@ class LogReader:
             mem_storage=True,
             num_replicas=1,
         )
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _ApiAnswer(msgspec.Struct):
+    """A JetStream API answer: only whether it is an error matters here."""
+
+    error: _ApiError | None = None
+
+
+_CREATE = msgspec.json.Encoder()
+_API_ANSWER = msgspec.json.Decoder(_ApiAnswer)
 
 
 class _StreamGone(BusUnavailable):

@@ -366,9 +366,8 @@ def _log_leader(view: dict[str, Any] | None, stream: str) -> str | None:
 
 @pytest.fixture
 def access(tmp_path: Path) -> ClusterAccess:
-    """Authorization for the cluster (TLS is not on here: see the README's identity section);
-    the tally agent's credential issued up front."""
-    secured = ClusterAccess(tmp_path / "identity", tls=False)
+    """Authorization and TLS for the cluster; the tally agent's credential issued up front."""
+    secured = ClusterAccess(tmp_path / "identity")
     secured.agent("tally")
     return secured
 

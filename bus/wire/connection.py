@@ -358,6 +358,36 @@ class WireConnection:
         finally:
             self._subs.pop(key, None)
 
+    async def request(self, subject: str, payload: bytes, *, timeout_s: float) -> tuple[bytes, bytes]:
+        """Publish `payload` to `subject` with a fresh inbox as its reply subject and return the
+        first answer's (header, data). For control requests (JetStream API calls) made on this
+        connection, so they fail over with it. Raises BusUnavailable (not connected, no answer
+        within `timeout_s`), PermissionDenied (the server refused the publish or the inbox),
+        ValueError (an invalid subject)."""
+        assert self._loop is not None, "connect first"
+        answered: asyncio.Future[tuple[bytes, bytes]] = self._loop.create_future()
+
+        def on_answer(_subject: bytes, _reply: bytes, header: bytes, data: bytes) -> None:
+            if not answered.done():
+                answered.set_result((header, data))
+
+        def on_refusal(refusal: Refusal) -> None:
+            if refusal.subject.lower() in (subject.lower(), inbox.lower()) and not answered.done():
+                answered.set_exception(refusal.error(self.name))
+
+        inbox = self.new_inbox()
+        sid = self.subscribe(inbox, on_answer)
+        self._refusal_listeners.append(on_refusal)
+        try:
+            self.publish(subject, payload, inbox)
+            async with asyncio.timeout(timeout_s):
+                return await answered
+        except TimeoutError:
+            raise BusUnavailable(f"no answer on {subject} within {timeout_s}s") from None
+        finally:
+            self._refusal_listeners.remove(on_refusal)
+            await self.unsubscribe(sid, drain_timeout_s=0)
+
     # -- writing -----------------------------------------------------------------------------
 
     def publish(self, subject: str | bytes, payload: bytes, reply: str | bytes = b"") -> None:
