@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from bus.identity import load_credential
 
 from bus import Bus, BusConfig, BusUnavailable, ConfigurationError, ConsumerSettings, PermissionDenied
+from bus.errors import NoAnswer, NoResponders
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 from bus.wire import (
     FrameParser,
@@ -214,12 +216,12 @@ async def _server_with(tmp_path: Path, config: str) -> EmbeddedServer:
 
 @pytest.fixture
 async def auth_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
-    """A server with two users: `agent` may not subscribe to `forbidden.>`."""
+    """A server with two users: `agent` may not subscribe or publish to `forbidden.>`."""
     server = await _server_with(tmp_path, """
 authorization {
   users: [
     {user: admin, password: "pw-admin"}
-    {user: agent, password: "pw-agent", permissions: {subscribe: {deny: ["forbidden.>"]}}}
+    {user: agent, password: "pw-agent", permissions: {subscribe: {deny: ["forbidden.>"]}, publish: {deny: ["forbidden.>"]}}}
   ]
 }""")
     try:
@@ -322,6 +324,37 @@ async def test_permission_violation_surfaces_on_flush(auth_server: EmbeddedServe
         assert conn.is_connected
     finally:
         await conn.close()
+
+
+async def test_requests_on_the_raw_connection(auth_server: EmbeddedServer) -> None:
+    """request() returns the first answer's header and data; nobody listening is NoResponders
+    at once; an unanswered request is NoAnswer after its timeout; a refused publish is
+    PermissionDenied at once; the connection stays usable after each."""
+    url = f"nats://admin:pw-admin@127.0.0.1:{auth_server.settings.port}"
+    answerer = WireConnection(parse_urls(url), name="answerer", settings=_FAST)
+    asker = WireConnection(parse_urls(f"nats://agent:pw-agent@127.0.0.1:{auth_server.settings.port}"),
+                           name="agent", settings=_FAST)
+    await answerer.connect()
+    await asker.connect()
+    try:
+        answerer.subscribe("svc.echo", lambda _s, reply, _h, data: answerer.publish(reply, b"echo:" + data))
+        answerer.subscribe("svc.silent", lambda *frame: None)
+        await answerer.flush()
+        assert await asker.request("svc.echo", b"hi", timeout_s=5) == (b"", b"echo:hi")
+        started = time.perf_counter()
+        with pytest.raises(NoResponders, match="svc.nobody"):
+            await asker.request("svc.nobody", b"", timeout_s=5)
+        assert time.perf_counter() - started < 1.0
+        with pytest.raises(NoAnswer, match="svc.silent"):
+            await asker.request("svc.silent", b"", timeout_s=0.2)
+        started = time.perf_counter()
+        with pytest.raises(PermissionDenied, match="forbidden.x"):
+            await asker.request("forbidden.x", b"", timeout_s=5)
+        assert time.perf_counter() - started < 1.0
+        assert await asker.request("svc.echo", b"again", timeout_s=5) == (b"", b"echo:again")
+    finally:
+        await asker.close()
+        await answerer.close()
 
 
 async def test_no_server_is_bus_unavailable() -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from bus.errors import BusError, BusUnavailable, ConfigurationError, PermissionDenied
+from bus.errors import BusError, BusUnavailable, ConfigurationError, NoAnswer, NoResponders, PermissionDenied
 from bus.refusal import Refusal, parse_refusal
 from bus.wire.address import ServerAddress, parse_url, with_credentials
 from bus.wire.protocol import (
@@ -47,6 +47,7 @@ from bus.wire.protocol import (
     MessageCallback,
     ProtocolViolation,
     check_subject,
+    parse_status,
     connect_frame,
     pub_frame,
     sub_frame,
@@ -361,9 +362,10 @@ class WireConnection:
     async def request(self, subject: str, payload: bytes, *, timeout_s: float) -> tuple[bytes, bytes]:
         """Publish `payload` to `subject` with a fresh inbox as its reply subject and return the
         first answer's (header, data). For control requests (JetStream API calls) made on this
-        connection, so they fail over with it. Raises BusUnavailable (not connected, no answer
-        within `timeout_s`), PermissionDenied (the server refused the publish or the inbox),
-        ValueError (an invalid subject)."""
+        connection, so they fail over with it. Raises NoResponders (nobody listens on `subject`:
+        the server said so at once), NoAnswer (no answer within `timeout_s`), BusUnavailable (not
+        connected), PermissionDenied (the server refused the publish or the inbox), ValueError
+        (an invalid subject)."""
         assert self._loop is not None, "connect first"
         answered: asyncio.Future[tuple[bytes, bytes]] = self._loop.create_future()
 
@@ -381,12 +383,15 @@ class WireConnection:
         try:
             self.publish(subject, payload, inbox)
             async with asyncio.timeout(timeout_s):
-                return await answered
+                header, data = await answered
         except TimeoutError:
-            raise BusUnavailable(f"no answer on {subject} within {timeout_s}s") from None
+            raise NoAnswer(f"no answer on {subject} within {timeout_s}s") from None
         finally:
             self._refusal_listeners.remove(on_refusal)
             await self.unsubscribe(sid, drain_timeout_s=0)
+        if header and parse_status(header)[0] == "503":
+            raise NoResponders(f"nobody listens on {subject}")
+        return header, data
 
     # -- writing -----------------------------------------------------------------------------
 
