@@ -62,24 +62,48 @@ Views.agent = async function (route) {
 
 // -- traffic -----------------------------------------------------------------------------------
 
-const MAX_TRAFFIC_ROWS = 500;
+const MAX_TRAFFIC_ROWS = 200;
+// Rows added per draw (at most twenty draws a second): at a higher rate the newest are listed and
+// the rest counted, so the page's work stays bounded.
+const MAX_ROWS_PER_BATCH = 250;
+const RENDER_EVERY_MS = 50;
+// While more than FLOOD_PER_S arrive a second (a flood nobody reads row by row), draw twice a
+// second.
+const FLOOD_PER_S = 2500;
+const FLOODED_RENDER_EVERY_MS = 500;
+
+// One row, cloned from a template and filled with text (thousands a second at high rates:
+// cheaper than building each cell); clicks are handled once, on the table body.
+const TRAFFIC_ROW = h("tr", { class: "traffic-row clickable" }, h("td", { class: "mono" }), h("td", {}), h("td", {}), h("td", { class: "mono" }), h("td", { class: "num mono" }));
+
+function two(n) { return n < 10 ? "0" + n : String(n); }
+
+function fastClock(ms) {
+  const d = new Date(ms);
+  return `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}.${String(d.getMilliseconds()).padStart(3, "0")}`;
+}
 
 function trafficRow(item, fresh) {
   const route = item.tag ? `${item.sender} → #${item.tag}` : item.to ? `${item.sender} → ${item.to}` : `${item.sender || "?"} (${item.category})`;
-  const row = h("tr", { class: `traffic-row clickable${fresh ? " fresh" : ""}`, dataset: { seq: item.seq, id: item.id || "", kind: item.kind } },
-    h("td", { class: "mono" }, clock(item.at)),
-    h("td", {}, item.kind),
-    h("td", {}, route),
-    h("td", { class: "mono" }, item.corr ? link(`#/conversation/${item.corr}`, shortId(item.corr)) : "–"),
-    h("td", { class: "num mono" }, item.seq));
-  row.addEventListener("click", (e) => { if (e.target.tagName !== "A") App.showEvent(item.seq); });
+  const row = TRAFFIC_ROW.cloneNode(true);
+  if (fresh) row.classList.add("fresh");
+  row.dataset.seq = item.seq; row.dataset.id = item.id || ""; row.dataset.kind = item.kind;
+  const cells = row.children;
+  cells[0].textContent = fastClock(item.at);
+  cells[1].textContent = item.kind;
+  cells[2].textContent = route;
+  if (item.corr) cells[3].append(link(`#/conversation/${item.corr}`, shortId(item.corr))); else cells[3].textContent = "–";
+  cells[4].textContent = item.seq;
   return row;
 }
 
 Views.traffic = async function (route) {
   const f = { agent: route.query.get("agent") || "", kind: route.query.get("kind") || "", tag: route.query.get("tag") || "", corr: route.query.get("corr") || "" };
   const { items } = await api("/api/traffic" + query(f));
-  const body = h("tbody", { id: "traffic-body" }, items.slice().reverse().map((i) => trafficRow(i, false)));
+  const body = h("tbody", { id: "traffic-body", onclick: (e) => {
+    const row = e.target.closest("tr.traffic-row");
+    if (row && e.target.tagName !== "A") App.showEvent(Number(row.dataset.seq));
+  } }, items.slice().reverse().map((i) => trafficRow(i, false)));
   const counter = h("span", { class: "muted", id: "traffic-count" }, `${items.length} shown`);
   const inputs = ["agent", "kind", "tag", "corr"].map((k) => h("input", { name: k, placeholder: k === "corr" ? "correlation" : k, value: f[k], size: k === "corr" ? 14 : 10 }));
   const form = h("form", { class: "bar", onsubmit: (e) => {
@@ -89,17 +113,33 @@ Views.traffic = async function (route) {
     location.hash = "#/traffic" + query(next);
   } }, inputs, h("button", { type: "submit" }, "filter"), link("#/traffic", "clear"), counter);
   const view = h("section", {}, h("h1", {}, "Traffic ", h("span", { class: "muted" }, "live")), form,
-    h("table", { id: "traffic-table" }, h("thead", {}, h("tr", {}, ["time", "kind", "from → to", "conversation", "seq"].map((x) => h("th", {}, x)))), body));
-  let skipped = 0;
-  App.follow(f, (batch) => {
+    h("div", { class: "traffic-wrap" }, h("table", { id: "traffic-table" }, h("thead", {}, h("tr", {}, ["time", "kind", "from → to", "conversation", "seq"].map((x) => h("th", {}, x)))), body)));
+  // Rows are drawn at most every RENDER_EVERY_MS (FLOODED_RENDER_EVERY_MS while flooded): the
+  // browser's style, layout and paint of the table, not the script, are the cost (measured);
+  // between draws arrivals queue (the newest MAX_ROWS_PER_BATCH of them, the rest counted).
+  let skipped = 0, queued = [], timer = null, drawnAt = 0, arrivals = [];
+  const draw = () => {
+    timer = null; drawnAt = performance.now();
+    const items = queued; queued = [];
+    const fresh = items.length <= 5;  // highlight arrivals a person can follow, not a flood
     const frag = document.createDocumentFragment();
-    const fresh = batch.items.length <= 5;  // highlight arrivals a person can follow, not a flood
-    for (let i = batch.items.length - 1; i >= 0; i--) frag.append(trafficRow(batch.items[i], fresh));
+    for (let i = items.length - 1; i >= 0; i--) frag.append(trafficRow(items[i], fresh));
     body.prepend(frag);
     while (body.childElementCount > MAX_TRAFFIC_ROWS) body.lastElementChild.remove();
-    skipped += batch.skipped || 0;
     counter.textContent = `${body.childElementCount} shown` + (skipped ? `, ${num(skipped)} passed too fast to list` : "");
-    if (window.__consoleSeen) { const now = Date.now(); for (const it of batch.items) if (it.id) window.__consoleSeen.set(it.id, now); }
+    if (window.__consoleSeen) { const now = Date.now(); for (const it of items) if (it.id) window.__consoleSeen.set(it.id, now); }
+  };
+  App.follow(f, (batch) => {
+    skipped += batch.skipped || 0;
+    queued.push(...batch.items);
+    if (queued.length > MAX_ROWS_PER_BATCH) { skipped += queued.length - MAX_ROWS_PER_BATCH; queued = queued.slice(-MAX_ROWS_PER_BATCH); }
+    // Flooded: more than FLOOD_PER_S envelopes arrived in the last second.
+    const now = performance.now();
+    arrivals.push([now, batch.items.length + (batch.skipped || 0)]);
+    while (arrivals.length && arrivals[0][0] < now - 1000) arrivals.shift();
+    const perSecond = arrivals.reduce((sum, a) => sum + a[1], 0);
+    const every = perSecond > FLOOD_PER_S ? FLOODED_RENDER_EVERY_MS : RENDER_EVERY_MS;
+    if (timer === null) timer = setTimeout(draw, Math.max(0, drawnAt + every - performance.now()));
   });
   return view;
 };
