@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus.errors import BusUnavailable, ConfigurationError
 from bus.server import (
@@ -41,6 +41,9 @@ from bus.server import (
     free_port_outside_ephemeral_range,
     read_monitor,
 )
+
+if TYPE_CHECKING:
+    from bus.identity.certificates import ServerTls
 
 CLUSTER_NAME = "continuum"
 # How long one /jsz read may take; a paused or dying node must not hold up a readiness poll.
@@ -157,6 +160,7 @@ class LocalCluster:
     config from `config` (default: the repo's nats.conf). `client_ports` / `monitor_ports` fix
     each node's ports (default: each server chooses). `new_session` / `detached`: as for
     `EmbeddedServer` (`bus up` runs a cluster in sessions of its own, detached with --detach).
+    `route_tls`: the nodes' routes to each other are TLS with this certificate (None: plain).
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class LocalCluster:
         start_timeout_s: float = 20.0,
         new_session: bool = False,
         detached: bool = False,
+        route_tls: ServerTls | None = None,
     ) -> None:
         if size < 3:
             raise ConfigurationError(f"a local cluster needs at least 3 nodes (a quorum that survives losing one), not {size}")
@@ -179,6 +184,7 @@ class LocalCluster:
                 raise ConfigurationError(f"{what} names {len(ports)} ports for {size} nodes")
         self.size = size
         self.store_root = store_root
+        self.route_tls = route_tls
         self.start_timeout_s = start_timeout_s
         self.nodes: list[ClusterNode] = []
         for i in range(size):
@@ -255,7 +261,7 @@ class LocalCluster:
         chosen = sorted(ports)
         routes = tuple(f"nats://127.0.0.1:{port}" for port in chosen)
         for node, port in zip(self.nodes, chosen, strict=True):
-            route = RouteSettings(port=port, routes=routes, cluster_name=CLUSTER_NAME)
+            route = RouteSettings(port=port, routes=routes, cluster_name=CLUSTER_NAME, tls=self.route_tls)
             node.server.settings = replace(node.server.settings, cluster=route)
 
     async def wait_for_meta_leader(self, timeout_s: float | None = None) -> str:

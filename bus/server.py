@@ -30,8 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from bus.errors import BusUnavailable, ConfigurationError
+
+if TYPE_CHECKING:
+    from bus.identity.certificates import ServerTls
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,6 +126,8 @@ class RouteSettings:
     port: int
     routes: tuple[str, ...]
     cluster_name: str = "continuum"
+    # TLS between the nodes (each verifies the other's certificate), or None: plain routes.
+    tls: ServerTls | None = None
 
     @property
     def url(self) -> str:
@@ -213,7 +219,8 @@ class ServerSettings:
             f"  name: {json.dumps(self.cluster.cluster_name)}\n"
             f"  listen: {json.dumps(f'127.0.0.1:{self.cluster.port}')}\n"
             f"  routes: [{routes}]\n"
-            "}\n"
+            + (self.cluster.tls.route_block() if self.cluster.tls is not None else "")
+            + "}\n"
         )
         return node
 

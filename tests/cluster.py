@@ -25,19 +25,22 @@ def cluster_access(tmp_path: Path) -> "ClusterAccess":
 @pytest.fixture
 async def nats_cluster(tmp_path: Path, cluster_access: "ClusterAccess") -> AsyncIterator[LocalCluster]:
     """Three nodes (`continuum-1`..`continuum-3`) on ports they chose, with a JetStream meta
-    leader they all agree on, authorization and TLS on (`cluster_access`). `cluster.url` /
-    `cluster.monitor_url` are the BusConfig values."""
-    async with LocalCluster(3, store_root=tmp_path / "cluster", config=cluster_access.server_config) as cluster:
+    leader they all agree on, authorization and TLS on (`cluster_access`: clients and the routes
+    between the nodes). `cluster.url` / `cluster.monitor_url` are the BusConfig values."""
+    async with LocalCluster(3, store_root=tmp_path / "cluster", config=cluster_access.server_config,
+                            route_tls=cluster_access.served) as cluster:
         yield cluster
 
 
 class ClusterAccess:
     """How clients reach a secured local cluster: authorization on (the admin credential, and an
-    agent's own on request) and TLS on every client connection, verified with a local CA."""
+    agent's own on request) and TLS on every client connection and route, verified with a local
+    CA (`served`: the certificate the nodes present, None without TLS)."""
 
     def __init__(self, home: Path, *, tls: bool = True) -> None:
         self.registry = CredentialRegistry(home)
         served = ensure_server_tls(self.registry.tls_dir) if tls else None
+        self.served = served
         self.registry.initialize(find_config(None), ("default",), tls=served)
         self.tls = TlsSettings(ca_file=served.ca_file) if served is not None else None
         self.admin = str(self.registry.admin_credential)

@@ -17,7 +17,7 @@ from bus.cluster import LocalCluster
 from cluster import ClusterAccess
 from bus.config import StreamSettings
 from bus.errors import ConfigurationError
-from bus.server import EmbeddedServer
+from bus.server import EmbeddedServer, read_varz
 from schemas.payloads import Note
 from conftest import refused_port
 from test_cli import run_bus
@@ -141,3 +141,29 @@ async def test_fsync_is_verified_on_every_node_and_an_unverifiable_one_refused(
     with pytest.raises(ConfigurationError, match="cannot verify"):
         async with Bus(BusConfig(url=nats_server.url, monitor_url="http://127.0.0.1:notaport", credentials=admin_credentials)):
             pass
+
+
+async def test_routes_between_the_nodes_are_tls_verified_both_ways(
+    nats_cluster: LocalCluster, cluster_access: ClusterAccess
+) -> None:
+    """Every node requires TLS on its route port and verifies the dialing node's certificate;
+    the cluster formed over those routes (an R3 log takes writes); plain text to a route port
+    gets no cluster protocol."""
+    for url in nats_cluster.monitor_url.split(","):
+        route = (await asyncio.to_thread(read_varz, url))["cluster"]
+        assert route["tls_required"] is True and route["tls_verify"] is True, route
+    config = BusConfig(url=nats_cluster.url, monitor_url=nats_cluster.monitor_url, credentials=cluster_access.admin,
+                       tls=cluster_access.tls, stream=StreamSettings(replicas=3))
+    async with Bus(config) as bus:
+        sent = await bus.send("someone", Note(text="over TLS routes"))
+        assert sent.ack.seq > 0 and await replicas_of(bus, bus.subjects.stream) == 3
+    cluster = nats_cluster.nodes[0].server.settings.cluster
+    assert cluster is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    try:
+        writer.write(b'CONNECT {"verbose":false}\r\nPING\r\n')
+        async with asyncio.timeout(10):
+            heard = await reader.read(4096)
+        assert b"PONG" not in heard and b"INFO" not in heard, heard
+    finally:
+        writer.close()

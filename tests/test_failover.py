@@ -374,7 +374,8 @@ def access(tmp_path: Path) -> ClusterAccess:
 
 @pytest.fixture
 async def cluster(tmp_path: Path, access: ClusterAccess) -> AsyncIterator[LocalCluster]:
-    async with LocalCluster(3, store_root=tmp_path / "cluster", config=access.server_config) as running:
+    async with LocalCluster(3, store_root=tmp_path / "cluster", config=access.server_config,
+                            route_tls=access.served) as running:
         yield running
 
 

@@ -42,6 +42,7 @@ from bus.cli.state import NodeState, ServerState, clear_state, read_state, state
 from bus.cluster import ClusterNode, LocalCluster
 from bus.config import BusConfig, StreamSettings
 from bus.errors import BusUnavailable
+from bus.identity.certificates import serves_routes
 from bus.server import find_config, find_nats_server, port_bindable, read_varz
 
 
@@ -61,6 +62,12 @@ async def run_up_cluster(args: argparse.Namespace, home: Path) -> int:
     find_nats_server()  # fail early (exit 2) if the binary or the config is missing
     find_config(args.config)
     auth = await setup_auth(args, home)
+    route_tls = args.server_tls
+    if route_tls is not None and not await asyncio.to_thread(_serves_routes, route_tls.cert_file):
+        raise CliError(
+            f"{route_tls.cert_file} does not allow client authentication: the nodes of a cluster present it to each "
+            "other on their routes (TLS, verified both ways); give a certificate with both serverAuth and clientAuth"
+        )
     size = args.cluster
     cluster = LocalCluster(
         size,
@@ -71,10 +78,18 @@ async def run_up_cluster(args: argparse.Namespace, home: Path) -> int:
         start_timeout_s=args.start_timeout,
         new_session=True,  # a Ctrl-C in the terminal reaches only `bus up`, which stops them in order
         detached=args.detach,
+        route_tls=route_tls,
     )
     if args.detach:
         return await _up_detached(args, home, cluster)
     return await _up_foreground(args, home, cluster)
+
+
+def _serves_routes(cert_file: str) -> bool:
+    try:
+        return serves_routes(Path(cert_file))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the TLS certificate {cert_file}: {exc}") from exc
 
 
 async def _node_ports(given: int | None, default: int, size: int, option: str) -> list[int] | None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from bus.config import DEFAULT_URL, BusConfig
+from bus.config import DEFAULT_URL, BusConfig, split_urls
 from bus.scrape import MetricsEndpoint, ScrapeTarget, add_process_metrics, serve_metrics, targets_dir
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ def bus_config(args: argparse.Namespace, *, name: str = "cli", **overrides: obje
 
     monitor_url = os.environ.get("BUS_MONITOR_URL") or None
     state = read_state(args.home)
-    ours = state is not None and state.url == args.url
+    # The servers `bus up` started, named in full or in part (one node of a cluster).
+    ours = state is not None and bool(set(split_urls(state.url)) & set(split_urls(args.url)))
     if monitor_url is None and ours:
         monitor_url = state.monitor_url
     fields: dict[str, object] = {"url": args.url, "namespace": args.namespace, "name": name, "monitor_url": monitor_url}

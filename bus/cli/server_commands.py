@@ -236,6 +236,7 @@ async def setup_auth(args: argparse.Namespace, home: Path) -> CredentialRegistry
     if args.tls and args.no_auth:
         raise CliError("--tls needs authorization: drop --no-auth (TLS without credentials protects nothing worth having)")
     args.tls_ca_file = None
+    args.server_tls = None
     if args.no_auth:
         return None
     registry = CredentialRegistry(home)
@@ -245,6 +246,7 @@ async def setup_auth(args: argparse.Namespace, home: Path) -> CredentialRegistry
             tls = (given_server_tls(args.tls_cert, args.tls_key, args.tls_ca) if given
                    else await asyncio.to_thread(ensure_server_tls, registry.tls_dir))
             args.tls_ca_file = tls.ca_file
+            args.server_tls = tls
         await asyncio.to_thread(registry.initialize, find_config(args.config), (args.namespace,), tls=tls)
     except OSError as exc:
         raise CliError(f"cannot write the authorization files under {registry.dir}: {exc}") from exc

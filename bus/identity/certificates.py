@@ -46,6 +46,21 @@ class ServerTls(msgspec.Struct, frozen=True, kw_only=True):
             "}\n"
         )
 
+    def route_block(self, indent: str = "  ") -> str:
+        """The `tls { ... }` block of a `cluster { ... }`: routes between nodes are TLS too,
+        each node presenting this certificate and verifying the other's against the CA (so the
+        certificate must allow client authentication as well: the ones made here do)."""
+        lines = [
+            "tls {",
+            f"  cert_file: {msgspec.json.encode(self.cert_file).decode()}",
+            f"  key_file: {msgspec.json.encode(self.key_file).decode()}",
+            f"  ca_file: {msgspec.json.encode(self.ca_file).decode()}",
+            "  verify: true",
+            "  timeout: 2",
+            "}",
+        ]
+        return "".join(f"{indent}{line}\n" for line in lines)
+
 
 def default_hosts() -> tuple[str, ...]:
     """The names a local server's certificate covers: loopback, and this machine's name."""
@@ -61,7 +76,9 @@ def ensure_server_tls(directory: Path, hosts: tuple[str, ...] | None = None) -> 
     try:
         if not (ca_cert.is_file() and ca_key.is_file()):
             _write_ca(ca_cert, ca_key)
-        if not (cert.is_file() and key.is_file()):
+        if not (cert.is_file() and key.is_file()) or not serves_routes(cert):
+            # (A certificate made before routes were TLS lacks client authentication: made again,
+            # by the same CA, so clients go on trusting the servers.)
             _write_server(cert, key, ca_cert, ca_key, hosts or default_hosts())
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"cannot make the TLS files in {directory}: {exc}") from exc
@@ -123,11 +140,26 @@ def _write_server(cert_path: Path, key_path: Path, ca_cert_path: Path, ca_key_pa
         .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # Client authentication too: a cluster node presents it when it dials another's route.
+        .add_extension(x509.ExtendedKeyUsage(_SERVER_AND_ROUTE), critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
     write_secret(key_path, _key_pem(key))
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+_SERVER_AND_ROUTE = [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def serves_routes(cert_path: Path) -> bool:
+    """Whether the certificate allows client authentication (what a route's dialer presents).
+    Raises OSError, ValueError (not a PEM certificate)."""
+    try:
+        usage = x509.load_pem_x509_certificate(cert_path.read_bytes()).extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True  # no restriction: any use
+    return x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in usage
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
