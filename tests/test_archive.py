@@ -157,11 +157,11 @@ async def test_the_policy_seals_full_segments_as_the_log_grows(bus: Bus, tmp_pat
     keeping = asyncio.create_task(keep_archiving(bus, ArchivePolicy(settings=settings, interval_s=0.05), on_run=runs.append))
     try:
         await publish_notes(bus, 1_200)
-        await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) == 2, what="two full segments sealed")
+        await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) == 2, timeout_s=30, what="two full segments sealed")
         await publish_notes(bus, 400, start=1_200)  # 1,600 notes and 2 events: a third segment, not a fourth
-        await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) == 3, what="the third segment sealed")
+        await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) == 3, timeout_s=30, what="the third segment sealed")
         ran = len(runs)
-        await wait_for(lambda: len(runs) > ran + 2, what="more runs with nothing to seal")
+        await wait_for(lambda: len(runs) > ran + 2, timeout_s=30, what="more runs with nothing to seal")
     finally:
         keeping.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -238,7 +238,7 @@ async def test_cancelling_a_run_leaves_a_whole_archive_that_the_next_run_goes_on
     await publish_notes(bus, 3_000)
     settings = ArchiveSettings(directory=tmp_path / "archive" / "default", segment_records=300, seal_partial=True)
     running = asyncio.create_task(run_archive(bus, settings))
-    await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) >= 2, what="two segments sealed")
+    await wait_for(lambda: len(list(settings.directory.glob("seg-*"))) >= 2, timeout_s=30, what="two segments sealed")
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running

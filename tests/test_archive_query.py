@@ -19,6 +19,7 @@ from projections.service import ProjectionService
 
 from conftest import read_records
 from test_archive import publish_notes
+from test_archive_rebuild import caught_up
 
 
 def archive_settings(tmp_path: Path, **overrides: object) -> ArchiveSettings:
@@ -37,7 +38,8 @@ async def test_archived_records_are_queryable_by_id_with_their_exact_bytes(bus: 
         counted = await bus.query("SELECT count(*), min(seq), max(seq) FROM archive_events")
         assert counted.rows == [[2_000, 1, 2_000]]
         target = records[1_234]
-        wanted = await bus.query("SELECT id FROM events WHERE seq = ?", params=[target.seq], min_seq=target.seq)
+        await caught_up(bus, target.seq)
+        wanted = await bus.query("SELECT id FROM events WHERE seq = ?", params=[target.seq])
         found = await bus.query(
             "SELECT seq, kind, payload->>'text', data, stored_ns, segment FROM archive_events WHERE id = ?",
             params=[wanted.rows[0][0]],

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bus import Bus
+from bus.errors import QueryError
 from projections.archive.archiver import run_archive
 from projections.archive.config import ArchiveSettings
 from projections.config import ProjectionSettings
@@ -16,6 +17,7 @@ from projections.workload import LogItem, append_batches, synthetic_log
 from schemas.ids import new_id
 from schemas.payloads import Note
 
+from conftest import wait_for
 from test_memory_views import _record_memory_workload
 
 
@@ -29,9 +31,24 @@ async def mixed_log(bus: Bus) -> int:
     return await _record_memory_workload(bus, seed=7)
 
 
+async def caught_up(bus: Bus, seq: int) -> None:
+    """Until the service's views have applied `seq` (a `min_seq` query waits 5 s at most; on a
+    busy machine the first fold of the log can take longer)."""
+    async def applied() -> bool:
+        try:
+            await bus.query("SELECT 1", min_seq=seq, timeout_s=10)
+        except QueryError as exc:
+            if exc.kind != "lag":
+                raise
+            return False
+        return True
+
+    await wait_for(applied, timeout_s=120, what=f"the views to apply seq {seq}")
+
+
 async def rebuilt_hashes(bus: Bus, settings: ProjectionSettings, last: int) -> tuple[dict[str, str], int, int]:
     async with ProjectionService(bus, settings) as service:
-        await bus.query("SELECT 1", min_seq=last, timeout_s=60)
+        await caught_up(bus, last)
         report = await service.rebuild(wait=True)
         assert report.applied_seq >= last
         return await service.content_hashes(), report.events, report.archived
