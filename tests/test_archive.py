@@ -134,6 +134,15 @@ async def test_archive_cli_runs_lists_and_verifies(
     assert "archived 1,500 records in 2 segment(s)" in ran.stdout
     listed = await run_bus("archive", "list", env=env, cwd=tmp_path)
     assert listed.code == 0 and "2 segment(s), 1,500 records, up to seq 1500" in listed.stdout
+    as_json = await run_bus("archive", "list", "--format", "json", env=env, cwd=tmp_path)
+    rows = msgspec.json.decode(as_json.stdout)
+    assert [(r["first_seq"], r["last_seq"], r["count"]) for r in rows] == [(1, 1000, 1000), (1001, 1500, 500)]
+    assert rows[1]["prev_chain_sha256"] == rows[0]["chain_sha256"]
+    elsewhere = await run_bus("archive", "verify", "--dir", str(tmp_path / "nothing"), env=env, cwd=tmp_path)
+    assert elsewhere.code == 0 and elsewhere.stdout.startswith("ok: no segments in")
+    not_a_dir = await run_bus("archive", "list", "--dir", str(Path(env["BUS_HOME"]) / "archive" / "default" / "sealed-events"),
+                              env=env, cwd=tmp_path)
+    assert not_a_dir.code == 2 and len(not_a_dir.stderr.strip().splitlines()) == 1 and "cannot list" in not_a_dir.stderr
     verified = await run_bus("archive", "verify", env=env, cwd=tmp_path)
     assert verified.code == 0 and verified.stdout.startswith("ok: 2 segment(s), 1,500 records"), verified
     home = Path(env["BUS_HOME"]) / "archive" / "default"

@@ -197,8 +197,11 @@ async def _verify(args: argparse.Namespace) -> int:
         out(f"BROKEN: {problem}")
         out(f"{len(good)} segment(s) before it verified ({records:,} records)")
         return 1
-    end = good[-1].meta.last_seq if good else 0
-    out(f"ok: {len(good)} segment(s), {records:,} records up to seq {end}: every hash and the chain verified")
+    if not good:
+        out(f"ok: no segments in {settings.directory}")
+        return 0
+    out(f"ok: {len(good)} segment(s), {records:,} records up to seq {good[-1].meta.last_seq}: every hash and "
+        "the chain verified")
     return 0
 
 
