@@ -25,6 +25,7 @@ from bus.server import read_monitor
 from schemas.payloads import Note
 
 from conftest import wait_for
+from test_certificates import _server_only
 
 ENTRY = Path(sys.executable).parent / "bus"
 BUS = [str(ENTRY)] if ENTRY.exists() else [sys.executable, "-m", "bus.cli.main"]
@@ -129,6 +130,40 @@ async def test_up_cluster_detached_status_shows_each_node_and_down_stops_them_al
     assert f"stopped: projection service (pid {state.projections_pid})" in down.stdout
     await wait_for(lambda: not nats_servers_under(home), timeout_s=10, what="every node of the home to exit")
     assert read_state(home) is None
+
+
+async def test_up_cluster_with_tls_serves_tls_routes_and_commands_trust_any_one_node(tmp_path, cli_env) -> None:
+    """`bus up --cluster 3 --tls`: every node requires TLS on its route port and verifies the
+    other nodes' certificates; a command given one node's URL (not the list `bus up` printed)
+    still verifies it with the home's CA. A given certificate that cannot authenticate a route
+    (server authentication only) is refused before any node starts, in one line."""
+    home = Path(cli_env["BUS_HOME"])
+    try:
+        up = await run_bus("up", "--cluster", "3", "--tls", "--detach", "--no-projections", "--home", str(home),
+                           env=cli_env, cwd=tmp_path)
+        assert up.code == 0, up.stderr + up.stdout
+        state = read_state(home)
+        assert state is not None and state.tls_ca is not None
+        for node in state.nodes:
+            route = (await asyncio.to_thread(read_monitor, node.monitor_url or "", "varz"))["cluster"]
+            assert route["tls_required"] is True and route["tls_verify"] is True, route
+        one_node = {**cli_env, "BUS_URL": state.nodes[1].url}
+        sent = await run_bus("send", "alice", '{"kind":"note","text":"over TLS"}', env=one_node, cwd=tmp_path)
+        assert sent.code == 0 and "seq 1" in sent.stdout, sent.stderr
+    finally:
+        down = await run_bus("down", "--home", str(home), "--grace", "5", env=cli_env, cwd=tmp_path)
+    assert down.code == 0, down.stderr
+    await wait_for(lambda: not nats_servers_under(home), timeout_s=10, what="every node of the home to exit")
+
+    tls = home / "auth" / "tls"
+    old = tmp_path / "old-server.pem"
+    old.write_bytes((tls / "server.pem").read_bytes())
+    _server_only(str(old), str(tls / "ca.pem"), tls / "ca-key.pem")
+    refused = await run_bus("up", "--cluster", "3", "--tls", "--detach", "--no-projections", "--home", str(home),
+                            "--tls-cert", str(old), "--tls-key", str(tls / "server-key.pem"),
+                            "--tls-ca", str(tls / "ca.pem"), env=cli_env, cwd=tmp_path)
+    assert refused.code != 0 and "client authentication" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not nats_servers_under(home)
 
 
 @pytest.mark.parametrize("value", ["0", "2", "4", "7", "-3", "three"])
