@@ -63,13 +63,14 @@ Views.agent = async function (route) {
 // -- traffic -----------------------------------------------------------------------------------
 
 const MAX_TRAFFIC_ROWS = 200;
-// Rows added per draw (at most twenty draws a second): at a higher rate the newest are listed and
+// Rows added per draw (at most one draw every 150 ms): at a higher rate the newest are listed and
 // the rest counted, so the page's work stays bounded.
 const MAX_ROWS_PER_BATCH = 250;
-const RENDER_EVERY_MS = 50;
+const RENDER_EVERY_MS = 150;
 // While more than FLOOD_PER_S arrive a second (a flood nobody reads row by row), draw twice a
 // second.
 const FLOOD_PER_S = 2500;
+const QUIET_PER_S = 3;
 const FLOODED_RENDER_EVERY_MS = 500;
 
 // One row, cloned from a template and filled with text (thousands a second at high rates:
@@ -118,10 +119,17 @@ Views.traffic = async function (route) {
   // browser's style, layout and paint of the table, not the script, are the cost (measured);
   // between draws arrivals queue (the newest MAX_ROWS_PER_BATCH of them, the rest counted).
   let skipped = 0, queued = [], timer = null, drawnAt = 0, arrivals = [];
+  const arrivalsPerSecond = () => {
+    const since = performance.now() - 1000;
+    while (arrivals.length && arrivals[0][0] < since) arrivals.shift();
+    return arrivals.reduce((sum, a) => sum + a[1], 0);
+  };
   const draw = () => {
     timer = null; drawnAt = performance.now();
     const items = queued; queued = [];
-    const fresh = items.length <= 5;  // highlight arrivals a person can follow, not a flood
+    // Highlight arrivals only on a quiet bus: the fading highlight repaints at the display's rate
+    // (measured: with a few rows a second the page took most of a core while consuming ran).
+    const fresh = arrivalsPerSecond() <= QUIET_PER_S;
     const frag = document.createDocumentFragment();
     for (let i = items.length - 1; i >= 0; i--) frag.append(trafficRow(items[i], fresh));
     body.prepend(frag);
@@ -133,12 +141,9 @@ Views.traffic = async function (route) {
     skipped += batch.skipped || 0;
     queued.push(...batch.items);
     if (queued.length > MAX_ROWS_PER_BATCH) { skipped += queued.length - MAX_ROWS_PER_BATCH; queued = queued.slice(-MAX_ROWS_PER_BATCH); }
+    arrivals.push([performance.now(), batch.items.length + (batch.skipped || 0)]);
     // Flooded: more than FLOOD_PER_S envelopes arrived in the last second.
-    const now = performance.now();
-    arrivals.push([now, batch.items.length + (batch.skipped || 0)]);
-    while (arrivals.length && arrivals[0][0] < now - 1000) arrivals.shift();
-    const perSecond = arrivals.reduce((sum, a) => sum + a[1], 0);
-    const every = perSecond > FLOOD_PER_S ? FLOODED_RENDER_EVERY_MS : RENDER_EVERY_MS;
+    const every = arrivalsPerSecond() > FLOOD_PER_S ? FLOODED_RENDER_EVERY_MS : RENDER_EVERY_MS;
     if (timer === null) timer = setTimeout(draw, Math.max(0, drawnAt + every - performance.now()));
   });
   return view;
