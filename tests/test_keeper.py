@@ -8,7 +8,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bus.cli.keeper import KeeperPolicy, describe_exit, keep
+from bus.cli.keeper import KeeperPolicy, KeeperStatus, describe_exit, keep
 from conftest import wait_for
 
 QUICK = KeeperPolicy(initial_s=0.05, max_s=0.2, healthy_s=60.0, stop_grace_s=5.0)
@@ -33,8 +33,10 @@ def runs(tmp_path: Path) -> int:
 async def test_a_crashing_child_is_restarted_until_it_finishes(tmp_path: Path) -> None:
     """Exit 1, then a fatal signal, then a clean exit: restarted twice, then the keeper exits 0."""
     command = script(tmp_path, "if n == 1: sys.exit(1)\nif n == 2: os.kill(os.getpid(), signal.SIGSEGV)\nsys.exit(0)\n")
-    code = await asyncio.wait_for(keep(command, asyncio.Event(), QUICK), 30)
+    status = KeeperStatus()
+    code = await asyncio.wait_for(keep(command, asyncio.Event(), QUICK, status), 30)
     assert (code, runs(tmp_path)) == (0, 3)
+    assert (status.restarts, status.running) == (2, False)
 
 
 async def test_a_refusal_is_not_restarted(tmp_path: Path) -> None:

@@ -241,8 +241,8 @@ async def test_bus_up_and_its_projection_service_are_scrape_targets(
     try:
         await asyncio.wait_for(until_ready(), 90)
         assert any(f"127.0.0.1:{metrics_port}/metrics" in line for line in lines), lines
-        await wait_for(lambda: set(targets_by_process(home)) == {"bus_up", "projections"}, timeout_s=30,
-                       interval_s=0.05, what="bus up and the projection service to register")
+        await wait_for(lambda: set(targets_by_process(home)) == {"bus_up", "projections", "keeper"}, timeout_s=30,
+                       interval_s=0.05, what="bus up, the projection service and the keepers to register")
         assert targets_by_process(home)["bus_up"] == [f"127.0.0.1:{metrics_port}"]
 
         up = await scrape_async(f"127.0.0.1:{metrics_port}")
@@ -260,6 +260,16 @@ async def test_bus_up_and_its_projection_service_are_scrape_targets(
         families = await scrape_async(projections)
         assert_prometheus_names(families)
         assert "continuum_projection_lag_events" in families
+
+        # The keepers (of the projection service and the console) are targets too; the server's
+        # figures come from `bus up` alone in the foreground.
+        keepers = [await scrape_async(address) for address in targets_by_process(home)["keeper"]]
+        for keeper in keepers:
+            assert_prometheus_names(keeper)
+            assert "continuum_nats_up" not in keeper
+        kept = {s.labels["child"]: s.value for k in keepers for s in k["continuum_child_up"][1]}
+        assert kept.get("projections") == 1.0
+        assert {s.labels["child"] for k in keepers for s in k["continuum_keeper_restarts"][1]} == set(kept)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -270,6 +280,52 @@ async def test_bus_up_and_its_projection_service_are_scrape_targets(
                 await proc.wait()
     assert proc.returncode == 0
     assert read_targets(targets_dir(home)) == []
+
+
+async def test_a_detached_bus_ups_keeper_serves_the_servers_figures(nats_server: EmbeddedServer, tmp_path: Path) -> None:
+    """A detached `bus up` exits at once; the keeper of its projection service stands in for it
+    as a target: the server's figures (as a foreground `bus up` serves them), whether the
+    service runs, how often it was restarted (once after a SIGKILL). `bus down` removes it."""
+    del nats_server  # only its binary and config are used
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
+    port, monitor_port = free_port(), free_port()
+    code, stdout, stderr = await run_bus(
+        "up", "--detach", "--no-ui", "--port", str(port), "--monitor-port", str(monitor_port), "--home", str(home),
+        "--start-timeout", "60", env=env, timeout_s=120,
+    )
+    try:
+        assert code == 0, stderr + stdout
+        await wait_for(lambda: {"keeper", "projections"} <= set(targets_by_process(home)), timeout_s=30,
+                       interval_s=0.05, what="the keeper and the projection service to register")
+        (keeper,) = targets_by_process(home)["keeper"]
+        families = await scrape_async(keeper)
+        assert_prometheus_names(families)
+        assert total(families, "continuum_nats_up") == 1.0
+        assert total(families, "continuum_nats_received_messages_total") > 0
+        assert {s.labels["child"]: s.value for s in families["continuum_child_up"][1]} == {"projections": 1.0}
+        assert total(families, "continuum_keeper_restarts_total") == 0
+
+        # SIGKILL the service (the keeper's child: the state file names the keeper).
+        (service,) = targets_by_process(home)["projections"]
+        state = json.loads((home / "server.json").read_text())
+        children = subprocess.run(["pgrep", "-P", str(state["projections_pid"])], capture_output=True, text=True)
+        (child,) = children.stdout.split()
+        os.kill(int(child), signal.SIGKILL)
+
+        async def restarted() -> bool:
+            return total(await scrape_async(keeper), "continuum_keeper_restarts_total") == 1.0
+
+        await wait_for(restarted, timeout_s=30, interval_s=0.1, what="the keeper to count the restart")
+        # (Stopped before the new service registers, the killed one's file would stay: a killed
+        # process leaves its file until `bus metrics targets --prune`.)
+        await wait_for(lambda: targets_by_process(home).get("projections", [service]) != [service], timeout_s=60,
+                       interval_s=0.1, what="the restarted service to register")
+    finally:
+        down, _, down_err = await run_bus("down", "--home", str(home), env=env, timeout_s=120)
+    assert down == 0, down_err
+    await wait_for(lambda: read_targets(targets_dir(home)) == [], timeout_s=30,
+                   what=f"every target file removed: {sorted(p.name for p in targets_dir(home).iterdir())}")
 
 
 async def test_an_endpoint_removes_only_its_own_target_file(tmp_path: Path) -> None:

@@ -35,9 +35,9 @@ from bus.cli.server_commands import (
     projections_summary,
     setup_auth,
     start_projections_detached,
-    up_metrics,
     up_metrics_endpoint,
 )
+from bus.cli.up_metrics import up_metrics
 from bus.cli.state import NodeState, ServerState, clear_state, read_state, state_path, write_state
 from bus.cluster import ClusterNode, LocalCluster
 from bus.config import BusConfig, StreamSettings

@@ -44,7 +44,8 @@ def console_command(args: argparse.Namespace, url: str, home: Path) -> tuple[lis
     elif not port_bindable(port):
         raise CliError(f"--ui-port {port}: 127.0.0.1:{port} is in use; pick another (e.g. --ui-port {free_port()})")
     command = [
-        sys.executable, "-m", "bus.cli.keeper", "--",
+        sys.executable, "-m", "bus.cli.keeper",
+        "--metrics-home", str(home), "--child", "console", "--namespace", args.namespace, "--",
         sys.executable, "-m", "bus.cli.main", "ui", "--port", str(port),
         "--url", url, "--namespace", args.namespace, "--home", str(home),
     ]

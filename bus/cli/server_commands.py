@@ -21,13 +21,11 @@ import signal
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgspec
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from bus.cli.common import (
     DEFAULT_HOME,
@@ -41,6 +39,7 @@ from bus.cli.common import (
 from bus.cli.console_up import add_console_options, console_command, console_summary, wait_console_ready
 from bus.cli.keeper import describe_exit
 from bus.cli.state import ServerState, clear_state, read_state, state_path, write_state
+from bus.cli.up_metrics import up_metrics
 from bus.config import BusConfig, check_name
 from bus.identity import CredentialRegistry, Role
 from bus.identity.certificates import ensure_server_tls, given_server_tls
@@ -213,7 +212,8 @@ async def run_up(args: argparse.Namespace) -> int:
         host=args.listen,
     )
     settings.command()  # fail early (exit 2) if the binary or the config is missing
-    projections = _projections_command(args, settings.url, home)
+    projections = _projections_command(args, settings.url, home,
+                                       monitor_url=settings.monitor_url if args.detach else None)
     console = console_command(args, settings.url, home)
     if args.detach:
         return await _up_detached(args, home, settings, projections, console)
@@ -261,14 +261,21 @@ def local_access(home: Path) -> dict[str, object]:
     return {"credentials": None if admin is None else str(admin), "tls": None if state is None else state.tls}
 
 
-def _projections_command(args: argparse.Namespace, url: str, home: Path) -> list[str] | None:
-    """The projection service's command line, or None when it is off or not installed."""
+def _projections_command(
+    args: argparse.Namespace, url: str, home: Path, *, monitor_url: str | None = None
+) -> list[str] | None:
+    """The projection service's command line, or None when it is off or not installed. Its keeper
+    is a scrape target of `home`, serving the server's figures from `monitor_url` when given (a
+    detached `bus up`, which is not there to serve them)."""
     if args.no_projections or not _projections_installed():
         return None
     # Under the keeper: a service that dies (a record that crashes it, the OOM killer) is started
     # again with backoff, foreground or detached; stopping the keeper stops the service.
     command = [
-        sys.executable, "-m", "bus.cli.keeper", "--",
+        sys.executable, "-m", "bus.cli.keeper",
+        "--metrics-home", str(home), "--child", "projections", "--namespace", args.namespace,
+        *(("--monitor-url", monitor_url) if monitor_url else ()),
+        "--",
         sys.executable, "-m", "bus.cli.main", "projections", "run",
         "--url", url, "--namespace", args.namespace, "--home", str(home),
     ]
@@ -801,53 +808,3 @@ async def up_metrics_endpoint(
     async with metrics_endpoint(registry, args.metrics_port, target, home) as endpoint:
         out(f"metrics: {endpoint.url}; every process's scrape target in {home / 'metrics-targets'}")
         yield endpoint
-
-
-def up_metrics(children_up: Callable[[], list[tuple[str, bool]]], monitor_url: str | None) -> CollectorRegistry:
-    """A registry with `bus up`'s metrics: each child's liveness (`children_up()`: name, running)
-    and, with a `monitor_url`, that server's own counters."""
-    registry = CollectorRegistry()
-    registry.register(_UpCollector(children_up, monitor_url))
-    return registry
-
-
-# nats-server /varz fields exported by `bus up`, named as Prometheus wants: cumulative counts are
-# counters (`_total`), sizes are in bytes (`_bytes`), levels are gauges.
-VARZ_METRICS: tuple[tuple[str, str, str, str], ...] = (
-    # (varz key, metric name, type, help)
-    ("connections", "continuum_nats_connections", "gauge", "Client connections open now."),
-    ("in_msgs", "continuum_nats_received_messages_total", "counter", "Messages the server received from clients and routes."),
-    ("out_msgs", "continuum_nats_sent_messages_total", "counter", "Messages the server sent to clients and routes."),
-    ("in_bytes", "continuum_nats_received_bytes_total", "counter", "Message bytes the server received."),
-    ("out_bytes", "continuum_nats_sent_bytes_total", "counter", "Message bytes the server sent."),
-    ("slow_consumers", "continuum_nats_slow_consumers_total", "counter", "Clients the server cut off for reading too slowly."),
-    ("mem", "continuum_nats_resident_memory_bytes", "gauge", "The server process's resident memory."),
-)
-
-
-class _UpCollector(Collector):
-    """Liveness of `bus up`'s children and the server's own counters, read at scrape time."""
-
-    def __init__(self, children_up: Callable[[], list[tuple[str, bool]]], monitor_url: str | None) -> None:
-        self._children_up = children_up
-        self._monitor_url = monitor_url
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("continuum_child_up", "1 while a child process of `bus up` runs.", labels=["child"])
-        for name, running in self._children_up():
-            up.add_metric([name], 1.0 if running else 0.0)
-        yield up
-        if self._monitor_url is None:
-            return
-        try:
-            varz = read_varz(self._monitor_url, timeout_s=1.0)  # runs in the metrics HTTP thread
-        except (OSError, ValueError):
-            varz = None
-        yield GaugeMetricFamily(
-            "continuum_nats_up", "1 when the server's monitoring endpoint (/varz) answered this scrape.",
-            value=0.0 if varz is None else 1.0,
-        )
-        for key, name, kind, help_text in VARZ_METRICS if varz is not None else ():
-            if isinstance(varz.get(key), (int, float)):
-                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                yield family(name, f"{help_text} (nats-server /varz {key})", value=float(varz[key]))
