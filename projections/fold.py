@@ -24,11 +24,18 @@ What a failure says about its cause decides what happens (`cause_of`):
                      (disk full), interrupted, a conflicting transaction; OSError. Nothing is
                      wrong with the records: FoldError, nothing committed; the runner retries.
                      The decode limits (schemas.limits) bound what one record can ask of a fold.
-    memory, badly    DuckDB could not roll the failed fold back, failed half-way through its
-                     commit, or invalidated the database because a rollback or commit could not
-                     allocate (a query held DuckDB's memory: projections.memory_share):
-                     StoreInvalidated. What the file holds is whole; the runner opens it again
-                     (Store.reopen) and retries. No record is to blame: not kept as in flight.
+    memory, badly    DuckDB could not roll the failed fold back, or invalidated the database
+                     because a rollback could not allocate (a query held DuckDB's memory:
+                     projections.memory_share): StoreInvalidated. What the file holds is whole;
+                     the runner opens it again (Store.reopen) and retries. No record is to
+                     blame: not kept as in flight.
+    a half commit    DuckDB ran out of memory during COMMIT: HalfCommitted (a StoreInvalidated).
+                     Its commit is not atomic then: measured, it kept the lane's checkpoint
+                     without the views' rows; the opposite half (rows without their checkpoint)
+                     is as possible. Neither refolding nor skipping the batch is right, so the
+                     views of that transaction are suspect: the store records them
+                     (`Store.note_half_commit`) and, once the file is open again, rebuilds them
+                     from sequence 1 while the others serve.
     the database     DuckDB invalidated it after another fatal error, or the connection is gone:
                      StoreUnusable. The process must start again; the fold stays recorded as in
                      flight, so that start treats its records as suspects (projections.crashes).
@@ -75,6 +82,8 @@ SAVE_EVERY_EVENTS = 50_000
 # `error` set (its content kept, folds skip it), with its content emptied too, or not at all.
 MARKED, EMPTIED, LEFT_OUT = 1, 2, 3
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 30.0
+# What `Lane._left_broken` says of a commit DuckDB failed part-way (HalfCommitted).
+HALF_COMMITTED = "failed half-way through a commit"
 
 
 class Cause(enum.Enum):
@@ -106,6 +115,20 @@ class StoreInvalidated(FoldError):
     could not roll back a failed fold at all (a query beside the folds held the memory: DuckDB
     has one memory_limit for all). No record is to blame, so the fold is not kept as in
     flight; what was committed is in the file, and `Store.reopen` goes on from it."""
+
+
+class HalfCommitted(StoreInvalidated):
+    """DuckDB ran out of memory half-way through the COMMIT of a fold of `views`: some of the
+    transaction's writes may be in the file and others not (the checkpoint without the rows, or
+    the rows without the checkpoint), so what those views hold can no longer be trusted.
+    `building` says whether they were a rebuild's generations (dropped at the reopen anyway)."""
+
+    def __init__(self, message: str, *, views: tuple[str, ...], first_seq: int, last_seq: int, building: bool) -> None:
+        super().__init__(message)
+        self.views = views
+        self.first_seq = first_seq
+        self.last_seq = last_seq
+        self.building = building
 
 
 class StoreUnusable(FoldError):
@@ -192,7 +215,8 @@ class Lane:
         """Fold `batch` (records above the gens' checkpoint) into `gens` and move their
         checkpoint to its last sequence, in one transaction; isolate records whose content a
         view cannot fold, and records known to crash the process. Raises FoldError (nothing of
-        the failing part committed), StoreUnusable."""
+        the failing part committed), StoreInvalidated (open the file again; HalfCommitted: the
+        commit failed half-way, `gens` are not to be trusted), StoreUnusable."""
         guard = self._guard
         if guard is None:
             return self._fold_halving(gens, batch)
@@ -310,6 +334,12 @@ class Lane:
         except Exception as exc:
             where = f"seq {batch.first_seq}..{batch.last_seq}"
             broken = self._left_broken(exc, refused=refused, committing=committing)
+            if broken == HALF_COMMITTED:
+                raise HalfCommitted(
+                    f"DuckDB {broken} while folding {where} into {', '.join(g.view for g in gens)} "
+                    f"({first_line(exc)})", views=tuple(g.view for g in gens),
+                    first_seq=batch.first_seq, last_seq=batch.last_seq, building=gens[0].state == "building",
+                ) from exc
             if broken is not None:
                 raise StoreInvalidated(f"DuckDB {broken} while folding {where} ({first_line(exc)})") from exc
             if cause_of(exc) is Cause.DATABASE:
@@ -333,9 +363,11 @@ class Lane:
             # would fail every statement, and others would conflict with it.
             return "could not roll back the failed fold"
         if committing and out_of_memory(exc):
-            # Some tables appended to in memory and not others (the views' rows without their
-            # checkpoint): folded again, those rows would be there twice.
-            return "failed half-way through a commit"
+            # DuckDB's commit is not atomic when it runs out of memory: some of the transaction's
+            # tables can reach the file and others not. Seen: the checkpoint without the views'
+            # rows (folded again, the batch would be skipped); the rows without the checkpoint
+            # (folded again, doubled) is as possible. Only a rebuild of these views is sure.
+            return HALF_COMMITTED
         if cause_of(exc) is Cause.DATABASE and out_of_memory(exc):
             return "invalidated the database for want of memory"
         if lost_spill(exc):

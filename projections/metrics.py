@@ -65,6 +65,11 @@ class ProjectionMetrics:
             "Times the views file was opened again after DuckDB invalidated it for want of memory.",
             registry=registry,
         )
+        self.half_commits = Counter(
+            "continuum_projection_half_commits_total",
+            "Folds whose commit DuckDB failed half-way (out of memory); the views they touched are rebuilt from seq 1.",
+            registry=registry,
+        )
         self.reader_restarts = Counter(
             "continuum_projection_reader_restarts_total", "Times the log reader had to start over.",
             registry=registry,

@@ -80,6 +80,8 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     fold_errors: dict[str, int] = {}  # view -> events it could not fold
     retrying: list[FoldRetry] = []  # folds failing for a reason other than their events, retried
     service: str = ""  # the answering service's name (`--service`); "" when read from the file
+    # view -> why it is not trusted (a commit DuckDB failed half-way): rebuilt from seq 1
+    untrusted: dict[str, str] = {}
 
 
 class RebuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -27,7 +27,11 @@ process is recognised at the next start (projections.crashes). A fold the enviro
 of memory, disk full: FoldError) is retried, in smaller pieces, with backoff, for as long as it
 takes: logged, counted (`continuum_projection_fold_retries_total`) and shown by status while it
 lasts. Only a database DuckDB can no longer use (StoreUnusable) ends the service; the fold in
-flight stays recorded for the next start.
+flight stays recorded for the next start. A commit DuckDB fails half-way (HalfCommitted: out of
+memory during COMMIT, which is then not atomic) leaves the views it touched untrusted: the file is
+opened again and those views are rebuilt from sequence 1 (the service starts that rebuild from
+`on_reopened`, which gets them among the views to build), logged at error level and counted
+(`continuum_projection_half_commits_total`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,7 +56,7 @@ from projections.archive.reader import archived_batches
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
 from projections.errors import ArchiveError, FoldError, RebuildError
-from projections.fold import StoreInvalidated, StoreUnusable, describe, retry_delay
+from projections.fold import HalfCommitted, StoreInvalidated, StoreUnusable, describe, retry_delay
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
 from projections.protocol import FoldRetry, RebuildReport
@@ -307,10 +312,13 @@ class Runner:
             raise RebuildError(f"a rebuild of {', '.join(self.rebuilding)} is already running; wait for it to finish")
         async with self._build_lock:
             try:
-                names = await self._writer.call(self._store.start_build, list(views))
+                # (With the incarnation, on the writer thread: a reopen queued behind the start
+                # drops what it built, and the build must know.)
+                names, incarnation = await self._writer.call(self._start_build, list(views))
             except ValueError as exc:
                 raise RebuildError(str(exc)) from exc
             self.rebuilding = names
+            fold = functools.partial(self._apply_build, incarnation)
             started = time.perf_counter()
             folded = 0
 
@@ -322,7 +330,7 @@ class Runner:
             archived = 0
             try:
                 if not await self._writer.call(self._store.catch_up_build):
-                    archived = await self._build(done)
+                    archived = await self._build(fold, done)
                 self._restart_live.set()  # frozen views were swapped: read again from their checkpoint
             except Exception:
                 self._metrics.rebuilds.labels("failed").inc()
@@ -338,20 +346,32 @@ class Runner:
             views=names, applied_seq=self.watermark.seq, events=folded, seconds=round(seconds, 3), archived=archived
         )
 
-    async def _build(self, done: Callable[[Applied], bool]) -> int:
-        """Fold into the building views until `done` says they swapped: the archive's segments
-        first (when there is an archive), then the log. Returns the events folded from the
-        archive. Raises RebuildError."""
+    def _start_build(self, views: list[str]) -> tuple[list[str], int]:
+        return self._store.start_build(views), self._store.incarnation
+
+    def _apply_build(self, incarnation: int, batch: Batch) -> Applied:
+        """`Store.apply_build(batch)`, on the writer thread, unless the store was opened again
+        since the build began (`incarnation`): that dropped the building generations. Raises
+        RebuildError then, FoldError."""
+        if self._store.incarnation != incarnation or not self._store.building:
+            raise RebuildError("the views file was opened again after DuckDB invalidated it (out of memory), "
+                               "which dropped the rebuild's work: ask for it again")
+        return self._store.apply_build(batch)
+
+    async def _build(self, fold: Callable[[Batch], Applied], done: Callable[[Applied], bool]) -> int:
+        """Fold into the building views with `fold` until `done` says they swapped: the
+        archive's segments first (when there is an archive), then the log. Returns the events
+        folded from the archive. Raises RebuildError."""
         archive = self._settings.archive_dir
         archived = 0
         if archive is not None:
-            swapped, archived = await self._build_from_archive(Path(archive), done)
+            swapped, archived = await self._build_from_archive(Path(archive), fold, done)
             if swapped:
                 return archived
         for attempt in range(1, _REBUILD_READER_ATTEMPTS + 1):
             start = await self._writer.call(lambda: self._store.build_seq) + 1
             try:
-                await self._pipeline(start_seq=start, fold=self._store.apply_build, target="rebuild", done=done)
+                await self._pipeline(start_seq=start, fold=fold, target="rebuild", done=done)
                 return archived
             except (BusUnavailable, BaseExceptionGroup) as exc:
                 _reraise_if_cancelling(exc)
@@ -361,13 +381,14 @@ class Runner:
                     raise RebuildError(f"the rebuild could not read the log: {failure}") from failure
                 await asyncio.sleep(0.2 * attempt)
 
-    async def _build_from_archive(self, directory: Path, done: Callable[[Applied], bool]) -> tuple[bool, int]:
+    async def _build_from_archive(
+        self, directory: Path, fold: Callable[[Batch], Applied], done: Callable[[Applied], bool]
+    ) -> tuple[bool, int]:
         """Fold the archive's segments after the building checkpoint straight from their files
         (no log read, no decode: projections.archive.reader): whether the build swapped in, and
         the events folded. A
         segment that cannot be read ends the archive's share: the log is read from there, or,
         when the log no longer holds those records, RebuildError."""
-        fold = self._store.apply_build
         archived = 0
         try:
             after = await self._writer.call(lambda: self._store.build_seq)
@@ -602,7 +623,10 @@ class Runner:
         needs less memory), until it succeeds. Nothing a record causes gets here (the lane folds
         it as an error), so no record is ever given up on. A database DuckDB invalidated for want
         of memory (StoreInvalidated) is opened again, and the fold retried; a rebuild's work is
-        lost with it (RebuildError). Raises StoreUnusable, RebuildError."""
+        lost with it (RebuildError). A commit DuckDB failed half-way (HalfCommitted) is handled
+        alike: the store noted its views, and the reopen hands them to `on_reopened` to be
+        rebuilt; retried, the fold then goes on from the checkpoint the file holds (the views it
+        leaves wrong are those being rebuilt). Raises StoreUnusable, RebuildError."""
         done: Applied | None = None
         pending: Batch | None = batch
         size, attempt = batch.size, 0
@@ -616,7 +640,13 @@ class Runner:
                 except StoreUnusable:
                     raise
                 except StoreInvalidated as exc:
-                    log.error("%s: %s; opening the views file again", where, exc)
+                    if isinstance(exc, HalfCommitted):
+                        self._metrics.half_commits.inc()
+                        log.error("%s: %s; the views it touched (%s) are not trusted now: opening the views file "
+                                  "again and rebuilding them from seq 1", where, exc, ", ".join(exc.views)
+                                  if not exc.building else "the rebuild's, dropped")
+                    else:
+                        log.error("%s: %s; opening the views file again", where, exc)
                     await self.reopen(incarnation)
                     if target != "live":
                         raise RebuildError("the views file was opened again after DuckDB invalidated it (out of "

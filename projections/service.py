@@ -37,6 +37,7 @@ from projections.archive.reader import ArchiveView
 from projections.archive.view import NAME as ARCHIVE_VIEW
 from projections.config import ProjectionSettings
 from projections.errors import ArchiveError, RebuildError, StoreMismatch
+from projections.fold import retry_delay
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
 from projections.protocol import (
@@ -288,10 +289,31 @@ class ProjectionService:
             executor.close()
 
     async def _build_stale(self, views: list[str]) -> None:
-        try:
-            await self.rebuild(views)
-        except Exception as exc:  # noqa: BLE001 - keep serving the views we have
-            log.error("could not build %s: %s (they are served by their previous version, if any)", ", ".join(views), exc)
+        """Build `views` from seq 1 (new, changed, or untrusted after a half-way commit). Views
+        still untrusted when it fails are tried again with backoff, as a fold is (their content
+        may be wrong: giving up is not an option); unless the store was opened again meanwhile,
+        which starts a build of its own."""
+        assert self.store is not None
+        attempt = 0
+        while True:
+            incarnation = self.store.incarnation
+            try:
+                # After a reopen, the rebuild it dropped may still be giving up: wait for it, or
+                # these views would not be built at all.
+                await self.rebuild(views, wait=True)
+                return
+            except Exception as exc:  # noqa: BLE001 - keep serving the views we have
+                untrusted = [view for view in views if view in self.store.untrusted]
+                if not untrusted or self.store.incarnation != incarnation:
+                    log.error("could not build %s: %s (they are served by their previous version, if any)",
+                              ", ".join(views), exc)
+                    return
+                attempt += 1
+                delay = retry_delay(attempt)
+                log.error("could not rebuild %s, not trusted since a half-way commit: %s; trying again in %.1fs",
+                          ", ".join(untrusted), exc, delay)
+            views = untrusted
+            await asyncio.sleep(delay)
 
     # -- operations -----------------------------------------------------------------------
 
@@ -303,7 +325,7 @@ class ProjectionService:
     async def status(self) -> StatusReport:
         """The views' checkpoints and lag against the log's end, and integrity problems."""
         assert self.store is not None and self.runner is not None
-        gens, integrity, fold_errors = await self._writer.call(collect, self.store)
+        gens, integrity, fold_errors, untrusted = await self._writer.call(collect, self.store)
         try:
             last: int | None = await self._bus.last_seq()
         except BusError:
@@ -312,7 +334,7 @@ class ProjectionService:
             source="service", db_path=self._settings.db_path, stream=self._bus.subjects.stream, gens=gens,
             integrity=integrity, log_last_seq=last, lag_seconds=self.runner.lag_seconds,
             rebuilding=list(self.runner.rebuilding), pid=os.getpid(), fold_errors=fold_errors,
-            retrying=self.runner.retrying, service=self._settings.service,
+            retrying=self.runner.retrying, service=self._settings.service, untrusted=untrusted,
         )
 
     async def content_hashes(self) -> dict[str, str]:

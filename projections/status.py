@@ -33,12 +33,21 @@ _response = msgspec.json.Decoder(ControlResponse)
 _hello = msgspec.json.Decoder(ServiceHello)
 
 
-def collect(store: Store) -> tuple[list[Generation], dict[str, int], dict[str, int]]:
-    """Copies of the store's generations, the integrity counts and the fold errors of the
-    active views (run on the writer thread)."""
+def collect(store: Store) -> tuple[list[Generation], dict[str, int], dict[str, int], dict[str, str]]:
+    """Copies of the store's generations, the integrity counts, the fold errors of the active
+    views and the views not trusted since a half-way commit (run on the writer thread)."""
     gens = [dataclasses.replace(g) for g in store.generations()]
     integrity = integrity_counts(store.con) if "integrity" in store.active else {}
-    return gens, integrity, fold_error_counts(store.con)
+    return gens, integrity, fold_error_counts(store.con), dict(store.untrusted)
+
+
+def untrusted_views(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """view -> why a half-way commit left it untrusted (empty for a file from before the table)."""
+    try:
+        rows = con.execute("SELECT view, reason FROM _continuum.untrusted_views ORDER BY view").fetchall()
+    except duckdb.CatalogException:
+        return {}
+    return {str(view): str(reason) for view, reason in rows}
 
 
 def fold_error_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
@@ -73,6 +82,7 @@ def build_report(
     fold_errors: dict[str, int] | None = None,
     retrying: list[FoldRetry] | None = None,
     service: str = "",
+    untrusted: dict[str, str] | None = None,
 ) -> StatusReport:
     """A StatusReport from the parts (lag is measured against `log_last_seq` when known)."""
     views = [
@@ -91,7 +101,7 @@ def build_report(
         source=source, db_path=db_path, stream=stream, log_last_seq=log_last_seq, applied_seq=applied,
         lag_events=None if log_last_seq is None else max(0, log_last_seq - applied),
         lag_seconds=lag_seconds, views=views, integrity=integrity, rebuilding=rebuilding or [], pid=pid,
-        fold_errors=fold_errors or {}, retrying=retrying or [], service=service,
+        fold_errors=fold_errors or {}, retrying=retrying or [], service=service, untrusted=untrusted or {},
     )
 
 
@@ -102,11 +112,12 @@ def report_from_file(path: str | Path, *, stream: str, log_last_seq: int | None)
         gens = generations_in(con, path)
         counts = integrity_counts(con)
         errors = fold_error_counts(con)
+        untrusted = untrusted_views(con)
     finally:
         con.close()
     return build_report(
         source="file", db_path=str(path), stream=stream, gens=gens, integrity=counts, log_last_seq=log_last_seq,
-        fold_errors=errors,
+        fold_errors=errors, untrusted=untrusted,
     )
 
 
@@ -141,6 +152,11 @@ def format_report(report: StatusReport) -> list[str]:
     if report.fold_errors:
         errors = ", ".join(f"{view}: {count}" for view, count in report.fold_errors.items())
         lines.append(f"EVENTS NOT FOLDED: {errors} (SELECT * FROM _continuum.fold_errors)")
+    if report.untrusted:
+        lines.append(
+            f"NOT TRUSTED: {', '.join(report.untrusted)} ({'; '.join(sorted(set(report.untrusted.values())))}): "
+            "rebuilt from seq 1" + (" by the service" if report.source == "service" else " when the service starts")
+        )
     for retry in report.retrying:
         lines.append(
             f"FOLD RETRYING: {retry.where}, seq {retry.first_seq}..{retry.last_seq}, {retry.attempts} attempts "

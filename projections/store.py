@@ -6,6 +6,11 @@ Layout of the file:
     _continuum.generations  one row per (view, generation): version, state (active | building),
                             applied_seq (the checkpoint) and the stream time of that event
     _continuum.fold_errors  events a view could not fold (view, generation, seq, error)
+    _continuum.untrusted_views
+                            views a commit DuckDB failed half-way touched (projections.fold
+                            HalfCommitted): rebuilt from sequence 1, the row deleted by the swap
+                            (beside the file, `<file>.untrusted` notes them the moment it happens,
+                            so that a crash before the file is open again loses nothing)
     _continuum.fold_crashes, _continuum.fold_suspects
                             records that crashed the process folding them, and records to fold
                             again with care after a crash (projections.crashes; beside the
@@ -33,7 +38,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
+import os
 import re
 import threading
 import time
@@ -47,7 +54,7 @@ import duckdb
 from projections.batch import Batch
 from projections.crashes import LIVE, CrashGuard
 from projections.errors import StoreLocked, StoreMismatch
-from projections.fold import Applied, Generation, Lane, after, rollback
+from projections.fold import Applied, Generation, HalfCommitted, Lane, after, rollback
 from projections.memory_share import FoldsFirst
 from projections.unsynced import UnsyncedFile, current_boot_id
 from projections.views import VIEWS, ViewSpec
@@ -80,6 +87,10 @@ _META = [
         generation INTEGER NOT NULL,
         seq        BIGINT NOT NULL,
         error      VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS _continuum.untrusted_views (
+        view       VARCHAR PRIMARY KEY,
+        reason     VARCHAR NOT NULL,
+        noted_at   TIMESTAMPTZ NOT NULL)""",
 ]
 
 
@@ -162,13 +173,22 @@ class Store:
         self.log_floor = 0
         # What the lanes are folding, and the records known to crash a fold (set by `open`).
         self.crash_guard: CrashGuard | None = None
+        # Views a half-way commit left untrusted, view -> why, as the file records them (set by
+        # `open`, cleared by the swap of their rebuild); and those noted since, not yet in the
+        # file (the database is invalid until `reopen`), also in `<file>.untrusted`.
+        self.untrusted: dict[str, str] = {}
+        self._noted: dict[str, str] = {}
+        self._noted_lock = threading.Lock()
+        self._noted_file = self.path.with_name(self.path.name + ".untrusted")
+        self._fsync = fsync
 
     # -- opening and closing ---------------------------------------------------------------
 
     def open(self) -> list[str]:
         """Open (or create) the file, lock it down, and reconcile its generations with the
         views of this code. Returns the views that need a build from sequence 1 while the
-        others keep serving (new views, or views whose VERSION changed).
+        others keep serving (new views, views whose VERSION changed, and views a half-way commit
+        left untrusted: `note_half_commit`).
 
         Raises StoreLocked if another process has the file open, StoreMismatch if it folds
         another stream.
@@ -242,7 +262,8 @@ class Store:
         DuckDB instance goes on from it. Every cursor of the old one is closed with it. A rebuild
         in progress is dropped (its generations are `building`). Call it on the writer thread,
         while no new fold starts (one running is waited for). Returns None if it had been
-        reopened already, else the views to build (as `open`). Raises StoreLocked,
+        reopened already, else the views to build (as `open`: among them any a half-way commit
+        left untrusted, `note_half_commit`). Raises StoreLocked,
         StoreMismatch, duckdb.Error (as `open`)."""
         if incarnation != self.incarnation:
             return None
@@ -251,6 +272,10 @@ class Store:
         # has new query cursors: `folds_first.folded(REOPENING)`).
         self.folds_first.short(REOPENING)
         self.close()
+        # (Once no lane folds: closed.) What this process knew of the generations goes with the
+        # old instance, the file says what holds: a rebuild's `building` ones are dropped by
+        # `open` (Runner.rebuild sees the incarnation change and gives up).
+        self.active, self.building, self.frozen, self._retired = {}, {}, set(), []
         deadline = time.monotonic() + REOPEN_WAIT_S
         while True:
             try:
@@ -360,6 +385,7 @@ class Store:
             "SELECT view, generation, version, state, applied_seq, applied_us, relations "
             "FROM _continuum.generations ORDER BY view, generation"
         )]
+        noted = self._noted_untrusted()
         self._begin()
         try:
             for gen in gens:
@@ -372,22 +398,102 @@ class Store:
                 else:
                     self.active[gen.view] = gen
             stale = [n for n, s in self.specs.items() if n not in self.active or self.active[n].version != s.version]
+            untrusted = self._record_untrusted(noted)
+            stale += [name for name in untrusted if name not in stale]
             fresh = self.applied_seq == 0
             for name in stale if fresh else ():
                 old = self.active.pop(name, None)
                 if old is not None:
                     self._drop(old)
                 self.active[name] = self._create(name, state="active", seq=0)
+                untrusted.pop(name, None)  # (empty from sequence 1 on: nothing left to distrust)
+            if fresh:
+                self._run("DELETE FROM _continuum.untrusted_views")
             for gen in self.active.values():
                 self._publish(gen)
             self._run("COMMIT")
         except BaseException:
             self._rollback()
             raise
+        self._forget_noted(noted)
+        self.untrusted = untrusted
+        if untrusted:
+            log.error("views %s are not trusted (%s): rebuilding them from seq 1 while they serve what they hold",
+                      ", ".join(sorted(untrusted)), "; ".join(sorted(set(untrusted.values()))))
         if fresh:
             return []
         self.frozen = {name for name in stale if name in self.active}
         return stale
+
+    # -- half-way commits -----------------------------------------------------------------
+
+    def note_half_commit(self, views: Iterable[str], why: str) -> None:
+        """Record that a commit touching `views` failed half-way (projections.fold
+        HalfCommitted), so that the next `open` (or `reopen`) rebuilds them from sequence 1:
+        in memory, and in `<file>.untrusted` at once (the database cannot be written before it
+        is opened again). Safe from any lane's thread. Raises nothing: should the note not be
+        written (disk full), this process still knows (logged)."""
+        reasons = {view: why for view in views}
+        with self._noted_lock:
+            self._noted.update(reasons)
+            try:
+                with open(self._noted_file, "a", encoding="utf-8") as out:
+                    for view, reason in reasons.items():
+                        out.write(json.dumps({"view": view, "reason": reason}) + "\n")
+                    out.flush()
+                    if self._fsync:
+                        os.fsync(out.fileno())
+            except OSError as exc:
+                log.error("could not write %s (%s): a restart before the views file is open again "
+                          "would not rebuild %s", self._noted_file, exc, ", ".join(reasons))
+
+    def _noted_untrusted(self) -> dict[str, str]:
+        """Views noted untrusted and not yet in the file: `<file>.untrusted` (a process that
+        ended before it opened the file again wrote it) and this process's own notes."""
+        noted: dict[str, str] = {}
+        with self._noted_lock:
+            try:
+                lines = self._noted_file.read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                lines = []
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                    noted[str(entry["view"])] = str(entry["reason"])
+                except (ValueError, KeyError, TypeError):
+                    # A line torn by a crash while it was written: its view cannot be known, so
+                    # every view is distrusted (a rebuild too many costs time, one too few
+                    # leaves a view wrong).
+                    noted.update((view, "a half-way commit (its note is torn)") for view in self.specs)
+            noted.update(self._noted)
+        return noted
+
+    def _record_untrusted(self, noted: dict[str, str]) -> dict[str, str]:
+        """Write `noted` into `_continuum.untrusted_views` (in the caller's transaction) and
+        return every active view the table names, view -> why; forgets views no module defines."""
+        for view, reason in noted.items():
+            if view in self.specs:
+                self._run("INSERT INTO _continuum.untrusted_views VALUES (?, ?, now()) ON CONFLICT DO NOTHING",
+                          [view, reason])
+        self._run("DELETE FROM _continuum.untrusted_views WHERE NOT list_contains(?, view)", [list(self.active)])
+        return {str(view): str(reason) for view, reason in self._rows(
+            "SELECT view, reason FROM _continuum.untrusted_views ORDER BY view")}
+
+    def _forget_noted(self, noted: dict[str, str]) -> None:
+        """`noted` is in the file now: drop the notes beside it (unless more came meanwhile)."""
+        if not noted:
+            return
+        with self._noted_lock:
+            for view in noted:
+                if self._noted.get(view) == noted[view]:
+                    del self._noted[view]
+            if self._noted:
+                return  # (noted again since: the next open records them)
+            try:
+                self._noted_file.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s (%s): its views are rebuilt once more at the next start",
+                            self._noted_file, exc)
 
     @_lanes_paused
     def define_relation(self, name: str, select: str) -> None:
@@ -484,11 +590,15 @@ class Store:
                     [gen.view, gen.generation],
                 )
                 self._publish(gen)
+            # The rebuilt generations replace what a half-way commit left (with the swap, so a
+            # crash can never leave the views trusted before their rebuild is in).
+            self._run("DELETE FROM _continuum.untrusted_views WHERE list_contains(?, view)", [list(self.building)])
             self._run("COMMIT")
         except BaseException:
             self._rollback()
             raise
         for name, gen in self.building.items():
+            self.untrusted.pop(name, None)
             gen.state = "active"
             self.active[name] = gen
             self.frozen.discard(name)
@@ -610,11 +720,19 @@ class Store:
             total = total.merge(result)
         return total
 
-    @staticmethod
-    def _fold_shares(lane: Lane, shares: list[tuple[list[Generation], Batch]]) -> Applied:
+    def _fold_shares(self, lane: Lane, shares: list[tuple[list[Generation], Batch]]) -> Applied:
         total = Applied()
         for share, part in shares:
-            total = total.merge(lane.fold(share, part))
+            try:
+                applied = lane.fold(share, part)
+            except HalfCommitted as exc:
+                # Noted at once, on the lane's thread: the runner opens the file again next, and
+                # a crash meanwhile must not lose it. A rebuild's generations need no note: the
+                # reopen drops them, and the rebuild is asked again.
+                if not exc.building:
+                    self.note_half_commit(exc.views, f"a commit of seq {exc.first_seq}..{exc.last_seq} failed half-way")
+                raise
+            total = total.merge(applied)
         return total
 
     # -- reading (status, hashes) ---------------------------------------------------------

@@ -2,26 +2,27 @@
 of it while a query holds the memory stops that query before rolling back, and new queries wait
 until the lane has folded: DuckDB's rollback and commit need memory too, and one that fails
 invalidates the whole database (or, refused outright, left the lane's transaction open and
-aborted, so that every later fold failed)."""
+aborted, so that every later fold failed). A commit that fails half-way leaves the views it
+touched untrusted, and they are rebuilt (tests/test_fold_half_commit.py pins that alone)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pytest
 
 from bus import Bus
-from bus.log_reader import LogReader, LogRecord
-from projections.batch import build_batch
-from projections.fold import FoldError, StoreInvalidated, StoreUnusable
+from conftest import wait_for
+from projections.config import ProjectionSettings
 from projections.memory_share import LET_GO_WAIT_S, FoldsFirst, out_of_memory
-from projections.store import REOPENING, Store
+from projections.service import ProjectionService
+from projections.store import Store
 from projections.workload import append_batches, synthetic_log
 
 STREAM = "CONTINUUM_DEFAULT"
@@ -84,77 +85,59 @@ class MemoryHog:
                     self.refused += 1
 
 
-async def _records(bus: Bus, count: int) -> list[LogRecord]:
-    last = await append_batches(bus, list(synthetic_log(bus, count, seed=3)))
-    records: list[LogRecord] = []
-    async with LogReader(bus, start_seq=1) as reader:
-        while not records or records[-1].seq < last:
-            records += await reader.read(1000)
-    return records
+def _retries_and_reopens(service: ProjectionService) -> float:
+    registry = service.metrics.registry
+    return ((registry.get_sample_value("continuum_projection_fold_retries_total", {"target": "live"}) or 0)
+            + (registry.get_sample_value("continuum_projection_reopens_total") or 0))
 
 
-def _batches(records: list[LogRecord], size: int) -> Iterator:
-    for at in range(0, len(records), size):
-        yield build_batch(records[at:at + size], after_seq=records[at - 1].seq if at else 0)
+async def settled(service: ProjectionService, last: int) -> bool:
+    """Every view active at `last` or beyond, none untrusted, no rebuild running: read on the
+    writer thread (`status`), so never half-way through a reopen."""
+    assert service.runner is not None
+    try:
+        report = await service.status()
+    except duckdb.Error:  # (DuckDB's memory is the hog's just now)
+        return False
+    return (not report.untrusted and not report.rebuilding and not service.runner.rebuilding
+            and bool(report.views) and all(v.state == "active" and v.applied_seq >= last for v in report.views))
 
 
-@dataclass
-class Outcome:
-    out_of_memory: int = 0  # folds that failed for memory (FoldError), retried
-    invalidated: int = 0  # folds after which DuckDB had invalidated the database, reopened
-    most_attempts: int = 0  # the most attempts one fold needed
-
-
-def _fold_all(store: Store, records: list[LogRecord], size: int) -> Outcome:
-    """Fold `records` `size` at a time on every lane as the runner does: retried after a
-    FoldError (at most 50 times), the store opened again after a StoreInvalidated."""
-    outcome = Outcome()
-    last_error: Exception | None = None
-    for batch in _batches(records, size):
-        for lane in range(store.lane_count):
-            for attempt in range(1, 51):
-                incarnation = store.incarnation
-                try:
-                    store.fold_lane(lane, batch)
-                    outcome.most_attempts = max(outcome.most_attempts, attempt)
-                    break
-                except StoreInvalidated:
-                    outcome.invalidated += 1
-                    store.reopen(incarnation)
-                    store.folds_first.folded(REOPENING)  # (as the runner does, with new query cursors)
-                except FoldError as exc:
-                    assert not isinstance(exc, StoreUnusable), exc
-                    assert "aborted" not in str(exc), exc
-                    outcome.out_of_memory += 1
-                    last_error = exc
-            else:
-                pytest.fail(f"lane {lane} could not fold seq {batch.first_seq}..{batch.last_seq} in 50 attempts: {last_error}")
-    return outcome
-
-
-def _folded_once(store: Store, records: list[LogRecord]) -> None:
-    rows = store.cursor().execute("SELECT count(*), count(DISTINCT seq), max(seq) FROM events").fetchall()
-    assert rows == [(len(records), len(records), records[-1].seq)]
+async def reference_hashes(bus: Bus, path: Path, last: int) -> dict[str, str]:
+    """The views of an undisturbed fold of the log through `last`."""
+    async with ProjectionService(bus, ProjectionSettings(db_path=str(path))) as reference:
+        assert await reference.watermark.wait_for(last, 60)
+        return await reference.content_hashes()
 
 
 @pytest.mark.timeout(300)
-async def test_folds_beside_a_query_that_exhausts_duckdbs_memory_fold_everything_once(bus: Bus, tmp_path: Path) -> None:
-    """A query exhausts DuckDB's 96 MB again and again while 800 events are folded 25 at a time:
-    folds fail for memory, but a lane's retry finds the memory (the query was stopped and the
-    next waits), no lane is left in an aborted transaction, and every event is folded once."""
-    records = await _records(bus, 800)
-    store = Store(tmp_path / "views.duckdb", stream=STREAM, lanes=2, memory_limit="96MB")
-    store.open()
-    try:
-        with MemoryHog(store) as hog:
-            outcome = _fold_all(store, records, 25)
-        assert hog.refused > 0 and outcome.out_of_memory + outcome.invalidated > 0, "nothing was tested"
+async def test_folds_beside_a_query_that_exhausts_duckdbs_memory_fold_everything_once(
+    bus: Bus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The projection service folds 400 events, 25 at a time per lane, while a query exhausts
+    DuckDB's 96 MB again and again: folds fail for memory, and a lane's retry finds the memory
+    (the query was stopped and the next waits); DuckDB may invalidate the database or fail a
+    commit half-way (then the views it touched are rebuilt from seq 1), and in the end every
+    view holds every event once: equal to an undisturbed fold."""
+    caplog.set_level(logging.INFO, logger="continuum.projections.runner")
+    settings = ProjectionSettings(db_path=str(tmp_path / "views.duckdb"), memory_limit="96MB", batch_max=25,
+                                  read_ahead=25, linger_s=0)
+    async with ProjectionService(bus, settings) as service:
+        assert service.store is not None
+        with MemoryHog(service.store) as hog:
+            last = await append_batches(bus, list(synthetic_log(bus, 400, seed=3)))
+            await wait_for(lambda: settled(service, last), timeout_s=240, interval_s=0.1,
+                           what="every view folded through the log's end and trusted")
+        assert hog.refused > 0 and _retries_and_reopens(service) > 0, "nothing was tested"
         # Invalidated (DuckDB failed its own rollback at the first collision, before the gate
-        # could act), a retry may need one more attempt.
-        assert outcome.most_attempts <= 2 + outcome.invalidated, outcome
-        _folded_once(store, records)
-    finally:
-        store.close()
+        # could act), a fold may need one more retry.
+        reopens = service.metrics.registry.get_sample_value("continuum_projection_reopens_total") or 0
+        retries = [int(m.group(1)) for r in caplog.records if (m := re.search(r"after (\d+) retries", r.getMessage()))]
+        assert max(retries, default=0) <= 1 + reopens, retries
+        rows = service.store.cursor().execute("SELECT count(*), count(DISTINCT seq), max(seq) FROM events").fetchall()
+        assert rows == [(400, 400, last)]
+        folded = await service.content_hashes()
+    assert folded == await reference_hashes(bus, tmp_path / "reference.duckdb", last)
 
 
 # -- the gate alone ---------------------------------------------------------------------------
