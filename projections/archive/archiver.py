@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 from bus.errors import BusUnavailable
 from bus.log_reader import LogReader, LogRecord
 from projections.archive.config import ArchivePolicy, ArchiveSettings
+from projections.archive.segment import GENESIS, SegmentMeta
 from projections.archive.verify import Segment, chain_of, verify_file
 from projections.archive.writer import prepare_segment, remove_leftovers, store_segment, sync_directory
-from projections.archive.segment import GENESIS, SegmentMeta
 from projections.errors import ArchiveCorrupt, ArchiveError
 from schemas.ids import stable_id
 from schemas.payloads.archive import ArchiveSegmentSealed

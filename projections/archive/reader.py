@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from projections.archive import view
-from projections.batch import Batch, batch_of_table
+from projections.batch import BATCH_SCHEMA, Batch, batch_of_table
 from projections.archive.segment import GENESIS, parse_name
 from projections.archive.verify import Segment, read_meta, segment_paths
 from projections.errors import ArchiveCorrupt, ArchiveError
@@ -26,10 +26,7 @@ from projections.errors import ArchiveCorrupt, ArchiveError
 log = logging.getLogger("continuum.projections.archive")
 
 # The fold's batch columns, in their order (projections.batch).
-BATCH_COLUMNS = (
-    "seq", "stored_at", "subject", "id", "kind", "sender", "recipient", "tag", "reply_to", "correlation_id",
-    "causation_id", "priority", "created_at", "expires_at", "prev_seq", "chain", "headers", "payload", "error", "raw",
-)
+BATCH_COLUMNS = tuple(BATCH_SCHEMA.names)
 
 
 def usable_segments(directory: Path, stream: str) -> tuple[list[Segment], str | None]:
