@@ -2,11 +2,14 @@
 
     bus ui [--port 4280] [--host 127.0.0.1] [--operator [--by NAME]]
 
-It connects like every command (BUS_URL, --creds/BUS_CREDS, else the home's admin credential),
-prints its address once it serves, and runs until Ctrl-C or SIGTERM. Read-only unless
-`--operator`, which needs the admin credential (one the home's registry or the file itself says
-is another identity's is refused at once; the server enforces the rest): then dead letters can
-be retried from the page (recorded with `--by`). It listens on loopback only: the page has no login of its own.
+It connects with --creds/BUS_CREDS when given, else with the home's console credential
+(`<home>/auth/creds/console.nk`, which `bus up` writes: the server lets it read and query, nothing
+more), or with `--operator` the home's admin credential; it prints its address once it serves and
+runs until Ctrl-C or SIGTERM. Read-only unless `--operator`, which needs the admin credential (one
+the home's registry or the file itself says is another identity's is refused at once; the server
+enforces the rest): then dead letters can be retried from the page (recorded with `--by`). A home
+set up before the console had a credential of its own: the admin's, read-only by the console's
+own choice. It listens on loopback only: the page has no login of its own.
 """
 
 from __future__ import annotations
@@ -79,8 +82,20 @@ def console_config(args: argparse.Namespace) -> ConsoleConfig:
     return ConsoleConfig(host=args.host, port=args.port, operator=args.operator, operator_name=operator_name)
 
 
+def console_credentials(args: argparse.Namespace) -> Path | None:
+    """The credential the console connects with: --creds (or BUS_CREDS); else, read-only, the
+    home's console credential when there is one; else (--operator, or an older home) the home's
+    admin credential; None without authorization. Raises CliError for a --creds file that does
+    not exist."""
+    if getattr(args, "creds", None) is None and not args.operator:
+        console = CredentialRegistry(Path(args.home)).console_credential
+        if console.is_file():
+            return console
+    return credentials_for(args)
+
+
 def credential_role(path: Path, home: Path) -> str | None:
-    """The role of the credential in `path` (admin, service, agent) as the home's registry knows
+    """The role of the credential in `path` (admin, service, agent, console) as the home's registry knows
     its key, else as the file says; None when neither tells. Raises CliError for an unreadable
     file."""
     try:
@@ -100,7 +115,8 @@ async def run_ui(args: argparse.Namespace) -> int:
     from bus.console.serve import serve
 
     config = console_config(args)
-    settings = bus_config(args, name="console")
+    credentials = console_credentials(args)
+    settings = bus_config(args, name="console", **({} if credentials is None else {"credentials": str(credentials)}))
     await probe_server(settings.url, shown=settings.shown_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

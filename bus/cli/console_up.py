@@ -2,8 +2,9 @@
 
 `bus up` runs `bus ui` under the keeper (bus.cli.keeper), foreground or detached, like the
 projection service: a console that dies is started again; `bus down` stops it first. It connects
-with the home's admin credential (the default of every command in that home) and is read-only:
-an operator console is started on its own, `bus ui --operator`.
+with the home's console credential (`<home>/auth/creds/console.nk`), so the server keeps it
+read-only; `bus up --ui-operator` starts it with the admin credential and `--operator` instead
+(dead letters can be retried from the page), as `bus ui --operator` does on its own.
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ from pathlib import Path
 from bus.cli.common import CliError
 from bus.console.config import DEFAULT_UI_PORT
 from bus.console.serve import url_of
+from bus.identity import CredentialRegistry
 from bus.server import free_port, port_bindable
 
 READY_POLL_S = 0.05
 
 
 def add_console_options(parser: argparse.ArgumentParser, port_type: Callable[[str], int]) -> None:
-    """--no-ui and --ui-port for `bus up`."""
+    """--no-ui, --ui-port and --ui-operator for `bus up`."""
     parser.add_argument("--no-ui", action="store_true", help="do not start the console (`bus ui`)")
     parser.add_argument(
         "--ui-port", type=port_type, default=None,
         help=f"the console's port on 127.0.0.1 (default {DEFAULT_UI_PORT}, or a free one when that is taken)",
+    )
+    parser.add_argument(
+        "--ui-operator", action="store_true",
+        help="start the console as an operator (the admin credential): dead letters can be retried from the page",
     )
 
 
@@ -49,6 +55,13 @@ def console_command(args: argparse.Namespace, url: str, home: Path) -> tuple[lis
         sys.executable, "-m", "bus.cli.main", "ui", "--port", str(port),
         "--url", url, "--namespace", args.namespace, "--home", str(home),
     ]
+    registry = CredentialRegistry(home)
+    operator = getattr(args, "ui_operator", False)
+    credential = registry.admin_credential if operator else registry.console_credential
+    if not getattr(args, "no_auth", False) and credential.is_file():
+        command += ["--creds", str(credential)]
+    if operator:
+        command.append("--operator")
     return command, url_of("127.0.0.1", port)
 
 
@@ -87,5 +100,6 @@ def console_summary(args: argparse.Namespace, home: Path, url: str | None, pid: 
     if url is None:
         return "off (--no-ui)"
     log = f", log {home / 'console.log'}" if detached else ""
-    state = "read-only" if ready else "started, not serving yet"
+    mode = "operator" if getattr(args, "ui_operator", False) else "read-only"
+    state = mode if ready else "started, not serving yet"
     return f"{url} (pid {pid}, {state}{log})"

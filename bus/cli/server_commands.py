@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-auth", action="store_true",
         help="start without authorization (any local client may act as anyone); by default every "
         "connection needs a credential: the admin one (<home>/auth/creds/admin.nk, used by the CLI), "
-        "the projection service's, and one per agent (`bus agent start`, `bus creds issue`)",
+        "the projection service's, the console's (read-only), and one per agent (`bus agent start`, `bus creds issue`)",
     )
     up.add_argument(
         "--tls", action="store_true",
@@ -221,7 +221,7 @@ async def run_up(args: argparse.Namespace) -> int:
 
 
 async def setup_auth(args: argparse.Namespace, home: Path) -> CredentialRegistry | None:
-    """Authorization for the server(s) `bus up` starts: the admin and projection-service
+    """Authorization for the server(s) `bus up` starts: the admin, projection-service and console
     credentials exist, and the server config that includes auth.conf is written. None with
     --no-auth. Raises CliError when the base config cannot be read."""
     loopback = args.listen in ("127.0.0.1", "::1", "localhost")

@@ -4,6 +4,8 @@
     service   the projection service: reads the log and serves queries; cannot write the log,
               change or delete a stream, or read anyone's private inbox replies
     agent     only itself: sends as itself, records its own events, consumes its own consumers
+    console   the console (`bus ui`): reads only: queries everything, follows the log; cannot
+              publish an envelope, record, retry a dead letter, or change a stream or a consumer
 
 An agent's grant (namespace `ns`, log stream `S`, advisory stream `A`, name `me`):
 
@@ -26,6 +28,21 @@ as an inbox subject names its sender: an agent answers only as itself, and a req
 only on the subject naming the agent it asked (and checks the envelope's `sender` says the same),
 so no one else's answer can reach it. Who was asked is not known to the server, so an agent may
 still publish a reply, in its own name, to a request it never received: nobody listens to it.
+
+The console's grant (namespace `ns`, log `S`, advisories `A`, for each namespace served):
+
+    publish    _continuum.ns.query                         queries, unscoped: it shows every agent
+               $JS.API.INFO  $JS.API.STREAM.INFO.{S,A}     the streams' state
+               $JS.API.CONSUMER.LIST|NAMES.S  $JS.API.CONSUMER.INFO.S.*   backlogs per agent
+               $JS.API.CONSUMER.CREATE.S.*                 its log reader (no filter: it reads all)
+                 but not CREATE.S.<agent>__inbox|__groups  of an agent the registry knows
+               $JS.FC.S.>                                  the reader's flow-control answers
+               $JS.API.DIRECT.GET.S[.>]                    dead letters, a replay's reads
+    subscribe  _INBOX.<its public key>.>
+
+No envelope or event subject, no `$JS.ACK`, no stream change and no consumer deletion: its
+reader's consumer is dropped by the server once unused (inactive_threshold). Retrying a dead
+letter publishes, so an operator console connects with the admin credential instead.
 """
 
 from __future__ import annotations
@@ -41,6 +58,7 @@ class Role(str, enum.Enum):
     ADMIN = "admin"
     SERVICE = "service"
     AGENT = "agent"
+    CONSOLE = "console"
 
 
 class Grant(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,6 +127,32 @@ def service_grant(namespaces: tuple[str, ...], public_key: str) -> Grant:
         publish_deny=_STREAM_CHANGES,
         subscribe_allow=(f"{inbox_prefix(public_key)}.>", *(f"_continuum.{ns}.>" for ns in namespaces)),
         allow_responses=True,
+    )
+
+
+def console_grant(namespaces: tuple[str, ...], public_key: str, agents: tuple[tuple[str, str], ...] = ()) -> Grant:
+    """The console: reads only (see the module docstring). `agents`: (namespace, name) of every
+    agent the registry knows, whose durable consumers it may not create (nor so replace)."""
+    allow: list[str] = ["$JS.API.INFO"]
+    deny: list[str] = []
+    for ns in namespaces:
+        subjects = Subjects(ns)
+        log, advisories = subjects.stream, subjects.advisory_stream
+        allow += [
+            subjects.query,
+            f"$JS.API.STREAM.INFO.{log}", f"$JS.API.STREAM.INFO.{advisories}",
+            f"$JS.API.CONSUMER.LIST.{log}", f"$JS.API.CONSUMER.NAMES.{log}", f"$JS.API.CONSUMER.INFO.{log}.*",
+            f"$JS.API.CONSUMER.CREATE.{log}.*", f"$JS.FC.{log}.>",
+            f"$JS.API.DIRECT.GET.{log}", f"$JS.API.DIRECT.GET.{log}.>",
+        ]
+        deny += [
+            f"$JS.API.CONSUMER.CREATE.{log}.{consumer}"
+            for agent_ns, name in agents if agent_ns == ns
+            for consumer in (subjects.inbox_consumer(name), subjects.group_consumer(name))
+        ]
+    return Grant(
+        publish_allow=tuple(allow), publish_deny=tuple(deny),
+        subscribe_allow=(f"{inbox_prefix(public_key)}.>",),
     )
 
 

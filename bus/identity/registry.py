@@ -10,7 +10,8 @@ Layout under `<home>/auth/` (0700):
     identities.json     every identity issued: name, role, namespace, tags, public key, dates
     auth.conf           the server's `authorization { users = [...] }`, rendered from it
     nats-server.conf    the server config: the repository's nats.conf, then `include auth.conf`
-    creds/...           the seeds (0600): admin.nk, service-<name>.nk, agents/<ns>/<name>.nk
+    creds/...           the seeds (0600): admin.nk, service-<name>.nk, console.nk,
+                        agents/<ns>/<name>.nk
 
 Seeds never leave these files: not in identities.json, not in a log line, not in an error.
 Every change takes an exclusive lock on `auth/lock`, so a CLI and a supervisor issuing at the
@@ -32,9 +33,10 @@ from bus.config import check_name
 from bus.errors import ConfigurationError
 from bus.identity.certificates import ServerTls
 from bus.identity.keys import Credential, load_credential, new_user_seed, public_key_of, write_secret
-from bus.identity.permissions import Grant, Role, admin_grant, agent_grant, render, service_grant
+from bus.identity.permissions import Grant, Role, admin_grant, agent_grant, console_grant, render, service_grant
 
 ADMIN = "admin"
+CONSOLE = "console"
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,7 +44,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     role: Role
-    namespace: str = ""  # agents: the namespace they act in ("" for admin and services)
+    namespace: str = ""  # agents: the namespace they act in ("" for admin, services, console)
     tags: tuple[str, ...] = ()
     public_key: str
     issued_at: float
@@ -97,11 +99,18 @@ class CredentialRegistry:
             return creds / f"{name}.nk"
         if role is Role.SERVICE:
             return creds / f"service-{name}.nk"
+        if role is Role.CONSOLE:
+            return creds / f"{name}.nk"
         return creds / "agents" / namespace / f"{name}.nk"
 
     @property
     def admin_credential(self) -> Path:
         return self.credential_path(Role.ADMIN, ADMIN)
+
+    @property
+    def console_credential(self) -> Path:
+        """The read-only credential `bus up` gives the console it starts."""
+        return self.credential_path(Role.CONSOLE, CONSOLE)
 
     def exists(self) -> bool:
         """Whether this home has an authorization setup (`bus up` made one)."""
@@ -110,7 +119,7 @@ class CredentialRegistry:
     # -- changes ---------------------------------------------------------------------------
 
     def initialize(self, base_config: Path, namespaces: tuple[str, ...], *, tls: ServerTls | None = None) -> None:
-        """Make sure the admin and projection-service credentials exist, the services serve
+        """Make sure the admin, projection-service and console credentials exist, the services serve
         `namespaces`, and the server config (from `base_config`, the nats.conf to build on, with
         `tls` served when given) and auth.conf are written. Idempotent."""
         with self._locked() as registry:
@@ -120,6 +129,7 @@ class CredentialRegistry:
                     registry.namespaces.append(ns)
             self._issue_locked(registry, ADMIN, Role.ADMIN, "", ())
             self._issue_locked(registry, "projections", Role.SERVICE, "", ())
+            self._issue_locked(registry, CONSOLE, Role.CONSOLE, "", ())
             self._save(registry)
         text = base_config.read_text().rstrip() + "\n"
         if tls is not None:
@@ -205,20 +215,26 @@ class CredentialRegistry:
         registry.identities.append(identity)
         return Issued(identity=identity, path=path, created=True)
 
-    def grant_of(self, identity: Identity, namespaces: list[str]) -> Grant:
+    def grant_of(self, identity: Identity, namespaces: list[str], agents: tuple[tuple[str, str], ...] = ()) -> Grant:
+        """What `identity` may do; `agents` (namespace, name) are the agents whose consumers the
+        console may not create."""
         if identity.role is Role.ADMIN:
             return admin_grant()
         if identity.role is Role.SERVICE:
             return service_grant(tuple(namespaces), identity.public_key)
+        if identity.role is Role.CONSOLE:
+            return console_grant(tuple(namespaces), identity.public_key, agents)
         return agent_grant(identity.namespace, identity.name, identity.public_key, identity.tags)
 
     def _save(self, registry: _Registry) -> None:
         self._write_plain(self.dir / "identities.json", msgspec.json.format(msgspec.json.encode(registry)).decode())
         users = []
+        # Revoked ones too: their consumers outlive their credentials.
+        agents = tuple(sorted({(i.namespace, i.name) for i in registry.identities if i.role is Role.AGENT}))
         for identity in registry.identities:
             if not identity.active:
                 continue
-            permissions = render(self.grant_of(identity, registry.namespaces))
+            permissions = render(self.grant_of(identity, registry.namespaces, agents))
             comment = f"# {identity.role.value} {identity.name}" + (f" ({identity.namespace})" if identity.namespace else "")
             entry = f"nkey: {identity.public_key}" + (f", {permissions}" if permissions else "")
             users.append(f"    {comment}\n    {{{entry}}}")
