@@ -275,9 +275,13 @@ class Runner:
         backoff = 0.2
         while True:
             # From the store's checkpoint (after any fold still running on the writer thread):
-            # a batch committed after its awaiting task was cancelled still counts.
-            self.watermark.advance(await self._writer.call(self._store.settled_applied_seq))
-            start = self.watermark.seq + 1
+            # a batch committed after its awaiting task was cancelled still counts. Never from
+            # the watermark when it is further: after a reopen (deferred checkpoints lost) and a
+            # swap, views can be behind it, and records the reader skipped they would never get
+            # (a lane folds only records above its views' checkpoint, so reading again is safe).
+            settled = await self._writer.call(self._store.settled_applied_seq)
+            self.watermark.advance(settled)
+            start = settled + 1
             began = time.monotonic()
             try:
                 await self._live_until_restart(start)
