@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import statistics
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from bus.bench.processes import bus_process
 from bus.client import Bus
 from bus.config import BusConfig
 from bus.errors import BusUnavailable, QueryError
@@ -161,35 +159,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _log_file(path: Path) -> BinaryIO:
-    """The child's stdout/stderr (closed here once the child has its own copy)."""
-    return open(path, "ab")
-
-
-@asynccontextmanager
-async def _service_process(bus: Bus, home: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+def _service_process(bus: Bus, home: Path) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
     """`bus projections run` in its own process, as `bus up` starts it (so the publishers and
     clients of the benchmark do not share its event loop)."""
-    home.mkdir(parents=True, exist_ok=True)
-    log = _log_file(home / "projections.log")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bus.cli.main", "projections", "run", "--url", bus.config.url,
-            "--namespace", bus.subjects.ns, "--home", str(home),
-            stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-        )
-    finally:
-        log.close()
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 60)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    return bus_process(
+        home / "projections.log", "projections", "run", "--url", bus.config.url,
+        "--namespace", bus.subjects.ns, "--home", str(home), grace_s=60,
+    )
 
 
 async def _answering(bus: Bus, min_seq: int, timeout_s: float) -> None:

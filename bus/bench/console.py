@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from bus.bench import BenchEnv
 from bus.bench.browser import launch_kwargs, missing_browser
 from bus.bench.consume import engine_rate, prepublish
+from bus.bench.processes import bus_process
 from bus.bench.publish import durable_rate
 from bus.client import Bus
 from bus.config import BusConfig
@@ -139,24 +138,9 @@ async def _views_reach(bus: Bus, seq: int, timeout_s: float) -> None:
 # -- processes -------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _child(log_path: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+def _child(log_path: Path, *args: str) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
     """`bus ARGS` in a process of its own, output to `log_path`; SIGTERM at the end."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bus.cli.main", *args, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    return bus_process(log_path, *args, grace_s=30)
 
 
 @contextlib.asynccontextmanager
