@@ -60,7 +60,7 @@ from projections.fold import HalfCommitted, StoreInvalidated, StoreUnusable, des
 from projections.metrics import ProjectionMetrics
 from projections.progress import Watermark
 from projections.protocol import FoldRetry, RebuildReport
-from projections.store import REOPENING, Applied, Store
+from projections.store import REOPENING, Applied, Store, SwappedSince
 
 if TYPE_CHECKING:
     from bus import Bus
@@ -257,6 +257,8 @@ class Runner:
         self._reopening = asyncio.Lock()
         # Told when it was, with the views to build (the service renews its query cursors).
         self._on_reopened = on_reopened
+        # `Store.swaps` when the live pipeline started reading (None: no check, `fold_from`).
+        self._live_swaps: int | None = None
 
     def close(self) -> None:
         self._decoder.shutdown(wait=True)
@@ -279,7 +281,7 @@ class Runner:
             # the watermark when it is further: after a reopen (deferred checkpoints lost) and a
             # swap, views can be behind it, and records the reader skipped they would never get
             # (a lane folds only records above its views' checkpoint, so reading again is safe).
-            settled = await self._writer.call(self._store.settled_applied_seq)
+            settled, self._live_swaps = await self._writer.call(self._settled)
             self.watermark.advance(settled)
             start = settled + 1
             began = time.monotonic()
@@ -294,6 +296,11 @@ class Runner:
                 self._metrics.reader_restarts.inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _settled(self) -> tuple[int, int]:
+        """The store's checkpoint once no fold runs, and its swaps so far (one moment, on the
+        writer thread, where swaps happen)."""
+        return self._store.settled_applied_seq(), self._store.swaps
 
     async def _live_until_restart(self, start: int) -> None:
         """The live pipeline from `start`, until it fails or a swap asks for a fresh start."""
@@ -593,7 +600,7 @@ class Runner:
         async def fold(piece: Batch) -> Applied:
             async with self._reopening:  # (uncontended: no wait) the lane's thread is the open store's
                 thread = store.lane_thread(lane)
-            return await loop.run_in_executor(thread, store.fold_lane, lane, piece)
+            return await loop.run_in_executor(thread, store.fold_lane, lane, piece, self._live_swaps)
 
         with self.watermark.demand(store.lane_views(lane), wake.set):
             while True:
@@ -603,7 +610,13 @@ class Runner:
                 started = time.perf_counter()
                 # Cancelled meanwhile, the fold still finishes on the lane's thread (its commit
                 # counts: a restart reads the checkpoint only once no fold runs).
-                applied = await self._fold_retrying("live", f"lane {name}", batch, fold)
+                try:
+                    applied = await self._fold_retrying("live", f"lane {name}", batch, fold)
+                except SwappedSince:
+                    # Batches read for the generations a rebuild replaced: the new ones may be
+                    # behind them, and would skip what lies between. Read again from theirs.
+                    self._restart_live.set()
+                    await asyncio.Event().wait()  # (cancelled by the restart)
                 metrics.batch_seconds.labels("live").observe(time.perf_counter() - started)
                 self.watermark.advance(applied.last_seq, store.live_views(lane))
                 if lane == 0 and applied.events:  # the first lane holds `events`: every record counts once

@@ -109,6 +109,11 @@ def _lanes_paused(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Conc
     return paused
 
 
+class SwappedSince(Exception):
+    """A live fold was asked for records read before a rebuild swapped new generations in: they
+    may be behind those records (read again from `applied_seq`)."""
+
+
 class Store:
     """Owns the DuckDB views file. See the module docstring for its layout and guarantees."""
 
@@ -143,6 +148,8 @@ class Store:
         self.folds_first = FoldsFirst()
         # How many times `reopen` opened the file again: cursors from before are closed.
         self.incarnation = 0
+        # How many times `swap` made building generations active (see `fold_lane`).
+        self.swaps = 0
         # An earlier ROLLBACK DuckDB refused (see fold.rollback): the next BEGIN rolls back first.
         self._unsettled = False
         # Unless asked to fsync every commit, write unsynced where a torn file can be told
@@ -597,6 +604,7 @@ class Store:
         except BaseException:
             self._rollback()
             raise
+        self.swaps += 1
         for name, gen in self.building.items():
             self.untrusted.pop(name, None)
             gen.state = "active"
@@ -656,12 +664,16 @@ class Store:
             return True
         return False
 
-    def fold_lane(self, lane: int, batch: Batch) -> Applied:
+    def fold_lane(self, lane: int, batch: Batch, swaps: int | None = None) -> Applied:
         """Apply the records of `batch` above their checkpoint to the live views of one lane, on
         that lane's connection, exactly once; the other lanes go on meanwhile. Call it on
         `lane_thread(lane)`. `last_seq` is the lane's checkpoint after it (with no live view
-        in the lane: `applied_seq`, the store's). Raises FoldError."""
+        in the lane: `applied_seq`, the store's). `swaps`: `self.swaps` when the records' reader
+        started. Raises FoldError, SwappedSince (a rebuild swapped in since: its generations can
+        be behind the records, and would silently skip what lies between)."""
         with self._lane_locks[lane]:
+            if swaps is not None and swaps != self.swaps:
+                raise SwappedSince(f"a rebuild swapped in since seq {batch.first_seq} was read")
             gens = [g for g in self._live() if self._lane_of[g.view] == lane]
             if not gens:
                 return Applied(last_seq=self.applied_seq)
