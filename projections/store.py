@@ -110,8 +110,9 @@ def _lanes_paused(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Conc
 
 
 class SwappedSince(Exception):
-    """A live fold was asked for records read before a rebuild swapped new generations in: they
-    may be behind those records (read again from `applied_seq`)."""
+    """A live fold was asked for records read before a rebuild swapped new generations in, or
+    before the file was opened again: the generations may be behind those records (read again
+    from `applied_seq`)."""
 
 
 class Store:
@@ -148,7 +149,8 @@ class Store:
         self.folds_first = FoldsFirst()
         # How many times `reopen` opened the file again: cursors from before are closed.
         self.incarnation = 0
-        # How many times `swap` made building generations active (see `fold_lane`).
+        # How many times `swap` made building generations active, or `reopen` read them from
+        # the file again (see `fold_lane`).
         self.swaps = 0
         # An earlier ROLLBACK DuckDB refused (see fold.rollback): the next BEGIN rolls back first.
         self._unsettled = False
@@ -293,6 +295,7 @@ class Store:
                     raise
                 time.sleep(0.05)
         self.incarnation += 1
+        self.swaps += 1  # (lost deferred checkpoints, rebuilt or untrusted views: read again)
         return stale
 
     def close(self) -> None:
@@ -406,7 +409,6 @@ class Store:
                     self.active[gen.view] = gen
             stale = [n for n, s in self.specs.items() if n not in self.active or self.active[n].version != s.version]
             untrusted = self._record_untrusted(noted)
-            stale += [name for name in untrusted if name not in stale]
             fresh = self.applied_seq == 0
             for name in stale if fresh else ():
                 old = self.active.pop(name, None)
@@ -414,8 +416,7 @@ class Store:
                     self._drop(old)
                 self.active[name] = self._create(name, state="active", seq=0)
                 untrusted.pop(name, None)  # (empty from sequence 1 on: nothing left to distrust)
-            if fresh:
-                self._run("DELETE FROM _continuum.untrusted_views")
+            self._run("DELETE FROM _continuum.untrusted_views WHERE NOT list_contains(?, view)", [list(untrusted)])
             for gen in self.active.values():
                 self._publish(gen)
             self._run("COMMIT")
@@ -427,8 +428,10 @@ class Store:
         if untrusted:
             log.error("views %s are not trusted (%s): rebuilding them from seq 1 while they serve what they hold",
                       ", ".join(sorted(untrusted)), "; ".join(sorted(set(untrusted.values()))))
-        if fresh:
-            return []
+        # Untrusted views are rebuilt even when the others start from nothing (`fresh` can be
+        # a lane whose checkpoints were all deferred, at a reopen: the others are not empty).
+        stale = [] if fresh else stale
+        stale += [name for name in untrusted if name not in stale]
         self.frozen = {name for name in stale if name in self.active}
         return stale
 
