@@ -353,7 +353,8 @@ class WireConnection:
         try:
             if self._connected:
                 self.write(unsub_frame(key))
-                await self.flush(drain_timeout_s)
+                if drain_timeout_s > 0:  # (0: nothing to drain; a PING waited on for 0 s only fails)
+                    await self.flush(drain_timeout_s)
         except BusError as exc:
             log.debug("unsubscribe of %d not confirmed: %s", sid, exc)
         finally:
