@@ -86,14 +86,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def free_port_outside_ephemeral_range() -> int:
-    """A port on 127.0.0.1 that was free a moment ago, outside the kernel's ephemeral range.
+def free_port_outside_ephemeral_range(run: int = 1) -> int:
+    """A port on 127.0.0.1 that was free a moment ago, outside the kernel's ephemeral range; with
+    `run` > 1, the first of that many consecutive ports that all were.
 
     For a port that other programs must be told before its own server binds it (a cluster's
-    route ports, on every node's command line). A port from `free_port()` is an ephemeral one:
-    until its server binds it, the kernel may hand it to anyone binding port 0 (a neighbour
-    starting on `ANY_PORT`) or to an outgoing connection's local end. Outside that range only a
-    program naming it explicitly can take it.
+    route ports, on every node's command line; a `--port` given to `bus up`, whose cluster takes
+    the ports after it too). A port from `free_port()` is an ephemeral one: until its server binds
+    it, the kernel may hand it to anyone binding port 0 (a neighbour starting on `ANY_PORT`) or to
+    an outgoing connection's local end. Outside that range only a program naming it explicitly
+    can take it.
     """
     low, high = _ephemeral_range()
     # Below the range when there is room for it (the usual 32768-60999 leaves 10000-32767), else above.
@@ -101,8 +103,8 @@ def free_port_outside_ephemeral_range() -> int:
     if end - start < 1_000:
         return free_port()
     for _ in range(100):
-        port = random.randrange(start, end)
-        if port_bindable(port):
+        port = random.randrange(start, end - run + 1)
+        if all(port_bindable(port + offset) for offset in range(run)):
             return port
     return free_port()
 

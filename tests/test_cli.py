@@ -23,7 +23,7 @@ from bus import Bus, BusConfig
 from bus.cli.main import main
 from bus.cli.server_commands import local_port_of
 from bus.cli.state import read_state
-from bus.server import EmbeddedServer, free_port
+from bus.server import EmbeddedServer, free_port_outside_ephemeral_range
 from bus.topology import ensure_consumer, inbox_consumer_config
 from schemas import Delivery, Envelope, PayloadRegistry, decode_loose
 from schemas.payloads import Note, Notice, Pong
@@ -118,7 +118,7 @@ async def test_up_detach_records_state_and_down_stops_it(tmp_path, cli_env, deta
     """`up --detach` returns once the server accepts clients and records its pid and URL; a second
     `up` says it is already running and where; `down` stops it and clears the state; a second
     `down` says nothing is running."""
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     up = await run_bus("up", "--detach", "--no-projections", "--port", str(port), env=cli_env, cwd=tmp_path)
     assert up.code == 0, up.stderr
     assert f"nats://127.0.0.1:{port}" in up.stdout
@@ -144,7 +144,7 @@ async def test_up_detach_records_state_and_down_stops_it(tmp_path, cli_env, deta
 async def test_up_starts_the_server_where_bus_url_points(tmp_path, cli_env, detached_home) -> None:
     """Without --port, `bus up` listens on the port of a local BUS_URL, where every other command
     (and `BusConfig.from_env`) will look for it; `bus send` then finds it with no option."""
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{port}"}
     up = await run_bus("up", "--detach", "--no-projections", env=env, cwd=tmp_path)
     assert up.code == 0, up.stderr
@@ -167,7 +167,7 @@ def test_only_a_single_local_url_gives_bus_up_its_port() -> None:
 async def test_up_detach_starts_projections_and_down_stops_both(tmp_path, cli_env, detached_home) -> None:
     """Without --no-projections, `up --detach` also starts the projection service (answering
     queries before `up` returns); `down` stops it first, then the server."""
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     up = await run_bus("up", "--detach", "--port", str(port), env=cli_env, cwd=tmp_path)
     assert up.code == 0, up.stderr + up.stdout
     state = read_state(detached_home)
@@ -195,7 +195,7 @@ def children_of(pid: int) -> list[int]:
 async def test_a_projection_service_that_dies_is_started_again(tmp_path, cli_env, detached_home) -> None:
     """`up --detach` runs the projection service under a keeper: killing the service (SIGKILL,
     as the OOM killer would) brings a new one that answers queries; `down` stops both."""
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     up = await run_bus("up", "--detach", "--port", str(port), env=cli_env, cwd=tmp_path)
     assert up.code == 0, up.stderr + up.stdout
     state = read_state(detached_home)
@@ -258,7 +258,7 @@ async def _start_foreground(tmp_path: Path, env: dict[str, str], *extra: str) ->
 async def test_foreground_up_stops_in_order_on_ctrl_c(tmp_path, cli_env) -> None:
     """Foreground `up` prints the URL and what to run next, serves its metrics, and on SIGINT
     stops the server, clears the state and exits 0."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_port_outside_ephemeral_range(), free_port_outside_ephemeral_range()
     proc, lines = await _start_foreground(tmp_path, cli_env, "--port", str(port), "--metrics-port", str(metrics_port))
     try:
         text = "".join(lines)
@@ -283,7 +283,7 @@ async def test_foreground_up_stops_in_order_on_ctrl_c(tmp_path, cli_env) -> None
 
 async def test_down_stops_a_foreground_up(tmp_path, cli_env) -> None:
     """`bus down` asks a foreground `bus up` to stop (it stops its own children) and it exits 0."""
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     proc, _ = await _start_foreground(tmp_path, cli_env, "--port", str(port))
     try:
         state = read_state(Path(cli_env["BUS_HOME"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bus import Bus, BusConfig
 from bus.errors import PermissionDenied
-from bus.server import free_port
+from bus.server import free_port_outside_ephemeral_range
 from schemas.payloads import Note
 from test_cli import cli_env, detached_home, run_bus  # noqa: F401 - fixtures
 
@@ -18,7 +18,7 @@ import pytest
 
 
 async def test_up_turns_authorization_on_and_creds_issue_list_revoke(tmp_path, cli_env, detached_home) -> None:
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{port}"}
     up = await run_bus("up", "--detach", "--no-projections", env=env, cwd=tmp_path)
     assert up.code == 0, up.stderr
@@ -69,7 +69,7 @@ async def test_up_turns_authorization_on_and_creds_issue_list_revoke(tmp_path, c
 
 
 async def test_up_no_auth_lets_anyone_connect_and_creds_says_where_they_live(tmp_path, cli_env, detached_home) -> None:
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{port}"}
     up = await run_bus("up", "--detach", "--no-projections", "--no-auth", env=env, cwd=tmp_path)
     assert up.code == 0, up.stderr
@@ -83,7 +83,7 @@ async def test_up_tls_serves_a_certificate_only_its_ca_verifies(tmp_path, cli_en
     from bus.config import TlsSettings
     from bus.errors import ConfigurationError
 
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{port}"}
     up = await run_bus("up", "--detach", "--no-projections", "--tls", env=env, cwd=tmp_path)
     assert up.code == 0, up.stderr
@@ -105,7 +105,7 @@ async def test_up_tls_serves_a_certificate_only_its_ca_verifies(tmp_path, cli_en
 
 @pytest.mark.parametrize("extra", [(), ("--tls", "--no-auth"), ("--no-auth",)])
 async def test_up_listening_beyond_loopback_needs_authorization_and_tls(tmp_path, cli_env, detached_home, extra) -> None:
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     result = await run_bus("up", "--detach", "--no-projections", "--port", str(port), "--listen", "0.0.0.0", *extra,
                            env=cli_env, cwd=tmp_path)
     assert result.code == 2
@@ -118,7 +118,8 @@ async def test_a_cluster_loads_and_drops_credentials_on_every_node(tmp_path, cli
     (each reloaded its config), and once revoked, no node lets it in."""
     from bus.cli.state import read_state
 
-    up = await run_bus("up", "--detach", "--no-projections", "--cluster", "3", "--port", str(free_port()),
+    first_port = free_port_outside_ephemeral_range(3)  # the cluster takes it and the two after it
+    up = await run_bus("up", "--detach", "--no-projections", "--cluster", "3", "--port", str(first_port),
                        env=cli_env, cwd=tmp_path, timeout_s=90)
     assert up.code == 0, up.stderr
     state = read_state(detached_home)

@@ -26,7 +26,7 @@ import pytest
 
 from bus.bench.browser import launch_kwargs, missing_browser
 from bus.cli.state import read_state
-from bus.server import free_port
+from bus.server import free_port_outside_ephemeral_range
 from test_cli import BUS
 
 REASON = missing_browser()
@@ -77,9 +77,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     cwd = tmp_path_factory.mktemp("console")
     home = cwd / "home"
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BUS_", "ANTHROPIC_"))}
-    env = {**clean, "BUS_HOME": str(home), "BUS_URL": f"nats://127.0.0.1:{free_port()}"}
+    env = {**clean, "BUS_HOME": str(home), "BUS_URL": f"nats://127.0.0.1:{free_port_outside_ephemeral_range()}"}
     operator: subprocess.Popen[str] | None = None
-    bus(env, cwd, "up", "--detach", "--monitor-port", str(free_port()), "--ui-port", str(free_port()))
+    bus(env, cwd, "up", "--detach", "--monitor-port", str(free_port_outside_ephemeral_range()), "--ui-port", str(free_port_outside_ephemeral_range()))
     try:
         state = read_state(home)
         assert state is not None and state.console_url
@@ -88,7 +88,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         for member in TEAM:
             bus(env, cwd, "agent", "start", f"agents.research.team:{member.capitalize()}")
         bus(env, cwd, "send", "reviewer", '{"kind":"ping","text":"nobody handles this"}')
-        port = free_port()
+        port = free_port_outside_ephemeral_range()
         operator = subprocess.Popen(
             [*BUS, "ui", "--operator", "--by", "ops-ann", "--port", str(port)], env=env, cwd=cwd,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -10,16 +10,16 @@ import httpx2
 
 from bus.cli.state import read_state
 from bus.identity import CredentialRegistry, Role
-from bus.server import free_port
+from bus.server import free_port_outside_ephemeral_range
 from test_cli import cli_env, detached_home, pid_gone, run_bus, server_env  # noqa: F401  (fixtures)
 
 
 async def test_bus_up_starts_the_console_and_bus_down_stops_it(tmp_path: Path, cli_env, detached_home) -> None:
     """The summary names the console's address; it answers there, read-only, connected with the
     home's console credential; `bus down` says it stopped the console, and its process is gone."""
-    env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{free_port()}"}
-    ui_port = free_port()
-    up = await run_bus("up", "--detach", "--monitor-port", str(free_port()), "--ui-port", str(ui_port), env=env, cwd=tmp_path)
+    env = {**cli_env, "BUS_URL": f"nats://127.0.0.1:{free_port_outside_ephemeral_range()}"}
+    ui_port = free_port_outside_ephemeral_range()
+    up = await run_bus("up", "--detach", "--monitor-port", str(free_port_outside_ephemeral_range()), "--ui-port", str(ui_port), env=env, cwd=tmp_path)
     assert up.code == 0, up.stderr
     assert f"console      http://127.0.0.1:{ui_port}/ (pid " in up.stdout and "read-only" in up.stdout
     state = read_state(detached_home)
@@ -46,5 +46,5 @@ async def test_bus_ui_refuses_what_it_must_not_do(tmp_path: Path, server_env, id
     assert operator.code == 2 and "--operator needs the admin credential" in operator.stderr and "an agent's" in operator.stderr
     console = await run_bus("ui", "--operator", "--creds", str(identity.console_credential), env=server_env, cwd=tmp_path)
     assert console.code == 2 and "a console's" in console.stderr
-    nowhere = await run_bus("ui", "--port", "0", env={**server_env, "BUS_URL": f"nats://127.0.0.1:{free_port()}"}, cwd=tmp_path)
+    nowhere = await run_bus("ui", "--port", "0", env={**server_env, "BUS_URL": f"nats://127.0.0.1:{free_port_outside_ephemeral_range()}"}, cwd=tmp_path)
     assert nowhere.code == 2 and "no NATS server is running" in nowhere.stderr

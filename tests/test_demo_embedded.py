@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bus.server import free_port
+from bus.server import free_port_outside_ephemeral_range
 from test_cli import run_bus
 
 
 async def test_the_demo_starts_and_stops_its_embedded_server(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BUS_", "ANTHROPIC_"))}
     env = {**clean, "BUS_HOME": str(tmp_path / "home"), "BUS_URL": f"nats://127.0.0.1:{port}"}
     result = await run_bus("demo", "research", "--day", "1", env=env, cwd=tmp_path, timeout_s=240)

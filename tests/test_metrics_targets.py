@@ -24,7 +24,7 @@ from prometheus_client.samples import Sample
 
 from bus import Bus, BusConfig
 from bus.scrape import ScrapeTarget, read_target, read_targets, serve_metrics, targets_dir
-from bus.server import EmbeddedServer, free_port
+from bus.server import EmbeddedServer, free_port_outside_ephemeral_range
 from conftest import refused_port, wait_for
 from schemas.payloads import Ping, Pong
 
@@ -224,7 +224,7 @@ async def test_bus_up_and_its_projection_service_are_scrape_targets(
     del nats_server  # only its binary and config are used: `bus up` starts a server of its own
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
-    port, monitor_port, metrics_port = free_port(), free_port(), free_port()
+    port, monitor_port, metrics_port = free_port_outside_ephemeral_range(), free_port_outside_ephemeral_range(), free_port_outside_ephemeral_range()
     proc = await asyncio.create_subprocess_exec(
         *BUS, "up", "--port", str(port), "--monitor-port", str(monitor_port), "--metrics-port", str(metrics_port),
         "--home", str(home), "--start-timeout", "60", env=env, cwd=tmp_path,
@@ -289,7 +289,7 @@ async def test_a_detached_bus_ups_keeper_serves_the_servers_figures(nats_server:
     del nats_server  # only its binary and config are used
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
-    port, monitor_port = free_port(), free_port()
+    port, monitor_port = free_port_outside_ephemeral_range(), free_port_outside_ephemeral_range()
     code, stdout, stderr = await run_bus(
         "up", "--detach", "--no-ui", "--port", str(port), "--monitor-port", str(monitor_port), "--home", str(home),
         "--start-timeout", "60", env=env, timeout_s=120,

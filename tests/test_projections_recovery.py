@@ -205,11 +205,11 @@ async def test_metrics_port_serves_prometheus_text(bus: Bus, tmp_path: Path) -> 
     """`bus projections run --metrics-port P` serves the projection metrics over HTTP."""
     import urllib.request
 
-    from bus.server import free_port
+    from bus.server import free_port_outside_ephemeral_range
 
     home = tmp_path / "home"
     home.mkdir()
-    port = free_port()
+    port = free_port_outside_ephemeral_range()
     proc = await asyncio.create_subprocess_exec(
         *_command(bus, home, "projections", "run"), "--metrics-port", str(port),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
