@@ -21,7 +21,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -45,6 +44,7 @@ from agents.memory import ToolOutcome
 from agents.research.replay import replay_workflow
 from agents.supervisor import AgentSpec, RestartPolicy, SupervisorSettings
 from bus import Bus, BusConfig
+from bus.server import free_port_outside_ephemeral_range
 from schemas.payloads import AgentCrashed, Note, StepRecorded
 from schemas.payloads.llm import ToolUseBlock
 
@@ -177,9 +177,7 @@ async def test_a_hung_or_crashed_server_is_retryable_and_started_again_on_the_ne
 
 async def test_a_server_reached_by_url_over_streamable_http(ledger: Path) -> None:
     """The same tools mounted by URL: offered with the prefix, called with the key."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port_outside_ephemeral_range()  # named on another program's command line
     server = await asyncio.create_subprocess_exec(
         sys.executable, mcp_ledger_server.__file__, "--ledger", str(ledger), "--http", str(port),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

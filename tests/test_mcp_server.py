@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +34,7 @@ from agents.research.demo import DemoSettings, ResearchDemo
 from agents.research.team import AGENT_CLASSES
 from agents.runtime import AgentRuntime
 from bus import Bus, BusConfig
+from bus.server import free_port_outside_ephemeral_range
 from projections.config import ProjectionSettings, QuerySettings
 from projections.service import ProjectionService
 from schemas.payloads import Note
@@ -247,9 +247,7 @@ async def test_bad_input_is_a_clear_tool_error_and_nothing_is_lost(bus_config: B
 async def test_streamable_http_serves_the_same_tools(bus_config: BusConfig, tmp_path: Path) -> None:
     """`bus mcp --http`: a client over streamable HTTP records a fact and reads it back with
     read-your-writes; SIGTERM stops the server."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port_outside_ephemeral_range()  # named on another program's command line
     async with Bus(bus_config) as bus, views(bus, tmp_path):
         with (tmp_path / "mcp-http.stderr").open("wb") as errlog:
             process = await asyncio.create_subprocess_exec(

@@ -19,7 +19,7 @@ from bus.cli.common import CliError
 from bus.console.config import DEFAULT_UI_PORT
 from bus.console.serve import url_of
 from bus.identity import CredentialRegistry
-from bus.server import free_port, port_bindable
+from bus.server import free_port_outside_ephemeral_range, port_bindable
 
 READY_POLL_S = 0.05
 
@@ -46,9 +46,12 @@ def console_command(args: argparse.Namespace, url: str, home: Path) -> tuple[lis
         return None
     port = getattr(args, "ui_port", None)
     if port is None:
-        port = DEFAULT_UI_PORT if port_bindable(DEFAULT_UI_PORT) else free_port()
+        # Named on the console's command line before it binds: outside the ephemeral range, where
+        # no outgoing connection can take it meanwhile.
+        port = DEFAULT_UI_PORT if port_bindable(DEFAULT_UI_PORT) else free_port_outside_ephemeral_range()
     elif not port_bindable(port):
-        raise CliError(f"--ui-port {port}: 127.0.0.1:{port} is in use; pick another (e.g. --ui-port {free_port()})")
+        suggestion = free_port_outside_ephemeral_range()
+        raise CliError(f"--ui-port {port}: 127.0.0.1:{port} is in use; pick another (e.g. --ui-port {suggestion})")
     command = [
         sys.executable, "-m", "bus.cli.keeper",
         "--metrics-home", str(home), "--child", "console", "--namespace", args.namespace, "--",

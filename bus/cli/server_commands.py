@@ -45,7 +45,14 @@ from bus.identity import CredentialRegistry, Role
 from bus.identity.certificates import ensure_server_tls, given_server_tls
 from bus.scrape import MetricsEndpoint, ScrapeTarget
 from bus.errors import BusUnavailable, QueryError
-from bus.server import ServerSettings, find_config, free_port, port_bindable, read_varz, wait_until_listening
+from bus.server import (
+    ServerSettings,
+    find_config,
+    free_port_outside_ephemeral_range,
+    port_bindable,
+    read_varz,
+    wait_until_listening,
+)
 
 DEFAULT_PORT = 4222
 DEFAULT_MONITOR_PORT = 8222
@@ -201,7 +208,10 @@ async def run_up(args: argparse.Namespace) -> int:
         await _check_port_free(args.monitor_port, "--monitor-port")
         monitor_port = args.monitor_port
     else:
-        monitor_port = DEFAULT_MONITOR_PORT if port_bindable(DEFAULT_MONITOR_PORT) else free_port()
+        # Named on the server's command line before it binds: outside the ephemeral range.
+        monitor_port = (
+            DEFAULT_MONITOR_PORT if port_bindable(DEFAULT_MONITOR_PORT) else free_port_outside_ephemeral_range()
+        )
     auth = await setup_auth(args, home)
     settings = ServerSettings(
         store_dir=(args.store or home / "nats").resolve(),
@@ -704,13 +714,14 @@ async def _check_port_free(port: int, option: str) -> None:
     """Raise CliError naming the port and the option when 127.0.0.1:`port` is taken."""
     if port_bindable(port):
         return
+    suggestion = free_port_outside_ephemeral_range()
     try:
         await wait_until_listening(port, 0.5)
         what = f"a NATS server not started from this --home is already listening on 127.0.0.1:{port}"
-        hint = f"use it (BUS_URL=nats://127.0.0.1:{port}), or start another with {option} {free_port()}"
+        hint = f"use it (BUS_URL=nats://127.0.0.1:{port}), or start another with {option} {suggestion}"
     except BusUnavailable:
         what = f"port {port} on 127.0.0.1 is in use by another program"
-        hint = f"pick another with {option} (e.g. {option} {free_port()})"
+        hint = f"pick another with {option} (e.g. {option} {suggestion})"
     raise CliError(f"{what}: {hint}")
 
 
