@@ -15,7 +15,9 @@ class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     The feed keeps `recent` envelopes for a page that opens, pushes to each page at most every
     `push_interval_s` and at most `max_push` envelopes per push (the rest are counted as
     skipped), and holds at most `page_queue` pushes for a page that reads slowly (older ones are
-    dropped, and counted)."""
+    dropped, and counted). The feed's log reader is pushed at most `follow_rate_bps` (bits per
+    second: ~16 Mbit/s is 4,000-5,000 envelopes of 400-500 bytes); when it is more than
+    `max_behind_s` behind, it jumps to the newest envelopes and counts the rest."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_UI_PORT
@@ -25,6 +27,8 @@ class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     push_interval_s: float = 0.05
     max_push: int = 200
     pending_limit: int = 5_000
+    follow_rate_bps: int = 16_000_000
+    max_behind_s: float = 0.5
     page_queue: int = 16
     max_pages: int = 32
     history_s: int = 120

@@ -18,6 +18,12 @@ rate the work per page is bounded and no page falls behind the log by more than 
 Records are kept as they came and decoded only when a page needs them: at a high rate most are
 only counted (from their subject), and a push decodes the newest `max_push` of them (all of the
 push's records only when a page filters).
+
+The feed costs the server and the console at most `follow_rate_bps`, whatever the bus's rate: the
+reader's consumer is rate-limited, and when what it reads is more than `max_behind_s` old and
+more than `max_push` envelopes behind the log's head, the feed jumps to the newest `max_push`
+(`LogReader.skip_to`), counting what it jumped over in the second's total (`passed`) and as
+skipped for the pages. Below that rate (some thousands of envelopes a second) it reads every one.
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ class _Second(msgspec.Struct, kw_only=True):
     dead: int = 0
     failed: int = 0
     retried: int = 0
+    passed: int = 0  # stored, but jumped over by the feed (so in no subject class, nor failed)
 
 
 class _Page:
@@ -153,14 +160,33 @@ class LiveFeed:
     async def follow(self, bus: "Bus") -> None:
         """Read the log from `recent` envelopes back, for ever. Raises BusUnavailable,
         PermissionDenied (from the reader)."""
+        config = self._config
         first, last = await bus.log_bounds()
-        start = max(first, last - self._config.recent + 1, 1)
-        async with LogReader(bus, start_seq=start, name="console") as reader:
+        start = max(first, last - config.recent + 1, 1)
+        async with LogReader(bus, start_seq=start, name="console", rate_limit_bps=config.follow_rate_bps) as reader:
             self.head_seq = last
             self.following.set()
             while True:
-                for record in await reader.read(5_000):
+                records = await reader.read(5_000)
+                for record in records:
                     self.take(record)
+                head = reader.head_seq
+                if head - reader.last_seq > config.max_push and _age_s(records[-1]) > config.max_behind_s:
+                    # Faster than the server may push to the console: show the newest, count the rest.
+                    resume = head - config.max_push + 1
+                    self.passed(resume - reader.last_seq - 1)
+                    await reader.skip_to(resume)
+                    self.head_seq = max(self.head_seq, head)
+
+    def passed(self, count: int) -> None:
+        """Count `count` envelopes stored now that the feed jumped over: in this second's total
+        (as `passed`, by no subject class) and, for the pages, as skipped."""
+        if count <= 0:
+            return
+        second = self._second(time.time_ns() // 1_000_000_000)
+        second.total += count
+        second.passed += count
+        self._overflow += count
 
     def take(self, record: LogRecord) -> None:
         """Count and keep one stored message (decoded later, if a page needs it)."""
@@ -310,6 +336,11 @@ def traffic_item(record: LogRecord) -> TrafficItem:
         sender=envelope.sender, to=envelope.to, tag=envelope.tag, id=envelope.id,
         corr=envelope.correlation_id, cause=envelope.causation_id,
     )
+
+
+def _age_s(record: LogRecord) -> float:
+    """How long ago the server stored `record`, by this machine's clock."""
+    return (time.time_ns() - record.time_ns) / 1e9
 
 
 def _outcomes(data: bytes) -> tuple[int, int]:
