@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx2
 import msgspec
 import pytest
 
@@ -123,11 +124,22 @@ async def test_up_cluster_detached_status_shows_each_node_and_down_stops_them_al
         assert f"the log keeps 3 replicas, leader {cluster['leader']}" in text.stdout
         node_lines = [line for line in text.stdout.splitlines() if line.strip().startswith("continuum-")]
         assert len(node_lines) == 3 and sum(" leader " in line for line in node_lines) == 1
+
+        # The console beside the cluster reads it like any client: the note is in its traffic.
+        assert state.console_url is not None and f"console      {state.console_url}" in up.stdout
+
+        async def console_lists_the_note() -> bool:
+            async with httpx2.AsyncClient(base_url=state.console_url, timeout=5) as client:
+                answer = await client.get("/api/traffic", params={"agent": "alice"})
+            return answer.status_code == 200 and [i["kind"] for i in answer.json()["items"]] == ["note"]
+
+        await wait_for(console_lists_the_note, timeout_s=15, interval_s=0.2, what="the console to list the note")
     finally:
         down = await run_bus("down", "--home", str(home), "--grace", "5", env=cli_env, cwd=tmp_path)
     assert down.code == 0, down.stderr
     assert down.stdout.count("stopped: nats-server continuum-") == 3
     assert f"stopped: projection service (pid {state.projections_pid})" in down.stdout
+    assert f"stopped: console (pid {state.console_pid})" in down.stdout
     await wait_for(lambda: not nats_servers_under(home), timeout_s=10, what="every node of the home to exit")
     assert read_state(home) is None
 

@@ -4,8 +4,9 @@ service, in the foreground or detached, like the single server's `bus up` (serve
 The nodes are `continuum-1`..`continuum-N`, each with its store in `<home>/cluster/<node>` and its
 own client, monitoring and route ports on 127.0.0.1. Once the JetStream meta group has a leader
 every node agrees on (and, on a restart, every stream in the stores has one too), a `Bus` creates
-the namespace's log with N replicas; then the projection service starts, pointed at every node. `<home>/server.json` records each node (name, pid, URLs,
-store) before anything waits on them, so `bus down` can stop them whatever happens next.
+the namespace's log with N replicas; then the projection service and the console start, pointed
+at every node. `<home>/server.json` records each node (name, pid, URLs, store) before anything
+waits on them, so `bus down` can stop them whatever happens next.
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from bus.cli.server_commands import (
     _check_port_free,
     _projections_command,
     _stop_child,
+    _terminate,
     _wait_projections_ready,
     access_summary,
     local_access,
     print_next_steps,
     projections_summary,
     setup_auth,
+    start_console_child,
+    start_console_detached,
     start_projections_detached,
     up_metrics_endpoint,
 )
+from bus.cli.console_up import console_command, console_summary
 from bus.cli.up_metrics import up_metrics
 from bus.cli.state import NodeState, ServerState, clear_state, read_state, state_path, write_state
 from bus.cluster import ClusterNode, LocalCluster
@@ -107,7 +112,8 @@ async def _node_ports(given: int | None, default: int, size: int, option: str) -
 
 async def _up_detached(args: argparse.Namespace, home: Path, cluster: LocalCluster) -> int:
     projections_cmd: list[str] | None = None
-    answering = False
+    answering = serving = False
+    state: ServerState | None = None
     try:
         await cluster.start_nodes()
         state = cluster_state(cluster, tls_ca=args.tls_ca_file)
@@ -120,11 +126,16 @@ async def _up_detached(args: argparse.Namespace, home: Path, cluster: LocalClust
             state, answering = await start_projections_detached(
                 projections_cmd, home, state, cluster.url, args.namespace, args.start_timeout
             )
+        console = console_command(args, cluster.url, home)
+        if console is not None:
+            state, serving = await start_console_detached(console, home, state, args.start_timeout)
     except BaseException:
+        if state is not None and state.console_pid is not None:
+            await _terminate(state.console_pid, 5.0)
         await cluster.stop()
         clear_state(home)
         raise
-    _print_summary(args, home, state, meta_leader, log, projections_cmd, answering, detached=True)
+    _print_summary(args, home, state, meta_leader, log, projections_cmd, answering, detached=True, console_ready=serving)
     return 0
 
 
@@ -134,11 +145,14 @@ async def _up_foreground(args: argparse.Namespace, home: Path, cluster: LocalClu
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     projections: asyncio.subprocess.Process | None = None
+    console: asyncio.subprocess.Process | None = None
 
     def children_up() -> list[tuple[str, bool]]:
         up = [(node.name, node.running) for node in cluster.nodes]
         if projections is not None:
             up.append(("projections", projections.returncode is None))
+        if console is not None:
+            up.append(("console", console.returncode is None))
         return up
 
     try:
@@ -162,9 +176,16 @@ async def _up_foreground(args: argparse.Namespace, home: Path, cluster: LocalClu
                     answering = await _wait_projections_ready(
                         cluster.url, args.namespace, lambda: running.returncode, None, args.start_timeout, home
                     )
-                _print_summary(args, home, state, meta_leader, log, projections_cmd, answering, detached=False)
+                serving = False
+                console_cmd = console_command(args, cluster.url, home)
+                if console_cmd is not None:
+                    console, state, serving = await start_console_child(console_cmd, home, state, args.start_timeout)
+                _print_summary(
+                    args, home, state, meta_leader, log, projections_cmd, answering, detached=False, console_ready=serving
+                )
                 code = await _supervise(cluster, projections, stop)
             finally:
+                await _stop_child(console, 10.0)
                 await _stop_child(projections, 10.0)
                 await cluster.stop(grace_s=10.0)
                 current = read_state(home)
@@ -173,7 +194,7 @@ async def _up_foreground(args: argparse.Namespace, home: Path, cluster: LocalClu
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    out("stopped: projection service and cluster are down")
+    out("stopped: console, projection service and cluster are down")
     return code
 
 
@@ -213,7 +234,7 @@ async def _supervise(
         logs = ", ".join(str(node.log_file) for node in cluster.nodes)
         out(f"error: every node of the cluster exited; their logs: {logs}")
         return 1
-    out("stopping: projection service first, then the cluster ...")
+    out("stopping: the console and the projection service first, then the cluster ...")
     return 0
 
 
@@ -284,6 +305,7 @@ def _print_summary(
     answering: bool,
     *,
     detached: bool,
+    console_ready: bool = False,
 ) -> None:
     out(f"bus is up at {state.url} (namespace {args.namespace})")
     out(f"  cluster      {len(state.nodes)} nodes, JetStream meta leader {meta_leader}; log {log.stream}: "
@@ -293,6 +315,7 @@ def _print_summary(
         out(f"  {node.name:<{max(width, 11)}}  pid {node.pid}, {node.url}, monitoring {node.monitor_url}, "
             f"store {node.store_dir}")
     out(f"  projections  {projections_summary(args, home, state, projections_cmd, answering, detached=detached)}")
+    out(f"  console      {console_summary(args, home, state.console_url, state.console_pid, console_ready, detached=detached)}")
     out(f"  access       {access_summary(args, home, state)}")
     out(f"  state        {state_path(home)}")
     exports = f"BUS_URL={state.url} BUS_MONITOR_URL={state.monitor_url} BUS_NAMESPACE={args.namespace} BUS_HOME={home}"

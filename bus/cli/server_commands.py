@@ -342,10 +342,7 @@ async def _up_detached(
             )
         serving = False
         if console is not None:
-            ui = _spawn_detached(console[0], home / "console.log")
-            state = msgspec.structs.replace(state, console_pid=ui.pid, console_url=console[1])
-            write_state(home, state)
-            serving = await wait_console_ready(console[1], ui.poll, args.start_timeout)
+            state, serving = await start_console_detached(console, home, state, args.start_timeout)
     except BaseException:
         if state.console_pid is not None:
             await _terminate(state.console_pid, 5.0)
@@ -396,12 +393,7 @@ async def _up_foreground(
                     )
                 serving = False
                 if console is not None:
-                    children.console = ui = await asyncio.create_subprocess_exec(
-                        *console[0], stdin=subprocess.DEVNULL, start_new_session=True
-                    )
-                    state = msgspec.structs.replace(state, console_pid=ui.pid, console_url=console[1])
-                    write_state(home, state)
-                    serving = await wait_console_ready(console[1], lambda: ui.returncode, args.start_timeout)
+                    children.console, state, serving = await start_console_child(console, home, state, args.start_timeout)
                 _print_summary(args, home, state, fsync, projections_cmd, answering, detached=False, console_ready=serving)
                 code = await _supervise(children, stop, server_log)
             finally:
@@ -414,6 +406,30 @@ async def _up_foreground(
             loop.remove_signal_handler(sig)
     out("stopped: projection service and server are down")
     return code
+
+
+async def start_console_detached(
+    console: tuple[list[str], str], home: Path, state: ServerState, timeout_s: float
+) -> tuple[ServerState, bool]:
+    """Start the console (`console_command`'s command line) detached, logging to
+    `<home>/console.log`; record it in the state file, then wait up to `timeout_s` for it to
+    serve. Returns (the state, whether it serves)."""
+    ui = _spawn_detached(console[0], home / "console.log")
+    state = msgspec.structs.replace(state, console_pid=ui.pid, console_url=console[1])
+    write_state(home, state)
+    return state, await wait_console_ready(console[1], ui.poll, timeout_s)
+
+
+async def start_console_child(
+    console: tuple[list[str], str], home: Path, state: ServerState, timeout_s: float
+) -> tuple[asyncio.subprocess.Process, ServerState, bool]:
+    """Start the console as a child of a foreground `bus up` (stopped with it); record it in the
+    state file, then wait up to `timeout_s` for it to serve. Returns (the child, the state,
+    whether it serves)."""
+    ui = await asyncio.create_subprocess_exec(*console[0], stdin=subprocess.DEVNULL, start_new_session=True)
+    state = msgspec.structs.replace(state, console_pid=ui.pid, console_url=console[1])
+    write_state(home, state)
+    return ui, state, await wait_console_ready(console[1], lambda: ui.returncode, timeout_s)
 
 
 class _Children:
