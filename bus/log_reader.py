@@ -227,10 +227,11 @@ class LogReader:
 
     async def skip_to(self, seq: int) -> None:
         """Read from `seq` on: what is queued before it is dropped, and past what is queued, a
-        new consumer starts there (the current one is deleted). For a reader that shows the log
-        rather than folds it, when it fell too far behind. Raises BusUnavailable (the stream
-        does not exist), PermissionDenied, ConfigurationError; retried while the server does
-        not answer."""
+        new consumer starts there (the current one is left to the server, which drops it once
+        its inbox lost interest: a read-only credential may not delete consumers). For a reader
+        that shows the log rather than folds it, when it fell too far behind. Raises
+        BusUnavailable (the stream does not exist), PermissionDenied, ConfigurationError;
+        retried while the server does not answer."""
         ready = self._ready
         if seq <= self._next_seq:
             kept = bisect.bisect_left(ready, seq, key=lambda record: record.seq)
@@ -239,10 +240,7 @@ class LogReader:
         ready.clear()
         self._held_flow = None
         self._next_seq = seq
-        old = self._consumer
         await self._follow(deadline=None)
-        if old is not None:
-            await self._delete(old)
 
     async def _wait(self, timeout_s: float) -> None:
         """Until a record arrives or `timeout_s` passed."""

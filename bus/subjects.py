@@ -54,6 +54,11 @@ class Subjects:
     def dead(self, agent: str) -> str:
         return f"{self.ns}.dead.{check_name(agent, 'agent name')}"
 
+    def control(self, agent: str) -> str:
+        """Where an agent's supervisor listens for an operator's requests (bus.agent_control):
+        not in the log (core NATS), so nothing is stored but the event recording the request."""
+        return f"_continuum.{self.ns}.control.{check_name(agent, 'agent name')}"
+
     def inbox_consumer(self, agent: str) -> str:
         """Durable consumer of an agent's inbox (replicas of one name share it)."""
         return f"{check_name(agent, 'agent name')}__inbox"

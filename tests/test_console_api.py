@@ -81,6 +81,8 @@ async def test_bad_input_is_a_4xx_saying_why_and_the_console_keeps_serving(
             assert rebound.status_code == 421
             readonly = await client.post("/api/dead_letters/5/retry", headers=ACTION)
             assert readonly.status_code == 403 and "read-only" in readonly.json()["error"]
+            unstoppable = await client.post("/api/agents/writer/stop", headers=ACTION)
+            assert unstoppable.status_code == 403 and "read-only" in unstoppable.json()["error"]
             # Still serving, and the page and its assets come from the package.
             assert (await client.get("/api/info")).json()["operator"] is False
             page = await client.get("/")
@@ -125,6 +127,11 @@ async def test_a_dead_letter_is_retried_from_an_operator_console_and_recorded(
                 assert mine and mine[0]["retried_by"] == "ops-ann"
                 not_a_letter = await client.post("/api/dead_letters/1/retry", headers=ACTION)
                 assert not_a_letter.status_code == 409, not_a_letter.text
+                # Stop: no supervisor of `clerk` listens (it is a consumer in this process).
+                unsupervised = await client.post("/api/agents/clerk/stop", headers=ACTION)
+                assert unsupervised.status_code == 409 and "no supervisor of 'clerk'" in unsupervised.json()["error"]
+                bad_name = await client.post("/api/agents/x%27%3B--/stop", headers=ACTION)
+                assert bad_name.status_code == 400, bad_name.text
 
 
 async def test_the_live_stream_shows_an_envelope_as_it_is_stored(bus: Bus, bus_config: BusConfig, tmp_path: Path) -> None:

@@ -230,3 +230,22 @@ def test_a_new_envelope_appears_in_the_traffic_view_while_it_is_open(demo: Demo,
     row = page.locator(f"tr.traffic-row[data-id='{sent['id']}']")
     row.wait_for(timeout=10_000)
     assert "note" in row.inner_text() and "visitor" in row.inner_text()
+
+
+def test_an_agent_is_stopped_from_the_page_through_the_bus(demo: Demo, page: Page) -> None:
+    """The read-only console offers no Stop; on the operator console, Stop asks the agent's
+    supervisor through the bus: the page says it is stopping, the request is in the log by the
+    operator's name, and the agent's replica stops."""
+    bus(demo.env, demo.cwd, "agent", "start", "agents.examples.greeter:Greeter", "--name", "sentry")
+    until(lambda: query(demo, "SELECT name FROM agents WHERE name = 'sentry' AND replicas_alive > 0"), 30, "sentry alive")
+    open_view(page, demo.console, "/agent/sentry")
+    assert page.locator("#stop-agent").is_disabled()
+
+    open_view(page, demo.operator, "/agent/sentry")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#stop-agent:not([disabled])").click()
+    page.wait_for_selector(".stop-result.done", timeout=10_000)
+    assert "stops 1 replica(s)" in page.locator(".stop-result").inner_text()
+    asked = until(lambda: query(demo, "SELECT sender FROM events WHERE kind = 'agent.stop.requested'"), 20, "the request in the log")
+    assert asked[0]["sender"] == "ops-ann"
+    until(lambda: query(demo, "SELECT name FROM agents WHERE name = 'sentry' AND replicas_alive = 0"), 30, "sentry stopped")

@@ -19,11 +19,13 @@ import msgspec
 import pytest
 
 from bus import Bus, BusConfig
+from bus.agent_control import StopAnswer, StopRequest, listen_for_stop, request_stop
 from bus.errors import BusUnavailable, PermissionDenied, RemoteError
 from bus.identity import CredentialRegistry, Role
 from bus.server import ANY_PORT, EmbeddedServer, ServerSettings, find_config, reload_config
 from conftest import read_records, wait_for
-from schemas.payloads import DeadLettered, Note
+from fixtures_agents.helpers import read_log
+from schemas.payloads import AgentStopRequested, DeadLettered, Note
 
 # Far below every timeout a refused call would otherwise wait out (publish acks 10 s, JetStream
 # API calls 2 s per attempt); measured refusals take about a millisecond on one machine.
@@ -313,3 +315,39 @@ async def test_refusals_one_after_another_neither_wait_nor_break_the_connection(
         await sub.close()
     finally:
         await bob.__aexit__(None, None, None)
+
+
+async def test_only_an_operator_stops_an_agent_through_the_bus_and_only_its_own_supervisor_hears_it(
+    secured: Secured,
+) -> None:
+    """An agent's credential may listen on its own control subject and answer there (its
+    supervisor does), not on another's; the admin's stop request is recorded and answered; an
+    agent asking to stop another is refused, typed and fast, and nothing is recorded."""
+    writer = await _agent_bus(secured, "writer")
+    reviewer = await _agent_bus(secured, "reviewer")
+    heard: list[StopRequest] = []
+
+    async def on_stop(request: StopRequest) -> StopAnswer:
+        heard.append(request)
+        return StopAnswer(agent="writer", stopping=True, pid=os.getpid(), replicas=1, event_id=request.event_id)
+
+    try:
+        async with Bus(secured.admin()) as admin, listen_for_stop(writer, "writer", on_stop):
+            with pytest.raises(PermissionDenied):
+                async with listen_for_stop(reviewer, "writer", on_stop):
+                    pass
+            answer = await request_stop(admin, "writer", by="ops", reason="maintenance")
+            assert answer.stopping and answer.pid == os.getpid() and [r.by for r in heard] == ["ops"]
+            [(_, recorded)] = await read_log(admin, "default.event.writer.agent.stop.requested")
+            assert recorded.payload == AgentStopRequested(agent="writer", by="ops", reason="maintenance")
+            assert recorded.id == answer.event_id == heard[0].event_id and recorded.sender == "ops"
+
+            before = await admin.last_seq()
+            started = time.monotonic()
+            with pytest.raises(PermissionDenied):
+                await request_stop(reviewer, "writer", by="reviewer")
+            assert time.monotonic() - started < REFUSED_WITHIN_S
+            assert await admin.last_seq() == before and len(heard) == 1
+    finally:
+        await writer.__aexit__(None, None, None)
+        await reviewer.__aexit__(None, None, None)

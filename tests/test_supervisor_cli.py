@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from bus import Bus, BusConfig
-from schemas.payloads import AgentStarted, AgentStopped, Note, Ping, Pong
+from bus.agent_control import request_stop
+from bus.errors import ConfigurationError
+from schemas.payloads import AgentStarted, AgentStopped, AgentStopRequested, Note, Ping, Pong
 from conftest import wait_for
 from fixtures_agents.helpers import payloads
 
@@ -85,6 +87,32 @@ async def test_start_ps_stop_round_trip(cli: Cli, bus: Bus) -> None:
     assert {s.pid for s in await payloads(bus, "default.event.greeter.agent.started", AgentStarted)} == pids
     stopped = await payloads(bus, "default.event.greeter.agent.stopped", AgentStopped)
     assert {s.pid for s in stopped} == pids and all(s.graceful for s in stopped)
+
+
+async def test_an_operator_stops_an_agent_through_the_bus(cli: Cli, bus: Bus) -> None:
+    """`request_stop` reaches the detached supervisor through the bus: bytes that are not a stop
+    request are answered with an error and stop nothing; a stop request is answered at once
+    with the supervisor's pid and replica count, recorded, and the replicas stop gracefully."""
+    code, _, stderr = await cli("start", "fixtures_agents.basic:Echo", "--name", "greeter", "--replicas", "2")
+    assert code == 0, stderr
+    garbage = await bus.transport.request(bus.subjects.control("greeter"), b"\xff{not json", timeout_s=5)
+    assert b"not a stop request" in garbage.data
+    assert isinstance((await bus.request("greeter", Ping(text="still there"), timeout_s=10)).payload, Pong)
+
+    answer = await request_stop(bus, "greeter", by="ops", reason="end of the test")
+    assert answer.stopping and answer.replicas == 2 and answer.pid > 0
+
+    async def stopped() -> bool:
+        _, stdout, _ = await cli("ps")
+        return [row.split()[3] for row in stdout.strip().splitlines()[1:]] == ["stopped", "stopped"]
+
+    await wait_for(stopped, timeout_s=30, interval_s=0.2, what="both replicas to stop")
+    [asked] = await payloads(bus, "default.event.greeter.agent.stop.requested", AgentStopRequested)
+    assert asked.by == "ops" and asked.reason == "end of the test"
+    replicas = await payloads(bus, "default.event.greeter.agent.stopped", AgentStopped)
+    assert len(replicas) == 2 and all(r.graceful for r in replicas)
+    with pytest.raises(ConfigurationError, match="no supervisor of 'greeter' is listening"):
+        await request_stop(bus, "greeter", by="ops")
 
 
 async def test_agent_logs_show_a_failing_handlers_traceback(cli: Cli, bus: Bus) -> None:

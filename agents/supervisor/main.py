@@ -1,8 +1,8 @@
 """Entry point of a detached supervisor: `python -m agents.supervisor.main '<SupervisorLaunch>'`.
 
 Started by `bus agent start` in its own session. It connects to the bus (to record lifecycle
-events), serves its metrics (agents.supervisor.metrics, registered as a scrape target under
---home like each replica's: bus.scrape), runs the Supervisor until SIGTERM or SIGINT, stops the
+events, and to hear an operator's stop request: bus.agent_control), serves its metrics (agents.supervisor.metrics, registered as a scrape target under
+--home like each replica's: bus.scrape), runs the Supervisor until SIGTERM, SIGINT or a stop request, stops the
 replicas gracefully, flushes its events and exits. Exit codes: 0 stopped, 1 crashed, 3 bus unreachable at start.
 """
 
@@ -24,6 +24,7 @@ from agents.supervisor.control import SupervisorLaunch
 from agents.supervisor.metrics import SupervisorCollector
 from agents.supervisor.recorder import EventRecorder
 from agents.supervisor.supervisor import Supervisor
+from bus.agent_control import StopAnswer, StopRequest, listen_for_stop
 from bus.client import Bus
 from bus.errors import BusUnavailable
 from bus.scrape import ScrapeTarget, add_process_metrics, serve_metrics, targets_dir
@@ -53,8 +54,18 @@ async def serve(launch: SupervisorLaunch) -> None:
             asyncio.TaskGroup() as tasks,
         ):
             recording = tasks.create_task(recorder.run())
-            log.info("supervising %s (%s) with %d replica(s)", launch.spec.name, launch.spec.target, launch.spec.replicas)
-            await supervisor.run(stop)
+
+            async def on_stop(request: StopRequest) -> StopAnswer:
+                log.info("stopping %s: asked through the bus by %s (%s)", launch.spec.name, request.by,
+                         request.reason or "no reason given")
+                stop.set()
+                return StopAnswer(agent=launch.spec.name, stopping=True, pid=os.getpid(),
+                                  replicas=launch.spec.replicas, event_id=request.event_id)
+
+            async with listen_for_stop(bus, launch.spec.name, on_stop):
+                log.info("supervising %s (%s) with %d replica(s)", launch.spec.name, launch.spec.target,
+                         launch.spec.replicas)
+                await supervisor.run(stop)
             if not await recorder.flush(5.0):
                 log.warning("stopped before every lifecycle event was recorded")
             recording.cancel()

@@ -29,6 +29,7 @@ from bus.console.feed import TrafficFilter
 from bus.console.health import backlog_by_agent
 from bus.console.replay import ReplayBusy
 from bus.errors import BusUnavailable, ConfigurationError, PermissionDenied, QueryError
+from bus.agent_control import request_stop
 from bus.redrive import read_dead_letter, retry_dead_letter
 
 log = logging.getLogger("continuum.console.http")
@@ -96,7 +97,24 @@ async def agent(request: Request) -> Response:
     if row is None:
         raise NotFound(f"no agent named {name!r} is in the views")
     replicas = await queries.rows(console.bus, queries.REPLICAS, [name])
-    return JSON({"agent": row, "replicas": replicas, "backlog": backlog_by_agent(console.health.latest).get(name)})
+    return JSON({
+        "agent": row, "replicas": replicas, "backlog": backlog_by_agent(console.health.latest).get(name),
+        "operator": console.config.operator,
+    })
+
+
+async def stop_agent(request: Request) -> Response:
+    """Ask an agent's supervisor, through the bus, to stop it (bus.agent_control: recorded as
+    `agent.stop.requested` with the console's operator name). Only on an operator console (else
+    403); 409 when no supervisor of that agent listens."""
+    params.unexpected(request.query_params, ())
+    console = _console(request)
+    if not console.config.operator:
+        raise Forbidden("this console is read-only: start it with `bus ui --operator` (the admin credential) to stop agents")
+    name = params.name(request.path_params["name"])
+    answer = await request_stop(console.bus, name, by=console.config.operator_name, reason="stopped from the console")
+    log.info("console: %s asked %s's supervisor (pid %d) to stop it", console.config.operator_name, name, answer.pid)
+    return JSON({"stop": answer})
 
 
 def _traffic_filter(request: Request) -> TrafficFilter:
@@ -351,6 +369,7 @@ API = [
     Route("/api/info", info),
     Route("/api/agents", agents),
     Route("/api/agents/{name}", agent),
+    Route("/api/agents/{name}/stop", stop_agent, methods=["POST"]),
     Route("/api/traffic", traffic),
     Route("/api/live", live),
     Route("/api/events/{seq}", event),

@@ -18,6 +18,8 @@ An agent's grant (namespace `ns`, log stream `S`, advisory stream `A`, name `me`
                $JS.ACK.S.me__inbox.> ... (acks of its own deliveries)
                $JS.API.DIRECT.GET.S[.>]                    its runtime's reads of the log
     subscribe  _INBOX.<its public key>.>  ns.reply.me.>
+               _continuum.ns.control.me                    an operator's stop request to its
+                                                           supervisor (answered: allow_responses)
 
 No stream purge/delete/update, and consumer creation only in the form whose filter rides in the
 API subject (the server checks the body against it), so an agent can never widen what it reads.
@@ -176,7 +178,8 @@ def agent_grant(namespace: str, name: str, public_key: str, tags: tuple[str, ...
             *(f"$JS.API.CONSUMER.CREATE.{log}.{groups}.{subjects.group_filter(tag)}" for tag in tags),
             f"$JS.API.DIRECT.GET.{log}", f"$JS.API.DIRECT.GET.{log}.>",
         ),
-        subscribe_allow=(f"{inbox_prefix(public_key)}.>", f"{ns}.reply.{name}.>"),
+        subscribe_allow=(f"{inbox_prefix(public_key)}.>", f"{ns}.reply.{name}.>", subjects.control(name)),
+        allow_responses=True,  # its supervisor answers an operator's stop request (bus.agent_control)
     )
 
 

@@ -8,6 +8,7 @@ from schemas.payloads.agents import (
     AgentStarted,
     AgentStateSaved,
     AgentStopped,
+    AgentStopRequested,
     StepRecorded,
 )
 from schemas.payloads.archive import ArchiveSegmentSealed
@@ -46,6 +47,7 @@ BUILTIN_PAYLOADS: tuple[type, ...] = (
     DeliveryReport,
     AgentStarted,
     AgentStopped,
+    AgentStopRequested,
     AgentCrashed,
     AgentRestarted,
     AgentCircuitOpened,
@@ -80,6 +82,7 @@ __all__ = [
     "AgentStarted",
     "AgentStateSaved",
     "AgentStopped",
+    "AgentStopRequested",
     "StepRecorded",
     "LlmCallCompleted",
     "LlmCallFailed",

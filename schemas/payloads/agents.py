@@ -43,6 +43,15 @@ class AgentStopped(Payload, frozen=True, kw_only=True, tag="agent.stopped"):
     uptime_s: float = 0.0
 
 
+class AgentStopRequested(Payload, frozen=True, kw_only=True, tag="agent.stop.requested"):
+    """An operator asked an agent's supervisor, through the bus, to stop it (bus.agent_control):
+    who asked and why. Each replica's `agent.stopped` follows once it has finished its work."""
+
+    agent: str
+    by: str  # the sender name of whoever asked
+    reason: str = ""
+
+
 class AgentCrashed(Payload, frozen=True, kw_only=True, tag="agent.crashed"):
     """A replica ended without being asked to. `signal` is set when a signal killed it."""
 

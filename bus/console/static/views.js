@@ -43,10 +43,22 @@ Views.agents = async function () {
 
 Views.agent = async function (route) {
   const name = route.parts[1];
-  const { agent, replicas, backlog } = await api(`/api/agents/${encodeURIComponent(name)}`);
+  const { agent, replicas, backlog, operator } = await api(`/api/agents/${encodeURIComponent(name)}`);
+  // Stop goes through the bus to the agent's supervisor (recorded), wherever it runs.
+  const result = h("span", { class: "stop-result" });
+  const stop = h("button", { id: "stop-agent", disabled: !operator, title: operator ? "" : "read-only console: start it with `bus ui --operator`",
+    onclick: async () => {
+      if (!confirm(`Stop ${agent.name}? Its replicas finish their in-flight work, then exit.`)) return;
+      stop.disabled = true;
+      try {
+        const { stop: answer } = await post(`/api/agents/${encodeURIComponent(name)}/stop`);
+        result.textContent = ` stopping: its supervisor (pid ${answer.pid}) stops ${answer.replicas} replica(s)`;
+        result.className = "stop-result done";
+      } catch (e) { result.textContent = " " + e.message; result.className = "stop-result error"; stop.disabled = false; }
+    } }, "Stop");
   return h("section", {},
     h("h1", {}, agent.name, " ", agentState(agent)),
-    h("p", {}, agentLinks(agent.name)),
+    h("p", {}, agentLinks(agent.name), " ", stop, result),
     kv([["tags", (agent.tags || []).join(", ") || "–"], ["lifecycle", `${agent.lifecycle || "–"} (${ago(agent.lifecycle_at)})`],
       ["first seen", agent.first_seen], ["last seen", ago(agent.last_seen)], ["sent / received", `${num(agent.messages_sent)} / ${num(agent.messages_received)}`],
       ["events recorded", num(agent.events_recorded)], ["restarts / crashes", `${num(agent.restarts)} / ${num(agent.crashes)}`],
