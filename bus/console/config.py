@@ -17,7 +17,8 @@ class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     skipped), and holds at most `page_queue` pushes for a page that reads slowly (older ones are
     dropped, and counted). The feed's log reader is pushed at most `follow_rate_bps` (bits per
     second: ~16 Mbit/s is 4,000-5,000 envelopes of 400-500 bytes); when it is more than
-    `max_behind_s` behind, it jumps to the newest envelopes and counts the rest."""
+    `max_behind_s` behind, it jumps to the newest envelopes and counts the rest, and pushes
+    every `flooded_push_interval_s` while it does."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_UI_PORT
@@ -25,6 +26,7 @@ class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     operator_name: str = "console"
     recent: int = 500
     push_interval_s: float = 0.05
+    flooded_push_interval_s: float = 0.5
     max_push: int = 200
     pending_limit: int = 5_000
     follow_rate_bps: int = 16_000_000

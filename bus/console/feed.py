@@ -24,6 +24,8 @@ reader's consumer is rate-limited, and when what it reads is more than `max_behi
 more than `max_push` envelopes behind the log's head, the feed jumps to the newest `max_push`
 (`LogReader.skip_to`), counting what it jumped over in the second's total (`passed`) and as
 skipped for the pages. Below that rate (some thousands of envelopes a second) it reads every one.
+While it jumps, it pushes every `flooded_push_interval_s` instead (nobody reads a flood row by
+row; each push costs the page a parse and a draw).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("continuum.console.feed")
 
 CATEGORIES = ("inbox", "group", "event", "reply", "dead")
+# After a jump, the flooded pace holds this long (a flood comes in bursts of reads).
+FLOOD_HOLD_S = 1.0
 
 
 class TrafficItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -154,6 +158,7 @@ class LiveFeed:
         self._health: bytes | None = None
         self.head_seq = 0
         self.following = asyncio.Event()
+        self._flooded_until = 0.0  # monotonic: until then, push at the flooded pace
 
     # -- reading the log ------------------------------------------------------------------
 
@@ -177,6 +182,7 @@ class LiveFeed:
                     self.passed(resume - reader.last_seq - 1)
                     await reader.skip_to(resume)
                     self.head_seq = max(self.head_seq, head)
+                    self._flooded_until = time.monotonic() + FLOOD_HOLD_S
 
     def passed(self, count: int) -> None:
         """Count `count` envelopes stored now that the feed jumped over: in this second's total
@@ -260,6 +266,12 @@ class LiveFeed:
             self._pages.discard(page)
 
     @property
+    def flooded(self) -> bool:
+        """True while the feed jumps over envelopes (and for FLOOD_HOLD_S after): it pushes at
+        the flooded pace then."""
+        return time.monotonic() < self._flooded_until
+
+    @property
     def pages(self) -> int:
         """Live pages open now."""
         return len(self._pages)
@@ -278,10 +290,10 @@ class LiveFeed:
     async def push_loop(self) -> None:
         """Every `push_interval_s`, one batch per page; every second, the counts. Runs until
         cancelled."""
-        interval = self._config.push_interval_s
         last_stats = 0.0
         while True:
-            await asyncio.sleep(interval)
+            flooded = time.monotonic() < self._flooded_until
+            await asyncio.sleep(self._config.flooded_push_interval_s if flooded else self._config.push_interval_s)
             self.push_once()
             now = time.monotonic()
             if now - last_stats >= 1.0 and self._pages:
