@@ -22,8 +22,9 @@ from typing import Any
 
 import msgspec
 
-from bus.cli.common import CliError, add_connection_options, bus_config, open_bus, out
-from bus.errors import BusError
+from bus.agent_control import request_stop
+from bus.cli.common import CliError, add_connection_options, bus_config, open_bus, out, user_sender_name
+from bus.errors import BusError, ConfigurationError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -203,11 +204,27 @@ async def run_stop(args: argparse.Namespace) -> int:
         try:
             status = await stop_supervisor(paths_for(args.home, args.namespace, name), wait_s=args.wait)
         except NotRunning as exc:
-            raise CliError(f"{exc}; `bus agent ps` lists the agents") from exc
+            if args.all:
+                raise CliError(f"{exc}; `bus agent ps` lists the agents") from exc
+            await _stop_through_the_bus(args, name, exc)
+            continue
         forced = [r.replica for r in status.replicas if r.state not in ("stopped", "circuit_open")]
         note = f" (replicas {forced} did not report a clean stop)" if forced else ""
         out(f"stopped {name}{note}")
     return 0
+
+
+async def _stop_through_the_bus(args: argparse.Namespace, name: str, not_here: Exception) -> None:
+    """No supervisor of `name` under this --home: ask whichever supervises it, wherever it runs
+    (bus.agent_control; recorded). Raises CliError when none listens."""
+    by = user_sender_name()
+    async with open_bus(args, name=by) as bus:
+        try:
+            answer = await request_stop(bus, name, by=by, reason="bus agent stop")
+        except ConfigurationError as exc:
+            raise CliError(f"{not_here}, and {exc}; `bus agent ps` lists the agents") from exc
+    out(f"stopping {name}: its supervisor (pid {answer.pid}, elsewhere) stops {answer.replicas} replica(s), "
+        "asked through the bus")
 
 
 async def run_logs(args: argparse.Namespace) -> int:

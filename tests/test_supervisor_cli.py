@@ -115,6 +115,28 @@ async def test_an_operator_stops_an_agent_through_the_bus(cli: Cli, bus: Bus) ->
         await request_stop(bus, "greeter", by="ops")
 
 
+async def test_agent_stop_asks_through_the_bus_for_an_agent_supervised_elsewhere(
+    cli: Cli, bus_config: BusConfig, bus: Bus, tmp_path: Path
+) -> None:
+    """`bus agent stop NAME` with no supervisor of NAME under its --home (it runs on another
+    machine, under another home) asks through the bus, and says so; with nobody listening
+    either, one line says both."""
+    code, _, stderr = await cli("start", "fixtures_agents.basic:Echo", "--name", "faraway")
+    assert code == 0, stderr
+    elsewhere = Cli(bus_config, tmp_path / "another-home")
+    code, stdout, stderr = await elsewhere("stop", "faraway")
+    assert code == 0, stderr
+    assert "stopping faraway: its supervisor" in stdout and "asked through the bus" in stdout
+
+    async def stopped() -> bool:
+        _, out, _ = await cli("ps")
+        return [row.split()[3] for row in out.strip().splitlines()[1:]] == ["stopped"]
+
+    await wait_for(stopped, timeout_s=30, interval_s=0.2, what="the replica to stop")
+    code, _, stderr = await elsewhere("stop", "faraway")
+    assert code == 2 and "no supervisor of 'faraway' is listening" in stderr and len(stderr.strip().splitlines()) == 1
+
+
 async def test_agent_logs_show_a_failing_handlers_traceback(cli: Cli, bus: Bus) -> None:
     """A handler that raises: its replica's log (what `bus agent logs` prints) holds the failed
     attempt with the full traceback, down to the helper's line."""

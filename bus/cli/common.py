@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from bus.config import DEFAULT_URL, BusConfig, split_urls
+from bus.config import DEFAULT_URL, BusConfig, check_name, split_urls
+from bus.errors import ConfigurationError
 from bus.scrape import MetricsEndpoint, ScrapeTarget, add_process_metrics, serve_metrics, targets_dir
 
 if TYPE_CHECKING:
@@ -158,7 +160,6 @@ async def probe_server(url: str | tuple[str, ...], timeout_s: float = 2.0, *, sh
     """Raise CliError saying how to start a server when nothing accepts connections at `url`
     (any of its comma-separated URLs), or when a URL cannot be used."""
     from bus.client import server_reachable
-    from bus.errors import ConfigurationError
 
     try:
         reachable = await server_reachable(url, timeout_s)
@@ -298,3 +299,12 @@ def silence_stdout() -> None:
             os.dup2(devnull, sys.stdout.fileno())
         finally:
             os.close(devnull)
+
+
+def user_sender_name() -> str:
+    """The OS user's name when it is a valid sender name, else "cli": who a command's recorded
+    operator action (a retry, a stop) names when not told."""
+    try:
+        return check_name(getpass.getuser(), "user name")
+    except (OSError, KeyError, ConfigurationError):
+        return "cli"

@@ -12,11 +12,10 @@ log and sends its original again (bus.redrive), recorded with who did it (`--by`
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 from typing import Any
 
-from bus.cli.common import CliError, add_connection_options, open_bus, out, positive_int
+from bus.cli.common import CliError, add_connection_options, open_bus, out, positive_int, user_sender_name
 from bus.config import check_name
 from bus.errors import ConfigurationError
 from bus.redrive import read_dead_letter, retry_dead_letter
@@ -146,7 +145,7 @@ async def run_retry(args: argparse.Namespace) -> int:
     if (args.agent or args.reason) and not args.all:
         raise CliError("--agent and --reason narrow --all; with ids, give just the ids")
     agent, reason = _names(args)
-    by = args.by or _user_name()
+    by = args.by or user_sender_name()
     check_name(by, "--by name")
     failed = 0
     async with open_bus(args, name=by) as bus:
@@ -170,12 +169,3 @@ async def run_retry(args: argparse.Namespace) -> int:
             else:
                 out(f"{letter_id}: sent again to {outcome.to} as {outcome.retried_as} (seq {outcome.retried_seq}), by {by}")
     return 1 if failed else 0
-
-
-def _user_name() -> str:
-    """The OS user's name when it is a valid sender name, else "cli"."""
-    try:
-        name = getpass.getuser()
-        return check_name(name, "user name")
-    except (OSError, KeyError, ConfigurationError):
-        return "cli"
