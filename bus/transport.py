@@ -43,6 +43,7 @@ from bus.identity.keys import Credential, load_credential
 from bus.identity.permissions import inbox_prefix
 from bus.refusal import RefusalWatch, acting_as, parse_refusal
 from bus.wire import ServerAddress, WireConnection, WireSettings, parse_urls
+from bus.wire.connection import HANDSHAKE_RETRY_PAUSES_S
 from bus.wire.address import with_credentials
 
 log = logging.getLogger("continuum.transport")
@@ -259,34 +260,38 @@ class Transport:
             options["tls"] = context
         if spec.credential is not None:
             options["nkeys_seed_str"] = spec.credential.seed
-        nc = NATS()
-        self._refused_at_connect = asyncio.get_running_loop().create_future()
-        try:
-            await self._connect(nc, dict(
-                servers=list(spec.servers),
-                name=spec.name,
-                connect_timeout=spec.connect_timeout_s,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=spec.reconnect_wait_s,
-                allow_reconnect=True,
-                pending_size=64 * 1024 * 1024,
-                # A hung server keeps the socket open: unanswered PINGs are how it is noticed
-                # (here within ~3 s) and the connection moves to another node.
-                ping_interval=PING_INTERVAL_S,
-                max_outstanding_pings=MAX_PINGS_OUT,
-                inbox_prefix=spec.inbox_prefix,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                **options,
-            ))
-        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
-            raise BusUnavailable(
-                f"cannot reach NATS at {_shown(spec)}: start one with `bus up`, or point the config at a running "
-                "server (BUS_URL, read by BusConfig.from_env)"
-            ) from exc
-        except nats.errors.Error as exc:
-            raise translate(exc, f"connecting to {_shown(spec)}") from exc
+        settings = dict(
+            servers=list(spec.servers),
+            name=spec.name,
+            connect_timeout=spec.connect_timeout_s,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=spec.reconnect_wait_s,
+            allow_reconnect=True,
+            pending_size=64 * 1024 * 1024,
+            # A hung server keeps the socket open: unanswered PINGs are how it is noticed
+            # (here within ~3 s) and the connection moves to another node.
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=MAX_PINGS_OUT,
+            inbox_prefix=spec.inbox_prefix,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            **options,
+        )
+        # A server reloading its authorization refuses or drops some new connections: a refused
+        # or failed first connect to a reachable server is tried again (bus.wire's pauses).
+        for pause in (*HANDSHAKE_RETRY_PAUSES_S, None):
+            nc = NATS()
+            self._refused_at_connect = asyncio.get_running_loop().create_future()
+            try:
+                await self._connect(nc, settings)
+                break
+            except (PermissionDenied, BusUnavailable) as exc:
+                if pause is None or isinstance(exc.__cause__, asyncio.TimeoutError):  # a hung server: no retry
+                    raise
+                log.info("%s: %s; trying again in %.2fs (a server reloading its authorization does this)",
+                         spec.name, exc, pause)
+                await asyncio.sleep(pause)
         self._nc = nc
         # Each JetStream API call waits this long; callers retry while an election explains the
         # silence (bus.topology.patiently), so a lost request costs seconds, not a whole timeout.
@@ -307,7 +312,19 @@ class Transport:
 
     async def _connect(self, nc: NATS, options: dict[str, Any]) -> None:
         """Connect `nc`; a first connection the server refuses (no credential, an unknown or
-        revoked one) raises PermissionDenied at once (nats-py would try again for ever)."""
+        revoked one) raises PermissionDenied at once (nats-py would try again for ever).
+        Raises BusUnavailable, PermissionDenied, ConfigurationError (TLS not trusted)."""
+        try:
+            await self._connect_or_refused(nc, options)
+        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+            raise BusUnavailable(
+                f"cannot reach NATS at {_shown(self.spec)}: start one with `bus up`, or point the config at a "
+                "running server (BUS_URL, read by BusConfig.from_env)"
+            ) from exc
+        except nats.errors.Error as exc:
+            raise translate(exc, f"connecting to {_shown(self.spec)}") from exc
+
+    async def _connect_or_refused(self, nc: NATS, options: dict[str, Any]) -> None:
         connecting = asyncio.ensure_future(nc.connect(**options))
         refused = self._refused_at_connect
         assert refused is not None

@@ -351,3 +351,37 @@ async def test_only_an_operator_stops_an_agent_through_the_bus_and_only_its_own_
     finally:
         await writer.__aexit__(None, None, None)
         await reviewer.__aexit__(None, None, None)
+
+
+async def test_connections_made_while_the_server_reloads_its_authorization_are_not_refused(secured: Secured) -> None:
+    """nats-server refuses or drops a few percent of the connections that arrive while it
+    reloads its authorization (as it does after every credential issued or revoked): the bus's
+    connections (the control one and a raw one) try such a handshake again, so none of 60 made
+    during back-to-back reloads fails."""
+    stop = asyncio.Event()
+
+    async def reload_again_and_again() -> None:
+        issued = 0
+        while not stop.is_set():
+            secured.registry.issue(f"churn{issued}", Role.AGENT, namespace="default")
+            issued += 1
+            await secured.reload()
+
+    failures: list[str] = []
+    async with asyncio.TaskGroup() as tasks:
+        reloading = tasks.create_task(reload_again_and_again())
+        try:
+            for attempt in range(60):
+                try:
+                    async with Bus(secured.admin()) as admin:
+                        conn = admin.transport.wire(f"probe{attempt}")
+                        try:
+                            await conn.connect()
+                        finally:
+                            await conn.close(timeout_s=0.5)
+                except (PermissionDenied, BusUnavailable) as exc:
+                    failures.append(repr(exc))
+        finally:
+            stop.set()
+        await reloading
+    assert failures == []
