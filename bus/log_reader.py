@@ -27,10 +27,6 @@ Flow control: the server pauses after a window of bytes until its request is ans
 reader answers at once while fewer than `HOLD_FLOW_AT` records wait to be read, else when `read`
 has taken enough of them: memory stays bounded when the caller reads slower than the server sends.
 
-A reader that shows the log rather than folds it (the console) may cap what the server pushes
-to it (`rate_limit_bps`: the consumer's rate limit, so a fast log costs the server and the reader
-no more than that) and jump ahead when it falls behind (`skip_to`: a new consumer from there).
-
 Errors (bus.errors): BusUnavailable (cannot connect, the consumer cannot be created in time when
 entering, the stream does not exist, the connection keeper died), PermissionDenied,
 ConfigurationError (the server refused the consumer's configuration).
@@ -39,7 +35,6 @@ ConfigurationError (the server refused the consumer's configuration).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import logging
 import re
@@ -102,20 +97,9 @@ class LogReader:
     """Reads `bus`'s stream from `start_seq` in order (see the module docstring). An async
     context manager; `read` never returns a sequence twice, nor out of order."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        *,
-        start_seq: int = 1,
-        heartbeat_s: float = 1.0,
-        name: str = "projection",
-        rate_limit_bps: int | None = None,
-    ) -> None:
+    def __init__(self, bus: Bus, *, start_seq: int = 1, heartbeat_s: float = 1.0, name: str = "projection") -> None:
         if heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be more than 0")
-        if rate_limit_bps is not None and rate_limit_bps <= 0:
-            raise ValueError("rate_limit_bps must be more than 0")
-        self._rate_limit_bps = rate_limit_bps
         self._bus = bus
         self._stream = bus.subjects.stream
         self._heartbeat_s = heartbeat_s
@@ -224,23 +208,6 @@ class LogReader:
             subject, self._held_flow = self._held_flow, None
             self._answer(subject)
         return out
-
-    async def skip_to(self, seq: int) -> None:
-        """Read from `seq` on: what is queued before it is dropped, and past what is queued, a
-        new consumer starts there (the current one is left to the server, which drops it once
-        its inbox lost interest: a read-only credential may not delete consumers). For a reader
-        that shows the log rather than folds it, when it fell too far behind. Raises
-        BusUnavailable (the stream does not exist), PermissionDenied, ConfigurationError;
-        retried while the server does not answer."""
-        ready = self._ready
-        if seq <= self._next_seq:
-            kept = bisect.bisect_left(ready, seq, key=lambda record: record.seq)
-            del ready[:kept]
-            return
-        ready.clear()
-        self._held_flow = None
-        self._next_seq = seq
-        await self._follow(deadline=None)
 
     async def _wait(self, timeout_s: float) -> None:
         """Until a record arrives or `timeout_s` passed."""
@@ -445,7 +412,6 @@ class LogReader:
             inactive_threshold=max(10.0, 5 * self._heartbeat_s),
             mem_storage=True,
             num_replicas=1,
-            rate_limit_bps=self._rate_limit_bps,
         )
 
 

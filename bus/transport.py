@@ -22,6 +22,7 @@ time; `NoResponders` when nobody listens on a subject), PermissionDenied, Config
 from __future__ import annotations
 
 import asyncio
+import datetime
 import contextlib
 import logging
 import ssl
@@ -171,6 +172,21 @@ class StoredMessage(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     headers: dict[str, str]
     data: bytes
+
+    @property
+    def stored_ns(self) -> int:
+        """When the server stored it, ns since the epoch (from `Nats-Time-Stamp`); 0 when the
+        answer does not say."""
+        stamp = self.headers.get("Nats-Time-Stamp", "")
+        # RFC 3339 with up to nine fractional digits, which datetime (microseconds) cannot hold.
+        whole, _, rest = stamp.partition(".")
+        digits = rest.rstrip("Z")
+        try:
+            when = datetime.datetime.fromisoformat(whole.removesuffix("Z") + "+00:00")
+            fraction = int(digits.ljust(9, "0")[:9]) if digits.isdigit() else 0
+        except ValueError:
+            return 0
+        return int(when.timestamp()) * 1_000_000_000 + fraction
 
 
 class Subscription:

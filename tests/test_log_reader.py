@@ -202,31 +202,3 @@ async def consumers(bus: Bus, prefix: str) -> list[str]:
     answer = await bus.transport.request(f"$JS.API.CONSUMER.NAMES.{bus.subjects.stream}", b"{}", timeout_s=5)
     names = json.loads(answer.data).get("consumers") or []
     return [n for n in names if n.startswith(prefix)]
-
-
-async def test_a_rate_limited_reader_is_held_back_and_jumps_ahead(bus: Bus) -> None:
-    """With `rate_limit_bps`, the reader's consumer carries the rate limit (the server pushes
-    no faster after one burst of its max_payload; measured by the console's bench section).
-    `skip_to` a sequence it holds drops what is queued before it; past that, a new consumer
-    (with the same limit) starts there."""
-    await publish(bus, 1, 60)
-    async with LogReader(bus, start_seq=1, name="limited", rate_limit_bps=8_000_000) as reader:
-        first = await reader.read(10)
-        [before] = await consumers(bus, "limited-")
-        assert (await consumer_config(bus, before))["rate_limit_bps"] == 8_000_000
-        await reader.skip_to(first[-1].seq + 20)
-        rest = await read_until(reader, 60)
-        assert [r.seq for r in rest][:1] == [first[-1].seq + 20] and rest[-1].seq == 60
-        await reader.skip_to(65)  # past the head: a new consumer, waiting there
-        await publish(bus, 61, 10)
-        after = await read_until(reader, 70, timeout_s=10)
-        assert [r.seq for r in after] == list(range(65, 71))
-        assert texts(after) == [str(n) for n in range(65, 71)]
-        newer = [name for name in await consumers(bus, "limited-") if name != before]
-        limits = [(await consumer_config(bus, name))["rate_limit_bps"] for name in newer]
-        assert limits and set(limits) == {8_000_000}
-
-
-async def consumer_config(bus: Bus, name: str) -> dict[str, object]:
-    answer = await bus.transport.request(f"$JS.API.CONSUMER.INFO.{bus.subjects.stream}.{name}", b"", timeout_s=5)
-    return json.loads(answer.data)["config"]

@@ -1,8 +1,8 @@
 """The console: a live web page of agents, traffic, conversations, memory and model calls.
 
     config.py          ConsoleConfig: where it listens, whether operator actions are allowed, bounds
-    feed.py            LiveFeed: follows the log, keeps recent envelopes and per-second counts,
-                       pushes aggregated batches to every open page (bounded)
+    feed.py            LiveFeed: reads the newest of the log, keeps recent envelopes and
+                       per-second counts, pushes aggregated batches to every open page (bounded)
     health.py          HealthSampler: consumer backlogs and projection lag, sampled every few seconds
     queries.py         the SQL each page runs through the query service (parameters only)
     context_window.py  a recorded model request split into its parts, with token estimates
@@ -15,5 +15,6 @@
     static/            the page: HTML, CSS and vanilla JS, served from the package (no CDN)
 
 It reads only through the bus like every other client: queries over the query service, live data
-from the log through a `LogReader`; operator actions go through `bus.redrive` and are recorded.
+from the log by batched direct gets; operator actions go through `bus.redrive` and
+`bus.agent_control` and are recorded.
 """

@@ -54,7 +54,7 @@ class Console:
         the page and retried with backoff, never ends the console."""
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._follow_forever())
-            tasks.create_task(self.feed.push_loop())
+            tasks.create_task(self.feed.stats_loop())
             tasks.create_task(self.health.run())
 
     async def _follow_forever(self) -> None:

@@ -11,14 +11,13 @@ DEFAULT_UI_PORT = 4280
 class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Typed and frozen; built by `bus ui` (or `bus up`) from its options.
 
-    `operator`: retry dead letters from the page (needs the admin credential; else read-only).
-    The feed keeps `recent` envelopes for a page that opens, pushes to each page at most every
-    `push_interval_s` and at most `max_push` envelopes per push (the rest are counted as
-    skipped), and holds at most `page_queue` pushes for a page that reads slowly (older ones are
-    dropped, and counted). The feed's log reader is pushed at most `follow_rate_bps` (bits per
-    second: ~16 Mbit/s is 4,000-5,000 envelopes of 400-500 bytes); when it is more than
-    `max_behind_s` behind, it jumps to the newest envelopes and counts the rest, and pushes
-    every `flooded_push_interval_s` while it does."""
+    `operator`: retry dead letters and stop agents from the page (needs the admin credential;
+    else read-only). The feed keeps `recent` envelopes for a page that opens; it reads the
+    newest of the log every `push_interval_s` while a page is open (`idle_interval_s` while none
+    is, `flooded_interval_s` while more than `max_read` envelopes arrive between two reads: it
+    reads the newest `max_read` and counts the rest), pushes to each page at most `max_push`
+    envelopes per read (the rest are counted as skipped), and holds at most `page_queue` pushes
+    for a page that reads slowly (older ones are dropped, and counted)."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_UI_PORT
@@ -26,11 +25,11 @@ class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     operator_name: str = "console"
     recent: int = 500
     push_interval_s: float = 0.05
-    flooded_push_interval_s: float = 0.5
+    idle_interval_s: float = 1.0
+    flooded_interval_s: float = 0.5
+    max_read: int = 500
     max_push: int = 200
     pending_limit: int = 5_000
-    follow_rate_bps: int = 16_000_000
-    max_behind_s: float = 0.5
     page_queue: int = 16
     max_pages: int = 32
     history_s: int = 120

@@ -3,29 +3,25 @@
     feed = LiveFeed(config)
     async with asyncio.TaskGroup() as tasks:            # the app's lifespan owns both loops
         tasks.create_task(feed.follow(bus))
-        tasks.create_task(feed.push_loop())
+        tasks.create_task(feed.stats_loop())
     async with feed.page(TrafficFilter(agent="writer")) as page:
         data = await page.next()                      # one server-sent event, as bytes
 
-The feed reads the log through a `LogReader` (one ordered consumer for the whole console, however
-many pages are open), keeps the last `recent` envelopes for a page that opens, and counts what it
-saw per second (by subject class, failed and retried attempts, dead letters). Every
-`push_interval_s` it hands each page one batch: the envelopes since the last push that pass the
-page's filter, at most `max_push` of them (the older rest is counted as `skipped`). A page that
-reads slowly keeps at most `page_queue` batches; older ones are dropped and counted. So at any
-rate the work per page is bounded and no page falls behind the log by more than one push.
+The feed reads the newest of the log, not all of it: every `push_interval_s` while a page is
+open (`idle_interval_s` while none is), it asks the log's head (stream state) and reads what
+was stored since the last read in one batched direct get, at most `max_read` envelopes: at a
+higher rate, the newest `max_read`, and the sequences jumped over are counted (`passed`: in
+that second's total, in no subject class; as skipped for the pages). Then it hands each page one
+batch: the envelopes read that pass the page's filter, at most `max_push` of them (the older rest
+counted as skipped). While it jumps, it reads every `flooded_interval_s` instead (nobody reads a
+flood row by row; each push costs the page a parse and a draw). A page that reads slowly keeps
+at most `page_queue` batches; older ones are dropped and counted. So whatever the bus's rate,
+the feed costs the server and the console a few requests and at most `max_read` envelopes per
+read, and no page falls behind the log by more than one read.
 
-Records are kept as they came and decoded only when a page needs them: at a high rate most are
-only counted (from their subject), and a push decodes the newest `max_push` of them (all of the
-push's records only when a page filters).
-
-The feed costs the server and the console at most `follow_rate_bps`, whatever the bus's rate: the
-reader's consumer is rate-limited, and when what it reads is more than `max_behind_s` old and
-more than `max_push` envelopes behind the log's head, the feed jumps to the newest `max_push`
-(`LogReader.skip_to`), counting what it jumped over in the second's total (`passed`) and as
-skipped for the pages. Below that rate (some thousands of envelopes a second) it reads every one.
-While it jumps, it pushes every `flooded_push_interval_s` instead (nobody reads a flood row by
-row; each push costs the page a parse and a draw).
+It keeps the last `recent` envelopes for a page that opens and counts what it saw per second
+(by subject class, failed and retried attempts, dead letters). Records are kept as they came and
+decoded only when a page needs them (all of a push's records only when a page filters).
 """
 
 from __future__ import annotations
@@ -41,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from bus.console.config import ConsoleConfig
-from bus.log_reader import LogReader, LogRecord
+from bus.log_reader import LogRecord
 from schemas import DecodeError
 from schemas.codec import decode_loose
 from schemas.registry import kind_of_raw
@@ -158,31 +154,51 @@ class LiveFeed:
         self._health: bytes | None = None
         self.head_seq = 0
         self.following = asyncio.Event()
-        self._flooded_until = 0.0  # monotonic: until then, push at the flooded pace
+        self._read_to = 0  # the last sequence read (or jumped over)
+        self._flooded_until = 0.0  # monotonic: until then, read at the flooded pace
 
     # -- reading the log ------------------------------------------------------------------
 
     async def follow(self, bus: "Bus") -> None:
-        """Read the log from `recent` envelopes back, for ever. Raises BusUnavailable,
-        PermissionDenied (from the reader)."""
+        """Read the newest of the log and push it to the pages, for ever (see the module
+        docstring), starting `recent` envelopes back. Raises BusUnavailable, PermissionDenied."""
         config = self._config
         first, last = await bus.log_bounds()
-        start = max(first, last - config.recent + 1, 1)
-        async with LogReader(bus, start_seq=start, name="console", rate_limit_bps=config.follow_rate_bps) as reader:
-            self.head_seq = last
-            self.following.set()
-            while True:
-                records = await reader.read(5_000)
-                for record in records:
-                    self.take(record)
-                head = reader.head_seq
-                if head - reader.last_seq > config.max_push and _age_s(records[-1]) > config.max_behind_s:
-                    # Faster than the server may push to the console: show the newest, count the rest.
-                    resume = head - config.max_push + 1
-                    self.passed(resume - reader.last_seq - 1)
-                    await reader.skip_to(resume)
-                    self.head_seq = max(self.head_seq, head)
-                    self._flooded_until = time.monotonic() + FLOOD_HOLD_S
+        self._read_to = max(first - 1, last - config.recent, 0)
+        self.head_seq = max(self.head_seq, last)
+        await self.read_newest(bus, most=config.recent)
+        self.following.set()
+        while True:
+            if self.flooded:
+                pause = config.flooded_interval_s
+            else:
+                pause = config.push_interval_s if self._pages else config.idle_interval_s
+            await asyncio.sleep(pause)
+            await self.read_newest(bus, most=config.max_read)
+            self.push_once()
+
+    async def read_newest(self, bus: "Bus", *, most: int) -> None:
+        """Take what was stored since the last read: all of it, or the newest `most` (the rest
+        counted as passed, and the feed flooded for FLOOD_HOLD_S). Raises BusUnavailable,
+        PermissionDenied."""
+        first, head = await bus.log_bounds()
+        self.head_seq = max(self.head_seq, head)
+        if head <= self._read_to:
+            return
+        start = max(self._read_to + 1, head - most + 1, first, 1)
+        if start > self._read_to + 1:
+            self.passed(start - self._read_to - 1)
+            self._flooded_until = time.monotonic() + FLOOD_HOLD_S
+        count = head - start + 1
+        stored = await bus.transport.direct_get_batch(
+            bus.subjects.stream, {"seq": start, "batch": count}, limit=count
+        )
+        for message in stored:
+            if message.seq > self._read_to:
+                self.take(LogRecord(message.seq, message.stored_ns, message.subject.encode(), message.data))
+                self._read_to = message.seq
+        if not stored:
+            self._read_to = start - 1  # purged meanwhile, or a replica behind: from there next time
 
     def passed(self, count: int) -> None:
         """Count `count` envelopes stored now that the feed jumped over: in this second's total
@@ -267,7 +283,7 @@ class LiveFeed:
 
     @property
     def flooded(self) -> bool:
-        """True while the feed jumps over envelopes (and for FLOOD_HOLD_S after): it pushes at
+        """True while the feed jumps over envelopes (and for FLOOD_HOLD_S after): it reads at
         the flooded pace then."""
         return time.monotonic() < self._flooded_until
 
@@ -287,17 +303,11 @@ class LiveFeed:
         for page in self._pages:
             page.offer(self._health)
 
-    async def push_loop(self) -> None:
-        """Every `push_interval_s`, one batch per page; every second, the counts. Runs until
-        cancelled."""
-        last_stats = 0.0
+    async def stats_loop(self) -> None:
+        """Every second, the counts to every page. Runs until cancelled."""
         while True:
-            flooded = time.monotonic() < self._flooded_until
-            await asyncio.sleep(self._config.flooded_push_interval_s if flooded else self._config.push_interval_s)
-            self.push_once()
-            now = time.monotonic()
-            if now - last_stats >= 1.0 and self._pages:
-                last_stats = now
+            await asyncio.sleep(1.0)
+            if self._pages:
                 data = sse("stats", {"seconds": self.stats()[-60:], "head_seq": self.head_seq})
                 for page in self._pages:
                     page.offer(data)
@@ -348,11 +358,6 @@ def traffic_item(record: LogRecord) -> TrafficItem:
         sender=envelope.sender, to=envelope.to, tag=envelope.tag, id=envelope.id,
         corr=envelope.correlation_id, cause=envelope.causation_id,
     )
-
-
-def _age_s(record: LogRecord) -> float:
-    """How long ago the server stored `record`, by this machine's clock."""
-    return (time.time_ns() - record.time_ns) / 1e9
 
 
 def _outcomes(data: bytes) -> tuple[int, int]:
