@@ -155,6 +155,7 @@ class LiveFeed:
         self.head_seq = 0
         self.following = asyncio.Event()
         self._read_to = 0  # the last sequence read (or jumped over)
+        self._page_opened = asyncio.Event()
         self._flooded_until = 0.0  # monotonic: until then, read at the flooded pace
 
     # -- reading the log ------------------------------------------------------------------
@@ -168,12 +169,20 @@ class LiveFeed:
         self.head_seq = max(self.head_seq, last)
         await self.read_newest(bus, most=config.recent)
         self.following.set()
+        loop = asyncio.get_running_loop()
+        last_read = loop.time()
         while True:
             if self.flooded:
-                pause = config.flooded_interval_s
+                interval = config.flooded_interval_s
             else:
-                pause = config.push_interval_s if self._pages else config.idle_interval_s
-            await asyncio.sleep(pause)
+                interval = config.push_interval_s if self._pages else config.idle_interval_s
+            # A steady cadence: a read that took long is not followed by a whole interval more.
+            # A page that opens ends the (idle) wait.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, last_read + interval - loop.time())):
+                    await self._page_opened.wait()
+            self._page_opened.clear()
+            last_read = loop.time()
             await self.read_newest(bus, most=config.max_read)
             self.push_once()
 
@@ -276,6 +285,7 @@ class LiveFeed:
         if self._health is not None:
             page.offer(self._health)
         self._pages.add(page)
+        self._page_opened.set()
         try:
             yield page
         finally:
