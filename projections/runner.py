@@ -55,6 +55,7 @@ from bus.log_reader import LogReader, LogRecord
 from projections.archive.reader import archived_batches
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
+from projections.opening import Opener
 from projections.errors import ArchiveError, FoldError, RebuildError
 from projections.fold import HalfCommitted, StoreInvalidated, StoreUnusable, describe, retry_delay
 from projections.metrics import ProjectionMetrics
@@ -238,6 +239,8 @@ class Runner:
         on_reopened: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._bus = bus
+        # Sealed private records are opened between decoding and folding (projections.opening).
+        self._opener = Opener(bus.keys)
         self._writer = writer
         self._store = writer.store
         self._settings = settings
@@ -404,7 +407,8 @@ class Runner:
         try:
             after = await self._writer.call(lambda: self._store.build_seq)
             async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
-                async for _segment, batch in batches:
+                async for _segment, sealed_batch in batches:
+                    batch = await self._opener.open(sealed_batch)
                     applied = await self._fold_retrying(
                         "rebuild", "rebuild", batch, lambda piece: self._writer.call(fold, piece)
                     )
@@ -479,6 +483,7 @@ class Runner:
                 batch = decode(records)
             else:
                 batch = await loop.run_in_executor(self._decoder, decode, records)
+            batch = await self._opener.open(batch)
             await decoded.put(batch)
 
     async def _apply(

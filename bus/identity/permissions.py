@@ -17,7 +17,14 @@ An agent's grant (namespace `ns`, log stream `S`, advisory stream `A`, name `me`
                $JS.API.CONSUMER.CREATE.S.me__groups.ns.group.<tag>.*  (one tag; several: the issuer)
                $JS.ACK.S.me__inbox.> ... (acks of its own deliveries)
                $JS.API.DIRECT.GET.S[.>]                    its runtime's reads of the log
+               $KV.K.agent.me                              make its key of private records (bus.privacy)
+               $JS.API.DIRECT.GET.KV_K.$KV.K.agent.me      read that key, and no other
     subscribe  _INBOX.<its public key>.>  ns.reply.me.>
+
+A direct get by sequence names no subject, so the log's grant cannot keep an agent from reading
+another agent's records by sequence: those it must not read are sealed under that agent's key
+(bus.privacy), which its grant does not reach (no `$JS.API.DIRECT.GET.KV_K` by sequence, no
+other key's subject, no stream info or consumer on the key store).
 
 No stream purge/delete/update, and consumer creation only in the form whose filter rides in the
 API subject (the server checks the body against it), so an agent can never widen what it reads.
@@ -51,6 +58,7 @@ import enum
 
 import msgspec
 
+from bus.privacy.sealing import key_id
 from bus.subjects import Subjects
 
 
@@ -175,6 +183,7 @@ def agent_grant(namespace: str, name: str, public_key: str, tags: tuple[str, ...
             f"$JS.API.CONSUMER.CREATE.{log}.{inbox}.{subjects.inbox_filter(name)}",
             *(f"$JS.API.CONSUMER.CREATE.{log}.{groups}.{subjects.group_filter(tag)}" for tag in tags),
             f"$JS.API.DIRECT.GET.{log}", f"$JS.API.DIRECT.GET.{log}.>",
+            subjects.key_subject(key_id(name)), subjects.key_get(key_id(name)),
         ),
         subscribe_allow=(f"{inbox_prefix(public_key)}.>", f"{ns}.reply.{name}.>"),
     )
