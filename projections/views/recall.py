@@ -20,13 +20,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from projections.views import Tx, render
+from projections.views._forget import erase_all_rows, erase_rows
 from projections.views._kinds import kinds_in
 
 if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "recall"
-VERSION = 2
+VERSION = 3
 
 TABLES = """
 CREATE TABLE {s}.recall (
@@ -196,4 +197,8 @@ def fold(tx: Tx, s: str, batch: Batch) -> int:
     if "memory.conversation.closed" in kinds:
         tx.run(render(_CLOSED, s))
         written += tx.run(render(_CLOSURES, s))
+    # A forget (projections.views._forget): its turns and summaries go, and where its
+    # conversations stood (a rebuild, unable to open them, never knew).
+    erase_rows(tx, s, batch, "recall", "recall_summaries")
+    erase_all_rows(tx, s, batch, "recall_heads")
     return written

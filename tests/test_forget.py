@@ -1,0 +1,117 @@
+"""`bus forget agent`: crypto-shredding an agent's private records, on a real nats-server, real
+DuckDB and Parquet files. After the forget the agent's private strings are nowhere in the stream
+store, the key store, the archive or the views file (bytes searched), the log and archive still
+verify, and another agent's views are unchanged.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from bus import Bus
+from bus.errors import ConfigurationError
+from bus.privacy.forget import forget_agent
+from bus.privacy.sealing import key_id
+from bus.server import EmbeddedServer
+from projections.archive.archiver import run_archive
+from projections.archive.config import ArchiveSettings
+from projections.archive.verify import verify_all
+from projections.compact import rewrite_views_file
+from projections.config import ProjectionSettings
+from projections.service import ProjectionService
+from schemas.payloads import Note, Sealed, TurnRecorded
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _files_holding(directory: Path, needle: bytes) -> list[str]:
+    return [str(p) for p in directory.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def _parquet_holding(directory: Path, needle: str) -> list[str]:
+    """Archive files any of whose decoded values (every column, as text) contain `needle`."""
+    found = []
+    for path in directory.rglob("*.parquet"):
+        table = pq.read_table(path)
+        for column in table.columns:
+            for value in column.to_pylist():
+                if value is not None and needle in (value.decode(errors="replace") if isinstance(value, bytes) else str(value)):
+                    found.append(f"{path.name}:{column}")
+                    break
+    return found
+
+
+async def _rows(bus: Bus, sql: str, min_seq: int) -> list[tuple]:
+    result = await bus.query(sql, min_seq=min_seq)
+    return [tuple(row) for row in result.rows]
+
+
+async def test_forget_erases_an_agents_private_records_everywhere_and_keeps_the_rest(
+    bus: Bus, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """alice's recall turns (random, incompressible text) are sealed at write, opened into the
+    views, archived; after `forget_agent` the key's bytes are gone from the key store, the turns
+    from the views (and the views file, rewritten), no file holds the text, the archive verifies,
+    bob's rows are unchanged and the forget is an event saying who, what and why."""
+    secret_a = [f"alice-{secrets.token_hex(40)}" for _ in range(3)]
+    secret_b = f"bob-{secrets.token_hex(40)}"
+    plain_note = f"note-{secrets.token_hex(40)}"
+    views = tmp_path / "views.duckdb"
+    archive = tmp_path / "archive"
+    settings = ProjectionSettings(db_path=str(views), archive_dir=str(archive))
+    store_dir = Path(nats_server.settings.store_dir)
+
+    async with ProjectionService(bus, settings):
+        for turn, text in enumerate(secret_a, start=1):
+            await bus.record("alice", TurnRecorded(agent="alice", turn=turn, role="user", at=datetime.now(UTC), text=text))
+        await bus.record("bob", TurnRecorded(agent="bob", turn=1, role="user", at=datetime.now(UTC), text=secret_b))
+        last = (await bus.send("bob", Note(text=plain_note), sender="alice")).ack.seq
+        alice_rows = await _rows(bus, "SELECT text FROM recall WHERE agent = 'alice' ORDER BY turn", last)
+        assert [r[0] for r in alice_rows] == secret_a  # the service opened them
+        bob_before = await _rows(bus, "SELECT agent, conversation, turn, role, text, seq FROM recall WHERE agent = 'bob'", last)
+        assert [r for r in bob_before if secret_b in r]
+        await run_archive(bus, ArchiveSettings(directory=archive, seal_partial=True))
+
+        key = await bus.keys.load(key_id("alice"))
+        assert key is not None
+        key_b64 = __import__("base64").b64encode(key.key)
+        assert _files_holding(store_dir, key_b64), "positive control: the key store holds the key"
+        assert _files_holding(store_dir, plain_note.encode()), "positive control: a plain record is found"
+
+        with pytest.raises(ConfigurationError):
+            await forget_agent(bus, "alice", why=" ", actor="tester")
+        result = await forget_agent(bus, "alice", why="erasure request #7", actor="tester")
+        assert result.kids == [key.kid] and result.key == key_id("alice")
+
+        after = await _rows(bus, "SELECT count(*) FROM recall WHERE agent = 'alice'", result.seq)
+        assert after == [(0,)]
+        assert await _rows(bus, "SELECT agent, conversation, turn, role, text, seq FROM recall WHERE agent = 'bob'", result.seq) == bob_before
+        stubs = await _rows(bus, "SELECT kind, payload->>'of' FROM events WHERE subject LIKE 'default.event.alice.memory%' "
+                                 "ORDER BY seq", result.seq)
+        assert stubs == [("sealed", "memory.turn.recorded")] * 3
+        forgotten = await _rows(bus, "SELECT sender, payload->>'why', payload->>'subject' FROM events "
+                                     "WHERE kind = 'privacy.forgotten'", result.seq)
+        assert forgotten == [("tester", "erasure request #7", "alice")]
+        # The key is gone for everyone, the records stay ciphertext (also to the admin).
+        assert await bus.keys.load(key_id("alice")) is None
+        stored = await bus.transport.direct_get(bus.subjects.stream, {"seq": result.seq - 5})
+        assert stored is not None
+        assert isinstance((await bus.open_record(stored.data)).payload, Sealed)
+        await run_archive(bus, ArchiveSettings(directory=archive, seal_partial=True))
+
+    assert rewrite_views_file(views) > 0
+    for text in secret_a:
+        assert not _files_holding(store_dir, text.encode()), "the stream store never held the plaintext"
+        assert not _parquet_holding(archive, text) and not _files_holding(archive, text.encode())
+        assert not _files_holding(tmp_path, text.encode()), f"{text[:12]}... left in {_files_holding(tmp_path, text.encode())}"
+    assert not _files_holding(store_dir, key_b64) and not _files_holding(store_dir, key.key), "the key was erased"
+    assert list(verify_all(archive, bus.subjects.stream)), "the archive still verifies"
+    # bob's text is still in the (rewritten) views, readable by a service opened on it again.
+    async with ProjectionService(bus, settings):
+        assert await _rows(bus, "SELECT agent, conversation, turn, role, text, seq FROM recall WHERE agent = 'bob'", result.seq) == bob_before
+        assert await _rows(bus, "SELECT count(*) FROM recall WHERE agent = 'alice'", result.seq) == [(0,)]
