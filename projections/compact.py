@@ -6,7 +6,8 @@ blocks (measured: a deleted 400-character string stayed in the file through DELE
 and an UPDATE of every other row). `rewrite_views_file` copies the live database into a new file
 (`COPY FROM DATABASE`: tables, views, schemas, only live rows), syncs it and renames it over the
 old one, then removes the WAL. The file must not be open elsewhere (the service stopped): DuckDB's
-lock is exclusive, and a StoreLocked says who holds it.
+lock is exclusive, and a StoreLocked says who holds it. The running service does it itself after a
+forget, between closing its file and opening it again (Store.reopen with `rewrite`).
 """
 
 from __future__ import annotations

@@ -160,6 +160,7 @@ class ProjectionService:
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.push_async_callback(self._stop)
         self._background.append(self._tasks.create_task(runner.run_live(), name="projections-live"))
+        self._background.append(self._tasks.create_task(runner.keep_erasing(), name="projections-erase"))
         if stale:
             log.info("views %s are new or changed: building them from seq 1", ", ".join(stale))
             self._background.append(self._tasks.create_task(self._build_stale(stale), name="projections-build"))

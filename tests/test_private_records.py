@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from agents.errors import UnreadableRecord
+from agents.runtime.journal import StepJournal
 from bus import Bus, BusConfig
 from bus.errors import PermissionDenied
 from bus.identity import CredentialRegistry, Role
+from bus.privacy.forget import forget_agent
 from bus.privacy.sealing import key_id
 from bus.server import EmbeddedServer, reload_config
+from schemas import Delivery
 from schemas.payloads import Note, Sealed, TurnRecorded
 
 
@@ -84,3 +88,37 @@ async def test_messages_between_agents_are_not_sealed(agents: tuple[Bus, Bus]) -
     sent = await alice.send("bob", Note(text="plain between us"))
     stored = await bob.transport.direct_get(bob.subjects.stream, {"seq": sent.ack.seq})
     assert stored is not None and b"plain between us" in stored.data
+
+
+def _delivery(attempt: int) -> Delivery:
+    return Delivery(stream="CONTINUUM_DEFAULT", consumer="alice__inbox", subject="default.inbox.alice.bob",
+                    stream_seq=1, consumer_seq=1, attempt=attempt, pending=0, published_at=datetime.now(UTC))
+
+
+async def test_an_agents_runtime_reads_its_own_steps_and_refuses_forgotten_ones(
+    nats_server: EmbeddedServer, identity: CredentialRegistry, bus: Bus
+) -> None:
+    """A step recorded by alice with her own credential is stored sealed and read back on a
+    redelivery by a new process of hers (her Bus loads her key at start); she may not erase her
+    key; after the admin forgets her, the redelivery's journal raises UnreadableRecord instead of
+    running the step again."""
+    config = _agent_config(nats_server, identity, "alice")
+    assert nats_server.pid is not None
+    await reload_config(nats_server.pid, nats_server.settings.monitor_url)
+    secret = f"tool output {secrets.token_hex(16)}"
+    inbound = bus.envelope(Note(text="do it"), to="alice", sender="bob")
+    async with Bus(config) as alice:
+        recorded = await StepJournal(alice, "alice", inbound, _delivery(1)).record(0, "tool", f'"{secret}"'.encode(), 1.0)
+        assert bytes(recorded.result) == f'"{secret}"'.encode()
+        with pytest.raises(PermissionDenied):
+            await alice.keys.erase(key_id("alice"))
+    last = await bus.last_seq()
+    stored = await bus.transport.direct_get(bus.subjects.stream, {"seq": last})
+    assert stored is not None and stored.subject.startswith("default.event.alice.step.") and secret.encode() not in stored.data
+    async with Bus(config) as alice_again:
+        again = await StepJournal(alice_again, "alice", inbound, _delivery(2)).recorded(0)
+        assert again is not None and bytes(again.result) == f'"{secret}"'.encode()
+    await forget_agent(bus, "alice", why="test", actor="tester")
+    async with Bus(config) as alice_after:
+        with pytest.raises(UnreadableRecord, match="forgotten"):
+            await StepJournal(alice_after, "alice", inbound, _delivery(2)).recorded(0)

@@ -10,7 +10,7 @@ log's structure (sequences, subjects, ids, correlation, the integrity chains) is
 The erase comes first, then the `privacy.forgotten` event (id derived from the key and the
 generations erased, so a retried forget records it once); the projection service folds that
 event by deleting the opened rows it holds for that agent (projections.views._forget), and
-its file is then rewritten (projections.compact, with the service stopped) so freed blocks keep none of them.
+then rewrites its file (projections.compact) so freed blocks keep none of them.
 """
 
 from __future__ import annotations

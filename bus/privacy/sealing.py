@@ -66,8 +66,10 @@ def new_key() -> KeyEntry:
 
 
 def data_subject(payload: Any) -> str | None:
-    """The agent whose key seals `payload`, or None when it is not private."""
-    tag = type(payload).__struct_config__.tag
+    """The agent whose key seals `payload`, or None when it is not private (or not a payload
+    Struct: a loose envelope's raw payload is published as it is)."""
+    config = getattr(type(payload), "__struct_config__", None)
+    tag = config.tag if config is not None else None
     if tag not in PRIVATE_KINDS:
         return None
     agent = getattr(payload, "agent", None)
