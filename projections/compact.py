@@ -13,6 +13,7 @@ forget, between closing its file and opening it again (Store.reopen with `rewrit
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import duckdb
@@ -20,18 +21,30 @@ import duckdb
 from projections.errors import StoreLocked
 
 
-def rewrite_views_file(path: str | Path) -> int:
+def rewrite_views_file(path: str | Path, *, wait_s: float = 0.0) -> int:
     """Rewrite the views file at `path` (see the module docstring); returns its new size in
-    bytes. Raises StoreLocked (another process has it open), FileNotFoundError, duckdb.Error."""
+    bytes. `wait_s`: how long to wait for this process's own last connection to it to close.
+    Raises StoreLocked (another process has it open, or a connection of this one still does),
+    FileNotFoundError, duckdb.Error."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no views file at {path}")
     fresh = path.with_name(path.name + ".rewrite")
     fresh.unlink(missing_ok=True)
-    try:
-        con = duckdb.connect(str(path))
-    except duckdb.IOException as exc:
-        raise StoreLocked(f"{path} is open in another process (stop the projection service first): {exc}") from exc
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            # Not the store's configuration: while any connection of this process still holds
+            # the database, DuckDB refuses this one instead of handing out that instance (whose
+            # file is about to be replaced).
+            con = duckdb.connect(str(path))
+            break
+        except duckdb.IOException as exc:
+            raise StoreLocked(f"{path} is open in another process (stop the projection service first): {exc}") from exc
+        except duckdb.ConnectionException as exc:
+            if time.monotonic() >= deadline:
+                raise StoreLocked(f"{path} is still open in this process: {exc}") from exc
+            time.sleep(0.02)
     try:
         con.execute("CHECKPOINT").fetchall()
         con.execute(f"ATTACH '{_sql(fresh)}' AS fresh").fetchall()

@@ -237,6 +237,7 @@ class Runner:
         watermark: Watermark,
         *,
         on_reopened: Callable[[list[str]], Awaitable[None]] | None = None,
+        before_rewrite: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._bus = bus
         # Sealed private records are opened between decoding and folding (projections.opening).
@@ -265,6 +266,8 @@ class Runner:
         self._reopening = asyncio.Lock()
         # Told when it was, with the views to build (the service renews its query cursors).
         self._on_reopened = on_reopened
+        # Closes every other connection to the file before it is rewritten (the query cursors).
+        self._before_rewrite = before_rewrite
         # `Store.swaps` when the live pipeline started reading (None: no check, `fold_from`).
         self._live_swaps: int | None = None
 
@@ -728,6 +731,11 @@ class Runner:
                 log.info("the forget at seq %d waits for every view to fold it before the file is rewritten", seq)
             started = time.perf_counter()
             await self.reopen(self._store.incarnation, rewrite=True)
+            if not self._store.rewritten:
+                log.error("forget at seq %d: the views file still holds the freed blocks; trying again in 5s", seq)
+                await asyncio.sleep(5.0)
+                self._forget_read.set()
+                continue
             self.erased_seq = max(self.erased_seq, seq)
             log.warning("forget at seq %d: the views file was rewritten without its freed blocks in %.2fs",
                         seq, time.perf_counter() - started)
@@ -738,6 +746,8 @@ class Runner:
         once); then tell the service. With `rewrite`, the file is rewritten while it is closed
         (projections.compact). Raises StoreUnusable when the file cannot be opened."""
         async with self._reopening:
+            if rewrite and self._before_rewrite is not None and incarnation == self._store.incarnation:
+                await self._before_rewrite()
             try:
                 stale = await self._writer.call(functools.partial(self._store.reopen, incarnation, rewrite=rewrite))
             except Exception as exc:

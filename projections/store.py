@@ -148,6 +148,8 @@ class Store:
         self._con: duckdb.DuckDBPyConnection | None = None
         # How the folds and the queries share DuckDB's memory (the queries register with it).
         self.folds_first = FoldsFirst()
+        # Whether the last `reopen` asked to rewrite the file did (projections.compact).
+        self.rewritten = False
         # How many times `reopen` opened the file again: cursors from before are closed.
         self.incarnation = 0
         # How many times `swap` made building generations active, or `reopen` read them from
@@ -287,8 +289,13 @@ class Store:
         # old instance, the file says what holds: a rebuild's `building` ones are dropped by
         # `open` (Runner.rebuild sees the incarnation change and gives up).
         self.active, self.building, self.frozen, self._retired = {}, {}, set(), []
+        self.rewritten = False
         if rewrite:
-            rewrite_views_file(self.path)
+            try:
+                rewrite_views_file(self.path, wait_s=REOPEN_WAIT_S)
+                self.rewritten = True
+            except StoreLocked as exc:
+                log.error("the views file could not be rewritten (%s): it is opened as it is", exc)
         deadline = time.monotonic() + REOPEN_WAIT_S
         while True:
             try:

@@ -123,3 +123,34 @@ async def test_forget_erases_an_agents_private_records_everywhere_and_keeps_the_
     async with ProjectionService(bus, settings):
         assert await _rows(bus, "SELECT agent, conversation, turn, role, text, seq FROM recall WHERE agent = 'bob'", result.seq) == bob_before
         assert await _rows(bus, "SELECT count(*) FROM recall WHERE agent = 'alice'", result.seq) == [(0,)]
+
+
+async def test_views_rebuilt_after_a_forget_equal_the_live_ones(bus: Bus, tmp_path: Path) -> None:
+    """Live views that folded alice's opened records and then her forget equal every view rebuilt
+    from seq 1 afterwards (when her records can no longer be opened): the forget's fold leaves
+    what a rebuild gives (content hash of every table of every view)."""
+    settings = ProjectionSettings(db_path=str(tmp_path / "views.duckdb"))
+    async with ProjectionService(bus, settings) as service:
+        for turn in range(1, 4):
+            await bus.record("alice", TurnRecorded(agent="alice", turn=turn, role="user", at=datetime.now(UTC),
+                                                   text=f"alice {turn} {secrets.token_hex(8)}"))
+            await bus.record("bob", TurnRecorded(agent="bob", turn=turn, role="assistant", at=datetime.now(UTC),
+                                                 text=f"bob {turn}"))
+        await bus.send("bob", Note(text="hello"), sender="alice")
+        result = await forget_agent(bus, "alice", why="test", actor="tester")
+        await bus.record("alice", TurnRecorded(agent="alice", turn=1, role="user", at=datetime.now(UTC), text="after"))
+        last = (await bus.send("alice", Note(text="later"), sender="bob")).ack.seq
+        await bus.query("SELECT 1", min_seq=last)
+        await wait_for(lambda: service.runner is not None and service.runner.erased_seq >= result.seq,
+                       timeout_s=60, what="the views file rewritten after the forget")
+        got = await _rows(bus, "SELECT text FROM recall WHERE agent = 'alice'", last)
+        if got != [("after",)]:
+            print("DBG recall", await _rows(bus, "SELECT agent, turn, text, seq FROM recall", last))
+            print("DBG heads", await _rows(bus, "SELECT * FROM recall_heads", last) if False else None)
+            print("DBG events", await _rows(bus, "SELECT seq, kind, left(payload::VARCHAR, 90) FROM events WHERE subject LIKE 'default.event.alice.%' ORDER BY seq", last))
+            print("DBG erased", service.runner.erased_seq, result.seq, last)
+        assert got == [("after",)]
+        live = await service.content_hashes()
+        await service.rebuild([], wait=True)
+        rebuilt = await service.content_hashes()
+    assert rebuilt == live

@@ -50,3 +50,15 @@ UPDATE {{s}}.events SET kind = 'sealed',
 FROM {_FORGOTTEN} AS f
 WHERE {{s}}.events.category = 'event' AND split_part({{s}}.events.subject, '.', 3) = f.agent
   AND {{s}}.events.kind IN ({_PRIVATE}) AND {{s}}.events.seq < f.at""", s))
+
+
+def stub_chain(tx: Tx, s: str, batch: Batch) -> int:
+    """Mark the forgotten agents' private records in `conversations.chain` as sealed (the kind a
+    rebuild, unable to open them, records)."""
+    if not batch.has_kind(FORGOTTEN):
+        return 0
+    return tx.run(render(f"""
+UPDATE {{s}}.chain SET kind = 'sealed'
+FROM {_FORGOTTEN} AS f
+WHERE {{s}}.chain.category = 'event' AND {{s}}.chain.sender = f.agent
+  AND {{s}}.chain.kind IN ({_PRIVATE}) AND {{s}}.chain.seq < f.at""", s))

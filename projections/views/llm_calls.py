@@ -101,7 +101,9 @@ ON CONFLICT (call_id) DO NOTHING
 
 def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Insert one row per model call not seen before."""
-    erased = erase_rows(tx, s, batch, "llm_calls")  # a forget (projections.views._forget)
+    erase_rows(tx, s, batch, "llm_calls")  # a forget (projections.views._forget), before and after
     if not kinds_in(batch) & {"llm.call.completed", "llm.call.failed"}:
-        return erased
-    return tx.run(render(_INSERT, s))
+        return 0
+    written = tx.run(render(_INSERT, s))
+    erase_rows(tx, s, batch, "llm_calls")
+    return written

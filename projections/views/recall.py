@@ -188,6 +188,11 @@ def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Append new turns and summaries, then mark the turns the batch's summaries and closes cover."""
     kinds = kinds_in(batch)
     written = 0
+    # A forget (projections.views._forget) first: its turns, summaries and where its conversations
+    # stood go before this batch's turns are numbered against them (the batch's own records of
+    # the forgotten key were left sealed: projections.opening drops the key first).
+    erase_rows(tx, s, batch, "recall", "recall_summaries")
+    erase_all_rows(tx, s, batch, "recall_heads")
     if "memory.turn.recorded" in kinds:
         written += tx.run(render(_TURNS, s))
         tx.run(render(_HEADS, s))
@@ -197,8 +202,7 @@ def fold(tx: Tx, s: str, batch: Batch) -> int:
     if "memory.conversation.closed" in kinds:
         tx.run(render(_CLOSED, s))
         written += tx.run(render(_CLOSURES, s))
-    # A forget (projections.views._forget): its turns and summaries go, and where its
-    # conversations stood (a rebuild, unable to open them, never knew).
+    # And after: a record of the batch older than the forget that was not sealed (written before
+    # sealing existed) goes too.
     erase_rows(tx, s, batch, "recall", "recall_summaries")
-    erase_all_rows(tx, s, batch, "recall_heads")
     return written

@@ -51,6 +51,7 @@ FROM batch WHERE kind = 'agent.step' AND error IS NULL
 
 def fold(tx: Tx, s: str, batch: "Batch") -> int:
     """Append one row per `agent.step` event."""
+    erase_rows(tx, s, batch, "steps")  # a forget (projections.views._forget), before and after
     written = tx.run(render(_INSERT, s)) if batch.has_kind("agent.step") else 0
-    erase_rows(tx, s, batch, "steps")  # a forget (projections.views._forget)
+    erase_rows(tx, s, batch, "steps")
     return written
