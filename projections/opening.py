@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from bus.errors import PermissionDenied
-from bus.privacy.sealing import CannotOpen, agent_of_key, open_payload
+from bus.privacy.sealing import CannotOpen, KeyEntry, agent_of_key, open_payload
 from projections.batch import Batch
 from schemas.payloads.privacy import Sealed
 
@@ -39,6 +40,8 @@ SEALED = "sealed"
 FORGOTTEN = "privacy.forgotten"
 _sealed = msgspec.json.Decoder(Sealed)
 _stub = msgspec.json.Encoder()
+# Runs a function with its arguments on another thread: (function, *args) -> awaitable result.
+Offload = Callable[..., Awaitable[Any]]
 
 
 class _Stub(msgspec.Struct):
@@ -54,59 +57,81 @@ def stub(of: str, key: str) -> str:
     return _stub.encode(_Stub(kind=SEALED, of=of, key=key)).decode()
 
 
+class _Found(msgspec.Struct):
+    """The sealed rows of a batch: their indices, envelope ids and sealed payloads (None: not a
+    well-formed sealed payload), and the keys they need."""
+
+    mask: Any
+    rows: list[int]
+    ids: list[str | None]
+    sealed: list[Sealed | None]
+    keys: set[str]
+
+
 class Opener:
-    """Opens the sealed records of batches with the keys `keys` holds or loads."""
+    """Opens the sealed records of batches with the keys `keys` holds or loads.
+
+    The per-record work (parsing, decrypting: ~4 µs a record) runs where `offload` runs it (the
+    runner's decode thread for large batches), never on the event loop; only the keys' reads
+    are awaited there."""
 
     def __init__(self, keys: Keyring) -> None:
         self._keys = keys
 
-    async def open(self, batch: Batch) -> Batch:
+    async def open(self, batch: Batch, offload: Offload | None = None) -> Batch:
         """`batch` with its sealed records opened where their keys exist (see the module
         docstring). Raises BusUnavailable (the key store did not answer: try again)."""
         if batch.has_kind(FORGOTTEN):
             self._drop_forgotten(batch)
         if not batch.has_kind(SEALED):
             return batch
+        found = await offload(self.find, batch) if offload is not None else self.find(batch)
+        if found is None:
+            return batch
+        entries: dict[str, KeyEntry | None] = {}
+        for key in found.keys:
+            try:
+                entries[key] = await self._keys.load(key)
+            except PermissionDenied:
+                entries[key] = None
+        if offload is not None:
+            return await offload(self.apply, batch, found, entries)
+        return self.apply(batch, found, entries)
+
+    def find(self, batch: Batch) -> _Found | None:
+        """The batch's sealed rows (None: none)."""
         table = batch.table
         mask = pc.fill_null(pc.equal(table.column("kind").combine_chunks(), SEALED), False)
         rows = pc.indices_nonzero(mask).to_pylist()
         if not rows:
-            return batch
+            return None
         ids = table.column("id").take(rows).to_pylist()
-        payloads = table.column("payload").take(rows).to_pylist()
+        sealed: list[Sealed | None] = []
+        for payload in table.column("payload").take(rows).to_pylist():
+            try:
+                sealed.append(_sealed.decode(payload) if payload is not None else None)
+            except msgspec.DecodeError:
+                sealed.append(None)  # not a well-formed sealed payload: kept as it is
+        return _Found(mask=mask, rows=rows, ids=ids, sealed=sealed, keys={s.key for s in sealed if s is not None})
+
+    def apply(self, batch: Batch, found: _Found, entries: dict[str, KeyEntry | None]) -> Batch:
+        """`batch` with `found`'s rows opened with `entries` (a stub where a key is missing)."""
+        table = batch.table
+        originals = table.column("payload").take(found.rows).to_pylist()
         kinds: list[str] = []
-        texts: list[str] = []
-        for envelope_id, payload in zip(ids, payloads):
-            kind, text = await self._opened(envelope_id, payload)
+        texts: list[str | None] = []
+        for envelope_id, sealed, original in zip(found.ids, found.sealed, originals):
+            kind, text = _opened(envelope_id, sealed, entries.get(sealed.key) if sealed is not None else None, original)
             kinds.append(kind)
             texts.append(text)
-        kind_col = pc.replace_with_mask(table.column("kind").combine_chunks(), mask, pa.array(kinds, pa.string()))
+        kind_col = pc.replace_with_mask(table.column("kind").combine_chunks(), found.mask, pa.array(kinds, pa.string()))
         payload_col = pc.replace_with_mask(
-            table.column("payload").combine_chunks(), mask, pa.array(texts, table.schema.field("payload").type)
+            table.column("payload").combine_chunks(), found.mask, pa.array(texts, table.schema.field("payload").type)
         )
         table = table.set_column(table.schema.get_field_index("kind"), "kind", kind_col)
         table = table.set_column(table.schema.get_field_index("payload"), "payload", payload_col)
         new_kinds = None if batch.kinds is None else frozenset(batch.kinds - {SEALED} | set(kinds))
         return dataclasses.replace(batch, table=table, kinds=new_kinds)
-
-    async def _opened(self, envelope_id: str | None, payload: str | None) -> tuple[str, str]:
-        """(kind, payload text) of one sealed row: opened, or the stub."""
-        if payload is None or envelope_id is None:
-            return SEALED, payload or ""
-        try:
-            sealed = _sealed.decode(payload)
-        except msgspec.DecodeError:
-            return SEALED, payload  # not a well-formed sealed payload: kept as it is
-        try:
-            entry = await self._keys.load(sealed.key)
-        except PermissionDenied:
-            entry = None
-        if entry is not None:
-            try:
-                return sealed.of, open_payload(envelope_id, sealed, entry).decode()
-            except (CannotOpen, UnicodeDecodeError):
-                pass
-        return SEALED, stub(sealed.of, sealed.key)
 
     def _drop_forgotten(self, batch: Batch) -> None:
         table = batch.table
@@ -118,3 +143,15 @@ class Opener:
                 continue
             if isinstance(key, str) and agent_of_key(key) is not None:
                 self._keys.drop(key)
+
+
+def _opened(envelope_id: str | None, sealed: Sealed | None, entry: KeyEntry | None, original: str | None) -> tuple[str, str | None]:
+    """(kind, payload text) of one sealed row: opened, the stub, or (not a sealed payload) as it was."""
+    if sealed is None or envelope_id is None:
+        return SEALED, original
+    if entry is not None:
+        try:
+            return sealed.of, open_payload(envelope_id, sealed, entry).decode()
+        except (CannotOpen, UnicodeDecodeError):
+            pass
+    return SEALED, stub(sealed.of, sealed.key)

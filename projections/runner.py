@@ -416,7 +416,7 @@ class Runner:
             after = await self._writer.call(lambda: self._store.build_seq)
             async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
                 async for _segment, sealed_batch in batches:
-                    batch = await self._opener.open(sealed_batch)
+                    batch = await self._opener.open(sealed_batch, self._offload)
                     applied = await self._fold_retrying(
                         "rebuild", "rebuild", batch, lambda piece: self._writer.call(fold, piece)
                     )
@@ -491,7 +491,7 @@ class Runner:
                 batch = decode(records)
             else:
                 batch = await loop.run_in_executor(self._decoder, decode, records)
-            batch = await self._opener.open(batch)
+            batch = await self._opener.open(batch, None if len(records) <= INLINE_DECODE_MAX else self._offload)
             if live and batch.has_kind(FORGOTTEN):
                 self._note_forgets(batch)
             await decoded.put(batch)
@@ -710,6 +710,10 @@ class Runner:
                 self._retrying.pop(where, None)
         assert done is not None
         return done
+
+    async def _offload(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` on the decode thread (off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, functools.partial(function, *args))
 
     def _note_forgets(self, batch: Batch) -> None:
         kinds = batch.table.column("kind").to_pylist()
