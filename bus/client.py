@@ -372,17 +372,20 @@ class Bus:
         raise ConfigurationError("an envelope needs `to` or `tag` to be sent; use record() for events")
 
     async def publish(self, envelope: Envelope[Any], subject: str | None = None, **occ: Any) -> Sent:
-        """Publish an envelope durably and return it with the server's receipt.
+        """Publish an envelope durably and return it with the server's receipt. A private
+        record (bus.privacy.sealing.PRIVATE_KINDS) is stored sealed under its agent's key (made
+        on its first record); the envelope returned is the one given.
 
         `occ` may hold `expected_last_subject_seq` and `expected_last_subject`.
         Raises BusUnavailable, ConcurrencyConflict, PermissionDenied.
         """
+        stored = envelope
         if self.config.seal_private:
             agent = data_subject(envelope.payload)
             if agent is not None:
                 key = key_id(agent)
-                envelope = seal(envelope, key, await self.keys.for_writing(key))
-        data = self.codec.encode(envelope)
+                stored = seal(envelope, key, await self.keys.for_writing(key))
+        data = self.codec.encode(stored)
         ack = await self.publisher.publish(
             subject or self.subject_for(envelope), data, msg_id=envelope.id, **occ
         )
