@@ -122,3 +122,26 @@ async def test_an_agents_runtime_reads_its_own_steps_and_refuses_forgotten_ones(
     async with Bus(config) as alice_after:
         with pytest.raises(UnreadableRecord, match="forgotten"):
             await StepJournal(alice_after, "alice", inbound, _delivery(2)).recorded(0)
+
+
+async def test_the_console_reads_every_key_but_makes_and_erases_none(
+    nats_server: EmbeddedServer, identity: CredentialRegistry, bus: Bus
+) -> None:
+    """The console (read-only, shows every agent as the admin does, replays their handlings)
+    opens an agent's private record; it may not make a key, erase one, or read the key store by
+    sequence."""
+    secret = f"alice private {secrets.token_hex(16)}"
+    sent = await bus.record("alice", _turn("alice", secret))
+    config = BusConfig(url=nats_server.url, monitor_url=nats_server.settings.monitor_url, name="console",
+                       credentials=str(identity.console_credential))
+    async with Bus(config) as console:
+        stored = await console.transport.direct_get(console.subjects.stream, {"seq": sent.ack.seq})
+        assert stored is not None
+        opened = await console.open_record(stored.data)
+        assert isinstance(opened.payload, TurnRecorded) and opened.payload.text == secret
+        with pytest.raises(PermissionDenied):
+            await console.keys.for_writing(key_id("carol"))
+        with pytest.raises(PermissionDenied):
+            await console.keys.erase(key_id("alice"))
+        with pytest.raises(PermissionDenied):
+            await console.transport.direct_get(console.subjects.keys_stream, {"seq": 1})

@@ -45,6 +45,7 @@ The console's grant (namespace `ns`, log `S`, advisories `A`, for each namespace
                  but not CREATE.S.<agent>__inbox|__groups  of an agent the registry knows
                $JS.FC.S.>                                  the reader's flow-control answers
                $JS.API.DIRECT.GET.S[.>]                    dead letters, a replay's reads
+               $JS.API.DIRECT.GET.KV_K.$KV.K.>             every agent's key of private records (read only)
     subscribe  _INBOX.<its public key>.>
 
 No envelope or event subject, no `$JS.ACK`, no stream change and no consumer deletion: its
@@ -152,6 +153,9 @@ def console_grant(namespaces: tuple[str, ...], public_key: str, agents: tuple[tu
             f"$JS.API.CONSUMER.LIST.{log}", f"$JS.API.CONSUMER.NAMES.{log}", f"$JS.API.CONSUMER.INFO.{log}.*",
             f"$JS.API.CONSUMER.CREATE.{log}.*", f"$JS.FC.{log}.>",
             f"$JS.API.DIRECT.GET.{log}", f"$JS.API.DIRECT.GET.{log}.>",
+            # Every key of private records, by key (it shows every agent as the admin sees them,
+            # and replays their handlings); never by sequence, and no key made or erased.
+            f"$JS.API.DIRECT.GET.{subjects.keys_stream}.{subjects.key_subject('>')}",
         ]
         deny += [
             f"$JS.API.CONSUMER.CREATE.{log}.{consumer}"
