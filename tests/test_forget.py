@@ -26,6 +26,7 @@ from projections.service import ProjectionService
 from schemas.payloads import Note, Sealed, TurnRecorded
 
 from conftest import wait_for
+from test_cli import cli_env, run_bus, server_env  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -148,3 +149,21 @@ async def test_views_rebuilt_after_a_forget_equal_the_live_ones(bus: Bus, tmp_pa
         await service.rebuild([], wait=True)
         rebuilt = await service.content_hashes()
     assert rebuilt == live
+
+
+async def test_bus_forget_prints_one_line_and_refuses_without_a_reason(
+    bus: Bus, server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`bus forget agent <name> --why ...` (admin) says what it erased and where it recorded it;
+    without --why it exits 2 and erases nothing; run again it says the key was forgotten before."""
+    await bus.record("alice", TurnRecorded(agent="alice", turn=1, role="user", at=datetime.now(UTC), text="x"))
+    missing = await run_bus("forget", "agent", "alice", env=server_env, cwd=tmp_path)
+    assert missing.code == 2 and "--why" in missing.stderr
+    assert await bus.keys.load(key_id("alice")) is not None
+    done = await run_bus("forget", "agent", "alice", "--why", "request 7", env=server_env, cwd=tmp_path)
+    assert done.code == 0, done.stderr
+    assert done.stdout.startswith("forgot agent alice: key agent.alice erased") and "recorded at seq" in done.stdout
+    bus.keys.drop(key_id("alice"))
+    assert await bus.keys.load(key_id("alice")) is None
+    again = await run_bus("forget", "agent", "alice", "--why", "request 7", env=server_env, cwd=tmp_path)
+    assert again.code == 0 and "none left (forgotten before)" in again.stdout
