@@ -13,6 +13,7 @@ Every envelope is published durably (the call returns after the server stored it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -37,6 +38,8 @@ from bus.errors import (
 )
 from bus.fsync import check_fsync
 from bus.metrics import BusMetrics
+from bus.privacy.keyring import Keyring, key_bucket_config
+from bus.privacy.sealing import CannotOpen, data_subject, key_id, open_payload, seal
 from bus.publisher import PubAck, Publisher
 from bus.settle import FORGED_SENDER
 from bus.subjects import Subjects
@@ -47,16 +50,18 @@ from bus.topology import (
     ensure_consumer,
     ensure_stream,
     log_stream_checks,
+    like_log,
     log_stream_config,
+    placement,
     stream_nodes,
 )
 from bus.transport import ConnectionSpec, Transport, any_reachable, translate
 from bus.wire import WireConnection, parse_urls
 from bus.wire.connection import stop_keeper
-from schemas import Codec, DecodeError, Delivery, Envelope, PayloadRegistry, derived_id, new_id, utcnow
+from schemas import Codec, DecodeError, Delivery, Envelope, PayloadRegistry, decode_loose, derived_id, new_id, utcnow
 from schemas.ids import id_problem, is_id, unidentified
 from schemas.envelope import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
-from schemas.payloads import RequestFailed
+from schemas.payloads import RequestFailed, Sealed
 from schemas.query import QueryFailure, QueryRequest, QueryResult
 
 if TYPE_CHECKING:
@@ -124,6 +129,7 @@ class Bus:
         self.codec = Codec(registry)
         self.metrics = BusMetrics(metrics_registry or CollectorRegistry())
         self._transport: Transport | None = None
+        self._keys: Keyring | None = None
         # Publishing's own connection (bus.wire): frames and acks, no nats-py internals.
         self._wire: WireConnection | None = None
         self._wire_keeper: asyncio.Task[None] | None = None
@@ -152,6 +158,9 @@ class Bus:
             ))
             await check_fsync(self.config, stream_nodes(info))
             await self._ensure_advisories(transport, info)
+            self._keys = Keyring(transport, self.subjects)
+            await self._ensure_key_store(transport, info)
+            self.codec.use_opener(self._open_sealed)
             wire = await self._open_wire(transport)
             self._publisher = Publisher(
                 wire, transport, subjects=self.subjects, settings=self.config.publisher, metrics=self.metrics
@@ -191,6 +200,72 @@ class Bus:
         except (TimeoutError, BusUnavailable) as exc:
             log.warning("the advisory stream %s is not available yet (%s); consumer engines create it "
                         "when they start", self.subjects.advisory_stream, exc or "no answer in time")
+
+    async def _ensure_key_store(self, transport: Transport, log_info: Any) -> None:
+        """Create the key store of private records if missing (replicated like the log), then
+        load this process's own key when it has one (an agent's runtime opens its own records
+        from then on without a read). Bounded and never fatal: a credential that may not create
+        it (an agent's) or read this key (the console's) only seals and opens less."""
+        try:
+            async with asyncio.timeout(ADVISORY_SETUP_S):
+                settings = like_log(log_info)
+                with contextlib.suppress(PermissionDenied):
+                    await transport.guarded("$JS.API.STREAM.", ensure_stream(
+                        transport.js, key_bucket_config(self.subjects, settings.replicas, placement(settings.placement_tags))
+                    ))
+                with contextlib.suppress(PermissionDenied, ConfigurationError):
+                    await self.keys.load(key_id(self.config.name))
+        except (TimeoutError, BusUnavailable) as exc:
+            log.warning("the key store %s is not available yet (%s)", self.subjects.keys_bucket, exc or "no answer in time")
+
+    def _open_sealed(self, envelope: Envelope[Sealed]) -> bytes | None:
+        """The payload a sealed envelope hides, when this process holds its key (the codec's
+        opener: no I/O); else None."""
+        sealed = envelope.payload
+        entry = self._keys.cached(sealed.key) if self._keys is not None else None
+        if entry is None:
+            return None
+        try:
+            return open_payload(envelope.id, sealed, entry)
+        except CannotOpen:
+            return None
+
+    @property
+    def keys(self) -> Keyring:
+        """The keys of private records (bus.privacy.keyring) this process holds or may read."""
+        if self._keys is None:
+            raise RuntimeError("Bus is not connected; use `async with Bus(config) as bus:`")
+        return self._keys
+
+    async def open_record(self, data: bytes) -> Envelope[Any]:
+        """Decode stored bytes, loading the key a sealed payload needs first (the payload stays
+        `Sealed` when the key was forgotten or this credential may not read it). Raises
+        DecodeError, BusUnavailable."""
+        envelope = self.codec.decode(data)
+        if type(envelope.payload) is Sealed and self.keys.cached(envelope.payload.key) is None:
+            with contextlib.suppress(PermissionDenied):
+                if await self.keys.load(envelope.payload.key) is not None:
+                    envelope = self.codec.decode(data)
+        return envelope
+
+    async def unsealed(self, data: bytes) -> bytes:
+        """Stored bytes as they were before sealing (the envelope with its payload opened), when
+        this credential holds or may load the key; else `data` unchanged. For readers of raw
+        records (a fold fed by hand). Raises BusUnavailable."""
+        if b'"kind":"sealed"' not in data:
+            return data
+        try:
+            envelope = decode_loose(data)
+            sealed = msgspec.json.decode(envelope.payload, type=Sealed)
+        except (DecodeError, msgspec.ValidationError, msgspec.DecodeError):
+            return data
+        with contextlib.suppress(PermissionDenied):
+            entry = await self.keys.load(sealed.key)
+            if entry is not None:
+                with contextlib.suppress(CannotOpen):
+                    plain = open_payload(envelope.id, sealed, entry)
+                    return self.codec.encode(msgspec.structs.replace(envelope, payload=msgspec.Raw(plain)))
+        return data
 
     async def _open_wire(self, transport: Transport) -> WireConnection:
         """Connect publishing's WireConnection and start its keeper (reconnects, keepalive), a
@@ -297,12 +372,20 @@ class Bus:
         raise ConfigurationError("an envelope needs `to` or `tag` to be sent; use record() for events")
 
     async def publish(self, envelope: Envelope[Any], subject: str | None = None, **occ: Any) -> Sent:
-        """Publish an envelope durably and return it with the server's receipt.
+        """Publish an envelope durably and return it with the server's receipt. A private
+        record (bus.privacy.sealing.PRIVATE_KINDS) is stored sealed under its agent's key (made
+        on its first record); the envelope returned is the one given.
 
         `occ` may hold `expected_last_subject_seq` and `expected_last_subject`.
         Raises BusUnavailable, ConcurrencyConflict, PermissionDenied.
         """
-        data = self.codec.encode(envelope)
+        stored = envelope
+        if self.config.seal_private:
+            agent = data_subject(envelope.payload)
+            if agent is not None:
+                key = key_id(agent)
+                stored = seal(envelope, key, await self.keys.for_writing(key))
+        data = self.codec.encode(stored)
         ack = await self.publisher.publish(
             subject or self.subject_for(envelope), data, msg_id=envelope.id, **occ
         )

@@ -159,6 +159,9 @@ class BusConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Refuse to start if the server is known not to fsync every write.
     require_fsync: bool = True
     connect_timeout_s: float = 2.0
+    # Seal private records (bus.privacy) under their agent's key as they are published; off only
+    # to measure what sealing costs (`bus bench`), or for a log no one will ever need to forget.
+    seal_private: bool = True
     stream: StreamSettings = StreamSettings()
     publisher: PublisherSettings = PublisherSettings()
     consumer: ConsumerSettings = ConsumerSettings()

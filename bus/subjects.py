@@ -25,6 +25,17 @@ class Subjects:
         self.advisory_stream = f"CONTINUUM_{upper}_ADVISORIES"
         self.all = f"{namespace}.>"
         self.query = f"_continuum.{namespace}.query"
+        # The key store of private records (bus.privacy): a NATS KV bucket and its stream.
+        self.keys_bucket = f"CONTINUUM_KEYS_{upper}"
+        self.keys_stream = f"KV_{self.keys_bucket}"
+
+    def key_subject(self, key: str) -> str:
+        """The KV subject of one key of the key store (`key` e.g. `agent.alice`)."""
+        return f"$KV.{self.keys_bucket}.{key}"
+
+    def key_get(self, key: str) -> str:
+        """The direct-get API subject reading one key (the only form an agent is granted)."""
+        return f"$JS.API.DIRECT.GET.{self.keys_stream}.{self.key_subject(key)}"
 
     def inbox(self, to: str, sender: str) -> str:
         return f"{self.ns}.inbox.{check_name(to, 'agent name')}.{check_name(sender, 'sender name')}"

@@ -611,6 +611,22 @@ class Transport:
             raise BusUnavailable(f"direct get {request} refused: {status} {answer.headers.get('Description', '')}")
         return _stored(answer)
 
+    async def direct_get_last(self, stream: str, subject: str, *, timeout_s: float = 5.0) -> StoredMessage | None:
+        """The last message stored on `subject` (a literal subject), by the direct get whose API
+        subject names it (`$JS.API.DIRECT.GET.<stream>.<subject>`): what a permission on that
+        API subject can grant for one subject alone (a key of the key store). None when there
+        is none. Raises BusUnavailable, PermissionDenied."""
+        api = f"$JS.API.DIRECT.GET.{stream}.{subject}"
+        answer = await self._read_patiently(
+            stream, {"last_by_subj": subject}, timeout_s, lambda attempt_s: self.request(api, b"", timeout_s=attempt_s)
+        )
+        status = answer.status
+        if status == "404":
+            return None
+        if status:
+            raise BusUnavailable(f"direct get of {subject} refused: {status} {answer.headers.get('Description', '')}")
+        return _stored(answer)
+
     async def direct_get_batch(
         self, stream: str, request: dict[str, Any], *, limit: int, timeout_s: float = 5.0
     ) -> list[StoredMessage]:

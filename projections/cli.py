@@ -108,6 +108,15 @@ def register(subparsers: Any) -> None:
     _addressing(rebuild)
     rebuild.set_defaults(func=_rebuild)
 
+    compact = sub.add_parser(
+        "compact", help="rewrite the views file so no freed block keeps deleted rows (after `bus forget`)",
+        description="Copy the views file's live rows into a fresh file and replace it (projections.compact): "
+        "DuckDB never clears freed blocks, so after `bus forget` the forgotten text stays readable in the file "
+        "until this runs. The projection service must be stopped (it holds the file).",
+    )
+    _common(compact)
+    compact.set_defaults(func=_compact)
+
     status = sub.add_parser("status", help="each view's checkpoint and lag, and integrity problems")
     _common(status)
     status.add_argument("--format", choices=("text", "json"), default="text")
@@ -163,6 +172,18 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> ProjectionSettings:
     path = args.db if args.db is not None else Path(args.home) / VIEWS_FILE
     archive = ArchiveSettings.for_home(args.home, args.namespace).directory
     return ProjectionSettings(db_path=str(path), archive_dir=str(archive), **overrides)
+
+
+async def _compact(args: argparse.Namespace) -> int:
+    from projections.compact import rewrite_views_file
+
+    path = _settings(args).db_path
+    try:
+        size = await asyncio.to_thread(rewrite_views_file, path)
+    except (FileNotFoundError, StoreLocked) as exc:
+        raise CliError(str(exc)) from exc
+    out(f"rewrote {path}: {size} bytes, no freed blocks")
+    return 0
 
 
 # -- run ---------------------------------------------------------------------------------

@@ -211,6 +211,7 @@ class QueryExecutor:
         self.invalidated = False
         # The Store.incarnation its cursors belong to.
         self.incarnation = incarnation
+        self.closed = False
         self._probe = probe
         self._running = threading.Lock()
         self._memory_limit = memory_limit_bytes
@@ -244,6 +245,7 @@ class QueryExecutor:
                 return
 
     def close(self) -> None:
+        self.closed = True
         if self._folds_first is not None:
             self._folds_first.remove_queries(self.make_room)
         self._watchdog.close()
@@ -280,6 +282,8 @@ class QueryExecutor:
                         return _held_back(timeout_s)
                 finally:
                     self._running.acquire()
+            if self.retired:  # the store was opened again while this query waited to be admitted
+                return failure("internal", "the views file was opened again while this query waited: send it again")
             timeout_s = max(0.001, timeout_s - (time.perf_counter() - started))
             try:
                 if self._unsettled:

@@ -55,6 +55,7 @@ from bus.log_reader import LogReader, LogRecord
 from projections.archive.reader import archived_batches
 from projections.batch import Batch, build_batch, merge
 from projections.config import ProjectionSettings
+from projections.opening import FORGOTTEN, Opener
 from projections.errors import ArchiveError, FoldError, RebuildError
 from projections.fold import HalfCommitted, StoreInvalidated, StoreUnusable, describe, retry_delay
 from projections.metrics import ProjectionMetrics
@@ -236,8 +237,16 @@ class Runner:
         watermark: Watermark,
         *,
         on_reopened: Callable[[list[str]], Awaitable[None]] | None = None,
+        before_rewrite: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._bus = bus
+        # Sealed private records are opened between decoding and folding (projections.opening).
+        self._opener = Opener(bus.keys)
+        # The last forget (privacy.forgotten) read live, and the last whose rows are erased from
+        # the file too (`keep_erasing`).
+        self._forget_seq = 0
+        self.erased_seq = 0
+        self._forget_read = asyncio.Event()
         self._writer = writer
         self._store = writer.store
         self._settings = settings
@@ -257,6 +266,8 @@ class Runner:
         self._reopening = asyncio.Lock()
         # Told when it was, with the views to build (the service renews its query cursors).
         self._on_reopened = on_reopened
+        # Closes every other connection to the file before it is rewritten (the query cursors).
+        self._before_rewrite = before_rewrite
         # `Store.swaps` when the live pipeline started reading (None: no check, `fold_from`).
         self._live_swaps: int | None = None
 
@@ -404,7 +415,8 @@ class Runner:
         try:
             after = await self._writer.call(lambda: self._store.build_seq)
             async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
-                async for _segment, batch in batches:
+                async for _segment, sealed_batch in batches:
+                    batch = await self._opener.open(sealed_batch, self._offload)
                     applied = await self._fold_retrying(
                         "rebuild", "rebuild", batch, lambda piece: self._writer.call(fold, piece)
                     )
@@ -457,7 +469,7 @@ class Runner:
         decoded: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
         async with asyncio.TaskGroup() as tasks:
             reading = tasks.create_task(self._read(reader, read_ahead), name=f"{target}-read")
-            decoding = tasks.create_task(self._decode(read_ahead, decoded), name=f"{target}-decode")
+            decoding = tasks.create_task(self._decode(read_ahead, decoded, live=fold is None), name=f"{target}-decode")
             try:
                 if fold is None:
                     await self._fold_in_lanes(decoded, read_ahead, reader, until_seq)
@@ -471,7 +483,7 @@ class Runner:
         while True:
             await read_ahead.put(await reader.read(self._settings.batch_max))
 
-    async def _decode(self, read_ahead: _ReadAhead, decoded: asyncio.Queue[Batch]) -> None:
+    async def _decode(self, read_ahead: _ReadAhead, decoded: asyncio.Queue[Batch], *, live: bool = False) -> None:
         loop = asyncio.get_running_loop()
         while True:
             records = await read_ahead.take(self._settings.batch_max)
@@ -479,6 +491,9 @@ class Runner:
                 batch = decode(records)
             else:
                 batch = await loop.run_in_executor(self._decoder, decode, records)
+            batch = await self._opener.open(batch, None if len(records) <= INLINE_DECODE_MAX else self._offload)
+            if live and batch.has_kind(FORGOTTEN):
+                self._note_forgets(batch)
             await decoded.put(batch)
 
     async def _apply(
@@ -696,13 +711,49 @@ class Runner:
         assert done is not None
         return done
 
-    async def reopen(self, incarnation: int) -> None:
+    async def _offload(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` on the decode thread (off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, functools.partial(function, *args))
+
+    def _note_forgets(self, batch: Batch) -> None:
+        kinds = batch.table.column("kind").to_pylist()
+        seqs = [seq for seq, kind in zip(batch.seqs, kinds) if kind == FORGOTTEN]
+        if seqs and seqs[-1] > self._forget_seq:
+            self._forget_seq = seqs[-1]
+            self._forget_read.set()
+
+    async def keep_erasing(self) -> None:
+        """Until cancelled: once every view has folded a forget read live, rewrite the views file
+        (Store.reopen with `rewrite`): DuckDB never clears freed blocks, so the rows the forget
+        deleted would stay readable in the file. Queries wait meanwhile, as for any reopen; a
+        rebuild in progress is dropped (ask for it again). Raises StoreUnusable."""
+        while True:
+            await self._forget_read.wait()
+            self._forget_read.clear()
+            seq = self._forget_seq
+            while not await self.watermark.wait_for(seq, timeout_s=60.0):
+                log.info("the forget at seq %d waits for every view to fold it before the file is rewritten", seq)
+            started = time.perf_counter()
+            await self.reopen(self._store.incarnation, rewrite=True)
+            if not self._store.rewritten:
+                log.error("forget at seq %d: the views file still holds the freed blocks; trying again in 5s", seq)
+                await asyncio.sleep(5.0)
+                self._forget_read.set()
+                continue
+            self.erased_seq = max(self.erased_seq, seq)
+            log.warning("forget at seq %d: the views file was rewritten without its freed blocks in %.2fs",
+                        seq, time.perf_counter() - started)
+
+    async def reopen(self, incarnation: int, *, rewrite: bool = False) -> None:
         """Open the store again, after DuckDB invalidated it (or left it in a state only that
         mends), unless that was done since `incarnation` (several lanes and queries find out at
-        once); then tell the service. Raises StoreUnusable when the file cannot be opened."""
+        once); then tell the service. With `rewrite`, the file is rewritten while it is closed
+        (projections.compact). Raises StoreUnusable when the file cannot be opened."""
         async with self._reopening:
+            if rewrite and self._before_rewrite is not None and incarnation == self._store.incarnation:
+                await self._before_rewrite()
             try:
-                stale = await self._writer.call(self._store.reopen, incarnation)
+                stale = await self._writer.call(functools.partial(self._store.reopen, incarnation, rewrite=rewrite))
             except Exception as exc:
                 raise StoreUnusable(f"could not open the views file again: {describe(exc)}") from exc
             if stale is None:

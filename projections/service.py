@@ -154,12 +154,14 @@ class ProjectionService:
         self._query_pool = pool
         self._stack.callback(self._close_queries, pool)
 
-        runner = Runner(bus, writer, settings, self.metrics, self.watermark, on_reopened=self._renew_queries)
+        runner = Runner(bus, writer, settings, self.metrics, self.watermark, on_reopened=self._renew_queries,
+                        before_rewrite=self._retire_queries)
         self.runner = runner
         self._stack.callback(runner.close)
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.push_async_callback(self._stop)
         self._background.append(self._tasks.create_task(runner.run_live(), name="projections-live"))
+        self._background.append(self._tasks.create_task(runner.keep_erasing(), name="projections-erase"))
         if stale:
             log.info("views %s are new or changed: building them from seq 1", ", ".join(stale))
             self._background.append(self._tasks.create_task(self._build_stale(stale), name="projections-build"))
@@ -283,6 +285,24 @@ class ProjectionService:
         if stale and self._tasks is not None:
             self._background.append(self._tasks.create_task(self._build_stale(stale), name="projections-build"))
 
+    async def _retire_queries(self) -> None:
+        """Before the file is rewritten (a forget): retire every query executor and wait until
+        each has closed its cursors (idle ones now, a running query interrupted and answered
+        again on the new file): DuckDB hands out a database still held by a connection instead
+        of opening the file anew. Queries that come meanwhile wait for the new executors."""
+        loop = asyncio.get_running_loop()
+        old = list(self._executors)
+        for executor in old:
+            executor.retired = True
+        while not self._idle.empty():
+            await loop.run_in_executor(None, self._idle.get_nowait().close)
+        for executor in old:
+            if not executor.closed:
+                executor.interrupt()
+        deadline = loop.time() + self._settings.query.max_timeout_s
+        while not all(executor.closed for executor in old) and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # a running query closes its executor as it ends (_run_query)
+
     def _close_queries(self, pool: ThreadPoolExecutor) -> None:
         pool.shutdown(wait=True)
         for executor in self._executors:
@@ -363,13 +383,27 @@ class ProjectionService:
                 )
         if self.archive_view is not None and ARCHIVE_VIEW in request.sql.lower():
             await self._refresh_archive_view()
+        while True:
+            answer, retired = await self._run_query(request, scope, views, deadline, timeout_s)
+            # A query the store's reopen overtook (a forget's rewrite of the file, say) ran on
+            # nothing: it is sent again on the new file's cursors while time is left.
+            if not retired or isinstance(answer, QueryResult) or loop.time() >= deadline:
+                return answer
+
+    async def _run_query(
+        self, request: QueryRequest, scope: str | None, views: frozenset[str], deadline: float, timeout_s: float
+    ) -> tuple[QueryResult | QueryFailure, bool]:
+        """One attempt at a query on an idle executor: (the answer, whether that executor was
+        retired by a reopen meanwhile)."""
+        loop = asyncio.get_running_loop()
+        limits = self._settings.query
         try:
             async with asyncio.timeout(max(0.001, deadline - loop.time())):
                 executor = await self._idle.get()
         except TimeoutError:
-            return failure("timeout", f"no query slot became free within {timeout_s:g}s")
+            return failure("timeout", f"no query slot became free within {timeout_s:g}s"), False
         try:
-            return await loop.run_in_executor(
+            answer = await loop.run_in_executor(
                 self._query_pool,
                 lambda: executor.run(
                     request.sql, request.params,
@@ -379,6 +413,7 @@ class ProjectionService:
                     scope=scope,
                 ),
             )
+            return answer, executor.retired
         finally:
             if executor.invalidated and not executor.retired and self.runner is not None and self._tasks is not None:
                 # (The folds may be idle: a query that finds the database invalidated opens it again

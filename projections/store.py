@@ -52,6 +52,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import duckdb
 
 from projections.batch import Batch
+from projections.compact import rewrite_views_file
 from projections.crashes import LIVE, CrashGuard
 from projections.errors import StoreLocked, StoreMismatch
 from projections.fold import Applied, Generation, HalfCommitted, Lane, after, rollback
@@ -147,6 +148,8 @@ class Store:
         self._con: duckdb.DuckDBPyConnection | None = None
         # How the folds and the queries share DuckDB's memory (the queries register with it).
         self.folds_first = FoldsFirst()
+        # Whether the last `reopen` asked to rewrite the file did (projections.compact).
+        self.rewritten = False
         # How many times `reopen` opened the file again: cursors from before are closed.
         self.incarnation = 0
         # How many times `swap` made building generations active, or `reopen` read them from
@@ -265,15 +268,16 @@ class Store:
             self._lane_pool = ThreadPoolExecutor(self._lane_count - 1, thread_name_prefix="continuum-duckdb-lane")
         return stale
 
-    def reopen(self, incarnation: int) -> list[str] | None:
+    def reopen(self, incarnation: int, *, rewrite: bool = False) -> list[str] | None:
         """Close and open the file again, if it has not been since `incarnation`: after DuckDB
         invalidated the database (StoreInvalidated), what was committed is in the file and a new
         DuckDB instance goes on from it. Every cursor of the old one is closed with it. A rebuild
         in progress is dropped (its generations are `building`). Call it on the writer thread,
         while no new fold starts (one running is waited for). Returns None if it had been
         reopened already, else the views to build (as `open`: among them any a half-way commit
-        left untrusted, `note_half_commit`). Raises StoreLocked,
-        StoreMismatch, duckdb.Error (as `open`)."""
+        left untrusted, `note_half_commit`). With `rewrite`, the closed file is first copied
+        into a fresh one without its freed blocks (projections.compact: after a forget). Raises
+        StoreLocked, StoreMismatch, duckdb.Error (as `open`)."""
         if incarnation != self.incarnation:
             return None
         # DuckDB hands out the old (invalidated) instance while a query on it still runs: stop
@@ -285,6 +289,13 @@ class Store:
         # old instance, the file says what holds: a rebuild's `building` ones are dropped by
         # `open` (Runner.rebuild sees the incarnation change and gives up).
         self.active, self.building, self.frozen, self._retired = {}, {}, set(), []
+        self.rewritten = False
+        if rewrite:
+            try:
+                rewrite_views_file(self.path, wait_s=REOPEN_WAIT_S)
+                self.rewritten = True
+            except StoreLocked as exc:
+                log.error("the views file could not be rewritten (%s): it is opened as it is", exc)
         deadline = time.monotonic() + REOPEN_WAIT_S
         while True:
             try:

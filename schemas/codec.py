@@ -11,6 +11,7 @@ Both check the size and nesting limits on the bytes before msgspec (which recurs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
@@ -18,6 +19,7 @@ import msgspec
 from schemas.envelope import Envelope
 from schemas.ids import unidentified
 from schemas.limits import MAX_NAME_CHARS, misnamed, refusal
+from schemas.payloads.privacy import Sealed
 from schemas.registry import PayloadRegistry
 
 # "undecodable": not JSON (or not UTF-8); "invalid": JSON that is not a valid envelope, or is
@@ -44,6 +46,13 @@ class Codec:
     def __init__(self, registry: PayloadRegistry | None = None) -> None:
         self.registry = registry or PayloadRegistry.with_builtins()
         self._decoder = msgspec.json.Decoder(Envelope[self.registry.union()])  # type: ignore[misc]
+        self._payload_decoder = msgspec.json.Decoder(self.registry.union())  # type: ignore[arg-type]
+        self._opener: Callable[[Envelope[Sealed]], bytes | None] | None = None
+
+    def use_opener(self, opener: Callable[[Envelope[Sealed]], bytes | None] | None) -> None:
+        """Open sealed payloads while decoding: `opener(envelope)` returns the payload JSON a
+        sealed envelope hides, or None when it cannot (the payload then stays `Sealed`)."""
+        self._opener = opener
 
     def encode(self, envelope: Envelope[Any]) -> bytes:
         """Encode an envelope as JSON bytes."""
@@ -64,6 +73,14 @@ class Codec:
         wrong = unidentified(envelope.id, envelope.correlation_id, envelope.causation_id)
         if wrong is not None:
             raise DecodeError(f"invalid envelope: {wrong}")
+        if self._opener is not None and type(envelope.payload) is Sealed:
+            opened = self._opener(envelope)
+            if opened is not None:
+                try:
+                    payload = self._payload_decoder.decode(opened)
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    raise DecodeError(f"invalid envelope: its sealed payload: {exc}") from exc
+                envelope = msgspec.structs.replace(envelope, payload=payload)
         if self.registry.has_upcasters:
             upcast = self.registry.apply_upcasters(envelope.payload)
             if upcast is not envelope.payload:

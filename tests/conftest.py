@@ -95,14 +95,18 @@ async def wait_for(
         await asyncio.sleep(interval_s)
 
 
-async def read_records(bus: Bus, upto: int) -> list["LogRecord"]:
-    """The log's records from seq 1 through `upto`, as the projections read them."""
+async def read_records(bus: Bus, upto: int, *, sealed: bool = False) -> list["LogRecord"]:
+    """The log's records from seq 1 through `upto`, as the projections read them; private
+    records opened with `bus`'s keys, as the projection service opens them before its folds
+    (projections.opening), unless `sealed` (the stored bytes)."""
     from bus.log_reader import LogReader
 
     records: list[LogRecord] = []
     async with LogReader(bus, start_seq=1) as reader:
         while not records or records[-1].seq < upto:
             records += await reader.read(10_000)
+    if not sealed:
+        records = [record._replace(data=await bus.unsealed(record.data)) for record in records]
     return records
 
 

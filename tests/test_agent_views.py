@@ -30,7 +30,8 @@ async def read_all(bus: Bus, *, after: int = 0) -> list[LogRecord]:
     async with LogReader(bus, start_seq=after + 1) as reader:
         while not records or records[-1].seq < last:
             records += await reader.read(10_000)
-    return records
+    # Opened as the projection service opens private records before its folds (projections.opening).
+    return [record._replace(data=await bus.unsealed(record.data)) for record in records]
 
 
 def fold(path: Path, bus: Bus, records: list[LogRecord], *, batch_size: int) -> Store:

@@ -22,6 +22,7 @@ from projections.config import ProjectionSettings
 from projections.service import ProjectionService
 from projections.store import file_checkpoints, file_hashes
 from projections.views import VIEWS
+from projections.views import events as events_view
 from projections.workload import LogItem, append_batches, synthetic_log
 
 VIEW_NAMES = [spec.name for spec in VIEWS]
@@ -195,7 +196,7 @@ async def test_cli_status_and_rebuild_talk_to_the_service_or_open_the_file(bus: 
     assert second.returncode == 2 and "open in another process" in second.stderr
     assert offline_status.returncode == 0 and "no projection service is running" in offline_status.stdout
     lines = {line.split()[0]: line.split() for line in offline_status.stdout.splitlines() if line.split()}
-    assert lines["events"][1:5] == ["2", "1", "active", str(last)]
+    assert lines["events"][1:5] == ["2", str(events_view.VERSION), "active", str(last)]
     assert offline_rebuild.returncode == 0, offline_rebuild.stderr
     assert "rebuilding" in offline_rebuild.stdout and "directly" in offline_rebuild.stdout
     assert "rebuilt messages" in offline_rebuild.stdout

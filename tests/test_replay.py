@@ -90,3 +90,20 @@ async def test_bus_replay_prints_both_hashes_and_exits_by_the_verdict(bus: Bus) 
     assert "tester" in out and "==" in out and out.strip().endswith("same events: yes")
     code, out = await run("no-such-workflow")
     assert code == 2 and "no handled messages" in out
+
+
+async def test_a_handling_whose_records_were_forgotten_says_what_it_cannot_reproduce(bus: Bus) -> None:
+    """After `bus forget agent tester`, its model calls and turns are sealed under an erased key:
+    the replay of its handling reports how many records of which kinds it cannot reproduce
+    (and under which key) instead of running the handler on a partial memory."""
+    from bus.privacy.forget import forget_agent
+
+    envelope, _ = await handled(bus, "fact one")
+    before = await replay_workflow(bus, envelope.correlation_id, {"tester": Solo})
+    assert before.same
+    await forget_agent(bus, "tester", why="test", actor="admin")
+    report = await replay_workflow(bus, envelope.correlation_id, {"tester": Solo})
+    assert not report.same and len(report.handlings) == 1
+    error = report.handlings[0].error
+    assert error.startswith("cannot reproduce: ") and "agent.tester" in error and "forgotten" in error
+    assert "llm.call.completed" in error and "memory.turn.recorded" in error

@@ -50,7 +50,7 @@ async def read_range(
             if up_to is not None and seq > up_to:
                 return
             try:
-                envelope = bus.codec.decode(data)
+                envelope = await bus.open_record(data)
             except DecodeError:
                 continue
             yield StoredEvent(seq, subject, envelope)

@@ -137,7 +137,7 @@ class MemoryLog:
         stored = await last_by_subject(self.bus, self.bus.subjects.event(self.agent, "llm.call.completed"))
         if stored is None:
             return None
-        envelope = self.bus.codec.decode(stored.data)
+        envelope = await self.bus.open_record(stored.data)
         return envelope.payload if envelope.id == call_id else None
 
     async def _record_block(self, event: Any, fields: dict[str, Any]) -> Any:
@@ -172,4 +172,4 @@ class MemoryLog:
         stored = await by_seq(self.bus, seq)
         if stored is None:
             raise BusUnavailable(f"event at seq {seq} reported as stored but not readable")
-        return self.bus.codec.decode(stored.data).payload
+        return (await self.bus.open_record(stored.data)).payload

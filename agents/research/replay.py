@@ -17,6 +17,11 @@ For each message of the workflow that an LLM agent of the team handled, in log o
    with the recorded ones (the events and messages whose causation is that message).
 
 Ids, timestamps of publication and latencies are not part of the hash: only what was decided.
+
+A handling whose records were forgotten (`bus forget`: its agent's private records are sealed
+under a key that no longer exists) is not run: its report's `error` says which records it cannot
+reproduce (how many, of which kinds, under which key), instead of a replay that diverges or fails
+on what it cannot read.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from agents.memory import MEMORY_EVENT_TYPES
 from agents.runtime.journal import inbound_key
 from bus.client import Bus
 from schemas import Envelope, derived_id
-from schemas.payloads import LlmCallCompleted, Note, Notice, StepRecorded
+from schemas.payloads import LlmCallCompleted, Note, Notice, Sealed, StepRecorded
 
 _canonical = msgspec.json.Encoder(order="deterministic")
 
@@ -169,11 +174,17 @@ async def replay_workflow(
     ns = bus.subjects.ns
     log = [stored async for stored in read_range(bus, f"{ns}.>")]
     memory_events = [s for s in log if s.subject.startswith(f"{ns}.event.") and ".memory." in s.subject]
+    sealed = [s for s in memory_events if isinstance(s.envelope.payload, Sealed)]
+    memory_events = [s for s in memory_events if not isinstance(s.envelope.payload, Sealed)]
     handlings = []
     for stored in log:
         env = stored.envelope
         if (env.correlation_id != correlation_id or env.to not in agent_classes
                 or bus.subjects.kind_of_subject(stored.subject) != "inbox" or not isinstance(env.payload, Note)):
+            continue
+        unreadable = _forgotten(stored, log, sealed)
+        if unreadable is not None:
+            handlings.append(unreadable)
             continue
         handlings.append(await _replay_one(bus, stored, log, memory_events, agent_classes[env.to]))
     return WorkflowReplay(correlation_id=correlation_id, handlings=handlings)
@@ -213,6 +224,28 @@ async def _replay_one(
         recorded=len(recorded), replayed=len(replayed),
         recorded_sha256=effects_sha256(recorded), replayed_sha256=effects_sha256(replayed), error=error,
         unused_responses=model.remaining,
+    )
+
+
+def _forgotten(inbound: StoredEvent, log: list[StoredEvent], sealed_memory: list[StoredEvent]) -> HandlingReplay | None:
+    """The report of a handling that touched forgotten records (sealed ones this process cannot
+    open: what it caused, or its agent's memory up to the handling), else None."""
+    env = inbound.envelope
+    agent = env.to or ""
+    caused = [s for s in log if s.envelope.causation_id == env.id and s.envelope.sender == agent]
+    unreadable = [s for s in caused if isinstance(s.envelope.payload, Sealed)]
+    caused_ids = {s.envelope.id for s in unreadable}
+    unreadable += [s for s in sealed_memory if s.envelope.sender == agent and s.envelope.id not in caused_ids
+                   and s.seq <= max([inbound.seq, *(c.seq for c in caused)])]
+    if not unreadable:
+        return None
+    kinds = sorted({s.envelope.payload.of for s in unreadable})
+    keys = sorted({s.envelope.payload.key for s in unreadable})
+    return HandlingReplay(
+        agent=agent, inbound_id=env.id, inbound_seq=inbound.seq, llm_calls=0, recorded=0, replayed=0,
+        recorded_sha256="", replayed_sha256="",
+        error=(f"cannot reproduce: {len(unreadable)} records ({', '.join(kinds)}) are sealed under "
+               f"{', '.join(keys)}, which was forgotten (or this credential may not read it)"),
     )
 
 

@@ -23,7 +23,7 @@ from agents.runtime.reads import MULTI_LAST_LIMIT, multi_last
 from bus.client import Bus
 from bus.errors import ConcurrencyConflict
 from schemas import DecodeError, Delivery, Envelope, derived_id, stable_id
-from schemas.payloads import StepRecorded
+from schemas.payloads import Sealed, StepRecorded
 
 # One multi-subject direct get reads at most this many subjects, so a handler may run at most
 # this many steps per message.
@@ -122,9 +122,15 @@ class StepJournal:
         recorded: dict[int, StepRecorded] = {}
         for msg in msgs:
             try:
-                payload = self._bus.codec.decode(msg.data).payload
+                payload = (await self._bus.open_record(msg.data)).payload
             except DecodeError as exc:
                 raise UnreadableRecord(f"step record at seq {msg.seq} ({msg.subject}) is unreadable: {exc}") from exc
+            if isinstance(payload, Sealed):
+                # Never run a recorded step again because its record cannot be read (a forgotten
+                # agent's journal): its effect happened once already.
+                raise UnreadableRecord(f"step record at seq {msg.seq} ({msg.subject}) is sealed under {payload.key}, "
+                                       "which was forgotten (or this credential may not read it): its result "
+                                       "cannot be reproduced")
             if isinstance(payload, StepRecorded):
                 recorded[payload.index] = payload
         self._recorded = recorded

@@ -24,7 +24,7 @@ from agents.runtime.reads import StoredMsg, by_seq, last_by_subject
 from bus.client import Bus
 from bus.errors import ConcurrencyConflict
 from schemas import DecodeError, derived_id, new_id
-from schemas.payloads import AgentStateSaved
+from schemas.payloads import AgentStateSaved, Sealed
 
 if TYPE_CHECKING:
     from agents.runtime.context import Context, StepInfo
@@ -62,7 +62,7 @@ class StateStore:
     async def load(self, *, type: Any = Any, default: Any = None) -> Versioned[Any]:
         """The latest state, decoded as `type`. Raises BusUnavailable."""
         if self._context is None:
-            return self._decode(await last_by_subject(self._bus, self.subject), type, default)
+            return await self._decode(await last_by_subject(self._bus, self.subject), type, default)
         seen: list[StoredMsg | None] = []
 
         async def run(_info: "StepInfo") -> _Loaded:
@@ -72,7 +72,7 @@ class StateStore:
 
         version = msgspec.json.decode(await self._context.run_step("state.load", run), type=_Loaded).version
         msg = seen[0] if seen else (await by_seq(self._bus, version) if version else None)
-        return self._decode(msg, type, default)
+        return await self._decode(msg, type, default)
 
     async def save(self, value: Any, *, version: int) -> int:
         """Store `value` if the state is still at `version`; return the new version.
@@ -126,13 +126,16 @@ class StateStore:
         sent = await self._bus.record(self._agent, payload, expected_seq=version, fence=self.subject, id=msg_id)
         return sent.ack.seq
 
-    def _decode(self, msg: StoredMsg | None, value_type: Any, default: Any) -> Versioned[Any]:
+    async def _decode(self, msg: StoredMsg | None, value_type: Any, default: Any) -> Versioned[Any]:
         if msg is None:
             return Versioned(value=default, version=0)
         try:
-            payload = self._bus.codec.decode(msg.data).payload
+            payload = (await self._bus.open_record(msg.data)).payload
         except DecodeError as exc:
             raise UnreadableRecord(f"{self.subject} at seq {msg.seq} is not agent state: {exc}") from exc
+        if isinstance(payload, Sealed):
+            raise UnreadableRecord(f"the state at {self.subject} seq {msg.seq} is sealed under {payload.key}, which was "
+                                   "forgotten (or this credential may not read it)")
         if not isinstance(payload, AgentStateSaved):
             raise UnreadableRecord(f"{self.subject} holds a {payload.__class__.__name__} at seq {msg.seq}, not agent state")
         try:

@@ -17,6 +17,7 @@ from bus.server import ANY_PORT, EmbeddedServer, ServerSettings
 SECTIONS = (
     "bus.bench.publish",      # durable_publish_per_s, baseline_publish_async_per_s
     "bus.bench.consume",      # consume_ack_per_s, baseline_fetch_ack_per_s, latency_p50_ms, latency_p99_ms
+    "bus.bench.privacy",      # private_record_per_s sealed vs unsealed, private_seal_ratio, open_per_s
     "bus.bench.secured",      # auth_durable_publish_per_s, auth_consume_ack_per_s (authorization + TLS) vs plain, ratios
     "bus.bench.cluster",      # r1/r3 publish and consume rates and ratios, failover_resume_s
     "bus.bench.console",      # console_first_paint_ms, console_live_delay_p99_ms, console_publish/consume_ratio

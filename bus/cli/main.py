@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "bus.cli.stream_commands",     # stream info|update
     "bus.cli.dlq_commands",        # dlq list|show|retry
     "bus.cli.creds_commands",      # creds issue|list|revoke
+    "bus.cli.forget_command",      # forget
     "bus.cli.metrics_commands",    # metrics targets
     "bus.cli.bench_command",       # bench
     "bus.cli.smoke_command",       # smoke

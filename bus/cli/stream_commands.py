@@ -18,12 +18,14 @@ from nats.js.errors import NotFoundError
 
 from bus.cli.common import CliError, add_connection_options, non_negative_float, open_bus, out, positive_int
 from bus.config import StreamSettings
+from bus.privacy.keyring import key_bucket_config
 from bus.topology import (
     FieldChange,
     advisory_stream_config,
     declared_stream_update,
     describe,
     log_stream_update,
+    placement,
     stream_differences,
     update_stream,
 )
@@ -219,18 +221,23 @@ async def run_update(args: argparse.Namespace) -> int:
             placement_tags=args.placement_tags,
         )
         pairs = [(live_log, wanted_log)]
-        try:
-            live_advisories = (await bus.js.stream_info(subjects.advisory_stream)).config
-        except NotFoundError:
-            pass  # created by the first consumer engine, replicated like the log is then
-        else:
-            # The internal streams follow the log's replicas and placement.
-            like_log = StreamSettings(
-                replicas=wanted_log.num_replicas or 1,
-                placement_tags=tuple(wanted_log.placement.tags or []) if wanted_log.placement else (),
-            )
-            pairs.append((live_advisories, declared_stream_update(
-                live_advisories, advisory_stream_config(subjects, like_log), clear_placement=not like_log.placement_tags,
+        # The internal streams (advisories, the key store of private records) follow the log's
+        # replicas and placement.
+        like_log = StreamSettings(
+            replicas=wanted_log.num_replicas or 1,
+            placement_tags=tuple(wanted_log.placement.tags or []) if wanted_log.placement else (),
+        )
+        internal = (
+            (subjects.advisory_stream, advisory_stream_config(subjects, like_log)),
+            (subjects.keys_stream, key_bucket_config(subjects, like_log.replicas, placement(like_log.placement_tags))),
+        )
+        for name, declared in internal:
+            try:
+                live_internal = (await bus.js.stream_info(name)).config
+            except NotFoundError:
+                continue  # created when first needed, replicated like the log is then
+            pairs.append((live_internal, declared_stream_update(
+                live_internal, declared, clear_placement=not like_log.placement_tags,
             )))
         plans: list[tuple[js_api.StreamConfig, list[FieldChange]]] = []
         for live, wanted in pairs:

@@ -17,9 +17,16 @@ An agent's grant (namespace `ns`, log stream `S`, advisory stream `A`, name `me`
                $JS.API.CONSUMER.CREATE.S.me__groups.ns.group.<tag>.*  (one tag; several: the issuer)
                $JS.ACK.S.me__inbox.> ... (acks of its own deliveries)
                $JS.API.DIRECT.GET.S[.>]                    its runtime's reads of the log
+               $KV.K.agent.me                              make its key of private records (bus.privacy)
+               $JS.API.DIRECT.GET.KV_K.$KV.K.agent.me      read that key, and no other
     subscribe  _INBOX.<its public key>.>  ns.reply.me.>
                _continuum.ns.control.me                    an operator's stop request to its
                                                            supervisor (answered: allow_responses)
+
+A direct get by sequence names no subject, so the log's grant cannot keep an agent from reading
+another agent's records by sequence: those it must not read are sealed under that agent's key
+(bus.privacy), which its grant does not reach (no `$JS.API.DIRECT.GET.KV_K` by sequence, no
+other key's subject, no stream info or consumer on the key store).
 
 No stream purge/delete/update, and consumer creation only in the form whose filter rides in the
 API subject (the server checks the body against it), so an agent can never widen what it reads.
@@ -40,6 +47,7 @@ The console's grant (namespace `ns`, log `S`, advisories `A`, for each namespace
                  but not CREATE.S.<agent>__inbox|__groups  of an agent the registry knows
                $JS.FC.S.>                                  the reader's flow-control answers
                $JS.API.DIRECT.GET.S[.>]                    dead letters, a replay's reads
+               $JS.API.DIRECT.GET.KV_K.$KV.K.>             every agent's key of private records (read only)
     subscribe  _INBOX.<its public key>.>
 
 No envelope or event subject, no `$JS.ACK`, no stream change and no consumer deletion: its
@@ -53,6 +61,7 @@ import enum
 
 import msgspec
 
+from bus.privacy.sealing import key_id
 from bus.subjects import Subjects
 
 
@@ -146,6 +155,9 @@ def console_grant(namespaces: tuple[str, ...], public_key: str, agents: tuple[tu
             f"$JS.API.CONSUMER.LIST.{log}", f"$JS.API.CONSUMER.NAMES.{log}", f"$JS.API.CONSUMER.INFO.{log}.*",
             f"$JS.API.CONSUMER.CREATE.{log}.*", f"$JS.FC.{log}.>",
             f"$JS.API.DIRECT.GET.{log}", f"$JS.API.DIRECT.GET.{log}.>",
+            # Every key of private records, by key (it shows every agent as the admin sees them,
+            # and replays their handlings); never by sequence, and no key made or erased.
+            f"$JS.API.DIRECT.GET.{subjects.keys_stream}.{subjects.key_subject('>')}",
         ]
         deny += [
             f"$JS.API.CONSUMER.CREATE.{log}.{consumer}"
@@ -177,6 +189,7 @@ def agent_grant(namespace: str, name: str, public_key: str, tags: tuple[str, ...
             f"$JS.API.CONSUMER.CREATE.{log}.{inbox}.{subjects.inbox_filter(name)}",
             *(f"$JS.API.CONSUMER.CREATE.{log}.{groups}.{subjects.group_filter(tag)}" for tag in tags),
             f"$JS.API.DIRECT.GET.{log}", f"$JS.API.DIRECT.GET.{log}.>",
+            subjects.key_subject(key_id(name)), subjects.key_get(key_id(name)),
         ),
         subscribe_allow=(f"{inbox_prefix(public_key)}.>", f"{ns}.reply.{name}.>", subjects.control(name)),
         allow_responses=True,  # its supervisor answers an operator's stop request (bus.agent_control)

@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from projections.views import Tx, render
+from projections.views._forget import stub_chain
 
 if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "conversations"
-VERSION = 1
+VERSION = 2
 
 TABLES = """
 CREATE TABLE {s}.chain (
@@ -53,5 +54,8 @@ WHERE error IS NULL AND correlation_id IS NOT NULL AND kind IS DISTINCT FROM 'de
 
 
 def fold(tx: Tx, s: str, batch: Batch) -> int:
-    """Append one step per envelope that belongs to a conversation."""
-    return tx.run(render(_INSERT, s))
+    """Append one step per envelope that belongs to a conversation; a forget marks the forgotten
+    agent's private records sealed (projections.views._forget)."""
+    written = tx.run(render(_INSERT, s))
+    stub_chain(tx, s, batch)
+    return written

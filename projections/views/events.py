@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from projections.views import Tx, render
+from projections.views._forget import stub_events
 
 if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "events"
-VERSION = 1
+VERSION = 2
 
 TABLES = """
 CREATE TABLE {s}.events (
@@ -50,5 +51,8 @@ FROM batch
 
 
 def fold(tx: Tx, s: str, batch: Batch) -> int:
-    """Append every record."""
-    return tx.run(render(_INSERT, s))
+    """Append every record; a forget puts the forgotten agent's opened private records back to
+    their sealed stub (projections.views._forget)."""
+    written = tx.run(render(_INSERT, s))
+    stub_events(tx, s, batch)
+    return written

@@ -16,13 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from projections.views import Tx, render
+from projections.views._forget import erase_rows
 from projections.views._kinds import kinds_in
 
 if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "llm_calls"
-VERSION = 1
+VERSION = 2
 
 TABLES = """
 CREATE TABLE {s}.llm_calls (
@@ -100,6 +101,9 @@ ON CONFLICT (call_id) DO NOTHING
 
 def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Insert one row per model call not seen before."""
+    erase_rows(tx, s, batch, "llm_calls")  # a forget (projections.views._forget), before and after
     if not kinds_in(batch) & {"llm.call.completed", "llm.call.failed"}:
         return 0
-    return tx.run(render(_INSERT, s))
+    written = tx.run(render(_INSERT, s))
+    erase_rows(tx, s, batch, "llm_calls")
+    return written

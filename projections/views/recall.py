@@ -20,13 +20,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from projections.views import Tx, render
+from projections.views._forget import erase_all_rows, erase_rows
 from projections.views._kinds import kinds_in
 
 if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "recall"
-VERSION = 2
+VERSION = 3
 
 TABLES = """
 CREATE TABLE {s}.recall (
@@ -187,6 +188,11 @@ def fold(tx: Tx, s: str, batch: Batch) -> int:
     """Append new turns and summaries, then mark the turns the batch's summaries and closes cover."""
     kinds = kinds_in(batch)
     written = 0
+    # A forget (projections.views._forget) first: its turns, summaries and where its conversations
+    # stood go before this batch's turns are numbered against them (the batch's own records of
+    # the forgotten key were left sealed: projections.opening drops the key first).
+    erase_rows(tx, s, batch, "recall", "recall_summaries")
+    erase_all_rows(tx, s, batch, "recall_heads")
     if "memory.turn.recorded" in kinds:
         written += tx.run(render(_TURNS, s))
         tx.run(render(_HEADS, s))
@@ -196,4 +202,7 @@ def fold(tx: Tx, s: str, batch: Batch) -> int:
     if "memory.conversation.closed" in kinds:
         tx.run(render(_CLOSED, s))
         written += tx.run(render(_CLOSURES, s))
+    # And after: a record of the batch older than the forget that was not sealed (written before
+    # sealing existed) goes too.
+    erase_rows(tx, s, batch, "recall", "recall_summaries")
     return written

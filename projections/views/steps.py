@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from projections.views import Tx, render
+from projections.views._forget import erase_rows
 
 if TYPE_CHECKING:
     from projections.batch import Batch
 
 NAME = "steps"
-VERSION = 1
+VERSION = 2
 
 TABLES = """
 CREATE TABLE {s}.steps (
@@ -50,4 +51,7 @@ FROM batch WHERE kind = 'agent.step' AND error IS NULL
 
 def fold(tx: Tx, s: str, batch: "Batch") -> int:
     """Append one row per `agent.step` event."""
-    return tx.run(render(_INSERT, s)) if batch.has_kind("agent.step") else 0
+    erase_rows(tx, s, batch, "steps")  # a forget (projections.views._forget), before and after
+    written = tx.run(render(_INSERT, s)) if batch.has_kind("agent.step") else 0
+    erase_rows(tx, s, batch, "steps")
+    return written

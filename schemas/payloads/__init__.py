@@ -29,6 +29,7 @@ from schemas.payloads.memory import (
     FactSuperseded,
     TurnRecorded,
 )
+from schemas.payloads.privacy import Forgotten, Sealed
 from schemas.payloads.messaging import Note, Notice, Ping, Pong, RequestFailed
 from schemas.payloads.work import TaskCompleted, TaskFailed, TaskRequested
 
@@ -70,11 +71,15 @@ BUILTIN_PAYLOADS: tuple[type, ...] = (
     FactRetracted,
     ContradictionFlagged,
     ArchiveSegmentSealed,
+    Sealed,
+    Forgotten,
 )
 
 __all__ = [
     "BUILTIN_PAYLOADS",
     "ArchiveSegmentSealed",
+    "Forgotten",
+    "Sealed",
     "AgentCircuitOpened",
     "AgentCrashed",
     "AgentHeartbeat",

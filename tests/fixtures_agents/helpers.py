@@ -20,7 +20,7 @@ async def read_log(bus: Bus, subject_filter: str) -> list[tuple[str, Envelope[An
         headers = msg.headers or {}
         if headers.get("Status"):
             return out
-        out.append((headers["Nats-Subject"], bus.codec.decode(msg.data)))
+        out.append((headers["Nats-Subject"], await bus.open_record(msg.data)))  # private records opened (admin)
         seq = int(headers["Nats-Sequence"]) + 1
 
 
