@@ -127,6 +127,13 @@ def batch_of(tables: Sequence[pa.Table], name: str) -> Batch:
         raise ArchiveCorrupt(f"{name}: its columns are not the fold's ({exc})") from exc
 
 
+def read_batch(segment: Segment, after_seq: int) -> Batch | None:
+    """The records of `segment` after `after_seq` as a fold batch (see `read_table`). None when
+    it holds none after `after_seq`. Raises ArchiveCorrupt."""
+    table = read_table(segment, after_seq)
+    return None if table is None else batch_of([table], segment.path.name)
+
+
 @dataclass(frozen=True)
 class Group:
     """What reading a group of segments gave: the batch of the records read (None: none), and
