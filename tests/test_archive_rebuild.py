@@ -5,7 +5,6 @@ rebuild from the log alone, table by table (content hash).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from bus import Bus
 from bus.errors import QueryError
 from projections.archive.archiver import run_archive
 from projections.archive.config import ArchiveSettings
-from projections.archive.reader import archived_batches
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
 from projections.workload import LogItem, append_batches, synthetic_log
@@ -99,27 +97,3 @@ async def test_a_rebuild_past_a_damaged_segment_reads_the_log_from_there(bus: Bu
     )
     assert archived == run.sealed[0][0].count
     assert from_archive == from_log
-
-
-async def test_the_archive_is_folded_in_batches_of_whole_segments(bus: Bus, tmp_path: Path) -> None:
-    """A rebuild reads the archive in batches of whole consecutive segments holding at least the
-    asked number of records (fewer at the end), every record after the checkpoint exactly once,
-    in log order."""
-    last = await append_batches(bus, list(synthetic_log(bus, 3_000, seed=5)))
-    archive = ArchiveSettings(directory=tmp_path / "archive", segment_records=500)
-    run = await run_archive(bus, archive)
-    assert run.last_seq == last == 3_000 and len(run.sealed) == 6
-
-    async def batches(after: int) -> list[tuple[list[str], list[int]]]:
-        async with contextlib.aclosing(archived_batches(archive.directory, bus.subjects.stream, after,
-                                                        min_records=1_200)) as read:
-            return [([s.meta.name for s in segments], list(batch.seqs)) async for segments, batch in read]
-
-    whole = await batches(0)
-    names = [meta.name for meta, _ in run.sealed]
-    assert [segments for segments, _ in whole] == [names[:3], names[3:]]
-    assert [seqs for _, seqs in whole] == [list(range(1, 1_501)), list(range(1_501, 3_001))]
-    # From a checkpoint inside a segment: that segment counts whole, its records after it only.
-    partway = await batches(700)
-    assert [segments for segments, _ in partway] == [names[1:4], names[4:]]
-    assert [seqs for _, seqs in partway] == [list(range(701, 2_001)), list(range(2_001, 3_001))]
