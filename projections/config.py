@@ -20,8 +20,6 @@ DEFAULT_BATCH_MAX = 131_072
 # busy alone folds slower (1M memory events caught up in 24 s instead of 19): raise it there.
 DEFAULT_DUCKDB_THREADS = 1
 DEFAULT_LINGER_S = 0.05
-# Two of DuckDB's row groups (122,880 rows each): see projections.archive.reader.FOLD_RECORDS.
-DEFAULT_ARCHIVE_BATCH_MIN = 2 * 122_880
 # How much a query may grow the service's memory (DuckDB's cache of the views file aside): enough
 # for aggregations over millions of events; a runaway string_agg or cross join stops here.
 DEFAULT_QUERY_MEMORY_LIMIT = 1024**3
@@ -94,17 +92,12 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     # The namespace's archive of sealed segments (`bus archive`), read by the `archive_events`
     # view and by rebuilds (None: no archive; `bus projections run` passes <home>/archive/<ns>).
     archive_dir: str | None = None
-    # A rebuild folds the archive in batches of whole segments holding this many records at
-    # least (see projections.archive.reader.FOLD_RECORDS).
-    archive_batch_min: int = DEFAULT_ARCHIVE_BATCH_MIN
 
     def __post_init__(self) -> None:
         if self.service_name and not _SERVICE_NAME.fullmatch(self.service_name):
             raise ValueError(f"invalid service name {self.service_name!r}: use 1-64 letters, digits, '_' or '-'")
         if self.batch_max < 1 or self.read_ahead < self.batch_max:
             raise ValueError("batch_max must be >= 1 and read_ahead >= batch_max")
-        if self.archive_batch_min < 1:
-            raise ValueError("archive_batch_min must be at least 1")
         if self.linger_s < 0:
             raise ValueError("linger_s must be 0 or more")
         if self.heartbeat_s <= 0 or self.lanes < 1:

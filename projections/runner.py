@@ -403,10 +403,8 @@ class Runner:
         archived = 0
         try:
             after = await self._writer.call(lambda: self._store.build_seq)
-            async with contextlib.aclosing(archived_batches(
-                directory, self._bus.subjects.stream, after, min_records=self._settings.archive_batch_min,
-            )) as batches:
-                async for _segments, batch in batches:
+            async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
+                async for _segment, batch in batches:
                     applied = await self._fold_retrying(
                         "rebuild", "rebuild", batch, lambda piece: self._writer.call(fold, piece)
                     )

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from bus import Bus
 from bus.errors import QueryError
 from projections.archive.archiver import run_archive
@@ -56,11 +54,9 @@ async def rebuilt_hashes(bus: Bus, settings: ProjectionSettings, last: int) -> t
         return await service.content_hashes(), report.events, report.archived
 
 
-@pytest.mark.parametrize("batch_min", [1, 3_000, None], ids=["segment-by-segment", "two-segments", "default"])
-async def test_a_rebuild_from_the_archive_equals_one_from_the_log(bus: Bus, tmp_path: Path, batch_min: int | None) -> None:
+async def test_a_rebuild_from_the_archive_equals_one_from_the_log(bus: Bus, tmp_path: Path) -> None:
     """Archived segments plus a live tail, folded by a rebuild, give every view's tables exactly
-    as a rebuild from the log alone; the archive's share is folded from its files, whole
-    segments per batch however many a batch takes (one, two, or all of them: the default)."""
+    as a rebuild from the log alone; the archive's share is folded from its files."""
     await mixed_log(bus)
     archive = ArchiveSettings(directory=tmp_path / "archive" / "default", segment_records=1_500)
     run = await run_archive(bus, archive)
@@ -70,10 +66,8 @@ async def test_a_rebuild_from_the_archive_equals_one_from_the_log(bus: Bus, tmp_
     assert last > archived_upto
 
     from_log, log_events, none = await rebuilt_hashes(bus, ProjectionSettings(db_path=str(tmp_path / "log.duckdb")), last)
-    sized = {"archive_batch_min": batch_min} if batch_min is not None else {}
     from_archive, events, archived = await rebuilt_hashes(
-        bus, ProjectionSettings(db_path=str(tmp_path / "archive.duckdb"), archive_dir=str(archive.directory), **sized),
-        last,
+        bus, ProjectionSettings(db_path=str(tmp_path / "archive.duckdb"), archive_dir=str(archive.directory)), last,
     )
     assert none == 0 and archived == archived_upto and events == log_events
     assert from_archive == from_log

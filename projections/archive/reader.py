@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +19,6 @@ import pyarrow.parquet as pq
 
 from projections.archive import view
 from projections.batch import BATCH_SCHEMA, Batch, batch_of_table
-from projections.config import DEFAULT_ARCHIVE_BATCH_MIN
 from projections.archive.segment import GENESIS, parse_name
 from projections.archive.verify import Segment, read_meta, segment_paths
 from projections.errors import ArchiveCorrupt, ArchiveError
@@ -29,13 +27,6 @@ log = logging.getLogger("continuum.projections.archive")
 
 # The fold's batch columns, in their order (projections.batch).
 BATCH_COLUMNS = tuple(BATCH_SCHEMA.names)
-# A rebuild folds the archive in batches of whole segments holding this many records at least
-# (ProjectionSettings.archive_batch_min): two of DuckDB's row groups (122,880 rows), so a view's
-# table appended by one transaction gets its row groups written straight to the file instead of
-# through the WAL and again at the checkpoint. Measured (300k events into `events`, one thread): 3.5 us of CPU an event in
-# batches of 100k against 2.6 us in one transaction; every view, 3.8 s against 3.0 s of CPU and
-# 7.5-9.5 s against 4.1-4.8 s of wall time under load. Memory: ~45 MB of Arrow per 100k records.
-FOLD_RECORDS = DEFAULT_ARCHIVE_BATCH_MIN
 
 
 def usable_segments(directory: Path, stream: str) -> tuple[list[Segment], str | None]:
@@ -95,11 +86,11 @@ class ArchiveView:
             raise ArchiveError(f"cannot list the archive {self._directory}: {exc}") from exc
 
 
-def read_table(segment: Segment, after_seq: int) -> pa.Table | None:
-    """The batch columns and `stored_ns` of `segment`'s records after `after_seq`, read straight
-    from the file (the columns decoded when it was sealed: nothing is decoded here). None when it
-    holds none after `after_seq`. Raises ArchiveCorrupt when the file cannot be read or does not
-    hold what its metadata says."""
+def read_batch(segment: Segment, after_seq: int) -> Batch | None:
+    """The records of `segment` after `after_seq` as a fold batch, read straight from the file
+    (the columns decoded when it was sealed: nothing is decoded here). None when it holds none
+    after `after_seq`. Raises ArchiveCorrupt when the file cannot be read or does not hold
+    what its metadata says."""
     meta, name = segment.meta, segment.path.name
     try:
         table = pq.read_table(segment.path, columns=[*BATCH_COLUMNS, "stored_ns"], page_checksum_verification=True)
@@ -113,94 +104,31 @@ def read_table(segment: Segment, after_seq: int) -> pa.Table | None:
         table = table.filter(pc.greater(table.column("seq"), after_seq))
         if table.num_rows == 0:
             return None
-    return table
-
-
-def batch_of(tables: Sequence[pa.Table], name: str) -> Batch:
-    """One fold batch of the tables `read_table` gave (non-empty, in log order); `name` names
-    their segments in an error. Raises ArchiveCorrupt for columns other than the fold's."""
+    last_time_ns = table.column("stored_ns")[-1].as_py()
     try:
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        last_time_ns = table.column("stored_ns")[-1].as_py()
         return batch_of_table(table.drop_columns(["stored_ns"]), last_time_ns=last_time_ns)
     except (ValueError, pa.ArrowException) as exc:  # columns of other types than the fold's
         raise ArchiveCorrupt(f"{name}: its columns are not the fold's ({exc})") from exc
 
 
-def read_batch(segment: Segment, after_seq: int) -> Batch | None:
-    """The records of `segment` after `after_seq` as a fold batch (see `read_table`). None when
-    it holds none after `after_seq`. Raises ArchiveCorrupt."""
-    table = read_table(segment, after_seq)
-    return None if table is None else batch_of([table], segment.path.name)
-
-
-@dataclass(frozen=True)
-class Group:
-    """What reading a group of segments gave: the batch of the records read (None: none), and
-    the error that stopped it at a segment after them (raised once the batch is folded)."""
-
-    batch: Batch | None
-    failure: ArchiveCorrupt | None = None
-
-
-def read_group(segments: Sequence[Segment], after_seq: int) -> Group:
-    """The records after `after_seq` of consecutive `segments` as one fold batch. A segment that
-    cannot be read ends the group: the records before it are still given, with the failure."""
-    tables: list[pa.Table] = []
-    failure: ArchiveCorrupt | None = None
-    for segment in segments:
-        try:
-            table = read_table(segment, after_seq)
-        except ArchiveCorrupt as exc:
-            failure = exc
-            break
-        if table is not None:
-            tables.append(table)
-    names = f"{segments[0].path.name}..{segments[-1].path.name}" if len(segments) > 1 else segments[0].path.name
-    return Group(batch_of(tables, names) if tables else None, failure)
-
-
-def groups_of(segments: Sequence[Segment], min_records: int) -> list[list[Segment]]:
-    """`segments` cut into runs of consecutive segments holding `min_records` records at least
-    (the last run may hold fewer)."""
-    groups: list[list[Segment]] = []
-    current: list[Segment] = []
-    held = 0
-    for segment in segments:
-        current.append(segment)
-        held += segment.meta.count
-        if held >= min_records:
-            groups.append(current)
-            current, held = [], 0
-    if current:
-        groups.append(current)
-    return groups
-
-
-async def archived_batches(
-    directory: Path, stream: str, after_seq: int, *, min_records: int = FOLD_RECORDS
-) -> AsyncIterator[tuple[list[Segment], Batch]]:
-    """(Use it under `contextlib.aclosing`.) The usable segments' records after `after_seq` as
-    batches of `min_records` records at least (whole segments, in log order: see FOLD_RECORDS),
-    the next read (in a thread) while the caller folds the one before. Raises ArchiveCorrupt (a
-    segment that cannot be read: after the batch of the records before it), ArchiveError (the
-    directory cannot be listed)."""
+async def archived_batches(directory: Path, stream: str, after_seq: int) -> AsyncIterator[tuple[Segment, Batch]]:
+    """(Use it under `contextlib.aclosing`.) Each usable segment's records after `after_seq` as a batch, in log order, the next read
+    (in a thread) while the caller folds the one before. Raises ArchiveCorrupt (a segment that
+    cannot be read), ArchiveError (the directory cannot be listed)."""
     segments, problem = await asyncio.to_thread(usable_segments, directory, stream)
     if problem is not None:
         log.warning("the archive is used up to a broken segment only: %s", problem)
-    wanted = groups_of([s for s in segments if s.meta.last_seq > after_seq], min_records)
+    wanted = [s for s in segments if s.meta.last_seq > after_seq]
     if not wanted:
         return
-    reading = asyncio.ensure_future(asyncio.to_thread(read_group, wanted[0], after_seq))
+    reading = asyncio.ensure_future(asyncio.to_thread(read_batch, wanted[0], after_seq))
     try:
-        for index, group in enumerate(wanted):
-            read = await reading
-            if index + 1 < len(wanted) and read.failure is None:
-                reading = asyncio.ensure_future(asyncio.to_thread(read_group, wanted[index + 1], after_seq))
-            if read.batch is not None:
-                yield group, read.batch
-            if read.failure is not None:
-                raise read.failure
+        for index, segment in enumerate(wanted):
+            batch = await reading
+            if index + 1 < len(wanted):
+                reading = asyncio.ensure_future(asyncio.to_thread(read_batch, wanted[index + 1], after_seq))
+            if batch is not None:
+                yield segment, batch
     finally:
         if not reading.done():
             # The caller stopped early (or failed): the read in flight (a thread: it cannot be
