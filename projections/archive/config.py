@@ -12,7 +12,10 @@ DEFAULT_SEGMENT_RECORDS = 100_000
 # Rows per Parquet row group: the unit a point lookup reads (min/max statistics on `seq`, `id`
 # and `stored_at` let DuckDB skip the others).
 DEFAULT_ROW_GROUP_RECORDS = 16_384
-DEFAULT_ZSTD_LEVEL = 3
+# zstd's fastest level: against level 3, measured on 300k synthetic events, sealing took 10-20% less
+# CPU (2.2-2.5 s against 2.4-3.2 s) and the files came out smaller, not larger (31 MB against 34:
+# the segments' repetitive columns gain nothing from the slower levels' longer matches).
+DEFAULT_ZSTD_LEVEL = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +25,7 @@ class ArchiveSettings:
     directory         `<BUS_HOME>/archive/<namespace>/` by default (see `for_home`)
     segment_records   records per segment at most (default 100,000)
     row_group_records rows per Parquet row group (default 16,384)
-    zstd_level        the files' zstd level (default 3)
+    zstd_level        the files' zstd level (default 1)
     seal_partial      also seal the records after the last full segment (default False: only
                       full segments are cut, so a scheduled run never leaves a trail of small
                       files; `bus archive run --all` sets it)

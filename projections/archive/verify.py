@@ -101,7 +101,12 @@ def verify_file(path: Path, *, prev_chain: str, after_seq: int) -> SegmentMeta:
         raise ArchiveCorrupt(f"{name}: cannot be read ({_short(exc)})") from exc
     if not table.schema.remove_metadata().equals(SCHEMA):
         raise ArchiveCorrupt(f"{name}: its columns are not a segment's")
-    _check_statistics(path, table)
+    footer = pq.read_metadata(path)
+    # The Arrow schema stored in the footer carries a copy of the segment metadata, which is what
+    # an Arrow reader shows as the table's metadata: it must be the footer's own, byte for byte.
+    if (table.schema.metadata or {}) != {METADATA_KEY: (footer.metadata or {}).get(METADATA_KEY)}:
+        raise ArchiveCorrupt(f"{name}: the copy of its metadata in its Arrow schema is not its metadata")
+    _check_statistics(path, footer, table)
     seqs = table.column("seq")
     if table.num_rows != meta.count or not meta.count:
         raise ArchiveCorrupt(f"{name}: {table.num_rows} records, its metadata says {meta.count}")
@@ -159,10 +164,9 @@ def _check_link(segment: Segment, stream: str, prev_chain: str, after: int) -> N
         raise ArchiveCorrupt(f"{name}: the chain is broken: its previous chain hash is not the previous segment's")
 
 
-def _check_statistics(path: Path, table: pa.Table) -> None:
-    """Each row group's min/max statistics (what a lookup skips row groups by) are those of its
-    values. Raises ArchiveCorrupt."""
-    metadata = pq.read_metadata(path)
+def _check_statistics(path: Path, metadata: pq.FileMetaData, table: pa.Table) -> None:
+    """Each row group's min/max statistics (what a lookup skips row groups by, from the file's
+    `metadata`) are those of its values. Raises ArchiveCorrupt."""
     names = table.schema.names
     at = 0
     for index in range(metadata.num_row_groups):
@@ -177,7 +181,12 @@ def _check_statistics(path: Path, table: pa.Table) -> None:
             if stats is None or not stats.has_min_max:
                 raise ArchiveCorrupt(f"{path.name}: row group {index} has no statistics for {column}")
             low, high = pc.min_max(values).values()
-            if (stats.min, stats.max) != (low.as_py(), high.as_py()):
+            try:
+                recorded = (stats.min, stats.max)
+            except (OverflowError, ValueError, pa.ArrowException) as exc:  # e.g. a timestamp out of range
+                raise ArchiveCorrupt(f"{path.name}: row group {index}'s statistics of {column} cannot be read "
+                                     f"({_short(exc)})") from exc
+            if recorded != (low.as_py(), high.as_py()):
                 raise ArchiveCorrupt(f"{path.name}: row group {index}'s statistics of {column} are not its values'")
 
 
