@@ -43,16 +43,14 @@ The console's grant (namespace `ns`, log `S`, advisories `A`, for each namespace
     publish    _continuum.ns.query                         queries, unscoped: it shows every agent
                $JS.API.INFO  $JS.API.STREAM.INFO.{S,A}     the streams' state
                $JS.API.CONSUMER.LIST|NAMES.S  $JS.API.CONSUMER.INFO.S.*   backlogs per agent
-               $JS.API.CONSUMER.CREATE.S.*                 its log reader (no filter: it reads all)
-                 but not CREATE.S.<agent>__inbox|__groups  of an agent the registry knows
-               $JS.FC.S.>                                  the reader's flow-control answers
-               $JS.API.DIRECT.GET.S[.>]                    dead letters, a replay's reads
+               $JS.API.DIRECT.GET.S[.>]                    the newest envelopes (its live feed),
+                                                           dead letters, a replay's reads
                $JS.API.DIRECT.GET.KV_K.$KV.K.>             every agent's key of private records (read only)
     subscribe  _INBOX.<its public key>.>
 
-No envelope or event subject, no `$JS.ACK`, no stream change and no consumer deletion: its
-reader's consumer is dropped by the server once unused (inactive_threshold). Retrying a dead
-letter publishes, so an operator console connects with the admin credential instead.
+No envelope or event subject, no `$JS.ACK`, no stream change, and no consumer made or deleted
+(so none of an agent's replaced): it reads the log by direct gets. Retrying a dead letter or
+stopping an agent publishes, so an operator console connects with the admin credential instead.
 """
 
 from __future__ import annotations
@@ -141,11 +139,9 @@ def service_grant(namespaces: tuple[str, ...], public_key: str) -> Grant:
     )
 
 
-def console_grant(namespaces: tuple[str, ...], public_key: str, agents: tuple[tuple[str, str], ...] = ()) -> Grant:
-    """The console: reads only (see the module docstring). `agents`: (namespace, name) of every
-    agent the registry knows, whose durable consumers it may not create (nor so replace)."""
+def console_grant(namespaces: tuple[str, ...], public_key: str) -> Grant:
+    """The console: reads only (see the module docstring)."""
     allow: list[str] = ["$JS.API.INFO"]
-    deny: list[str] = []
     for ns in namespaces:
         subjects = Subjects(ns)
         log, advisories = subjects.stream, subjects.advisory_stream
@@ -153,21 +149,12 @@ def console_grant(namespaces: tuple[str, ...], public_key: str, agents: tuple[tu
             subjects.query,
             f"$JS.API.STREAM.INFO.{log}", f"$JS.API.STREAM.INFO.{advisories}",
             f"$JS.API.CONSUMER.LIST.{log}", f"$JS.API.CONSUMER.NAMES.{log}", f"$JS.API.CONSUMER.INFO.{log}.*",
-            f"$JS.API.CONSUMER.CREATE.{log}.*", f"$JS.FC.{log}.>",
             f"$JS.API.DIRECT.GET.{log}", f"$JS.API.DIRECT.GET.{log}.>",
             # Every key of private records, by key (it shows every agent as the admin sees them,
             # and replays their handlings); never by sequence, and no key made or erased.
             f"$JS.API.DIRECT.GET.{subjects.keys_stream}.{subjects.key_subject('>')}",
         ]
-        deny += [
-            f"$JS.API.CONSUMER.CREATE.{log}.{consumer}"
-            for agent_ns, name in agents if agent_ns == ns
-            for consumer in (subjects.inbox_consumer(name), subjects.group_consumer(name))
-        ]
-    return Grant(
-        publish_allow=tuple(allow), publish_deny=tuple(deny),
-        subscribe_allow=(f"{inbox_prefix(public_key)}.>",),
-    )
+    return Grant(publish_allow=tuple(allow), subscribe_allow=(f"{inbox_prefix(public_key)}.>",))
 
 
 def agent_grant(namespace: str, name: str, public_key: str, tags: tuple[str, ...] = ()) -> Grant:

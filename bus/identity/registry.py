@@ -215,26 +215,23 @@ class CredentialRegistry:
         registry.identities.append(identity)
         return Issued(identity=identity, path=path, created=True)
 
-    def grant_of(self, identity: Identity, namespaces: list[str], agents: tuple[tuple[str, str], ...] = ()) -> Grant:
-        """What `identity` may do; `agents` (namespace, name) are the agents whose consumers the
-        console may not create."""
+    def grant_of(self, identity: Identity, namespaces: list[str]) -> Grant:
+        """What `identity` may do."""
         if identity.role is Role.ADMIN:
             return admin_grant()
         if identity.role is Role.SERVICE:
             return service_grant(tuple(namespaces), identity.public_key)
         if identity.role is Role.CONSOLE:
-            return console_grant(tuple(namespaces), identity.public_key, agents)
+            return console_grant(tuple(namespaces), identity.public_key)
         return agent_grant(identity.namespace, identity.name, identity.public_key, identity.tags)
 
     def _save(self, registry: _Registry) -> None:
         self._write_plain(self.dir / "identities.json", msgspec.json.format(msgspec.json.encode(registry)).decode())
         users = []
-        # Revoked ones too: their consumers outlive their credentials.
-        agents = tuple(sorted({(i.namespace, i.name) for i in registry.identities if i.role is Role.AGENT}))
         for identity in registry.identities:
             if not identity.active:
                 continue
-            permissions = render(self.grant_of(identity, registry.namespaces, agents))
+            permissions = render(self.grant_of(identity, registry.namespaces))
             comment = f"# {identity.role.value} {identity.name}" + (f" ({identity.namespace})" if identity.namespace else "")
             entry = f"nkey: {identity.public_key}" + (f", {permissions}" if permissions else "")
             users.append(f"    {comment}\n    {{{entry}}}")
