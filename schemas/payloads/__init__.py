@@ -8,9 +8,11 @@ from schemas.payloads.agents import (
     AgentStarted,
     AgentStateSaved,
     AgentStopped,
+    MemorySnapshotted,
+    SnapshotEntry,
     StepRecorded,
 )
-from schemas.payloads.archive import ArchiveSegmentSealed
+from schemas.payloads.archive import ArchiveSegmentSealed, LogTrimmed, TrimmedClass
 from schemas.payloads.delivery import DeadLettered, DeadLetterRetried, DeliveryExpired, DeliveryReport, Settlement
 from schemas.payloads.llm import LlmCallCompleted, LlmCallFailed
 from schemas.payloads.memory import (
@@ -68,11 +70,17 @@ BUILTIN_PAYLOADS: tuple[type, ...] = (
     FactRetracted,
     ContradictionFlagged,
     ArchiveSegmentSealed,
+    LogTrimmed,
+    MemorySnapshotted,
 )
 
 __all__ = [
     "BUILTIN_PAYLOADS",
     "ArchiveSegmentSealed",
+    "LogTrimmed",
+    "MemorySnapshotted",
+    "SnapshotEntry",
+    "TrimmedClass",
     "AgentCircuitOpened",
     "AgentCrashed",
     "AgentHeartbeat",

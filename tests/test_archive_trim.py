@@ -1,0 +1,219 @@
+"""Retention: `bus archive trim` purges the log only below archived and verified segments, class by
+class, records each trim as an event, and a SIGKILL at any point purges nothing unarchived.
+
+Real nats-server, real Parquet files; the log is read back after each trim and compared with the
+archive, record by record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from agents.runtime.state import StateStore
+from bus import Bus
+from bus.server import EmbeddedServer
+from projections.archive.archiver import run_archive
+from projections.archive.config import ArchiveSettings
+from projections.archive.retention import DEFAULT_RETENTION, RetentionClass, RetentionPolicy, TrimSettings, overlap
+from projections.archive.trim import run_trim
+from projections.archive.verify import verify_all
+from projections.errors import ArchiveCorrupt
+from schemas.payloads import AgentHeartbeat, LogTrimmed, Note
+
+from conftest import admin_env, read_records, wait_for
+from test_archive import publish_notes
+from test_cli import BUS, cli_env, run_bus  # noqa: F401 - the fixture is used by name
+
+SEGMENT = 1_000
+# A trim in a test: nothing is too young, and no projection service is asked.
+NOW = TrimSettings(policy=dataclasses.replace(DEFAULT_RETENTION, min_age_s=0), by="tester", reason="test",
+                   views_wait_s=0)
+
+
+def archive_in(tmp_path: Path, **overrides: object) -> ArchiveSettings:
+    return ArchiveSettings(directory=tmp_path / "archive" / "default", segment_records=SEGMENT, **overrides)  # type: ignore[arg-type]
+
+
+def archived_rows(directory: Path) -> dict[int, tuple[str, bytes]]:
+    rows: dict[int, tuple[str, bytes]] = {}
+    for path in sorted(directory.glob("seg-*.parquet")):
+        table = pq.read_table(path, columns=["seq", "subject", "data"])
+        rows.update(zip(table.column("seq").to_pylist(),
+                        zip(table.column("subject").to_pylist(), table.column("data").to_pylist())))
+    return rows
+
+
+async def log_rows(bus: Bus) -> dict[int, tuple[str, bytes]]:
+    last = await bus.last_seq()
+    return {r.seq: (r.subject.decode(), r.data) for r in await read_records(bus, last) if r.seq <= last}
+
+
+async def trims_recorded(bus: Bus) -> list[LogTrimmed]:
+    found = []
+    for r in await read_records(bus, await bus.last_seq()):
+        if b'"kind":"archive.log.trimmed"' in r.data:
+            found.append(bus.codec.decode(r.data).payload)
+    return found
+
+
+async def assert_nothing_lost(bus: Bus, directory: Path) -> int:
+    """Every record ever stored is in the log or in the verified archive (the same bytes in
+    both where both hold it), and nothing above the archive is gone. Returns the archive's end."""
+    segments = list(verify_all(directory, bus.subjects.stream))
+    archived_to = segments[-1].meta.last_seq if segments else 0
+    archived, live = archived_rows(directory), await log_rows(bus)
+    last = await bus.last_seq()
+    missing = [s for s in range(1, last + 1) if s not in live and s not in archived]
+    assert not missing, f"records lost: {missing[:10]}..."
+    assert all(archived[s] == live[s] for s in archived.keys() & live.keys())
+    first, _ = await bus.log_bounds()
+    assert first <= archived_to + 1, f"the log was trimmed to {first}, above the archive's end {archived_to}"
+    return archived_to
+
+
+async def test_trim_purges_only_below_the_verified_archive_and_records_who_and_why(bus: Bus, tmp_path: Path) -> None:
+    """After sealing two full segments of a 2,500-record log, a trim purges seq 1..2000 and
+    nothing after; the `archive.log.trimmed` event (recorded before the purge) says who, why and
+    each class's bound; a second trim purges nothing more."""
+    await publish_notes(bus, 2_500)
+    settings = archive_in(tmp_path)
+    await run_archive(bus, settings)
+    before = await log_rows(bus)
+    result = await run_trim(bus, settings, NOW)
+    assert result.plan.archive.last_seq == 2_000 and result.purged == 2_000
+    first, last = await bus.log_bounds()
+    assert first == 2_001
+    after = await log_rows(bus)
+    assert min(after) == 2_001 and all(after[s] == r for s, r in before.items() if s > 2_000)
+    await assert_nothing_lost(bus, settings.directory)
+    [event] = await trims_recorded(bus)
+    assert (event.by, event.reason, event.archived_seq, event.below_seq) == ("tester", "test", 2_000, 2_001)
+    messages = next(c for c in event.classes if c.name == "messages")
+    assert messages.below_seq == 2_001 and "archived and verified to seq 2000" in messages.reason
+    assert result.event_seq == last  # the trim added its event, and nothing else
+    again = await run_trim(bus, settings, NOW)
+    assert again.purged == 0 and (await bus.log_bounds())[0] == 2_001
+
+
+async def test_a_damaged_or_foreign_archive_refuses_the_trim_and_nothing_is_purged(bus: Bus, tmp_path: Path) -> None:
+    """A segment whose bytes were changed fails verification: the trim raises ArchiveCorrupt
+    before purging anything. Nothing archived: nothing is purged."""
+    await publish_notes(bus, 2_000)
+    settings = archive_in(tmp_path)
+    assert (await run_trim(bus, settings, NOW)).purged == 0  # no archive yet
+    await run_archive(bus, settings)
+    last = sorted(settings.directory.glob("seg-*.parquet"))[-1]
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    with pytest.raises(ArchiveCorrupt):
+        await run_trim(bus, settings, NOW)
+    assert (await bus.log_bounds())[0] == 1
+    assert await trims_recorded(bus) == []
+
+
+async def test_expiring_classes_go_even_unarchived_and_the_rest_waits_for_the_archive(bus: Bus, tmp_path: Path) -> None:
+    """A class that expires (heartbeats after a second here) is purged below its expiry time
+    even though nothing is archived; every other record stays until it is archived."""
+    for i in range(20):
+        await bus.record("worker", AgentHeartbeat(agent="worker", pid=1, handled=i))
+    await bus.record("worker", Note(text="kept"))
+    marker = await bus.record("worker", Note(text="after the beats"))
+    policy = RetentionPolicy(classes=(
+        RetentionClass(name="heartbeats", filters=("event.*.agent.heartbeat",), expire_after_s=1.0),
+        *DEFAULT_RETENTION.classes[1:],
+    ), min_age_s=0)
+    from bus.log_trim import first_seq_since
+    from datetime import UTC, datetime, timedelta
+
+    await wait_for(lambda: _expired(bus, marker.ack.seq, first_seq_since, datetime, UTC, timedelta),
+                   timeout_s=10, what="the heartbeats to be a second old")
+    beats_after = await bus.record("worker", AgentHeartbeat(agent="worker", pid=1, handled=99))
+    result = await run_trim(bus, archive_in(tmp_path), TrimSettings(policy=policy, views_wait_s=0))
+    assert result.by_class["heartbeats"] == 20 and result.purged == 20
+    live = await log_rows(bus)
+    kinds = [bus.codec.decode(data).kind for _, data in live.values()]
+    assert kinds.count("agent.heartbeat") == 1 and kinds.count("note") == 2
+    assert beats_after.ack.seq in live
+
+
+async def _expired(bus: Bus, seq: int, first_seq_since, datetime, UTC, timedelta) -> bool:  # type: ignore[no-untyped-def]
+    return await first_seq_since(bus, datetime.now(UTC) - timedelta(seconds=1.0)) > seq
+
+
+async def _after(proc: asyncio.subprocess.Process, seq_now, before: int) -> bool:  # type: ignore[no-untyped-def]
+    return proc.returncode is not None or await seq_now() > before
+
+
+def test_retention_classes_must_not_overlap() -> None:
+    """A record belongs to one class: overlapping filters are refused when the policy is built."""
+    assert overlap("event.*.agent.state", "event.a.>") and overlap("inbox.>", "inbox.x.y")
+    assert not overlap("event.*.agent.state", "event.*.agent.heartbeat") and not overlap("inbox.>", "group.>")
+    assert not overlap("event.*.memory.block.>", "event.*.memory.fact.>")
+    with pytest.raises(ValueError, match="overlap"):
+        RetentionPolicy(classes=(RetentionClass(name="a", filters=("event.>",)),
+                                 RetentionClass(name="b", filters=("event.*.agent.state",))))
+    RetentionPolicy(classes=DEFAULT_RETENTION.classes)  # the defaults are disjoint
+
+
+async def test_sigkill_during_trim_loses_nothing_and_never_trims_above_the_verified_archive(
+    bus: Bus, nats_server: EmbeddedServer, admin_credentials: str, cli_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """`bus archive run` and `bus archive trim` killed with SIGKILL at random points, round after
+    round while the log grows: every record is always in the log or the verified archive, the
+    log is never trimmed above the archive, fenced subjects keep their last record, and a last
+    trim without a kill completes."""
+    env = {**admin_env(cli_env, nats_server, admin_credentials), "USER": "tester"}
+    directory = Path(env["BUS_HOME"]) / "archive" / "default"
+    rng = random.Random(1515)
+    state = StateStore(bus, "fenced")
+    version = 0
+    killed = {"run": 0, "trim": 0}
+    trimmed_subject = bus.subjects.event("archiver", "archive.log.trimmed")
+
+    async def trim_event_seq() -> int:
+        stored = await bus.transport.direct_get(bus.subjects.stream, {"last_by_subj": trimmed_subject})
+        return 0 if stored is None else stored.seq
+
+    for round_ in range(8):
+        await publish_notes(bus, 700, start=round_ * 700)
+        version = await state.save({"round": round_}, version=version)
+        for command in (["archive", "run", "--segment-records", "250"], ["archive", "trim", "--min-age", "0", "--views-wait", "0"]):
+            events_before = await trim_event_seq()
+            proc = await asyncio.create_subprocess_exec(
+                *BUS, *command, env=env, cwd=tmp_path,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+            )
+            try:
+                if command[1] == "trim" and round_ % 2:
+                    # Right after it recorded its event: between the record and the purges.
+                    await wait_for(lambda: _after(proc, trim_event_seq, events_before), timeout_s=30, interval_s=0.002,
+                                   what="the trim to record its event")
+                else:
+                    await asyncio.wait_for(proc.wait(), rng.uniform(0.5, 1.8))
+            except TimeoutError:
+                pass
+            if proc.returncode is None:
+                proc.kill()
+                killed[command[1]] += 1
+            await proc.wait()
+            await assert_nothing_lost(bus, directory)
+            assert (await state.load()).version == version  # the fenced subject's last record stays
+    sealed = await run_bus("archive", "run", "--all", env=env, cwd=tmp_path)
+    assert sealed.code == 0, sealed.stderr
+    done = await run_bus("archive", "trim", "--min-age", "0", "--views-wait", "0", "--reason", "last", env=env, cwd=tmp_path)
+    assert done.code == 0, done.stderr
+    archived_to = await assert_nothing_lost(bus, directory)
+    first, _ = await bus.log_bounds()
+    assert first == min(archived_to + 1, version)  # the state record, older than the archive's end, is kept
+    assert (await state.load()).value == {"round": 7}
+    events = await trims_recorded(bus)
+    assert events and events[-1].reason == "last" and events[-1].by == "tester"
+    assert killed["trim"] >= 4 and killed["run"] >= 1, killed  # the seed kills mid-way, several times
+    assert all(e.archived_seq <= archived_to for e in events)
