@@ -110,7 +110,7 @@ class ConsumerFloors(msgspec.Struct, frozen=True):
 
 async def consumer_floors(bus: Bus) -> ConsumerFloors:
     """The floors of every consumer of the log (see ConsumerFloors; the log's last sequence + 1
-    when nothing waits). A consumer's ack floor + 1 counts when it has deliveries waiting for an
+    when nothing waits). A consumer counts when it has deliveries waiting for an
     acknowledgement (`settled`) or anything left to deliver (`delivered`); a consumer with
     neither does not count. Raises BusUnavailable."""
     stream = bus.subjects.stream
@@ -122,15 +122,34 @@ async def consumer_floors(bus: Bus) -> ConsumerFloors:
         except Exception as exc:
             raise translate(exc, f"listing the consumers of {stream}") from exc
         for info in infos:
-            acked = (info.ack_floor.stream_seq or 0) if info.ack_floor is not None else 0
             waiting = (info.num_ack_pending or 0) + (info.num_redelivered or 0)
+            if not waiting and not info.num_pending:
+                continue
+            lowest = await _first_unsettled(bus, info)
             if waiting:
-                settled = min(settled, acked + 1)
-            if waiting or (info.num_pending or 0):
-                delivered = min(delivered, acked + 1)
+                settled = min(settled, lowest)
+            delivered = min(delivered, lowest)
         if len(infos) < CONSUMERS_PER_ANSWER:
             return ConsumerFloors(settled=settled, delivered=delivered)
         offset += len(infos)
+
+
+async def _first_unsettled(bus: Bus, info: Any) -> int:
+    """The sequence of the first record on the consumer's filters after its ack floor: every
+    record it has still to deliver or see acknowledged is at or after it (the ack floor alone
+    may lie far below, e.g. 0 for a consumer that never acknowledged anything)."""
+    acked = (info.ack_floor.stream_seq or 0) if info.ack_floor is not None else 0
+    config = info.config
+    filters = list(config.filter_subjects or []) or ([config.filter_subject] if config.filter_subject else [])
+    lowest = acked + 1
+    if not filters:
+        return lowest
+    found = []
+    for subject_filter in filters:
+        stored = await bus.transport.direct_get(bus.subjects.stream, {"seq": acked + 1, "next_by_subj": subject_filter})
+        if stored is not None:
+            found.append(stored.seq)
+    return min(found) if found else await bus.last_seq() + 1
 
 
 # The server lists at most this many consumers in one answer.

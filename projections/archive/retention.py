@@ -16,7 +16,9 @@ is `<ns>.event.*.agent.heartbeat`) and the rule for their records:
 
 Whatever the class, nothing younger than `RetentionPolicy.min_age_s` is trimmed. Subjects of no
 class are trimmed only below every class's bound and every last record kept (one purge of the
-whole log below the lowest of them). Classes may not overlap: a record belongs to one class.
+whole log below the lowest of them: NATS cannot purge "all but some subjects"), so a fenced
+subject written once long ago holds them: the defaults give every built-in kind a class, leaving
+only kinds an application adds. Classes may not overlap: a record belongs to one class.
 
 `DEFAULT_RETENTION` is the table in the README (Retention).
 """
@@ -109,6 +111,15 @@ DEFAULT_CLASSES: tuple[RetentionClass, ...] = (
     RetentionClass(name="model calls", filters=("event.*.llm.>",), until_settled=True),
     RetentionClass(name="messages", filters=("inbox.>", "group.>", "reply.>"), until_delivered=True),
     RetentionClass(name="dead letters", filters=("dead.>",)),
+    RetentionClass(name="lifecycle", filters=(
+        "event.*.agent.started", "event.*.agent.stopped", "event.*.agent.crashed", "event.*.agent.restarted",
+        "event.*.agent.circuit_opened",
+    )),
+    RetentionClass(name="delivery facts", filters=(
+        "event.*.delivery.dead_lettered", "event.*.delivery.expired", "event.*.delivery.dead_letter.>",
+    )),
+    RetentionClass(name="archive facts", filters=("event.*.archive.>",)),
+    RetentionClass(name="recorded work", filters=("event.*.note", "event.*.notice", "event.*.task.>")),
 )
 
 DEFAULT_RETENTION = RetentionPolicy(classes=DEFAULT_CLASSES)
