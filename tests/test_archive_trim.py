@@ -37,7 +37,7 @@ NOW = TrimSettings(policy=dataclasses.replace(DEFAULT_RETENTION, min_age_s=0), b
 
 
 def archive_in(tmp_path: Path, **overrides: object) -> ArchiveSettings:
-    return ArchiveSettings(directory=tmp_path / "archive" / "default", segment_records=SEGMENT, **overrides)  # type: ignore[arg-type]
+    return ArchiveSettings(directory=tmp_path / "archive" / "default", **{"segment_records": SEGMENT, **overrides})  # type: ignore[arg-type]
 
 
 def archived_rows(directory: Path) -> dict[int, tuple[str, bytes]]:
@@ -217,3 +217,85 @@ async def test_sigkill_during_trim_loses_nothing_and_never_trims_above_the_verif
     assert events and events[-1].reason == "last" and events[-1].by == "tester"
     assert killed["trim"] >= 4 and killed["run"] >= 1, killed  # the seed kills mid-way, several times
     assert all(e.archived_seq <= archived_to for e in events)
+
+
+async def test_after_archive_and_trim_a_rebuild_equals_the_views_of_the_log_never_trimmed(bus: Bus, tmp_path: Path) -> None:
+    """A projection service folds the whole mixed log live (its views are those of the log never
+    trimmed); the log is archived and trimmed, the trim first asking that service to have
+    applied what it purges; then a rebuild in that service, and a rebuild in a service starting
+    on a new views file after the trim, both equal the live views (every table's content hash),
+    the archived share folded from the Parquet files."""
+    from projections.config import ProjectionSettings
+    from projections.service import ProjectionService
+    from test_archive_rebuild import caught_up, mixed_log, rebuilt_hashes
+
+    await mixed_log(bus)
+    archive = archive_in(tmp_path, segment_records=1_500)
+    settings = ProjectionSettings(db_path=str(tmp_path / "live.duckdb"), archive_dir=str(archive.directory))
+    async with ProjectionService(bus, settings) as service:
+        run = await run_archive(bus, archive)
+        tail = (await bus.send("keeper", Note(text="the tail"))).ack.seq
+        await caught_up(bus, tail)
+        trim = dataclasses.replace(NOW, views_wait_s=30)
+        result = await run_trim(bus, archive, trim)
+        assert result.plan.views.startswith("the views have applied") and result.purged > 0
+        assert (await bus.log_bounds())[0] > 1_000  # most of what was archived is gone from the log
+        await caught_up(bus, result.event_seq)
+        never_trimmed = await service.content_hashes()
+        report = await service.rebuild(wait=True)
+        assert report.archived == run.last_seq
+        assert await service.content_hashes() == never_trimmed
+    fresh, _, archived = await rebuilt_hashes(
+        bus, ProjectionSettings(db_path=str(tmp_path / "fresh.duckdb"), archive_dir=str(archive.directory)),
+        result.event_seq,
+    )
+    assert archived == run.last_seq and fresh == never_trimmed
+
+
+async def test_trim_cli_dry_run_trim_and_the_policy_on_the_archivers_schedule(
+    bus: Bus, nats_server: EmbeddedServer, admin_credentials: str, cli_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """`bus archive trim --dry-run` says each class's bound and purges nothing; `bus archive
+    trim` purges and names its event; `run --trim` needs --every; `run --every S --trim` seals
+    and trims on its schedule until SIGTERM (exit 0)."""
+    import signal
+
+    env = {**admin_env(cli_env, nats_server, admin_credentials), "USER": "ops"}
+    await publish_notes(bus, 1_000)
+    ran = await run_bus("archive", "run", "--segment-records", "500", env=env, cwd=tmp_path)
+    assert ran.code == 0, ran.stderr
+    dry = await run_bus("archive", "trim", "--dry-run", "--min-age", "0", "--views-wait", "0", env=env, cwd=tmp_path)
+    assert dry.code == 0, dry.stderr
+    assert "the verified archive ends at seq 1000" in dry.stdout and "messages" in dry.stdout
+    assert "below seq 1001" in dry.stdout and "dry run: nothing was purged" in dry.stdout
+    assert (await bus.log_bounds())[0] == 1
+    young = await run_bus("archive", "trim", "--views-wait", "0", env=env, cwd=tmp_path)  # the default minimum age: an hour
+    assert young.code == 0 and (await bus.log_bounds())[0] == 1, young.stdout
+    done = await run_bus("archive", "trim", "--min-age", "0", "--views-wait", "0", "--reason", "disk", env=env, cwd=tmp_path)
+    assert done.code == 0, done.stderr
+    assert "trimmed 1,000 records; recorded as archive.log.trimmed at seq" in done.stdout
+    assert (await bus.log_bounds())[0] == 1_001
+    [event] = await trims_recorded(bus)
+    assert (event.by, event.reason) == ("ops", "disk")
+    refused = await run_bus("archive", "run", "--trim", env=env, cwd=tmp_path)
+    assert refused.code == 2 and "--every" in refused.stderr
+
+    await publish_notes(bus, 1_000, start=1_000)
+    proc = await asyncio.create_subprocess_exec(
+        *BUS, "archive", "run", "--every", "0.2", "--segment-records", "500", "--trim", "--min-age", "0",
+        "--views-wait", "0", env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await wait_for(lambda: _first_above(bus, 2_000), timeout_s=60, what="the policy to seal and trim")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    await assert_nothing_lost(bus, Path(env["BUS_HOME"]) / "archive" / "default")
+
+
+async def _first_above(bus: Bus, seq: int) -> bool:
+    return (await bus.log_bounds())[0] > seq
