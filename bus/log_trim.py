@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from nats.js.api import AckPolicy
 
 from bus.cancellation import cancellation_kept
 from bus.errors import BusUnavailable, ConfigurationError, PermissionDenied
@@ -122,6 +123,11 @@ async def consumer_floors(bus: Bus) -> ConsumerFloors:
         except Exception as exc:
             raise translate(exc, f"listing the consumers of {stream}") from exc
         for info in infos:
+            if info.config.ack_policy == AckPolicy.NONE:
+                # A reader (the projections', an archive run's, the console's): nothing of it is
+                # redelivered, and a dead one lingers until the server drops it. The views are
+                # checked by the trim itself.
+                continue
             waiting = (info.num_ack_pending or 0) + (info.num_redelivered or 0)
             if not waiting and not info.num_pending:
                 continue

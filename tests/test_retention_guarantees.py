@@ -224,3 +224,33 @@ async def test_duplicate_detection_holds_within_its_window_after_a_trim(bus: Bus
     last = await bus.last_seq()
     again = await bus.publish(sent.envelope)
     assert again.ack.duplicate and await bus.last_seq() == last
+
+
+async def test_a_snapshot_too_large_for_one_message_is_recorded_in_parts_and_an_unfinished_one_is_skipped(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A snapshot larger than a part is recorded in several parts and loads whole; a snapshot a
+    crash left without its last part is not used: the latest whole one before it is."""
+    from agents.llm_agent import snapshot as snapshots
+    from schemas.payloads import MemorySnapshotted
+
+    bodies: list[dict[str, Any]] = []
+    agent = await started(bus, bodies)
+    for word in ("alpha", "beta"):
+        envelope = bus.envelope(Note(text=f"remember {word}"), to="tester", sender="tester")
+        await agent.converse(ctx_for(bus, envelope, 1), envelope.payload.text)
+    await agent.on_stop()
+    await agent.log.catch_up()
+    monkeypatch.setattr(snapshots, "PART_BYTES", 2_000)
+    written = await snapshots.write_snapshot(bus, "tester", position=agent.log.position)
+    assert written is not None
+    parts = await subject_counts(bus, snapshots.snapshot_subject(bus, "tester"))
+    assert sum(parts.values()) >= 3
+    loaded = await load_snapshot(bus, "tester")
+    assert loaded is not None and loaded.entries == written.entries and loaded.position == written.position
+    assert [e.seq for e in loaded.entries] == sorted(e.seq for e in loaded.entries)
+    # A crash after the first part of a newer snapshot.
+    await bus.record("tester", MemorySnapshotted(agent="tester", snapshot_id="unfinished", position=written.position + 5,
+                                                 part=0, parts=2, entries=[]))
+    again = await load_snapshot(bus, "tester")
+    assert again is not None and again.snapshot_id == written.snapshot_id and again.entries == written.entries
