@@ -6,8 +6,8 @@ holds, the first sequence stored at or after a time, and how far every consumer 
     at = await first_seq_since(bus, cutoff)        # the first record stored at or after cutoff
     floors = await consumer_floors(bus)            # below them, nothing left to deliver or settle
 
-The log denies single-message deletes (`deny_delete`), never purges: a purge removes a prefix of
-the log (on one subject filter), which is what retention is. Only an operator's credential may
+The log denies single-message deletes (`deny_delete`) but allows purges: a purge removes a
+prefix of the log (on one subject filter), which is what retention is. Only an operator's credential may
 purge (the service's, the agents' and the console's grants deny `$JS.API.STREAM.PURGE`).
 Purging does not clear the server's duplicate window: an id stored within it is still refused
 as a duplicate after its record was purged (checked against nats-server 2.15).
@@ -74,8 +74,8 @@ async def subject_counts(bus: Bus, subject_filter: str) -> dict[str, int]:
     subjects = dict(info.state.subjects or {})
     if len(subjects) >= SUBJECTS_PER_ANSWER:
         raise ConfigurationError(
-            f"{subject_filter} matches {SUBJECTS_PER_ANSWER:,} subjects or more: too many to keep the last "
-            "record of each; narrow the retention class"
+            f"{subject_filter} matches {SUBJECTS_PER_ANSWER:,} subjects or more: more than one answer lists "
+            "(narrow the retention class)"
         )
     return subjects
 

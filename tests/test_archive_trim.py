@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from agents.runtime.state import StateStore
-from bus import Bus
+from bus import Bus, BusConfig
 from bus.server import EmbeddedServer
 from projections.archive.archiver import run_archive
 from projections.archive.config import ArchiveSettings
 from projections.archive.retention import DEFAULT_RETENTION, RetentionClass, RetentionPolicy, TrimSettings, overlap
 from projections.archive.trim import run_trim
 from projections.archive.verify import verify_all
-from projections.errors import ArchiveCorrupt
+from projections.errors import ArchiveCorrupt, TrimRefused
 from schemas.payloads import AgentHeartbeat, LogTrimmed, Note
 
 from conftest import admin_env, read_records, wait_for
@@ -116,6 +116,25 @@ async def test_a_damaged_or_foreign_archive_refuses_the_trim_and_nothing_is_purg
         await run_trim(bus, settings, NOW)
     assert (await bus.log_bounds())[0] == 1
     assert await trims_recorded(bus) == []
+
+
+async def test_an_archive_of_another_log_refuses_the_trim(bus_config: BusConfig, tmp_path: Path) -> None:
+    """The stream deleted and created again under the same name: the old archive goes past the
+    new log's end (refused), or its last record is not the new log's record at that sequence
+    (refused); nothing is purged either way."""
+    settings = archive_in(tmp_path)
+    async with Bus(bus_config) as bus:
+        await publish_notes(bus, 2_000)
+        await run_archive(bus, settings)
+        await bus.js.delete_stream(bus.subjects.stream)
+    async with Bus(bus_config) as bus:
+        await publish_notes(bus, 500)
+        with pytest.raises(TrimRefused, match="after the log's last record"):
+            await run_trim(bus, settings, NOW)
+        await publish_notes(bus, 1_600, start=500)
+        with pytest.raises(TrimRefused, match="not the one archived"):
+            await run_trim(bus, settings, NOW)
+        assert (await bus.log_bounds())[0] == 1 and await trims_recorded(bus) == []
 
 
 async def test_expiring_classes_go_even_unarchived_and_the_rest_waits_for_the_archive(bus: Bus, tmp_path: Path) -> None:

@@ -113,6 +113,9 @@ async def plan_trim(bus: Bus, archive: ArchiveSettings, settings: TrimSettings) 
     ns = bus.subjects.ns
     first, last = await bus.log_bounds()
     verified = await asyncio.to_thread(verify_archive, archive.directory, bus.subjects.stream, first)
+    if verified.last_seq > last:
+        raise TrimRefused(f"the archive ends at seq {verified.last_seq}, after the log's last record (seq {last}): "
+                          "it is not this log's (the stream was recreated?); nothing was purged")
     await _same_log(bus, archive.directory, verified)
     now = datetime.now(UTC)
     young = await first_seq_since(bus, now - timedelta(seconds=policy.min_age_s))
