@@ -68,7 +68,9 @@ async def subject_counts(bus: Bus, subject_filter: str) -> dict[str, int]:
     BusUnavailable, ConfigurationError (more subjects than one answer lists)."""
     stream = bus.subjects.stream
     try:
-        info = await cancellation_kept(bus.js.stream_info(stream, subjects_filter=subject_filter))
+        info = await cancellation_kept(
+            bus.transport.guarded("$JS.API.", bus.js.stream_info(stream, subjects_filter=subject_filter))
+        )
     except Exception as exc:
         raise translate(exc, f"listing the subjects {subject_filter} of {stream}") from exc
     subjects = dict(info.state.subjects or {})
@@ -119,7 +121,10 @@ async def consumer_floors(bus: Bus) -> ConsumerFloors:
     offset = 0
     while True:
         try:
-            infos = await cancellation_kept(bus.js.consumers_info(stream, offset=offset or None))
+            # Guarded: a credential that may not list consumers is refused at once, not after a timeout.
+            infos = await cancellation_kept(
+                bus.transport.guarded("$JS.API.", bus.js.consumers_info(stream, offset=offset or None))
+            )
         except Exception as exc:
             raise translate(exc, f"listing the consumers of {stream}") from exc
         for info in infos:

@@ -36,6 +36,7 @@ from conftest import wait_for
 from fixtures_agents.helpers import subject_counts
 from test_archive import publish_notes
 from test_archive_trim import NOW, assert_nothing_lost
+from test_identity import Secured, secured  # noqa: F401 - the fixture is used by name
 from test_llm_agent import Solo, ctx_for
 
 
@@ -254,3 +255,29 @@ async def test_a_snapshot_too_large_for_one_message_is_recorded_in_parts_and_an_
                                                  part=0, parts=2, entries=[]))
     again = await load_snapshot(bus, "tester")
     assert again is not None and again.snapshot_id == written.snapshot_id and again.entries == written.entries
+
+
+async def test_only_an_operators_credential_may_trim(secured: Secured, tmp_path: Path) -> None:
+    """The projection service's and an agent's credentials are refused (PermissionDenied) both a
+    trim and a purge of their own; the log is untouched."""
+    from bus.errors import PermissionDenied
+    from bus.identity import Role
+    from bus.log_trim import purge_below
+
+    settings = archive_all(tmp_path)
+    async with Bus(secured.admin()) as admin:
+        await publish_notes(admin, 600)
+        await run_archive(admin, settings)
+    await secured.reload()
+    service = secured.config("projections", secured.registry.credential_path(Role.SERVICE, "projections"))
+    agent = secured.agent("clerk")
+    await secured.reload()
+    for config in (service, agent):
+        async with Bus(config) as refused:
+            with pytest.raises(PermissionDenied):
+                await run_trim(refused, settings, NOW)
+            with pytest.raises(PermissionDenied):
+                await purge_below(refused, refused.subjects.all, 500)
+    async with Bus(secured.admin()) as admin:
+        assert (await admin.log_bounds())[0] == 1
+        assert (await run_trim(admin, settings, NOW)).purged >= 600
