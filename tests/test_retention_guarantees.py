@@ -281,3 +281,29 @@ async def test_only_an_operators_credential_may_trim(secured: Secured, tmp_path:
     async with Bus(secured.admin()) as admin:
         assert (await admin.log_bounds())[0] == 1
         assert (await run_trim(admin, settings, NOW)).purged >= 600
+
+
+async def test_snapshots_are_written_as_memory_grows_and_the_interval_grows_with_the_snapshot(bus: Bus) -> None:
+    """With `snapshot_every` small, an agent snapshots before a turn once its memory log grew by
+    that much, and next only once it grew by as many sequences as the last snapshot holds."""
+    from agents.llm_agent import snapshot as snapshots
+
+    class Eager(Solo):
+        snapshot_every = 4
+
+    bodies: list[dict[str, Any]] = []
+    agent = Eager(model=claude(bodies), model_name="claude-sonnet-5-5")
+    await agent.on_start(bus)
+    taken: list[tuple[int, int]] = []
+    for word in ("a", "b", "c", "d", "e", "f"):
+        envelope = bus.envelope(Note(text=f"remember {word}"), to="tester", sender="tester")
+        await agent.converse(ctx_for(bus, envelope, 1), envelope.payload.text)
+        if not taken or taken[-1][0] != agent.log.snapshot_position:
+            taken.append((agent.log.snapshot_position, agent.log.snapshot_entries))
+    await agent.on_stop()
+    taken = [t for t in taken if t[0]]
+    assert len(taken) >= 2
+    for (before, entries), (after, _) in zip(taken, taken[1:]):
+        assert after - before >= max(Eager.snapshot_every, entries)
+    latest = await snapshots.load_snapshot(bus, "tester")
+    assert latest is not None and (latest.position, len(latest.entries)) == taken[-1]

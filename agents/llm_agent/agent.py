@@ -153,8 +153,10 @@ class LLMAgent(Agent):
     mcp_servers: ClassVar[tuple[McpServerSpec, ...]] = ()
     mcp_attempts: ClassVar[int] = 3
     # A memory snapshot (agents.llm_agent.snapshot) once the memory log has grown by this many
-    # sequences since the last one, checked at start and before each conversation turn; the log's
-    # retention trims memory only below every memory agent's latest snapshot. 0: never.
+    # sequences since the last one, and by at least as many as the last one holds (each snapshot
+    # copies the whole memory: growing the interval with it keeps snapshots a bounded share of
+    # the log), checked at start and before each conversation turn; the log's retention trims
+    # memory only below every memory agent's latest snapshot. 0: never.
     snapshot_every: ClassVar[int] = 1000
     # One message at a time: turns of one conversation must not interleave. A short ack_wait is
     # safe for long model calls (the consumer engine sends in-progress while a handler runs) and
@@ -201,10 +203,13 @@ class LLMAgent(Agent):
             self._resources = opened.pop_all()
 
     async def snapshot_if_due(self) -> None:
-        """Record a memory snapshot when the memory log has grown by `snapshot_every` sequences
-        since the latest one (its id derives from the position: a retry stores it once). Raises
-        BusUnavailable."""
-        if self.snapshot_every > 0 and self.log.position - self.log.snapshot_position >= self.snapshot_every:
+        """Record a memory snapshot when the memory log has grown since the latest one by
+        `snapshot_every` sequences and by as many as it holds entries (its id derives from the
+        position: a retry stores it once). Raises BusUnavailable."""
+        if self.snapshot_every <= 0:
+            return
+        grown = self.log.position - self.log.snapshot_position
+        if grown >= max(self.snapshot_every, self.log.snapshot_entries):
             await self.log.snapshot()
 
     def attach(self, log: MemoryLog, model: Model, *, model_name: str, mcp_tools: MountedTools | None = None) -> None:

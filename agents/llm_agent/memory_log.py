@@ -85,8 +85,10 @@ class MemoryLog:
         # message id -> the facts and contradictions its handling recorded (by any attempt)
         self._caused: dict[str, dict[str, Any]] = {}
         self._started = False
-        # The position of the snapshot this memory was started from (0: none).
+        # The position of the latest snapshot this memory was started from or wrote (0: none),
+        # and how many entries it holds.
         self.snapshot_position = 0
+        self.snapshot_entries = 0
 
     async def _restore(self, up_to: int | None) -> None:
         """Fold the latest snapshot's entries (not past `up_to`), if there is one."""
@@ -98,6 +100,7 @@ class MemoryLog:
             if envelope is not None:
                 self.fold(entry.seq, envelope.payload, cause=envelope.causation_id)
         self.position = self.snapshot_position = snapshot.position
+        self.snapshot_entries = len(snapshot.entries)
 
     async def snapshot(self) -> int:
         """Record a snapshot of this memory up to `position` (nothing when the latest snapshot
@@ -106,6 +109,7 @@ class MemoryLog:
         written = await write_snapshot(self.bus, self.agent, position=self.position)
         if written is not None:
             self.snapshot_position = written.position
+            self.snapshot_entries = len(written.entries)
         return max(self.snapshot_position, written.position if written is not None else 0)
 
     def caused_by(self, message_id: str, kind: type | None = None) -> list[Any]:
