@@ -106,14 +106,14 @@ async def test_a_redelivered_message_still_finds_its_recorded_steps_after_a_trim
     sent = await bus.send("worker", Note(text="do it"), sender="tester")
     step_subject = f"default.event.worker.step.{inbound_key(sent.envelope.id)}.0"
     async with bus.consumer("worker", handle):
-        await wait_for(lambda: attempts == [1], timeout_s=20, what="the first attempt to record its step")
+        await wait_for(lambda: attempts == [1], timeout_s=60, what="the first attempt to record its step")
         await publish_notes(bus, 600, start=600)
         log_first = await archive_and_trim(bus, tmp_path)
         assert log_first > 600  # the notes before the message went
         assert log_first <= sent.ack.seq
         assert await subject_counts(bus, step_subject) == {step_subject: 1}
         trimmed.set()
-        await asyncio.wait_for(settled.wait(), 30)
+        await asyncio.wait_for(settled.wait(), 60)
     assert attempts == [1, 2] and runs == [1]
     await publish_notes(bus, 10, start=1_200)
     after = await archive_and_trim(bus, tmp_path)
