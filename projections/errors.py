@@ -9,9 +9,11 @@
     ├── RebuildError      a rebuild could not start or finish (unknown view, one already running)
     └── ArchiveError      the archive could not be written or read (disk full, permissions): nothing
         │                 sealed was changed; fix the cause and run again
-        └── ArchiveCorrupt  a segment file fails verification (unreadable, truncated, a hash or the
-                            chain broken, a segment missing): restore it from a copy; nothing is
-                            archived after it until then
+        ├── ArchiveCorrupt  a segment file fails verification (unreadable, truncated, a hash or the
+        │                   chain broken, a segment missing): restore it from a copy; nothing is
+        │                   archived after it, nor the log trimmed, until then
+        └── TrimRefused     a trim was refused before anything was purged (the views are behind
+                            what it would purge, the archive is not this log's): see the message
 
 Query failures are not exceptions on the service side: they are `schemas.query.QueryFailure`
 answers, raised on the client as `bus.errors.QueryError`. Foreign errors (duckdb, nats, OS) are
@@ -48,3 +50,8 @@ class ArchiveError(ProjectionError):
 class ArchiveCorrupt(ArchiveError):
     """A segment file fails verification: unreadable or truncated, its records not what its
     metadata says, or the hash chain broken (a segment missing, replaced or reordered)."""
+
+
+class TrimRefused(ArchiveError):
+    """A trim was refused before anything was purged: the views have not applied what it would
+    purge, or the archive does not hold this log's records."""

@@ -140,7 +140,7 @@ class ProjectionService:
         stale = await writer.call(store.open)
         self._stack.push_async_callback(writer.call, store.close)
         self.store = store
-        await self._check_log(writer)
+        missed = await self._check_log(writer)
         self.watermark.advance(store.applied_seq)
 
         if settings.archive_dir is not None:
@@ -162,9 +162,18 @@ class ProjectionService:
         self._stack.push_async_callback(self._stop)
         self._background.append(self._tasks.create_task(runner.run_live(), name="projections-live"))
         self._background.append(self._tasks.create_task(runner.keep_erasing(), name="projections-erase"))
-        if stale:
+        if missed is not None and settings.archive_dir is not None:
+            # Trimmed (or aged out) while this file was not looking: the archive holds them.
+            log.warning("the log starts at seq %d, after these views' seq %d (trimmed meanwhile): building every "
+                        "view from seq 1, the archive first", missed[1] + 1, missed[0])
+            self._background.append(self._tasks.create_task(self._build_stale([]), name="projections-build"))
+        elif stale:
             log.info("views %s are new or changed: building them from seq 1", ", ".join(stale))
             self._background.append(self._tasks.create_task(self._build_stale(stale), name="projections-build"))
+        if missed is not None and settings.archive_dir is None:
+            log.warning("records seq %d..%d left the log (trimmed or aged out) before these views applied them: "
+                        "the views lack them; serve the archive (archive_dir) and run `bus projections rebuild`",
+                        missed[0] + 1, missed[1])
 
         group = settings.query.queue_group
         transport = bus.transport
@@ -246,13 +255,16 @@ class ProjectionService:
         except (ArchiveError, duckdb.Error, OSError) as exc:
             log.warning("archive_events not refreshed: %s", exc)
 
-    async def _check_log(self, writer: Writer) -> None:
+    async def _check_log(self, writer: Writer) -> tuple[int, int] | None:
+        """Check the views file fits the log. Returns (the views' seq, the last seq the log no
+        longer holds) when records after the views' seq left the log before they were folded
+        (a trim or max age while the service was not running), else None. Raises StoreMismatch."""
         store = writer.store
         try:
             first, last = await self._bus.log_bounds()
         except BusError as exc:
             log.warning("cannot read the log's bounds (%s); folding without them", exc)
-            return
+            return None
         if store.applied_seq > last:
             raise StoreMismatch(
                 f"{store.path} is at seq {store.applied_seq} but the log {store.stream} ends at {last}: "
@@ -260,6 +272,9 @@ class ProjectionService:
                 "or point --db elsewhere"
             )
         store.log_floor = max(0, first - 1) if last else 0
+        if store.applied_seq and last and first - 1 > store.applied_seq:
+            return store.applied_seq, first - 1
+        return None
 
     async def _stop(self) -> None:
         for subscription in self._subscriptions:

@@ -152,6 +152,12 @@ class LLMAgent(Agent):
     retention: ClassVar[RetentionPolicy | None] = None
     mcp_servers: ClassVar[tuple[McpServerSpec, ...]] = ()
     mcp_attempts: ClassVar[int] = 3
+    # A memory snapshot (agents.llm_agent.snapshot) once the memory log has grown by this many
+    # sequences since the last one, and by at least as many as the last one holds (each snapshot
+    # copies the whole memory: growing the interval with it keeps snapshots a bounded share of
+    # the log), checked at start and before each conversation turn; the log's retention trims
+    # memory only below every memory agent's latest snapshot. 0: never.
+    snapshot_every: ClassVar[int] = 1000
     # One message at a time: turns of one conversation must not interleave. A short ack_wait is
     # safe for long model calls (the consumer engine sends in-progress while a handler runs) and
     # brings a killed process's message back quickly.
@@ -193,7 +199,18 @@ class LLMAgent(Agent):
                 # holder created just before ours must come first here too, as in any replay.
                 self._log = MemoryLog(bus, self.agent_name)
                 await self.log.catch_up()
+            await self.snapshot_if_due()
             self._resources = opened.pop_all()
+
+    async def snapshot_if_due(self) -> None:
+        """Record a memory snapshot when the memory log has grown since the latest one by
+        `snapshot_every` sequences and by as many as it holds entries (its id derives from the
+        position: a retry stores it once). Raises BusUnavailable."""
+        if self.snapshot_every <= 0:
+            return
+        grown = self.log.position - self.log.snapshot_position
+        if grown >= max(self.snapshot_every, self.log.snapshot_entries):
+            await self.log.snapshot()
 
     def attach(self, log: MemoryLog, model: Model, *, model_name: str, mcp_tools: MountedTools | None = None) -> None:
         """Bind the agent to its memory log, model and MCP tools (on_start does this; a replay
@@ -308,6 +325,7 @@ class LLMAgent(Agent):
         """
         now = ctx.envelope.created_at  # the same on every attempt: decisions replay identically
         await self.log.catch_up()
+        await self.snapshot_if_due()
         await ctx.step("memory.position", lambda: self.log.position, type=int)
         await self.sweep(ctx, now)  # before the new turn, which would end the idleness
         await self._write(ctx, "turn:user", lambda: [self.memory.recall.record(

@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 
 from agents.llm_agent.logread import read_range
+from agents.llm_agent.snapshot import entry_envelope, load_snapshot, write_snapshot
 from agents.memory import AgentMemory
 from agents.memory.errors import BlockLimitExceeded
 from agents.runtime.reads import by_seq, last_by_subject
@@ -83,6 +84,33 @@ class MemoryLog:
         self.block_seq: dict[str, int] = {}
         # message id -> the facts and contradictions its handling recorded (by any attempt)
         self._caused: dict[str, dict[str, Any]] = {}
+        self._started = False
+        # The position of the latest snapshot this memory was started from or wrote (0: none),
+        # and how many entries it holds.
+        self.snapshot_position = 0
+        self.snapshot_entries = 0
+
+    async def _restore(self, up_to: int | None) -> None:
+        """Fold the latest snapshot's entries (not past `up_to`), if there is one."""
+        snapshot = await load_snapshot(self.bus, self.agent)
+        if snapshot is None or (up_to is not None and snapshot.position > up_to):
+            return
+        for entry in snapshot.entries:
+            envelope = entry_envelope(self.bus, entry)
+            if envelope is not None:
+                self.fold(entry.seq, envelope.payload, cause=envelope.causation_id)
+        self.position = self.snapshot_position = snapshot.position
+        self.snapshot_entries = len(snapshot.entries)
+
+    async def snapshot(self) -> int:
+        """Record a snapshot of this memory up to `position` (nothing when the latest snapshot
+        reaches it already); return the position the latest snapshot reaches. Raises
+        BusUnavailable."""
+        written = await write_snapshot(self.bus, self.agent, position=self.position)
+        if written is not None:
+            self.snapshot_position = written.position
+            self.snapshot_entries = len(written.entries)
+        return max(self.snapshot_position, written.position if written is not None else 0)
 
     def caused_by(self, message_id: str, kind: type | None = None) -> list[Any]:
         """The facts and contradictions recorded while handling `message_id`, in log order,
@@ -104,7 +132,11 @@ class MemoryLog:
 
     async def catch_up(self, *, up_to: int | None = None) -> int:
         """Fold every memory event stored after `position` (up to `up_to`); return the new
-        position. Raises BusUnavailable."""
+        position. The first catch-up starts from the agent's latest memory snapshot when it has
+        one (agents.llm_agent.snapshot): its entries, then the log after it. Raises BusUnavailable."""
+        if self.position == 0 and not self._started:
+            self._started = True
+            await self._restore(up_to)
         async for stored in read_range(self.bus, memory_filter(self.bus), after=self.position, up_to=up_to):
             self.fold(stored.seq, stored.envelope.payload, cause=stored.envelope.causation_id)
             self.position = max(self.position, stored.seq)

@@ -88,6 +88,9 @@ class ReplayLog(MemoryLog):
     async def catch_up(self, *, up_to: int | None = None) -> int:
         return self.position  # the recorded run saw nothing newer during the handling
 
+    async def snapshot(self) -> int:
+        return self.position  # a replay records nothing, memory snapshots neither
+
     async def record(self, event: Any, *, id: str, cause: Envelope[Any] | None = None) -> Any:
         self._check_limit(event)  # the size limit holds in a replay too
         if isinstance(event, MEMORY_EVENT_TYPES):

@@ -7,7 +7,10 @@
     archiver.py  `archive run`: the log from after the last segment, in segments, each recorded
                  on the log as an `archive.segment.sealed` event
     reader.py    segments as fold batches (rebuild) and the files behind the query view
-    cli.py       `bus archive run|list|verify`
+    retention.py retention classes (subject filters and their rule) and the default policy
+    trim.py      `archive trim`: purge the log below the verified archive, class by class,
+                 recorded as an `archive.log.trimmed` event
+    cli.py       `bus archive run|list|verify|trim`
 
 A segment holds each record's exact bytes, subject, NATS header block, sequence and stored time,
 and beside them the columns the views fold (`projections.batch`), so a rebuild folds archived

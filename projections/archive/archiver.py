@@ -39,6 +39,7 @@ from schemas.payloads.archive import ArchiveSegmentSealed
 
 if TYPE_CHECKING:
     from bus import Bus
+    from projections.archive.trim import TrimResult
 
 log = logging.getLogger("continuum.projections.archive")
 
@@ -56,6 +57,7 @@ class ArchiveRun:
     last_seq: int = 0
     records: int = 0
     seconds: float = 0.0
+    trim: TrimResult | None = None  # the policy's trim after this run, if it trims
 
 
 async def run_archive(
@@ -221,14 +223,19 @@ async def keep_archiving(
     on_failure: Callable[[Exception], None] | None = None,
 ) -> None:
     """Apply `policy` until cancelled: every `interval_s`, seal the full segments the log has
-    grown by (never a partial one). A run that fails for want of the server or the disk
-    (BusUnavailable, ArchiveError) is logged (and given to `on_failure`) and tried again at the
-    next interval; a damaged archive (ArchiveCorrupt) ends it, raised: nothing is archived after
-    a bad segment until an operator looks."""
+    grown by (never a partial one), then, when the policy trims, trim the log (`trim.run_trim`).
+    A run or trim that fails for want of the server or the disk, or is refused (BusUnavailable,
+    ArchiveError, TrimRefused) is logged (and given to `on_failure`) and tried again at the next
+    interval; a damaged archive (ArchiveCorrupt) ends it, raised: nothing is archived or trimmed
+    after a bad segment until an operator looks."""
+    from projections.archive.trim import run_trim  # trim builds on this module
+
     settings = dataclasses.replace(policy.settings, seal_partial=False)
     while True:
         try:
             run = await run_archive(bus, settings)
+            if policy.trim is not None:
+                run.trim = await run_trim(bus, settings, policy.trim)
         except ArchiveCorrupt:
             raise
         except (BusUnavailable, ArchiveError) as exc:

@@ -3,6 +3,7 @@
     bus archive run [--all] [--segment-records N] [--dir PATH]   seal the log after the last segment
     bus archive list [--format text|json] [--dir PATH]          the segments, from their metadata
     bus archive verify [--dir PATH]                             read and check every segment and the chain
+    bus archive trim [--dry-run] [--reason TEXT] [--by NAME]    purge the log below the verified archive, by policy
 
 `list` and `verify` read the files only (no server needed). `verify` exits 1 at the first
 broken segment, with one line saying which and what; nothing is changed.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import signal
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,8 +35,10 @@ from bus.subjects import Subjects
 from projections.archive.archiver import ArchiveRun, keep_archiving, run_archive
 from projections.archive.config import DEFAULT_SEGMENT_RECORDS, ArchivePolicy, ArchiveSettings
 from projections.archive.segment import SegmentMeta
+from projections.archive.retention import DEFAULT_RETENTION, TrimSettings
+from projections.archive.trim import run_trim
 from projections.archive.verify import Segment, chain_of, verify_all
-from projections.errors import ArchiveCorrupt, ArchiveError
+from projections.errors import ArchiveCorrupt, ArchiveError, TrimRefused
 
 
 def register(subparsers: Any) -> None:
@@ -66,6 +71,28 @@ def register(subparsers: Any) -> None:
     _common(verify)
     verify.set_defaults(func=_verify)
 
+    trim = sub.add_parser("trim", help="purge the log below the verified archive, class by class (retention policy)")
+    _common(trim)
+    _trim_options(trim)
+    trim.add_argument("--dry-run", action="store_true", help="say what would be purged; purge nothing")
+    trim.set_defaults(func=_trim)
+    run.add_argument("--trim", action="store_true",
+                     help="with --every: trim the log by the retention policy after each run")
+    _trim_options(run, with_defaults_only=True)
+
+
+def _trim_options(parser: argparse.ArgumentParser, *, with_defaults_only: bool = False) -> None:
+    if not with_defaults_only:
+        parser.add_argument("--reason", default="operator", metavar="TEXT",
+                            help="why (recorded in the archive.log.trimmed event; default %(default)s)")
+    parser.add_argument("--by", default=None, metavar="NAME",
+                        help="who trims (recorded; default: $USER, else the bus name)")
+    parser.add_argument("--min-age", type=float, default=None, metavar="SECONDS",
+                        help="trim nothing stored less than SECONDS ago (default: the policy's, 3600)")
+    parser.add_argument("--views-wait", type=float, default=10.0, metavar="SECONDS",
+                        help="wait up to SECONDS for the projection service's views to have applied what is "
+                             "purged; refuse otherwise (0: do not ask; default %(default)s)")
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_connection_options(parser)
@@ -93,8 +120,11 @@ async def _run(args: argparse.Namespace) -> int:
     if args.every is not None and args.all:
         raise CliError("--all seals a partial segment once; it cannot be combined with --every")
     settings = _settings(args, segment_records=args.segment_records, seal_partial=args.all)
+    if args.trim and args.every is None:
+        raise CliError("--trim applies the retention policy on a schedule: use it with --every (or run `bus archive trim`)")
     if args.every is not None:
-        return await _keep(args, ArchivePolicy(settings=settings, interval_s=args.every))
+        trim = _trim_settings(args, reason="policy") if args.trim else None
+        return await _keep(args, ArchivePolicy(settings=settings, interval_s=args.every, trim=trim))
 
     def sealed(meta: SegmentMeta) -> None:
         out(f"sealed {meta.name}: seq {meta.first_seq}..{meta.last_seq}, {meta.count:,} records")
@@ -130,6 +160,8 @@ async def _keep(args: argparse.Namespace, policy: ArchivePolicy) -> int:
     def ran(run: ArchiveRun) -> None:
         for meta, _ in run.sealed:
             out(f"sealed {meta.name}: seq {meta.first_seq}..{meta.last_seq}, {meta.count:,} records")
+        if run.trim is not None and run.trim.purged:
+            out(f"trimmed {run.trim.purged:,} records (event at seq {run.trim.event_seq})")
 
     async def until_stopped() -> None:
         await stop.wait()
@@ -137,7 +169,8 @@ async def _keep(args: argparse.Namespace, policy: ArchivePolicy) -> int:
 
     async with open_bus(args, name="archive") as bus:
         out(f"archiving {bus.subjects.stream} into {policy.settings.directory} every {policy.interval_s:g}s "
-            f"({policy.settings.segment_records:,} records a segment)")
+            f"({policy.settings.segment_records:,} records a segment"
+            + (", then trimming by the retention policy)" if policy.trim is not None else ")"))
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(keep_archiving(bus, policy, on_run=ran), name="archive-policy")
@@ -202,6 +235,45 @@ async def _verify(args: argparse.Namespace) -> int:
         return 0
     out(f"ok: {len(good)} segment(s), {records:,} records up to seq {good[-1].meta.last_seq}: every hash and "
         "the chain verified")
+    return 0
+
+
+def _trim_settings(args: argparse.Namespace, *, reason: str | None = None) -> TrimSettings:
+    policy = DEFAULT_RETENTION
+    try:
+        if args.min_age is not None:
+            policy = dataclasses.replace(policy, min_age_s=args.min_age)
+        if args.views_wait < 0:
+            raise ValueError("--views-wait must be 0 or more")
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    by = args.by or os.environ.get("USER") or "operator"
+    return TrimSettings(policy=policy, by=by, reason=reason or args.reason, views_wait_s=args.views_wait)
+
+
+async def _trim(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    trim = _trim_settings(args)
+    async with open_bus(args, name="archive") as bus:
+        try:
+            result = await run_trim(bus, settings, trim, dry_run=args.dry_run)
+        except ArchiveCorrupt as exc:
+            raise CliError(f"{exc} (run `bus archive verify`; nothing was purged)") from exc
+        except (TrimRefused, ArchiveError) as exc:
+            raise CliError(str(exc)) from exc
+    plan = result.plan
+    out(f"the verified archive ends at seq {plan.archive.last_seq} ({plan.archive.segments} segment(s)); "
+        f"the log holds seq {plan.first_seq}..{plan.last_seq}; views: {plan.views}")
+    for c in plan.classes:
+        kept = f", the last record of {len(c.per_subject)} subject(s) kept" if c.per_subject is not None else ""
+        count = "" if args.dry_run else f": {result.by_class.get(c.rule.name, 0):,} purged"
+        out(f"  {c.rule.name:<18} below seq {c.below_seq}{kept} ({c.reason}){count}")
+    count = "" if args.dry_run else f": {result.by_class.get(trim.policy.everything_else, 0):,} purged"
+    out(f"  {trim.policy.everything_else:<18} below seq {plan.rest_below}{count}")
+    if args.dry_run:
+        out("dry run: nothing was purged")
+    else:
+        out(f"trimmed {result.purged:,} records; recorded as archive.log.trimmed at seq {result.event_seq}")
     return 0
 
 

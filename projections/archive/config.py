@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from projections.archive.retention import TrimSettings
 
 ARCHIVE_DIR = "archive"
 # Records per segment file at most: ~40-80 MB of memory while one is cut, a file of a few tens of
@@ -55,10 +59,12 @@ class ArchivePolicy:
 
     interval_s   how often it looks for full segments to seal (default 300 s)
     settings     what to archive where (full segments only: `seal_partial` is ignored)
+    trim         after each run, trim the log by this retention policy (None: never)
     """
 
     settings: ArchiveSettings
     interval_s: float = 300.0
+    trim: TrimSettings | None = None
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:

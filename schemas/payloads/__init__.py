@@ -9,9 +9,11 @@ from schemas.payloads.agents import (
     AgentStateSaved,
     AgentStopped,
     AgentStopRequested,
+    MemorySnapshotted,
+    SnapshotEntry,
     StepRecorded,
 )
-from schemas.payloads.archive import ArchiveSegmentSealed
+from schemas.payloads.archive import ArchiveSegmentSealed, LogTrimmed, TrimmedClass
 from schemas.payloads.delivery import DeadLettered, DeadLetterRetried, DeliveryExpired, DeliveryReport, Settlement
 from schemas.payloads.llm import LlmCallCompleted, LlmCallFailed
 from schemas.payloads.memory import (
@@ -73,6 +75,8 @@ BUILTIN_PAYLOADS: tuple[type, ...] = (
     ArchiveSegmentSealed,
     Sealed,
     Forgotten,
+    LogTrimmed,
+    MemorySnapshotted,
 )
 
 __all__ = [
@@ -80,6 +84,10 @@ __all__ = [
     "ArchiveSegmentSealed",
     "Forgotten",
     "Sealed",
+    "LogTrimmed",
+    "MemorySnapshotted",
+    "SnapshotEntry",
+    "TrimmedClass",
     "AgentCircuitOpened",
     "AgentCrashed",
     "AgentHeartbeat",

@@ -126,3 +126,27 @@ class AgentStateSaved(Payload, frozen=True, kw_only=True, tag="agent.state"):
     agent: str
     value: msgspec.Raw
     previous_version: int = 0
+
+
+class MemorySnapshotted(Payload, frozen=True, kw_only=True, tag="agent.memory.snapshot"):
+    """One part of a snapshot of `agent`'s memory: every memory event its memory was folded from
+    up to log sequence `position`, as stored (`entries`: each the event's sequence and its
+    envelope's bytes as JSON), so a restart folds the same memory from the snapshot plus the
+    events after `position`, even after the early events were trimmed from the log. A snapshot
+    too large for one message is several parts (`part` of `parts`) recorded one after another;
+    `first_part_seq` is the log sequence of part 0 (0 in part 0 itself)."""
+
+    agent: str
+    snapshot_id: str
+    position: int
+    part: int
+    parts: int
+    entries: list[SnapshotEntry]
+    first_part_seq: int = 0
+
+
+class SnapshotEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A memory event in a snapshot: its log sequence and its envelope as stored (JSON)."""
+
+    seq: int
+    envelope: msgspec.Raw

@@ -7,6 +7,8 @@ place and read back verified.
 
 from __future__ import annotations
 
+import msgspec
+
 from schemas.envelope import Payload
 
 
@@ -29,3 +31,30 @@ class ArchiveSegmentSealed(Payload, frozen=True, kw_only=True, tag="archive.segm
     file_bytes: int
     first_stored_ns: int = 0
     last_stored_ns: int = 0
+
+
+class TrimmedClass(msgspec.Struct, frozen=True, kw_only=True):
+    """What one retention class of a trim purges: its records on `filters` below `below_seq`
+    (0: none), and why that bound (e.g. "archived to seq 4000", "expired: stored before ...")."""
+
+    name: str
+    filters: list[str]
+    below_seq: int
+    reason: str
+    kept_last: int = 0
+
+
+class LogTrimmed(Payload, frozen=True, kw_only=True, tag="archive.log.trimmed"):
+    """The log was trimmed by `by` for `reason` (an operator's words, or "policy"): per retention
+    class, its records below a sequence were purged from the stream. Recorded before the purges
+    it describes (a crash in between leaves the record and a partial trim the next one completes).
+    `archived_seq` is where the verified archive ended (its last segment's chain hash
+    `archive_chain_sha256`): no class that waits for the archive is purged above it."""
+
+    stream: str
+    by: str
+    reason: str
+    archived_seq: int
+    archive_chain_sha256: str
+    classes: list[TrimmedClass]
+    below_seq: int = 0  # every record of the log below it may be gone (the lowest bound of all)
