@@ -51,7 +51,8 @@ def archived_rows(directory: Path) -> dict[int, tuple[str, bytes]]:
 
 async def log_rows(bus: Bus) -> dict[int, tuple[str, bytes]]:
     last = await bus.last_seq()
-    return {r.seq: (r.subject.decode(), r.data) for r in await read_records(bus, last) if r.seq <= last}
+    # The stored bytes, as the archive holds them (private records, such as agent state, sealed).
+    return {r.seq: (r.subject.decode(), r.data) for r in await read_records(bus, last, sealed=True) if r.seq <= last}
 
 
 async def trims_recorded(bus: Bus) -> list[LogTrimmed]:
@@ -170,6 +171,10 @@ async def _after(proc: asyncio.subprocess.Process, seq_now, before: int) -> bool
     return proc.returncode is not None or await seq_now() > before
 
 
+def _sealed_more(proc: asyncio.subprocess.Process, directory: Path, before: int) -> bool:
+    return proc.returncode is not None or len(list(directory.glob("seg-*.parquet"))) > before
+
+
 def test_retention_classes_must_not_overlap() -> None:
     """A record belongs to one class: overlapping filters are refused when the policy is built."""
     assert overlap("event.*.agent.state", "event.a.>") and overlap("inbox.>", "inbox.x.y")
@@ -211,6 +216,7 @@ async def test_sigkill_during_trim_loses_nothing_and_never_trims_above_the_verif
         version = await state.save({"round": round_}, version=version)
         for command in (["archive", "run", "--segment-records", "250"], ["archive", "trim", "--min-age", "0", "--views-wait", "0"]):
             events_before = await trim_event_seq()
+            segments_before = len(list(directory.glob("seg-*.parquet")))
             proc = await asyncio.create_subprocess_exec(
                 *BUS, *command, env=env, cwd=tmp_path,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
@@ -220,6 +226,11 @@ async def test_sigkill_during_trim_loses_nothing_and_never_trims_above_the_verif
                     # Right after it recorded its event: between the record and the purges.
                     await wait_for(lambda: _after(proc, trim_event_seq, events_before), timeout_s=30, interval_s=0.002,
                                    what="the trim to record its event")
+                elif command[1] == "run" and round_ % 2 == 0:
+                    # Right after it sealed a segment, while it seals the next: not a matter of
+                    # how fast this machine is (a quick run ends before any random time).
+                    await wait_for(lambda: _sealed_more(proc, directory, segments_before), timeout_s=30,
+                                   interval_s=0.002, what="the run to seal a segment")
                 else:
                     await asyncio.wait_for(proc.wait(), rng.uniform(0.5, 1.8))
             except TimeoutError:
