@@ -221,7 +221,7 @@ class LiveFeed:
 
     def take(self, record: LogRecord) -> None:
         """Count and keep one stored message (decoded later, if a page needs it)."""
-        self.head_seq = record.seq
+        self.head_seq = max(self.head_seq, record.seq)
         self._recent.append(record)
         if len(self._pending) == self._pending.maxlen:
             self._overflow += 1
