@@ -604,12 +604,7 @@ class Transport:
                 f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode(request), timeout_s=attempt_s
             ),
         )
-        status = answer.status
-        if status == "404":
-            return None
-        if status:
-            raise BusUnavailable(f"direct get {request} refused: {status} {answer.headers.get('Description', '')}")
-        return _stored(answer)
+        return _stored_or_none(answer, f"direct get {request}")
 
     async def direct_get_last(self, stream: str, subject: str, *, timeout_s: float = 5.0) -> StoredMessage | None:
         """The last message stored on `subject` (a literal subject), by the direct get whose API
@@ -620,12 +615,7 @@ class Transport:
         answer = await self._read_patiently(
             stream, {"last_by_subj": subject}, timeout_s, lambda attempt_s: self.request(api, b"", timeout_s=attempt_s)
         )
-        status = answer.status
-        if status == "404":
-            return None
-        if status:
-            raise BusUnavailable(f"direct get of {subject} refused: {status} {answer.headers.get('Description', '')}")
-        return _stored(answer)
+        return _stored_or_none(answer, f"direct get of {subject}")
 
     async def direct_get_batch(
         self, stream: str, request: dict[str, Any], *, limit: int, timeout_s: float = 5.0
@@ -686,6 +676,17 @@ class Transport:
                     await sub.unsubscribe()
         except _NATS_FAILURES as exc:
             raise translate(exc, f"direct get {request} from {stream}") from exc
+
+
+def _stored_or_none(answer: Inbound, what: str) -> StoredMessage | None:
+    """A direct get's answer: the message, None for 404 (nothing there). Raises BusUnavailable
+    for another status, naming `what` was asked."""
+    status = answer.status
+    if status == "404":
+        return None
+    if status:
+        raise BusUnavailable(f"{what} refused: {status} {answer.headers.get('Description', '')}")
+    return _stored(answer)
 
 
 def _stored(answer: Inbound) -> StoredMessage:
