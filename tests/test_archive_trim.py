@@ -337,35 +337,3 @@ async def test_trim_cli_dry_run_trim_and_the_policy_on_the_archivers_schedule(
 async def _first_above(bus: Bus, seq: int) -> bool:
     return (await bus.log_bounds())[0] > seq
 
-
-@pytest.mark.timeout(300)  # a loaded machine: the views may take minutes to be built
-async def test_a_service_whose_views_were_behind_a_trim_builds_them_from_the_archive_at_start(
-    bus: Bus, tmp_path: Path,
-) -> None:
-    """A projection service stops at some seq; the log grows, is archived and trimmed past it;
-    started again on the same views file, the service sees the log now starts after its views
-    and builds every view from seq 1, the archive first: its views equal those of a service
-    that folded the whole log live, never trimmed."""
-    from projections.config import ProjectionSettings
-    from projections.service import ProjectionService
-    from test_archive_rebuild import caught_up, mixed_log
-
-    archive = archive_in(tmp_path, segment_records=1_500)
-    behind = ProjectionSettings(db_path=str(tmp_path / "behind.duckdb"), archive_dir=str(archive.directory))
-    await publish_notes(bus, 300)
-    async with ProjectionService(bus, behind):
-        await caught_up(bus, 300)
-    live = ProjectionSettings(db_path=str(tmp_path / "live.duckdb"), archive_dir=str(archive.directory))
-    async with ProjectionService(bus, live) as always:
-        await mixed_log(bus)
-        await run_archive(bus, archive)
-        await caught_up(bus, await bus.last_seq())
-        result = await run_trim(bus, archive, dataclasses.replace(NOW, views_wait_s=120))
-        assert result.purged > 0 and (await bus.log_bounds())[0] > 301
-        await caught_up(bus, result.event_seq)
-        never_trimmed = await always.content_hashes()
-    async with ProjectionService(bus, behind) as restarted:
-        async def rebuilt() -> bool:
-            return await restarted.content_hashes() == never_trimmed
-
-        await wait_for(rebuilt, timeout_s=240, interval_s=0.2, what="the views to be built from the archive")
