@@ -17,6 +17,15 @@
                      every 25th (200/s, as this benchmark first did) measured the queue of
                      queries on two cores, not the lag.
 
+    fold_publish_ratio   `fold_per_s` / `durable_publish_per_s` of a fresh server of the same
+                     config in the same run (target >= 1.2: the fold has room to spare over the
+                     fastest the bus takes writes)
+    live_publish_per_s   durable publishing (as the publish section does it) with the service
+                     running and folding it as it comes, `live_drain_s` the seconds from the last
+                     ack until a query over a view of every lane answers at that sequence, and
+                     `live_fold_per_s` = events / (publishing + draining): what the live fold
+                     sustained beside the publisher on the same two cores
+
 The service runs as its own process, as `bus up` starts it; the benchmark is its client.
 
 Setup (not measured): a synthetic log of `env.n(1_000_000)` events appended with atomic
@@ -36,6 +45,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from bus.bench.processes import bus_process
+from bus.bench.publish import durable_rate
 from bus.client import Bus
 from bus.config import BusConfig
 from bus.errors import BusUnavailable, QueryError
@@ -55,6 +65,7 @@ if TYPE_CHECKING:
 _FULL_LOG = 1_000_000
 _LAG_RATE = 5_000
 _LAG_SAMPLE_EVERY = 250
+_LIVE_PUBLISHES = 100_000
 
 
 class _Replay:
@@ -186,6 +197,7 @@ async def _answering(bus: Bus, min_seq: int, timeout_s: float) -> None:
 async def run(env: BenchEnv) -> dict[str, float]:
     """The projections figures (see the module docstring)."""
     count = env.n(_FULL_LOG)
+    publish_rates = await _publish_baseline(env)
     async with env.server("projections") as server:
         config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bench")
         async with Bus(config) as bus:
@@ -217,6 +229,7 @@ async def run(env: BenchEnv) -> dict[str, float]:
                 latencies = await _query_latencies(bus, ids)
 
                 lag, lag_rate = await _lag(bus, seconds=max(2.0, 20.0 * min(1.0, env.scale)))
+                live_publish, live_drain, live_fold = await _live_fold(bus, env.n(_LIVE_PUBLISHES))
 
     return {
         "fold_per_s": round(statistics.median(folds)),
@@ -228,4 +241,35 @@ async def run(env: BenchEnv) -> dict[str, float]:
         "lag_p50_ms": round(_percentile(lag, 0.50) * 1000, 2),
         "lag_p99_ms": round(_percentile(lag, 0.99) * 1000, 2),
         "lag_rate_per_s": round(lag_rate),
+        "fold_publish_baseline_per_s": round(statistics.median(publish_rates)),
+        "fold_publish_ratio": round(statistics.median(folds) / statistics.median(publish_rates), 2),
+        "live_publish_per_s": round(live_publish),
+        "live_drain_s": round(live_drain, 2),
+        "live_fold_per_s": round(live_fold),
     }
+
+
+async def _publish_baseline(env: BenchEnv) -> list[float]:
+    """Durable publishing rates on a fresh server of the same config, as the publish section
+    measures them (a warm-up, then `env.repeats` runs)."""
+    async with env.server("projections-publish") as server:
+        config = BusConfig(url=server.url, monitor_url=server.settings.monitor_url, name="bench")
+        async with Bus(config, metrics_registry=CollectorRegistry()) as bus:
+            await durable_rate(bus, min(env.n(5_000), 5_000))
+            return [await durable_rate(bus, env.n(_LIVE_PUBLISHES)) for _ in range(env.repeats)]
+
+
+async def _live_fold(bus: Bus, count: int) -> tuple[float, float, float]:
+    """Publish `count` messages as fast as durable publishing goes while the service folds them;
+    returns (publish rate, seconds from the last ack until every lane has folded it, the rate
+    the fold sustained over publishing and draining)."""
+    started = time.perf_counter()
+    rate = await durable_rate(bus, count, to="sink")
+    acked = time.perf_counter()
+    # A Bus's query waits for the highest sequence it wrote; these views sit in all three lanes.
+    await bus.query(
+        "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM agents), (SELECT count(*) FROM facts)",
+        timeout_s=600,
+    )
+    drained = time.perf_counter()
+    return rate, drained - acked, count / (drained - started)

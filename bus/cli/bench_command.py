@@ -49,6 +49,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "console_publish_ratio": (">=", 0.95),
     "console_consume_ratio": (">=", 0.95),
     "fold_per_s": (">=", 200_000),
+    "fold_publish_ratio": (">=", 1.2),
     "rebuild_1m_s": ("<=", 10),
     "archive_per_s": (">=", 300_000),
     "rebuild_archive_1m_s": ("<=", 5),
