@@ -297,6 +297,8 @@ class Runner:
             start = settled + 1
             began = time.monotonic()
             try:
+                if start <= self._store.log_floor:
+                    start = await self._live_behind_the_log(start)
                 await self._live_until_restart(start)
             except (BusUnavailable, BaseExceptionGroup) as exc:
                 _reraise_if_cancelling(exc)
@@ -307,6 +309,44 @@ class Runner:
                 self._metrics.reader_restarts.inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _live_behind_the_log(self, start: int) -> int:
+        """The active views need `start`, which has left the log (trimmed, or aged out, while
+        they were not folding: a new views file over a trimmed log, or a service stopped during
+        a trim). Fold what the archive holds from `start` into them, batch by batch on the
+        writer thread, before the live reader starts. Returns the seq to read the log from.
+        What neither the archive nor the log holds is logged (the views lack it; gap detection
+        does not flag the log's own start). Raises StoreUnusable (via the fold's retries)."""
+        floor = self._store.log_floor
+        archive = self._settings.archive_dir
+        folded = 0
+        if archive is not None:
+            try:
+                async with contextlib.aclosing(
+                    archived_batches(Path(archive), self._bus.subjects.stream, start - 1)
+                ) as batches:
+                    async for _segment, sealed_batch in batches:
+                        batch = await self._opener.open(sealed_batch, self._offload)
+                        if batch.has_kind(FORGOTTEN):
+                            self._note_forgets(batch)
+                        applied = await self._fold_retrying(
+                            "live", "archive", batch, lambda piece: self._writer.call(self._store.apply, piece)
+                        )
+                        folded += applied.events
+                        if applied.events:
+                            self._metrics.applied.labels("live").inc(applied.events)
+                        self.watermark.advance(applied.last_seq)
+            except ArchiveError as exc:
+                log.error("the archive could not be read past seq %d: %s", self.watermark.seq, exc)
+        settled, self._live_swaps = await self._writer.call(self._settled)
+        self.watermark.advance(settled)
+        if folded:
+            log.info("folded seq %d..%d from the archive (the log starts at seq %d)", start, settled, floor + 1)
+        if settled < floor:
+            log.warning("records seq %d..%d left the log before these views applied them and %s: the views lack "
+                        "them", settled + 1, floor,
+                        "the archive does not hold them" if archive is not None else "no archive is served")
+        return settled + 1
 
     def _settled(self) -> tuple[int, int]:
         """The store's checkpoint once no fold runs, and its swaps so far (one moment, on the

@@ -166,11 +166,10 @@ class ProjectionService:
             log.info("views %s are new or changed: building them from seq 1", ", ".join(stale))
             self._background.append(self._tasks.create_task(self._build_stale(stale), name="projections-build"))
         if missed is not None:
-            # Not rebuilt here: a rebuild while the live fold starts across the gap raced with
-            # the swap (1 start in 8 left views unequal to a never-trimmed log's).
-            log.warning("records seq %d..%d left the log (trimmed or aged out) before these views applied them: "
-                        "the views lack them; start the service on a new views file with the archive served (it builds "
-                        "every view from the archive, then the log)", missed[0] + 1, missed[1])
+            # The live fold takes them from the archive before it reads the log (or says the
+            # views lack them): Runner.run_live.
+            log.info("records seq %d..%d left the log (trimmed or aged out) before these views applied them",
+                     missed[0] + 1, missed[1])
 
         group = settings.query.queue_group
         transport = bus.transport

@@ -337,3 +337,37 @@ async def test_trim_cli_dry_run_trim_and_the_policy_on_the_archivers_schedule(
 async def _first_above(bus: Bus, seq: int) -> bool:
     return (await bus.log_bounds())[0] > seq
 
+
+
+@pytest.mark.timeout(300)  # a loaded machine: the views may take minutes to catch up
+async def test_views_behind_a_trim_and_a_new_views_file_fold_the_archive_before_the_log(
+    bus: Bus, tmp_path: Path,
+) -> None:
+    """A projection service stops at some seq; the log grows, is archived and trimmed past it.
+    Started again on the same views file with the archive served, and a service started on a
+    new views file, each fold what left the log from the archive before reading the log: with no
+    rebuild, their views equal those of a service that folded the whole log live, never
+    trimmed (every table's content hash)."""
+    from projections.config import ProjectionSettings
+    from projections.service import ProjectionService
+    from test_archive_rebuild import caught_up, mixed_log
+
+    archive = archive_in(tmp_path, segment_records=1_500)
+    behind = ProjectionSettings(db_path=str(tmp_path / "behind.duckdb"), archive_dir=str(archive.directory))
+    await publish_notes(bus, 300)
+    async with ProjectionService(bus, behind):
+        await caught_up(bus, 300)
+    live = ProjectionSettings(db_path=str(tmp_path / "live.duckdb"), archive_dir=str(archive.directory))
+    async with ProjectionService(bus, live) as always:
+        await mixed_log(bus)
+        await run_archive(bus, archive)
+        await caught_up(bus, await bus.last_seq())
+        result = await run_trim(bus, archive, dataclasses.replace(NOW, views_wait_s=120))
+        assert result.purged > 0 and (await bus.log_bounds())[0] > 301
+        await caught_up(bus, result.event_seq)
+        never_trimmed = await always.content_hashes()
+    fresh = ProjectionSettings(db_path=str(tmp_path / "fresh.duckdb"), archive_dir=str(archive.directory))
+    for settings in (behind, fresh):
+        async with ProjectionService(bus, settings) as restarted:
+            await caught_up(bus, result.event_seq)
+            assert await restarted.content_hashes() == never_trimmed, settings.db_path
