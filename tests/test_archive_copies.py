@@ -304,23 +304,31 @@ async def test_sigkill_while_copying_copies_nothing_twice_leaves_nothing_missing
     rng = random.Random(20)
     await publish_notes(bus, 2_000)
     store = await bucket(bus)
+    obj_stream = f"OBJ_{bus.subjects.archive_bucket}"
+    killed_running = pending_seen = 0
     for round_ in range(rounds):
         if round_ % 3 == 0:
             await publish_notes(bus, 1_000)  # more to seal and copy
-        notes_before = len(read_notes(directory)) if directory.exists() else 0
-        target = notes_before + rng.randrange(0, 3)
-        delay = rng.choice([0.0, 0.0, rng.uniform(0, 0.05)])
+        # The kill point: a random number of the bucket's writes into this run (a segment's copy
+        # is a chunk and then its metadata), plus at times a random delay: inside a put, between
+        # the put and its event, between the event and its note.
+        start_seq = (await bus.js.stream_info(obj_stream)).state.last_seq
+        target = start_seq + rng.randrange(1, 7)
+        delay = rng.choice([0.0, 0.0, rng.uniform(0, 0.02)])
+
+        async def reached() -> bool:
+            return proc.returncode is not None or (await bus.js.stream_info(obj_stream)).state.last_seq >= target
+
         proc = await asyncio.create_subprocess_exec(
             *BUS, "archive", "run", "--segment-records", "250", env=env, cwd=tmp_path,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
         )
         try:
-            await wait_for(lambda: proc.returncode is not None or (directory / COPIES_FILE).exists()
-                           and len(read_notes(directory)) >= target,
-                           timeout_s=120, interval_s=0.002, what="the run to reach its kill point")
-            await asyncio.sleep(delay)  # into the next copy's put, event or note
+            await wait_for(reached, timeout_s=120, interval_s=0.001, what="the run to reach its kill point")
+            await asyncio.sleep(delay)
         finally:
             if proc.returncode is None:
+                killed_running += 1
                 proc.kill()
             await proc.wait()
         segments = list(verify_all(directory, bus.subjects.stream))  # the local archive verifies
@@ -328,6 +336,7 @@ async def test_sigkill_while_copying_copies_nothing_twice_leaves_nothing_missing
         for name, note in notes.items():  # every noted copy is its file's bytes
             _, data = await store.read(name)
             assert hashlib.sha256(data).hexdigest() == note.sha256 == hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        pending_seen += sum(s.state == "pending" for s in await copy_states(bus, settings, segments, whole=False))
         trim = await run_trim(bus, settings, NOW)
         first, _ = await bus.log_bounds()
         copied_to = 0
@@ -336,6 +345,9 @@ async def test_sigkill_while_copying_copies_nothing_twice_leaves_nothing_missing
                 break
             copied_to = segment.meta.last_seq
         assert trim.plan.archive.last_seq <= copied_to and first <= copied_to + 1, (round_, first, copied_to)
+    print(f"{rounds} rounds: {killed_running} killed while running, {pending_seen} copies left stored but "
+          "not recorded")
+    assert killed_running >= rounds // 2  # the kills landed inside runs, not after them
     done = await run_bus("archive", "run", "--segment-records", "250", env=env, cwd=tmp_path)
     assert done.code == 0, done.stderr
     names = await assert_copies_are_the_files(bus, directory)
