@@ -260,23 +260,35 @@ async def test_a_hostile_object_in_the_bucket_stops_a_restore_with_one_line_and_
 async def test_the_bucket_is_replicated_like_the_log_and_a_copy_survives_a_node_stopped(
     nats_cluster: LocalCluster, cluster_access: ClusterAccess, tmp_path: Path,
 ) -> None:
-    """On a three-node cluster with an R3 log, the archive's bucket is R3 too (placed like the
-    log); with one node stopped, every copy still reads back whole and a restore rebuilds the
-    archive from the two nodes left."""
-    from bus.config import StreamSettings
+    """On a three-node cluster the archive's bucket is made with the log's replicas (R1 here),
+    moves with the log when `bus stream update --replicas 3` changes it (R3), and then, with one
+    node stopped (the bucket's leader), every copy still reads back whole and a restore rebuilds
+    the archive from the two nodes left."""
+    from test_cluster_config import cluster_env
 
     config = BusConfig(url=nats_cluster.url, monitor_url=nats_cluster.monitor_url, credentials=cluster_access.admin,
-                       tls=cluster_access.tls, stream=StreamSettings(replicas=3))
+                       tls=cluster_access.tls)
     settings = copying(tmp_path, segment_records=500)
+    obj_stream = ""
     async with Bus(config) as bus:
+        obj_stream = f"OBJ_{bus.subjects.archive_bucket}"
         await publish_notes(bus, 1_200)
         run = await run_archive(bus, settings)
         assert len(run.copied) == 2
-        info = await bus.js.stream_info(f"OBJ_{bus.subjects.archive_bucket}")
-        assert info.config.num_replicas == 3
-        leader = info.cluster.leader if info.cluster is not None else None
-    victim = nats_cluster.node_named(leader) if leader else nats_cluster.nodes[0]
-    await victim.stop()
+        assert (await bus.js.stream_info(obj_stream)).config.num_replicas == 1
+    updated = await run_bus("stream", "update", "--replicas", "3", env=cluster_env(tmp_path, nats_cluster, cluster_access),
+                            cwd=tmp_path)
+    assert updated.code == 0 and f"{obj_stream}: num_replicas 1 -> 3" in updated.stdout, updated.stdout + updated.stderr
+    async with Bus(config) as bus:
+
+        async def replicated() -> bool:
+            info = await bus.js.stream_info(obj_stream)
+            replicas = [r for r in (info.cluster.replicas or []) if r.current] if info.cluster else []
+            return info.config.num_replicas == 3 and len(replicas) == 2 and info.cluster.leader is not None  # type: ignore[union-attr]
+
+        await wait_for(replicated, timeout_s=60, interval_s=0.2, what="the bucket's three replicas current")
+        leader = (await bus.js.stream_info(obj_stream)).cluster.leader  # type: ignore[union-attr]
+    await nats_cluster.node_named(leader).stop()
     shutil.rmtree(settings.directory)
     async with Bus(config) as bus:
         restored = await asyncio.wait_for(restore_archive(bus, settings, bus.subjects.stream), 60)
