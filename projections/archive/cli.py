@@ -40,10 +40,11 @@ from bus.subjects import Subjects
 from projections.archive.archiver import ArchiveRun, keep_archiving, run_archive
 from projections.archive.config import DEFAULT_SEGMENT_RECORDS, ArchivePolicy, ArchiveSettings
 from projections.archive.copies import CopyState, copy_states, restore_archive
+from projections.archive.fenced import verify_all_fenced
 from projections.archive.segment import SegmentMeta
 from projections.archive.retention import DEFAULT_RETENTION, TrimSettings
 from projections.archive.trim import run_trim
-from projections.archive.verify import Segment, chain_of, verify_all
+from projections.archive.verify import Segment, chain_of
 from projections.errors import ArchiveCorrupt, ArchiveError, TrimRefused
 
 
@@ -258,7 +259,8 @@ async def _verify(args: argparse.Namespace) -> int:
     def check() -> tuple[list[Segment], str | None]:
         good: list[Segment] = []
         try:
-            for segment in verify_all(settings.directory, stream):
+            # Each segment read in a child: a reader that aborts is a broken segment, not a dead command.
+            for segment in verify_all_fenced(settings.directory, stream):
                 good.append(segment)
         except ArchiveCorrupt as exc:
             return good, str(exc)
