@@ -71,7 +71,10 @@ async def assert_copies_are_the_files(bus: Bus, directory: Path) -> list[str]:
         assert info.metadata["continuum.chain_sha256"] == segment.meta.chain_sha256
         names.append(segment.meta.name)
     events = await copied_events(bus, directory)
-    assert sorted(e["name"] for e in events) == sorted(names), "one copied event per segment, none twice"
+    assert {e["name"] for e in events} == set(names)
+    for name in names:  # the last event of each segment names the object in the bucket now
+        [*_, last] = [e for e in events if e["name"] == name]
+        assert last["nuid"] == (await store.info(name)).nuid  # type: ignore[union-attr]
     assert set(read_notes(directory)) == set(names)
     return names
 
@@ -95,6 +98,7 @@ async def test_a_run_copies_each_segment_once_verified_and_recorded(bus: Bus, tm
     partial = await run_archive(bus, dataclasses.replace(settings, seal_partial=True))
     assert len(partial.copied) == 1
     names = await assert_copies_are_the_files(bus, settings.directory)
+    assert len(await copied_events(bus)) == len(names)  # none twice
     records = await read_records(bus, await bus.last_seq())
     kinds = [msgspec.json.decode(r.data)["payload"] for r in records if b'"kind":"archive.segment.' in r.data]
     for name in names:  # each segment's sealed event comes before its copied event
@@ -130,6 +134,8 @@ async def test_a_run_after_a_crash_copies_what_was_left_and_nothing_twice(bus: B
     assert after[names[0]] == nuids[names[0]] and after[names[3]] == nuids[names[3]]  # not copied again
     assert after[names[1]] != nuids[names[1]] and after[names[2]] != nuids[names[2]]
     await assert_copies_are_the_files(bus, settings.directory)
+    counts = [sum(e["name"] == n for e in await copied_events(bus)) for n in names]
+    assert counts == [1, 2, 2, 1]  # recorded again after the crash: stored once; copied again: a new event
 
 
 async def test_trim_goes_no_further_than_the_verified_copies(bus: Bus, tmp_path: Path) -> None:
@@ -364,5 +370,6 @@ async def test_sigkill_while_copying_copies_nothing_twice_leaves_nothing_missing
     assert done.code == 0, done.stderr
     names = await assert_copies_are_the_files(bus, directory)
     events = await copied_events(bus, directory)
+    # One event per segment, naming the object still in the bucket: none was copied twice.
     assert len(events) == len({e["chain_sha256"] for e in events}) == len(names)
     await assert_nothing_lost(bus, directory)

@@ -10,8 +10,8 @@ like the log), one object per segment, named as its file, holding the file's exa
 digest is the file's SHA-256. A segment is copied once it verified locally (when sealed by this
 run, or wholly here for one sealed before), read back from the bucket and checked (every chunk,
 the digest and the size), then recorded: an `archive.segment.copied` event (its id derived from
-the bucket and the segment's chain hash, so a re-sent one is stored once within the duplicate
-window), whose sequence, with the file's SHA-256 and size, is then appended to `copied-events`
+the bucket, the segment's chain hash and the object's nuid, so a re-sent one is stored once within
+the duplicate window), whose sequence, with the file's SHA-256 and size, is then appended to `copied-events`
 in the archive directory (synced). Only then does the segment count as archived in the bucket.
 
 A run after a crash finds each segment in one of three states and finishes it: no object (or
@@ -137,7 +137,10 @@ async def _copy_one(bus: Bus, store: ObjectStore, directory: Path, segment: Segm
         chain_sha256=segment.meta.chain_sha256, file_sha256=sha.hex(), file_bytes=len(data),
         chunks=info.chunks, nuid=info.nuid,
     )
-    sent = await bus.record(ARCHIVER, payload, id=stable_id("archive.segment.copied", store.bucket, segment.meta.chain_sha256))
+    # The id names the object's version (nuid): a copy recorded again after a crash is stored once,
+    # a copy made again (removed or replaced in the bucket) is a new fact.
+    sent = await bus.record(ARCHIVER, payload, id=stable_id("archive.segment.copied", store.bucket,
+                                                             segment.meta.chain_sha256, info.nuid))
     await asyncio.to_thread(_note, directory, CopyNote(name, sent.ack.seq, sha.hex(), len(data)))
 
 
