@@ -8,6 +8,7 @@ and every NATS client's object store read what is written here.
     data = await store.read("seg-….parquet")           # the same, whole
     for info in await store.list(): ...
     await store.delete("seg-….parquet")
+    await store.sweep(older_than_s=600)                  # chunks of puts killed before their metadata
 
 Layout (ADR-20): stream `OBJ_<bucket>` (file storage, discard new, rollups allowed, direct gets),
 chunks on `$O.<bucket>.C.<nuid>` (a new nuid per put), the object's metadata (JSON: name, size,
@@ -27,6 +28,7 @@ PermissionDenied, ConfigurationError (the bucket's stream cannot be made).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -34,13 +36,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import msgspec
+import nats.errors
 from nats.js import api as js_api
+from nats.js.errors import APIError
 from nats.nuid import NUID
 
 from bus.errors import BusUnavailable, ObjectCorrupt, ObjectNotFound
 from bus.puback import parse_puback
 from bus.topology import ensure_stream, like_log, patiently, placement
-from bus.transport import StoredMessage, Transport
+from bus.transport import StoredMessage, Transport, translate
 
 # ADR-20's default chunk size: well under the server's message limit (1 MiB by default).
 CHUNK_BYTES = 128 * 1024
@@ -205,6 +209,32 @@ class ObjectStore:
         await self._publish(meta_subject(self.bucket, name), msgspec.json.encode(gone), headers=_ROLLUP)
         if info.nuid:
             await self._purge(chunk_subject(self.bucket, info.nuid))
+
+    async def sweep(self, *, older_than_s: float) -> list[str]:
+        """Purge the chunks no object's metadata names (a put killed before its metadata) whose
+        newest chunk is older than `older_than_s` (so a put in progress elsewhere keeps its own).
+        Returns the nuids purged. Raises ObjectCorrupt (a metadata message that is not an
+        object's: what it names cannot be known, so nothing is purged), BusUnavailable."""
+        named = {info.nuid for info in await self.list()}
+        try:
+            state = await patiently(
+                lambda: self._transport.js.stream_info(self.stream, subjects_filter=f"$O.{self.bucket}.C.>"),
+                f"reading stream {self.stream}",
+            )
+        except (APIError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise translate(exc, f"{self.bucket}: listing its chunks") from exc
+        prefix = f"$O.{self.bucket}.C."
+        cutoff_ns = int((datetime.now(UTC).timestamp() - older_than_s) * 1e9)
+        purged: list[str] = []
+        for subject in (state.state.subjects or {}):
+            nuid = subject.removeprefix(prefix)
+            if nuid in named:
+                continue
+            newest = await self._transport.direct_get_last(self.stream, subject)
+            if newest is not None and newest.stored_ns <= cutoff_ns:
+                await self._purge(subject)
+                purged.append(nuid)
+        return purged
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
         answer = await self._transport.request(subject, data, timeout_s=WRITE_TIMEOUT_S, headers=headers)

@@ -372,4 +372,8 @@ async def test_sigkill_while_copying_copies_nothing_twice_leaves_nothing_missing
     events = await copied_events(bus, directory)
     # One event per segment, naming the object still in the bucket: none was copied twice.
     assert len(events) == len({e["chain_sha256"] for e in events}) == len(names)
+    orphans = await store.sweep(older_than_s=0)  # chunks of puts killed before their metadata
+    chunks = (await bus.js.stream_info(obj_stream, subjects_filter=f"$O.{bus.subjects.archive_bucket}.C.>")).state
+    assert len(chunks.subjects or {}) == len(names), "each segment's chunks under its object's nuid, nothing else"
+    print(f"{len(orphans)} killed puts' chunks swept")
     await assert_nothing_lost(bus, directory)

@@ -112,3 +112,18 @@ async def test_hostile_objects_give_one_clear_error_and_lose_nothing(bus: Bus) -
     # A put over garbage metadata replaces it.
     await store.put("victim", b"again")
     assert (await store.read("victim"))[1] == b"again"
+
+
+async def test_sweep_purges_only_old_chunks_no_object_names(bus: Bus) -> None:
+    """Chunks a put killed before its metadata left (no metadata names their nuid) are purged by
+    a sweep once older than its age; an object's own chunks, and young orphans (a put in
+    progress elsewhere), are kept."""
+    store = await open_store(bus)
+    kept = await store.put("kept", os.urandom(300_000))
+    for chunk in (b"a" * 1000, b"b" * 1000):  # a put that died after two chunks
+        await bus.transport.request(chunk_subject(BUCKET, "orphanNUID"), chunk)
+    assert await store.sweep(older_than_s=3600) == []
+    assert await bus.transport.direct_get(store.stream, {"last_by_subj": chunk_subject(BUCKET, "orphanNUID")})
+    assert await store.sweep(older_than_s=0) == ["orphanNUID"]
+    assert await bus.transport.direct_get(store.stream, {"last_by_subj": chunk_subject(BUCKET, "orphanNUID")}) is None
+    assert (await store.read("kept"))[0] == kept

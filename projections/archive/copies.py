@@ -18,7 +18,8 @@ A run after a crash finds each segment in one of three states and finishes it: n
 one that is not this file's bytes: copied again), an object that is the file's but whose event is
 not noted (read back, then recorded), or noted with its metadata still naming the file's bytes
 (nothing to do; one direct get). So nothing is copied twice and nothing is left uncopied; a copy
-removed or replaced in the bucket since is copied again. Everything here raises ArchiveError (the bucket cannot be written, or
+removed or replaced in the bucket since is copied again. Chunks a put killed before its metadata
+left (no object names them) are purged by a later run once untouched for SWEEP_AFTER_S. Everything here raises ArchiveError (the bucket cannot be written, or
 a copy does not read back), ArchiveCorrupt (a local segment fails verification), BusUnavailable.
 """
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bus.errors import ConfigurationError, ObjectCorrupt, PermissionDenied
+from bus.errors import BusUnavailable, ConfigurationError, ObjectCorrupt, PermissionDenied
 from bus.object_store import ObjectInfo, ObjectStore
 from projections.archive.config import ArchiveSettings
 from projections.archive.segment import GENESIS, parse_name
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("continuum.projections.archive")
 
 COPIES_FILE = "copied-events"
+# Chunks no object names and untouched this long are a killed copy's (a copy in progress writes a
+# chunk every few ms); a run purges them.
+SWEEP_AFTER_S = 600.0
 ARCHIVER = "archiver"  # as projections.archive.archiver records its events
 
 
@@ -105,7 +109,20 @@ async def copy_segments(bus: Bus, settings: ArchiveSettings, *, fresh: Collectio
             await _copy_one(bus, store, settings.directory, segment)
             done.append(name)
         prev_chain, after = segment.meta.chain_sha256, segment.meta.last_seq
+    await _sweep(store)
     return done
+
+
+async def _sweep(store: ObjectStore) -> None:
+    """Purge what puts killed before their metadata left (chunks no object names, untouched for
+    SWEEP_AFTER_S). Never fails the run: a sweep that cannot be done now is done by a later one."""
+    try:
+        purged = await store.sweep(older_than_s=SWEEP_AFTER_S)
+    except (BusUnavailable, ObjectCorrupt, PermissionDenied) as exc:
+        log.warning("%s: chunks left by killed copies were not swept this time (%s)", store.bucket, exc)
+        return
+    if purged:
+        log.warning("%s: purged the chunks of %d copies killed before their metadata", store.bucket, len(purged))
 
 
 async def _still_there(store: ObjectStore, note: CopyNote) -> bool:
