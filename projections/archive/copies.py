@@ -32,7 +32,7 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from bus.errors import BusUnavailable, ConfigurationError, ObjectCorrupt, PermissionDenied
 from bus.object_store import ObjectInfo, ObjectStore
@@ -74,7 +74,7 @@ class CopyState:
     bytes) or `damaged` (the object does not read back as its metadata says)."""
 
     name: str
-    state: str
+    state: Literal["copied", "pending", "missing", "differs", "damaged"]
     detail: str = ""
 
     @property
