@@ -105,7 +105,9 @@ def parse_digest(digest: str) -> bytes | None:
     return raw if len(raw) == 32 else None
 
 
-def object_store_config(bucket: str, replicas: int = 1, placement_: js_api.Placement | None = None) -> js_api.StreamConfig:
+def object_store_config(
+    bucket: str, replicas: int = 1, placement_: js_api.Placement | None = None
+) -> js_api.StreamConfig:
     """The bucket's stream, as ADR-20 lays it out (what `nats object add` makes)."""
     return js_api.StreamConfig(
         name=stream_of(bucket),
@@ -247,7 +249,8 @@ class ObjectStore:
         reply = msgspec.json.decode(answer.data)
         if not isinstance(reply, dict) or not reply.get("success"):
             error = reply.get("error") if isinstance(reply, dict) else None
-            raise BusUnavailable(f"{self.bucket}: the purge of {subject} failed: {(error or {}).get('description', reply)}")
+            why = (error or {}).get("description", reply)
+            raise BusUnavailable(f"{self.bucket}: the purge of {subject} failed: {why}")
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -319,7 +322,9 @@ class ObjectStore:
                 read += 1
                 yield stored.data
             seq = batch[-1].seq + 1
-        more = await self._transport.direct_get_batch(self.stream, {"seq": seq, "next_by_subj": subject, "batch": 1}, limit=1)
+        more = await self._transport.direct_get_batch(
+            self.stream, {"seq": seq, "next_by_subj": subject, "batch": 1}, limit=1
+        )
         if more:
             raise ObjectCorrupt(f"{where}: more chunks are stored than the {info.chunks} its metadata says")
         if size != info.size:

@@ -19,8 +19,10 @@ one that is not this file's bytes: copied again), an object that is the file's b
 not noted (read back, then recorded), or noted with its metadata still naming the file's bytes
 (nothing to do; one direct get). So nothing is copied twice and nothing is left uncopied; a copy
 removed or replaced in the bucket since is copied again. Chunks a put killed before its metadata
-left (no object names them) are purged by a later run once untouched for SWEEP_AFTER_S. Everything here raises ArchiveError (the bucket cannot be written, or
-a copy does not read back), ArchiveCorrupt (a local segment fails verification), BusUnavailable.
+left (no object names them) are purged by a later run once untouched for SWEEP_AFTER_S.
+
+Everything here raises ArchiveError (the bucket cannot be written, or a copy does not read back),
+ArchiveCorrupt (a local segment fails verification), BusUnavailable.
 """
 
 from __future__ import annotations
@@ -132,7 +134,9 @@ async def _still_there(store: ObjectStore, note: CopyNote) -> bool:
         info = await store.info(note.name)
     except ObjectCorrupt:
         return False
-    return info is not None and info.size == note.file_bytes and info.sha256 is not None and info.sha256.hex() == note.sha256
+    if info is None or info.sha256 is None:
+        return False
+    return info.size == note.file_bytes and info.sha256.hex() == note.sha256
 
 
 async def _copy_one(bus: Bus, store: ObjectStore, directory: Path, segment: Segment) -> None:
