@@ -10,6 +10,9 @@
     ├── ConfigurationError     fix the configuration: bad name, fsync off, drifted stream
     ├── RemoteError            the other side answered a request with a failure
     ├── QueryError             the query service refused or failed a query (see `.kind`)
+    ├── ObjectNotFound         the object store holds no object of that name (or it was deleted)
+    ├── ObjectCorrupt          an object's stored bytes or metadata do not match (digest, size,
+    │                          chunks, unreadable metadata): the object cannot be trusted
     └── HandlerError           raised *by handlers* to steer settlement
         ├── RetryableError     redeliver after a backoff (any other exception is treated so too)
         └── PermanentError     never retry: dead-letter at once
@@ -77,6 +80,16 @@ class QueryError(BusError):
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class ObjectNotFound(BusError):
+    """The object store bucket holds no object of that name (never put, or deleted)."""
+
+
+class ObjectCorrupt(BusError):
+    """An object in the object store is not what its metadata says: its chunks' digest or size
+    differ, chunks are missing or extra, or its metadata cannot be read. Nothing read from it
+    may be used; the message names the bucket, the object and what is wrong."""
 
 
 class HandlerError(BusError):

@@ -28,6 +28,8 @@ class Subjects:
         # The key store of private records (bus.privacy): a NATS KV bucket and its stream.
         self.keys_bucket = f"CONTINUUM_KEYS_{upper}"
         self.keys_stream = f"KV_{self.keys_bucket}"
+        # The archive's second target (projections.archive.copies): a NATS Object Store bucket.
+        self.archive_bucket = f"CONTINUUM_ARCHIVE_{upper}"
 
     def key_subject(self, key: str) -> str:
         """The KV subject of one key of the key store (`key` e.g. `agent.alice`)."""

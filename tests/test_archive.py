@@ -293,3 +293,64 @@ async def test_sigkill_at_any_point_loses_nothing_and_seals_nothing_twice(
     assert sum(s.meta.count for s in segments) == segments[-1].meta.last_seq >= 6_000
     chains = [msgspec.json.decode(e)["payload"]["chain_sha256"] for e in await sealed_events(bus, await bus.last_seq())]
     assert sorted(chains) == sorted(s.meta.chain_sha256 for s in segments)
+
+
+def _footer_abort_segment(directory: Path) -> Path:
+    """A 1,000-record segment built from fixed records (no server): the same bytes every time, so
+    the footer bytes that make pyarrow abort are known."""
+    from datetime import UTC, datetime, timedelta
+
+    from bus.log_reader import LogRecord
+    from projections.archive.writer import write_segment
+    from schemas import Codec
+    from schemas.envelope import Envelope
+
+    codec = Codec()
+    base = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    records = [
+        LogRecord(i, 1_767_322_000_000_000_000 + i * 1_000_000, b"default.inbox.keeper.tester", codec.encode(Envelope(
+            id=f"018f0000-0000-7000-8000-{i:012d}", sender="tester", to="keeper", payload=Note(text=f"note {i}"),
+            created_at=base + timedelta(milliseconds=i),
+        )))
+        for i in range(1, 1001)
+    ]
+    meta, _ = write_segment(ArchiveSettings(directory=directory), "CONTINUUM_DEFAULT", records, None)
+    return directory / meta.name
+
+
+# Offsets into that segment's footer whose byte, XOR 0x5A, makes pyarrow's C++ abort the process
+# ("ColumnMetaData type does not match ColumnDescriptor physical type: UNKNOWN vs. BYTE_ARRAY"):
+# found by flipping every footer byte, each in a process of its own (3 of 4,908 bytes).
+FOOTER_ABORTS = (733, 868, 1212)
+
+
+async def test_verify_reports_a_segment_the_parquet_reader_aborts_on_as_broken_and_lives(
+    cli_env: dict[str, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    """A flipped footer byte that makes pyarrow's C++ abort the process reading it: `bus archive
+    verify` (which reads each segment in a child process) says the segment is broken, naming it
+    and the signal, and exits 1 instead of dying; the same check in-process aborts (the control
+    that the byte provokes the abort)."""
+    import sys
+
+    directory = tmp_path / "archive"
+    path = _footer_abort_segment(directory)
+    whole = path.read_bytes()
+    footer_at = len(whole) - 8 - int.from_bytes(whole[-8:-4], "little")
+    for offset in FOOTER_ABORTS:
+        damaged = bytearray(whole)
+        damaged[footer_at + offset] ^= 0x5A
+        path.write_bytes(bytes(damaged))
+        control = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; from pathlib import Path; from projections.archive.verify import verify_file; "
+            "verify_file(Path(sys.argv[1]), prev_chain='0' * 64, after_seq=0)", str(path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert await control.wait() == -signal.SIGABRT, f"footer byte {offset} no longer aborts pyarrow: find new ones"
+        result = await run_bus("archive", "verify", "--dir", str(directory), env=cli_env, cwd=tmp_path)
+        assert result.code == 1, (offset, result.stdout, result.stderr)
+        assert f"BROKEN: {path.name}: the Parquet reader was killed by SIGABRT reading it: the file is damaged" in result.stdout
+        assert "0 segment(s) before it verified" in result.stdout
+    path.write_bytes(whole)
+    ok = await run_bus("archive", "verify", "--dir", str(directory), env=cli_env, cwd=tmp_path)
+    assert ok.code == 0 and "ok: 1 segment(s), 1,000 records" in ok.stdout, ok.stdout

@@ -1,7 +1,7 @@
 """`bus forget agent`: crypto-shredding an agent's private records, on a real nats-server, real
 DuckDB and Parquet files. After the forget the agent's private strings are nowhere in the stream
-store, the key store, the archive or the views file (bytes searched), the log and archive still
-verify, and another agent's views are unchanged.
+store, the key store, the archive, the archive's Object Store copy or the views file (bytes
+searched), the log and archive still verify, and another agent's views are unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 
 from bus import Bus
 from bus.errors import ConfigurationError
+from bus.object_store import ObjectStore
 from bus.privacy.forget import forget_agent
 from bus.privacy.sealing import key_id
 from bus.server import EmbeddedServer
@@ -77,7 +78,7 @@ async def test_forget_erases_an_agents_private_records_everywhere_and_keeps_the_
         assert [r[0] for r in alice_rows] == secret_a  # the service opened them
         bob_before = await _rows(bus, "SELECT agent, conversation, turn, role, text, seq FROM recall WHERE agent = 'bob'", last)
         assert [r for r in bob_before if secret_b in r]
-        await run_archive(bus, ArchiveSettings(directory=archive, seal_partial=True))
+        await run_archive(bus, ArchiveSettings(directory=archive, seal_partial=True, object_store=True))
 
         key = await bus.keys.load(key_id("alice"))
         assert key is not None
@@ -104,7 +105,7 @@ async def test_forget_erases_an_agents_private_records_everywhere_and_keeps_the_
         stored = await bus.transport.direct_get(bus.subjects.stream, {"seq": result.seq - 5})
         assert stored is not None
         assert isinstance((await bus.open_record(stored.data)).payload, Sealed)
-        await run_archive(bus, ArchiveSettings(directory=archive, seal_partial=True))
+        await run_archive(bus, ArchiveSettings(directory=archive, seal_partial=True, object_store=True))
         # The service rewrites its file once every view folded the forget (no freed block keeps
         # the deleted rows): checked while it runs.
         await wait_for(lambda: service.runner is not None and service.runner.erased_seq >= result.seq,
@@ -120,6 +121,22 @@ async def test_forget_erases_an_agents_private_records_everywhere_and_keeps_the_
         assert not _files_holding(tmp_path, text.encode()), f"{text[:12]}... left in {_files_holding(tmp_path, text.encode())}"
     assert not _files_holding(store_dir, key_b64) and not _files_holding(store_dir, key.key), "the key was erased"
     assert list(verify_all(archive, bus.subjects.stream)), "the archive still verifies"
+    # The Object Store copy: its stream's store files were searched above with the rest of the
+    # store (a positive control shows they hold the segments' bytes), and every copy, read back
+    # as Parquet, holds no forgotten text in any decoded column either.
+    copies_dir = tmp_path / "copies"
+    copies_dir.mkdir()
+    store = await ObjectStore.open(bus.transport, bus.subjects.archive_bucket, like=bus.subjects.stream)
+    segments = list(verify_all(archive, bus.subjects.stream))
+    assert len(segments) == 2
+    obj_files = [p for p in store_dir.rglob("*") if f"OBJ_{bus.subjects.archive_bucket}" in str(p) and p.is_file()]
+    for segment in segments:
+        _, data = await store.read(segment.meta.name)
+        assert data == segment.path.read_bytes()
+        (copies_dir / segment.meta.name).write_bytes(data)
+        assert any(data[:4096] in p.read_bytes() for p in obj_files), "positive control: the bucket's files hold the copy"
+    for text in secret_a:
+        assert not _parquet_holding(copies_dir, text) and not _files_holding(store_dir, text.encode())
     # bob's text is still in the (rewritten) views, readable by a service opened on it again.
     async with ProjectionService(bus, settings):
         assert await _rows(bus, "SELECT agent, conversation, turn, role, text, seq FROM recall WHERE agent = 'bob'", result.seq) == bob_before

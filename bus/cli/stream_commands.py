@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from bus.cli.common import CliError, add_connection_options, non_negative_float, open_bus, out, positive_int
 from bus.config import StreamSettings
+from bus.object_store import object_store_config, stream_of
 from bus.privacy.keyring import key_bucket_config
 from bus.topology import (
     FieldChange,
@@ -221,7 +222,8 @@ async def run_update(args: argparse.Namespace) -> int:
             placement_tags=args.placement_tags,
         )
         pairs = [(live_log, wanted_log)]
-        # The internal streams (advisories, the key store of private records) follow the log's
+        # The internal streams (advisories, the key store of private records, the archive's object
+        # store bucket) follow the log's
         # replicas and placement.
         like_log = StreamSettings(
             replicas=wanted_log.num_replicas or 1,
@@ -230,6 +232,8 @@ async def run_update(args: argparse.Namespace) -> int:
         internal = (
             (subjects.advisory_stream, advisory_stream_config(subjects, like_log)),
             (subjects.keys_stream, key_bucket_config(subjects, like_log.replicas, placement(like_log.placement_tags))),
+            (stream_of(subjects.archive_bucket),
+             object_store_config(subjects.archive_bucket, like_log.replicas, placement(like_log.placement_tags))),
         )
         for name, declared in internal:
             try:

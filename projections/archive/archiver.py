@@ -7,6 +7,8 @@
        projections read it), cut it into segments of `segment_records` (the rest too with
        `seal_partial`), decode each in a thread while the one before is written and verified in
        another, record its event.
+    4. With `settings.object_store`, copy each segment without a verified copy to the NATS
+       Object Store bucket (projections.archive.copies).
 
 Each segment's event is recorded once: its id is derived from the segment's chain hash (a
 re-sent event within the log's duplicate window is stored once), and after its ack the event's
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 from bus.errors import BusUnavailable
 from bus.log_reader import LogReader, LogRecord
 from projections.archive.config import ArchivePolicy, ArchiveSettings
+from projections.archive.copies import copy_segments
 from projections.archive.segment import GENESIS, SegmentMeta
 from projections.archive.verify import Segment, chain_of, verify_file
 from projections.archive.writer import prepare_segment, remove_leftovers, store_segment, sync_directory
@@ -58,6 +61,7 @@ class ArchiveRun:
     records: int = 0
     seconds: float = 0.0
     trim: TrimResult | None = None  # the policy's trim after this run, if it trims
+    copied: list[str] = field(default_factory=list)  # segments copied to the object store now
 
 
 async def run_archive(
@@ -84,6 +88,8 @@ async def run_archive(
         async with LogReader(bus, start_seq=after + 1, name="archive") as reader:
             previous = await _seal_until(bus, settings, reader, head, previous, run, on_sealed)
     run.last_seq = previous.last_seq if previous is not None else 0
+    if settings.object_store:  # the second target (projections.archive.copies), once sealed here
+        run.copied = await copy_segments(bus, settings, fresh={meta.name for meta, _ in run.sealed})
     run.seconds = loop.time() - started
     return run
 

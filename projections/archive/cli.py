@@ -4,9 +4,14 @@
     bus archive list [--format text|json] [--dir PATH]          the segments, from their metadata
     bus archive verify [--dir PATH]                             read and check every segment and the chain
     bus archive trim [--dry-run] [--reason TEXT] [--by NAME]    purge the log below the verified archive, by policy
+    bus archive restore [--to DIR]                              rebuild the directory from the object store
 
-`list` and `verify` read the files only (no server needed). `verify` exits 1 at the first
-broken segment, with one line saying which and what; nothing is changed.
+`--object-store` (or BUS_ARCHIVE_OBJECT_STORE=1) turns on the second target, the NATS Object
+Store bucket `CONTINUUM_ARCHIVE_<NS>` (projections.archive.copies): `run` copies each segment
+there, `trim` goes no further than the copies verified there, `list` shows each copy's state and
+`verify` reads every copy back. Without it `list` and `verify` read the files only (no server
+needed). `verify` exits 1 at the first broken segment, or at any missing or damaged copy, with
+one line each saying which and what; nothing is changed.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ from bus.cli.common import (
 from bus.subjects import Subjects
 from projections.archive.archiver import ArchiveRun, keep_archiving, run_archive
 from projections.archive.config import DEFAULT_SEGMENT_RECORDS, ArchivePolicy, ArchiveSettings
+from projections.archive.copies import CopyState, copy_states, restore_archive
+from projections.archive.fenced import verify_all_fenced
 from projections.archive.segment import SegmentMeta
 from projections.archive.retention import DEFAULT_RETENTION, TrimSettings
 from projections.archive.trim import run_trim
-from projections.archive.verify import Segment, chain_of, verify_all
+from projections.archive.verify import Segment, chain_of
 from projections.errors import ArchiveCorrupt, ArchiveError, TrimRefused
 
 
@@ -76,6 +83,13 @@ def register(subparsers: Any) -> None:
     _trim_options(trim)
     trim.add_argument("--dry-run", action="store_true", help="say what would be purged; purge nothing")
     trim.set_defaults(func=_trim)
+
+    restore = sub.add_parser("restore", help="rebuild the archive directory from the object store bucket "
+                                             "(after the disk was lost), verifying the chain")
+    add_connection_options(restore)
+    restore.add_argument("--to", type=Path, default=None, metavar="DIR",
+                         help="where to restore (default: <home>/archive/<namespace>)")
+    restore.set_defaults(func=_restore)
     run.add_argument("--trim", action="store_true",
                      help="with --every: trim the log by the retention policy after each run")
     _trim_options(run, with_defaults_only=True)
@@ -98,9 +112,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_connection_options(parser)
     parser.add_argument("--dir", type=Path, default=None, metavar="PATH",
                         help="the archive directory (default: <home>/archive/<namespace>)")
+    parser.add_argument("--object-store", action="store_true",
+                        default=os.environ.get("BUS_ARCHIVE_OBJECT_STORE", "").lower() in ("1", "true", "yes", "on"),
+                        help="also the second target: the NATS Object Store bucket CONTINUUM_ARCHIVE_<NS> "
+                             "(env BUS_ARCHIVE_OBJECT_STORE=1; default off)")
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> ArchiveSettings:
+    overrides.setdefault("object_store", bool(getattr(args, "object_store", False)))
     try:
         if args.dir is not None:
             return ArchiveSettings(directory=args.dir, **overrides)
@@ -138,6 +157,8 @@ async def _run(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
     for name in run.announced:
         out(f"recorded the sealed event of {name} (sealed by an earlier run)")
+    for name in run.copied:
+        out(f"copied {name} to {Subjects(args.namespace).archive_bucket} (read back verified)")
     if run.sealed:
         rate = run.records / run.seconds if run.seconds > 0 else 0.0
         out(f"archived {run.records:,} records in {len(run.sealed)} segment(s) in {run.seconds:.2f}s "
@@ -160,6 +181,8 @@ async def _keep(args: argparse.Namespace, policy: ArchivePolicy) -> int:
     def ran(run: ArchiveRun) -> None:
         for meta, _ in run.sealed:
             out(f"sealed {meta.name}: seq {meta.first_seq}..{meta.last_seq}, {meta.count:,} records")
+        for name in run.copied:
+            out(f"copied {name} to the object store")
         if run.trim is not None and run.trim.purged:
             out(f"trimmed {run.trim.purged:,} records (event at seq {run.trim.event_seq})")
 
@@ -193,19 +216,40 @@ async def _list(args: argparse.Namespace) -> int:
         segments = await asyncio.to_thread(chain_of, settings.directory, _stream(args))
     except ArchiveError as exc:
         raise CliError(str(exc)) from exc
+    copies = await _copy_states(args, settings, segments, whole=False) if settings.object_store else None
     if args.format == "json":
-        write_out(msgspec.json.encode([_row(s) for s in segments]).decode() + "\n")
+        rows = [_row(s) for s in segments]
+        for row, state in zip(rows, copies or []):
+            row["copy"] = {"state": state.state, "detail": state.detail}
+        write_out(msgspec.json.encode(rows).decode() + "\n")
         return 0
     if not segments:
         out(f"no segments in {settings.directory}")
         return 0
-    out(f"{'SEGMENT':<52} {'FIRST':>10} {'LAST':>10} {'RECORDS':>9} {'BYTES':>12}  STORED FROM .. TO")
-    for s in segments:
+    copy_head = "  COPY" if copies is not None else ""
+    out(f"{'SEGMENT':<52} {'FIRST':>10} {'LAST':>10} {'RECORDS':>9} {'BYTES':>12}  {'STORED FROM .. TO':<41}{copy_head}")
+    for at, s in enumerate(segments):
         m = s.meta
+        copy = f"  {copies[at].state}" if copies is not None else ""
         out(f"{m.name:<52} {m.first_seq:>10} {m.last_seq:>10} {m.count:>9,} {s.file_bytes:>12,}  "
-            f"{_when(m.first_stored_ns)} .. {_when(m.last_stored_ns)}")
+            f"{_when(m.first_stored_ns)} .. {_when(m.last_stored_ns)}{copy}")
     out(f"{len(segments)} segment(s), {sum(s.meta.count for s in segments):,} records, up to seq {segments[-1].meta.last_seq}")
+    if copies is not None:
+        counts: dict[str, int] = {}
+        for state in copies:
+            counts[state.state] = counts.get(state.state, 0) + 1
+        out(f"copies in {Subjects(args.namespace).archive_bucket}: "
+            + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return 0
+
+
+async def _copy_states(args: argparse.Namespace, settings: ArchiveSettings, segments: list[Segment], *,
+                       whole: bool) -> list[CopyState]:
+    async with open_bus(args, name="archive") as bus:
+        try:
+            return await copy_states(bus, settings, segments, whole=whole)
+        except ArchiveError as exc:
+            raise CliError(str(exc)) from exc
 
 
 async def _verify(args: argparse.Namespace) -> int:
@@ -215,7 +259,8 @@ async def _verify(args: argparse.Namespace) -> int:
     def check() -> tuple[list[Segment], str | None]:
         good: list[Segment] = []
         try:
-            for segment in verify_all(settings.directory, stream):
+            # Each segment read in a child: a reader that aborts is a broken segment, not a dead command.
+            for segment in verify_all_fenced(settings.directory, stream):
                 good.append(segment)
         except ArchiveCorrupt as exc:
             return good, str(exc)
@@ -230,11 +275,50 @@ async def _verify(args: argparse.Namespace) -> int:
         out(f"BROKEN: {problem}")
         out(f"{len(good)} segment(s) before it verified ({records:,} records)")
         return 1
+    copies = ""
+    if settings.object_store:
+        bucket = Subjects(args.namespace).archive_bucket
+        states = await _copy_states(args, settings, good, whole=True)
+        bad = [s for s in states if s.state not in ("copied", "pending")]
+        for state in bad:
+            out(f"BROKEN COPY: {state.name}: {state.state}: {state.detail}")
+        for state in states:
+            if state.state == "pending":
+                out(f"pending: {state.name}: {state.detail}")
+        if bad:
+            out(f"{len(good)} segment(s) verified ({records:,} records); {len(bad)} of their copies in {bucket} "
+                "are missing or damaged (`bus archive run --object-store` copies a missing one again)")
+            return 1
+        copies = f"; {len(states)} copies in {bucket} read back whole, each its file's bytes"
     if not good:
         out(f"ok: no segments in {settings.directory}")
         return 0
     out(f"ok: {len(good)} segment(s), {records:,} records up to seq {good[-1].meta.last_seq}: every hash and "
-        "the chain verified")
+        f"the chain verified{copies}")
+    return 0
+
+
+async def _restore(args: argparse.Namespace) -> int:
+    try:
+        settings = (ArchiveSettings(directory=args.to) if args.to is not None
+                    else ArchiveSettings.for_home(args.home, args.namespace))
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    async with open_bus(args, name="archive") as bus:
+        try:
+            restored = await restore_archive(bus, settings, bus.subjects.stream)
+        except ArchiveCorrupt as exc:
+            raise CliError(f"{exc} (the restore stopped; the files written so far are in {settings.directory})") from exc
+        except ArchiveError as exc:
+            raise CliError(str(exc)) from exc
+        bucket = bus.subjects.archive_bucket
+    segments = restored.segments
+    records = sum(s.meta.count for s in segments)
+    out(f"restored {len(restored.written)} segment(s) from {bucket} into {settings.directory} "
+        f"({len(restored.present)} present already)")
+    if segments:
+        out(f"ok: {len(segments)} segment(s), {records:,} records up to seq {segments[-1].meta.last_seq}: every hash "
+            "and the chain verified")
     return 0
 
 

@@ -33,6 +33,10 @@ class ArchiveSettings:
     seal_partial      also seal the records after the last full segment (default False: only
                       full segments are cut, so a scheduled run never leaves a trail of small
                       files; `bus archive run --all` sets it)
+    object_store      also copy every segment to the NATS Object Store bucket
+                      `CONTINUUM_ARCHIVE_<NS>` (replicated like the log) and trim the log only
+                      below segments whose copy is verified there (default False: the local
+                      directory only; `bus archive run --object-store`, BUS_ARCHIVE_OBJECT_STORE=1)
     """
 
     directory: Path
@@ -40,6 +44,7 @@ class ArchiveSettings:
     row_group_records: int = DEFAULT_ROW_GROUP_RECORDS
     zstd_level: int = DEFAULT_ZSTD_LEVEL
     seal_partial: bool = False
+    object_store: bool = False
 
     def __post_init__(self) -> None:
         if self.segment_records < 1 or self.row_group_records < 1:

@@ -2,7 +2,9 @@
 
     1. Verify the archive: the chain from every segment's metadata, and wholly (records, content
        and chain hashes) every segment still (partly) in the log; check the log's record at the
-       last segment's end is the one archived (an archive of another log is refused).
+       last segment's end is the one archived (an archive of another log is refused). With the
+       object store on, the archive counts only up to the last segment whose copy there is
+       recorded and verified (projections.archive.copies.copied_prefix).
     2. Bound each retention class (projections.archive.retention): below the archive's end, or its
        expiry time; never younger than the policy's minimum age; never at or above a delivery
        still waiting (steps, model calls, messages) or a memory agent's latest snapshot; for
@@ -33,6 +35,7 @@ from bus.errors import BusUnavailable, NoResponders, QueryError
 from bus.log_trim import ConsumerFloors, consumer_floors, first_seq_since, last_seq_by_subject, purge_below, subject_counts
 from projections.archive.archiver import ARCHIVER
 from projections.archive.config import ArchiveSettings
+from projections.archive.copies import copied_prefix
 from projections.archive.retention import RetentionClass, TrimSettings
 from projections.archive.segment import GENESIS
 from projections.archive.verify import Segment, chain_of, verify_file
@@ -117,6 +120,8 @@ async def plan_trim(bus: Bus, archive: ArchiveSettings, settings: TrimSettings) 
         raise TrimRefused(f"the archive ends at seq {verified.last_seq}, after the log's last record (seq {last}): "
                           "it is not this log's (the stream was recreated?); nothing was purged")
     await _same_log(bus, archive.directory, verified)
+    if archive.object_store:
+        verified = await _copied(bus, archive, verified, first)
     now = datetime.now(UTC)
     young = await first_seq_since(bus, now - timedelta(seconds=policy.min_age_s))
     floors = await consumer_floors(bus) if any(c.until_settled or c.until_delivered for c in policy.classes) else None
@@ -194,6 +199,19 @@ async def _same_log(bus: Bus, directory: Path, verified: VerifiedArchive) -> Non
             f"the log's record at seq {verified.last_seq} is not the one archived in {segments[-1].path.name}: "
             "the archive is not this log's (nothing was purged)"
         )
+
+
+async def _copied(bus: Bus, archive: ArchiveSettings, verified: VerifiedArchive, first_seq: int) -> VerifiedArchive:
+    """The verified archive cut to its segments whose copy in the object store is recorded and
+    verified (projections.archive.copies): nothing is trimmed below an uncopied segment."""
+    segments = await asyncio.to_thread(chain_of, archive.directory, bus.subjects.stream)
+    prefix = await copied_prefix(bus, archive, segments, first_seq)
+    if len(prefix) == len(segments):
+        return verified
+    if not prefix:
+        return VerifiedArchive(last_seq=0, chain_sha256=GENESIS, segments=0)
+    return VerifiedArchive(last_seq=prefix[-1].meta.last_seq, chain_sha256=prefix[-1].meta.chain_sha256,
+                           segments=len(prefix))
 
 
 def _archived_record(segment: Segment, seq: int) -> tuple[str, bytes] | None:

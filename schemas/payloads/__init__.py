@@ -13,7 +13,7 @@ from schemas.payloads.agents import (
     SnapshotEntry,
     StepRecorded,
 )
-from schemas.payloads.archive import ArchiveSegmentSealed, LogTrimmed, TrimmedClass
+from schemas.payloads.archive import ArchiveSegmentCopied, ArchiveSegmentSealed, LogTrimmed, TrimmedClass
 from schemas.payloads.delivery import DeadLettered, DeadLetterRetried, DeliveryExpired, DeliveryReport, Settlement
 from schemas.payloads.llm import LlmCallCompleted, LlmCallFailed
 from schemas.payloads.memory import (
@@ -73,6 +73,7 @@ BUILTIN_PAYLOADS: tuple[type, ...] = (
     FactRetracted,
     ContradictionFlagged,
     ArchiveSegmentSealed,
+    ArchiveSegmentCopied,
     Sealed,
     Forgotten,
     LogTrimmed,
@@ -81,6 +82,7 @@ BUILTIN_PAYLOADS: tuple[type, ...] = (
 
 __all__ = [
     "BUILTIN_PAYLOADS",
+    "ArchiveSegmentCopied",
     "ArchiveSegmentSealed",
     "Forgotten",
     "Sealed",

@@ -33,6 +33,23 @@ class ArchiveSegmentSealed(Payload, frozen=True, kw_only=True, tag="archive.segm
     last_stored_ns: int = 0
 
 
+class ArchiveSegmentCopied(Payload, frozen=True, kw_only=True, tag="archive.segment.copied"):
+    """The segment `name` (its chain hash `chain_sha256`, up to `last_seq`) was copied to the
+    NATS Object Store bucket `bucket` and read back verified: the object holds the file's exact
+    bytes (`file_bytes` of them, SHA-256 `file_sha256`, hex) in `chunks` chunks under `nuid`.
+    Recorded at `<ns>.event.archiver.archive.segment.copied`, after the segment's sealed event."""
+
+    stream: str
+    name: str
+    bucket: str
+    last_seq: int
+    chain_sha256: str
+    file_sha256: str
+    file_bytes: int
+    chunks: int
+    nuid: str
+
+
 class TrimmedClass(msgspec.Struct, frozen=True, kw_only=True):
     """What one retention class of a trim purges: its records on `filters` below `below_seq`
     (0: none), and why that bound (e.g. "archived to seq 4000", "expired: stored before ...")."""
