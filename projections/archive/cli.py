@@ -38,6 +38,7 @@ from projections.archive.segment import SegmentMeta
 from projections.archive.retention import DEFAULT_RETENTION, TrimSettings
 from projections.archive.trim import run_trim
 from projections.archive.verify import Segment, chain_of, verify_all
+from projections.config import tuned_gc
 from projections.errors import ArchiveCorrupt, ArchiveError, TrimRefused
 
 
@@ -60,7 +61,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--every", type=positive_float, default=None, metavar="SECONDS",
                      help="keep running: seal the full segments the log has grown by every SECONDS, until "
                           "stopped (SIGINT/SIGTERM); --all is not allowed with it")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run_tuned)
 
     listing = sub.add_parser("list", help="the segments, from their metadata (no server needed)")
     _common(listing)
@@ -114,6 +115,14 @@ def _stream(args: argparse.Namespace) -> str:
         return Subjects(args.namespace).stream
     except Exception as exc:  # noqa: BLE001 - a bad namespace name, said in one line
         raise CliError(str(exc)) from exc
+
+
+async def _run_tuned(args: argparse.Namespace) -> int:
+    """`run` with the cycle collector tuned as the projection service runs (`tuned_gc`): sealing
+    holds a segment's records and their decoded fields at once, and CPython's default threshold
+    rescans them every few hundred allocations (measured: the decode 2.75 → 3.59 µs an event)."""
+    with tuned_gc():
+        return await _run(args)
 
 
 async def _run(args: argparse.Namespace) -> int:
