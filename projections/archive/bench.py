@@ -30,11 +30,12 @@ The projection services run as their own processes, as `bus up` starts them. Med
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
-import os
 import statistics
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bus.client import Bus
@@ -65,7 +66,7 @@ def _server_cpu_s(pid: int | None) -> float:
     if pid is None:
         raise RuntimeError("the bench's nats-server has no pid")
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError as exc:
         raise RuntimeError(f"cannot read the nats-server's CPU time: {exc}") from exc
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
