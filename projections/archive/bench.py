@@ -5,6 +5,12 @@
                            back and verified (hashes), and announced
     archive_write_per_s    the same without reading the log (records already in memory): decode,
                            write, sync, verify
+    archive_cpu_us_per_event         CPU time per event sealed by `archive run`: this process
+    archive_server_cpu_us_per_event  (read, decode, write, verify, announce: every thread) and
+                           the nats-server (serving the read). Rates swing with the machine's load;
+                           these do far less, and two cores divided by their sum is the most
+                           `archive_per_s` could be on this machine with the cores free
+    archive_write_cpu_us_per_event   this process's CPU per event of `archive_write_per_s`
     rebuild_archive_1m_s   seconds to rebuild every view (`bus projections rebuild`, while the
                            service serves) from an archive of the whole log plus a live tail of 1%
                            read from the log, scaled to 1,000,000 archived events
@@ -30,10 +36,12 @@ The projection services run as their own processes, as `bus up` starts them. Med
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 import statistics
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bus.client import Bus
@@ -46,7 +54,7 @@ from projections.archive.retention import DEFAULT_RETENTION, TrimSettings
 from projections.archive.trim import run_trim
 from projections.archive.segment import SegmentMeta
 from projections.bench import _answering, _percentile, _read_all, _service_process
-from projections.config import tuned_gc
+from projections.config import quick_gil_handoff, tuned_gc
 from projections.rebuild import request_rebuild
 from projections.workload import append_batches, synthetic_log
 
@@ -56,21 +64,34 @@ if TYPE_CHECKING:
 _FULL_LOG = 1_000_000
 _TAIL = 0.01
 _LOOKUPS = 200
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
-async def _write_rate(settings: ArchiveSettings, stream: str, records: list[LogRecord]) -> float:
+def _server_cpu_s(pid: int | None) -> float:
+    """The CPU seconds (user + system) process `pid` has used: /proc/<pid>/stat's utime and
+    stime. Raises RuntimeError without a pid or /proc."""
+    if pid is None:
+        raise RuntimeError("the bench's nats-server has no pid")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError as exc:
+        raise RuntimeError(f"cannot read the nats-server's CPU time: {exc}") from exc
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
+async def _write_rate(settings: ArchiveSettings, stream: str, records: list[LogRecord]) -> tuple[float, float]:
     """Events/s sealing `records` already in memory (decode, write, fsync, verify), in the
-    archive's two stages."""
+    archive's two stages, and this process's CPU µs per event meanwhile."""
     async def sealed(meta: SegmentMeta, file_bytes: int) -> None:
         pass
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     size = settings.segment_records
     async with Sealer(settings, stream, None, sealed) as sealer:
         for at in range(0, len(records), size):
             await sealer.seal(records[at:at + size])
         await sealer.finish()
-    return len(records) / (time.perf_counter() - started)
+    return len(records) / (time.perf_counter() - started), (time.process_time() - cpu) / len(records) * 1e6
 
 
 async def _lookups(bus: Bus, ids: list[str]) -> list[float]:
@@ -95,18 +116,23 @@ async def run(env: BenchEnv) -> dict[str, float]:
             home = env.workdir / "service"
             archive = ArchiveSettings.for_home(home, bus.subjects.ns, seal_partial=True)
 
-            archives, writes = [], []
+            archives, writes, cpus, server_cpus, write_cpus = [], [], [], [], []
             for index in range(env.repeats):
                 scratch = ArchiveSettings(directory=env.workdir / f"scratch-{index}", seal_partial=True)
-                with tuned_gc():
+                cpu, server_cpu = time.process_time(), _server_cpu_s(server.pid)
+                with tuned_gc(), quick_gil_handoff():  # as `bus archive run` runs
                     run = await run_archive(bus, scratch)
+                cpus.append((time.process_time() - cpu) / run.records * 1e6)
+                server_cpus.append((_server_cpu_s(server.pid) - server_cpu) / run.records * 1e6)
                 archives.append(run.records / run.seconds)
                 shutil.rmtree(scratch.directory)
             records, _ = await _read_all(bus, last)
             for index in range(env.repeats):
                 scratch = ArchiveSettings(directory=env.workdir / f"write-{index}")
-                with tuned_gc():
-                    writes.append(await _write_rate(scratch, stream, records[:count]))
+                with tuned_gc(), quick_gil_handoff():  # as `bus archive run` runs
+                    rate, cpu_us = await _write_rate(scratch, stream, records[:count])
+                writes.append(rate)
+                write_cpus.append(cpu_us)
                 shutil.rmtree(scratch.directory)
             del records
 
@@ -146,6 +172,9 @@ async def run(env: BenchEnv) -> dict[str, float]:
     return {
         "archive_per_s": round(statistics.median(archives)),
         "archive_write_per_s": round(statistics.median(writes)),
+        "archive_cpu_us_per_event": round(statistics.median(cpus), 2),
+        "archive_server_cpu_us_per_event": round(statistics.median(server_cpus), 2),
+        "archive_write_cpu_us_per_event": round(statistics.median(write_cpus), 2),
         "rebuild_archive_1m_s": round(statistics.median(rebuilds) * _FULL_LOG / count, 2),
         "rebuild_log_1m_s": round(baseline.seconds * _FULL_LOG / count, 2),
         "query_archive_p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),

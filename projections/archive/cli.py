@@ -45,6 +45,7 @@ from projections.archive.segment import SegmentMeta
 from projections.archive.retention import DEFAULT_RETENTION, TrimSettings
 from projections.archive.trim import run_trim
 from projections.archive.verify import Segment, chain_of
+from projections.config import quick_gil_handoff, tuned_gc
 from projections.errors import ArchiveCorrupt, ArchiveError, TrimRefused
 
 
@@ -67,7 +68,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--every", type=positive_float, default=None, metavar="SECONDS",
                      help="keep running: seal the full segments the log has grown by every SECONDS, until "
                           "stopped (SIGINT/SIGTERM); --all is not allowed with it")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run_tuned)
 
     listing = sub.add_parser("list", help="the segments, from their metadata (no server needed)")
     _common(listing)
@@ -133,6 +134,17 @@ def _stream(args: argparse.Namespace) -> str:
         return Subjects(args.namespace).stream
     except Exception as exc:  # noqa: BLE001 - a bad namespace name, said in one line
         raise CliError(str(exc)) from exc
+
+
+async def _run_tuned(args: argparse.Namespace) -> int:
+    """`run` tuned as the projection service runs. The cycle collector (`tuned_gc`): sealing holds
+    a segment's records and their decoded fields at once, and CPython's default threshold rescans
+    them every few hundred allocations (measured: the decode 3.59 instead of 2.75 µs an event).
+    The GIL switch interval (`quick_gil_handoff`): the thread writing and verifying a segment
+    takes the GIL back between Arrow's calls while the reader and the decoder hold it; at 5 ms
+    it waited 0.35-0.6 s more per 100k segment for it beside a decoding thread, at 0.5 ms 0.1-0.2 s."""
+    with tuned_gc(), quick_gil_handoff():
+        return await _run(args)
 
 
 async def _run(args: argparse.Namespace) -> int:
