@@ -75,8 +75,8 @@ Views.agent = async function (route) {
 // -- traffic -----------------------------------------------------------------------------------
 
 // The view lists the newest TRAFFIC_ROWS envelopes (more than a screen): every draw costs the
-// browser style, layout and paint of the list in proportion to its rows (measured: 200 rows cost
-// ~4x what 50 do), and nobody reads further down a list that moves.
+// browser style, layout and paint of the list in proportion to its rows (measured: 200 rows took ~3x
+// the layout time of 50), and nobody reads further down a list that moves.
 const TRAFFIC_ROWS = 50;
 // At most one draw every MIN_DRAW_MS, in an animation frame (so none while the page is hidden).
 // The console pushes a batch every 150 ms while envelopes come, once a second in a flood.
