@@ -6,7 +6,7 @@
     console_live_delay_p50_ms / _p99_ms  publish -> shown in the traffic view, at 1,000 msg/s
     console_live_shown_fraction          of those envelopes, the share the page listed (it may
                                          aggregate; it must not fall behind)
-    console_live_rows_max                rows the traffic view held at the end (bounded at 500)
+    console_live_rows_max                rows the traffic view held at the end (bounded at 50)
     console_publish_ratio                durable publishing with the console open and following
                                          traffic / without it (alternating, same run)
     console_consume_ratio                consuming and acking, the same way
