@@ -59,3 +59,31 @@ async def test_a_following_feed_below_its_read_size_reads_every_envelope(bus: Bu
         assert sum(s.passed for s in feed.stats()) == 0 and not feed.flooded
         assert sum(s.inbox for s in feed.stats()) == 200
         follower.cancel()
+
+
+async def test_after_a_flood_the_feed_reads_every_envelope_again(bus: Bus) -> None:
+    """A burst faster than `flood_per_s` floods the feed (the newest read, the rest counted as
+    passed); once the log is quiet again, it reads every envelope again and an open page is
+    shown each of them."""
+    feed = LiveFeed(ConsoleConfig(flood_per_s=200, max_push=50, push_interval_s=0.05, flooded_interval_s=0.3))
+    seen: list[int] = []
+    async with asyncio.TaskGroup() as tasks, feed.page(TrafficFilter(agent="after")) as page:
+        follower = tasks.create_task(feed.follow(bus))
+        await wait_for(lambda: feed.following.is_set(), timeout_s=10)
+        await asyncio.gather(*(bus.send("burst", Note(text=str(n))) for n in range(2_000)))
+        await wait_for(lambda: sum(s.passed for s in feed.stats()) > 0, timeout_s=10, what="the burst jumped over")
+        await wait_for(lambda: not feed.flooded, timeout_s=10, what="the flood to end")
+        sent = [(await bus.send("after", Note(text=str(n)))).ack.seq for n in range(20)]
+
+        async def page_saw_all() -> bool:
+            while not page.queue.empty():
+                data = await page.next()
+                if data.startswith(b"event: traffic"):
+                    seen.extend(i["seq"] for i in msgspec.json.decode(data.split(b"data: ", 1)[1])["items"])
+            return bool(seen) and seen[-1] == sent[-1]
+
+        await wait_for(page_saw_all, timeout_s=10, interval_s=0.05, what="the page to see every envelope after the flood")
+        assert seen == sent and not feed.flooded
+        follower.cancel()
+    passed = sum(s.passed for s in feed.stats())
+    assert sum(s.total for s in feed.stats()) >= 2_020 and sum(s.inbox for s in feed.stats()) == 2_020 - passed

@@ -17,7 +17,7 @@ from bus.log_reader import LogRecord
 from schemas import encode, utcnow
 from schemas.envelope import Envelope
 from schemas.ids import new_id
-from schemas.payloads import Note
+from schemas.payloads import DeliveryReport, Note, Settlement
 
 
 def record(seq: int, to: str = "alice", sender: str = "bob", kind_text: str = "hi") -> LogRecord:
@@ -55,6 +55,40 @@ async def test_undecodable_bytes_are_listed_not_raised() -> None:
     feed.take(LogRecord(seq=1, time_ns=0, subject=b"default.inbox.a.b", data=b"\xff not json"))
     [item] = feed.recent(TrafficFilter(), 5)
     assert item.kind == "(undecodable)" and item.error
+
+
+def test_delivery_reports_count_failed_and_retried_attempts_from_their_bytes() -> None:
+    """A delivery report's failed and dead-lettered attempts count as failed, its retried ones as
+    retried, in the second it was stored; outcome-like text inside a string counts for nothing."""
+    settled = [Settlement(stream_seq=n, attempt=1, outcome=outcome, error='"outcome":"failed"')
+               for n, outcome in enumerate(["handled", "failed", "retried", "dead_lettered", "retried", "handled"])]
+    report = Envelope(id=new_id(), sender="clerk", payload=DeliveryReport(agent="clerk", consumer="c", settlements=settled),
+                      created_at=utcnow())
+    note = Envelope(id=new_id(), sender="bob", to="alice", payload=Note(text='{"outcome":"failed"}'), created_at=utcnow())
+    feed = LiveFeed(ConsoleConfig())
+    feed.take(LogRecord(seq=1, time_ns=0, subject=b"default.event.clerk.delivery.report", data=encode(report)))
+    feed.take(LogRecord(seq=2, time_ns=0, subject=b"default.inbox.alice.bob", data=encode(note)))
+    [second] = feed.stats()
+    assert (second.failed, second.retried, second.event, second.inbox) == (2, 2, 1, 1)
+
+
+async def test_a_push_decodes_only_the_newest_within_its_byte_budget() -> None:
+    """Records larger than a push may decode are passed over, the newest first kept: the page
+    gets the newest that fit in `push_bytes` (always at least one) and the rest counted as skipped."""
+    big = "x" * 40_000
+    feed = LiveFeed(ConsoleConfig(max_push=10, push_bytes=100_000))
+    async with feed.page(TrafficFilter()) as page, feed.page(TrafficFilter(agent="alice")) as alice:
+        for seq in range(1, 7):
+            feed.take(record(seq, kind_text=big))
+        feed.push_once()
+        batch = msgspec.json.decode((await page.next()).split(b"data: ", 1)[1])
+        assert [i["seq"] for i in batch["items"]] == [5, 6] and batch["skipped"] == 4
+        mine = msgspec.json.decode((await alice.next()).split(b"data: ", 1)[1])
+        assert [i["seq"] for i in mine["items"]] == [5, 6] and mine["skipped"] == 4
+        feed.take(record(7, kind_text=big * 3))  # alone over the budget: still shown
+        feed.push_once()
+        batch = msgspec.json.decode((await page.next()).split(b"data: ", 1)[1])
+        assert [i["seq"] for i in batch["items"]] == [7] and batch["skipped"] == 0
 
 
 def test_layout_collapses_routine_runs_and_keeps_marked_nodes() -> None:

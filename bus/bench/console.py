@@ -6,10 +6,13 @@
     console_live_delay_p50_ms / _p99_ms  publish -> shown in the traffic view, at 1,000 msg/s
     console_live_shown_fraction          of those envelopes, the share the page listed (it may
                                          aggregate; it must not fall behind)
-    console_live_rows_max                rows the traffic view held at the end (bounded at 500)
+    console_live_rows_max                rows the traffic view held at the end (bounded at 50)
     console_publish_ratio                durable publishing with the console open and following
                                          traffic / without it (alternating, same run)
     console_consume_ratio                consuming and acking, the same way
+    console_open_browser_cpu             while those ran with the console open: CPU time of every
+    console_open_console_cpu             Chromium process (browser, renderer, GPU) and of the
+                                         console's, per second of wall time (cores; medians)
 
 A fresh server, a projection service and the console (`bus ui`) run as processes of their own,
 as `bus up` starts them; the publishers, consumers and the browser's driver run here. Needs
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -76,13 +80,15 @@ async def run(env: BenchEnv) -> dict[str, float]:
                     **launch_kwargs(env.workdir / "chromium-profile")
                 )
                 try:
-                    async with _console(server.url, home) as base:
+                    async with _console(server.url, home) as (base, _):
                         figures["console_first_paint_ms"] = await _first_paint(browser, f"{base}/#/agents")
                         figures["console_conversation_first_paint_ms"] = await _first_paint(
                             browser, f"{base}/#/conversation/{corr}"
                         )
                         figures.update(await _live_delay(bus, browser, base, seconds=max(3.0, 10 * env.scale)))
-                    figures.update(await _with_and_without(env, bus, browser, server.url, home))
+                    figures.update(await _with_and_without(
+                        env, bus, browser, server.url, home, browser_pid=_browser_pid(env.workdir / "chromium-profile")
+                    ))
                 finally:
                     await browser.close()
     return {name: round(value, 3) for name, value in figures.items()}
@@ -144,8 +150,8 @@ def _child(log_path: Path, *args: str) -> contextlib.AbstractAsyncContextManager
 
 
 @contextlib.asynccontextmanager
-async def _console(url: str, home: Path) -> AsyncIterator[str]:
-    """`bus ui --port 0` in a process of its own; yields its base URL once it serves."""
+async def _console(url: str, home: Path) -> AsyncIterator[tuple[str, int]]:
+    """`bus ui --port 0` in a process of its own; yields its base URL and its pid once it serves."""
     log_path = home / "console.log"
     start = log_path.stat().st_size if log_path.exists() else 0
     async with _child(log_path, "ui", "--port", "0", "--url", url, "--home", str(home)) as proc:
@@ -153,7 +159,7 @@ async def _console(url: str, home: Path) -> AsyncIterator[str]:
         while True:
             text = log_path.read_bytes()[start:].decode(errors="replace")
             if "console at " in text:
-                yield text.split("console at ", 1)[1].split()[0].rstrip("/")
+                yield text.split("console at ", 1)[1].split()[0].rstrip("/"), proc.pid
                 return
             if proc.returncode is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the console did not start: {text[-2000:]}")
@@ -222,13 +228,16 @@ async def _live_delay(bus: Bus, browser: Any, base: str, *, seconds: float) -> d
     }
 
 
-async def _with_and_without(env: BenchEnv, bus: Bus, browser: Any, url: str, home: Path) -> dict[str, float]:
+async def _with_and_without(
+    env: BenchEnv, bus: Bus, browser: Any, url: str, home: Path, *, browser_pid: int | None
+) -> dict[str, float]:
     """Durable publishing and consuming without the console and with it open on the traffic view
     (following everything), `env.repeats` times, which goes first alternating; medians and their
-    ratios."""
+    ratios, and the CPU the browser and the console took while open."""
     count = env.n(50_000)
     await prepublish(bus, count)
     rates: dict[str, list[float]] = {"pub_without": [], "pub_with": [], "con_without": [], "con_with": []}
+    cpu: dict[str, list[float]] = {"browser": [], "console": []}
 
     async def measure(side: str) -> None:
         # The views caught up first: a fold of the previous run's messages is no one's cost.
@@ -238,12 +247,17 @@ async def _with_and_without(env: BenchEnv, bus: Bus, browser: Any, url: str, hom
         rates[f"con_{side}"].append(await engine_rate(bus, count))
 
     async def with_console() -> None:
-        async with _console(url, home) as base:
+        async with _console(url, home) as (base, console_pid):
             page = await browser.new_page()
             try:
                 await page.goto(f"{base}/#/traffic")
                 await page.wait_for_selector("#status.live", timeout=30_000)
+                browser_before, console_before = _cpu_s(browser_pid), _cpu_s(console_pid)
+                started = time.monotonic()
                 await measure("with")
+                wall = time.monotonic() - started
+                cpu["browser"].append((_cpu_s(browser_pid) - browser_before) / wall)
+                cpu["console"].append((_cpu_s(console_pid) - console_before) / wall)
             finally:
                 await page.close()
 
@@ -263,4 +277,65 @@ async def _with_and_without(env: BenchEnv, bus: Bus, browser: Any, url: str, hom
         "console_off_consume_per_s": medians["con_without"],
         "console_open_consume_per_s": medians["con_with"],
         "console_consume_ratio": medians["con_with"] / medians["con_without"],
+        **({"console_open_browser_cpu": statistics.median(cpu["browser"]),
+            "console_open_console_cpu": statistics.median(cpu["console"])} if browser_pid is not None else {}),
     }
+
+
+# -- CPU time, from /proc (Linux) ------------------------------------------------------------
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command's name (which may hold spaces), or None when gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw.rsplit(")", 1)[1].split()
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and every live process descended from it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _cpu_s(root: int | None) -> float:
+    """CPU seconds (user + system) of `root` and its descendants so far, with the children it
+    has reaped; 0 without /proc."""
+    if root is None or not Path("/proc").is_dir():
+        return 0.0
+    total = 0
+    for pid in _process_tree(root):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if pid == root else 0)
+    return total / _TICKS_PER_S
+
+
+def _browser_pid(profile_dir: Path) -> int | None:
+    """The Chromium browser process using `profile_dir` (its renderers and GPU process are its
+    descendants), or None when it cannot be found."""
+    marker = f"--user-data-dir={profile_dir}".encode()
+    if not Path("/proc").is_dir():
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in command and b"--type=" not in command:
+            return int(entry)
+    return None

@@ -14,21 +14,24 @@ class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     `operator`: retry dead letters and stop agents from the page (needs the admin credential;
     else read-only). The feed keeps `recent` envelopes for a page that opens; it reads the
     newest of the log every `push_interval_s` while a page is open (`idle_interval_s` while none
-    is, `flooded_interval_s` while more than `max_read` envelopes arrive between two reads: it
-    reads the newest `max_read` and counts the rest), pushes to each page at most `max_push`
-    envelopes per read (the rest are counted as skipped), and holds at most `page_queue` pushes
-    for a page that reads slowly (older ones are dropped, and counted)."""
+    is). More than `max_read` envelopes stored since the last read, or more than `flood_per_s`
+    a second, is a flood: it reads the newest `max_push` and counts the rest, every
+    `flooded_interval_s` while that lasts. It pushes to each page at most `max_push` envelopes
+    per read, decoding at most `push_bytes` of them (the rest are counted as skipped), and holds at most `page_queue` pushes for a page
+    that reads slowly (older ones are dropped, and counted)."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_UI_PORT
     operator: bool = False
     operator_name: str = "console"
     recent: int = 500
-    push_interval_s: float = 0.05
+    push_interval_s: float = 0.15
     idle_interval_s: float = 1.0
-    flooded_interval_s: float = 0.5
-    max_read: int = 500
-    max_push: int = 200
+    flooded_interval_s: float = 1.0
+    max_read: int = 2_000
+    flood_per_s: int = 5_000
+    max_push: int = 50
+    push_bytes: int = 256 * 1024
     pending_limit: int = 5_000
     page_queue: int = 16
     max_pages: int = 32

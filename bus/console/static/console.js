@@ -95,6 +95,17 @@ const App = {
 
 document.getElementById("detail-close").addEventListener("click", () => { document.getElementById("detail").hidden = true; });
 window.addEventListener("hashchange", () => App.render());
+// A page nobody sees costs nothing: its live stream closes while it is hidden (a tab in the
+// background), and the view is drawn afresh, stream and all, when it is shown again.
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden) {
+    if (App.live) { App.live.close(); App.live = null; }
+    const status = document.getElementById("status");
+    status.textContent = "paused (hidden)"; status.className = "status";
+  } else if (!App.live) {
+    App.render();
+  }
+});
 if (new URLSearchParams(location.search).has("measure")) window.__consoleSeen = new Map();
 api("/api/info").then((info) => { App.info = info; document.title = `Continuum · ${info.namespace}`; if (info.feed_error) document.getElementById("status").textContent = info.feed_error; }).catch(() => {});
 App.render();

@@ -74,19 +74,19 @@ Views.agent = async function (route) {
 
 // -- traffic -----------------------------------------------------------------------------------
 
-const MAX_TRAFFIC_ROWS = 200;
-// Rows added per draw (at most one draw every 150 ms): at a higher rate the newest are listed and
-// the rest counted, so the page's work stays bounded.
-const MAX_ROWS_PER_BATCH = 250;
-const RENDER_EVERY_MS = 150;
-// While more than FLOOD_PER_S arrive a second (a flood nobody reads row by row), draw twice a
-// second.
-const FLOOD_PER_S = 2500;
-const QUIET_PER_S = 3;
-const FLOODED_RENDER_EVERY_MS = 500;
+// The view lists the newest TRAFFIC_ROWS envelopes (more than a screen): every draw costs the
+// browser style, layout and paint of the list in proportion to its rows (measured: 200 rows took ~3x
+// the layout time of 50), and nobody reads further down a list that moves.
+const TRAFFIC_ROWS = 50;
+// At most one draw every MIN_DRAW_MS, in an animation frame (so none while the page is hidden).
+// The console pushes a batch every 150 ms while envelopes come, once a second in a flood.
+const MIN_DRAW_MS = 100;
+// Arrivals are highlighted (a static class, no animation: an animated highlight repaints at the
+// display's rate) when a draw brings at most this many: on a quiet bus.
+const FRESH_AT_MOST = 3;
 
-// One row, cloned from a template and filled with text (thousands a second at high rates:
-// cheaper than building each cell); clicks are handled once, on the table body.
+// One row, cloned from a template and filled with text (cheaper than building each cell);
+// clicks are handled once, on the table body.
 const TRAFFIC_ROW = h("tr", { class: "traffic-row clickable" }, h("td", { class: "mono" }), h("td", {}), h("td", {}), h("td", { class: "mono" }), h("td", { class: "num mono" }));
 
 function two(n) { return n < 10 ? "0" + n : String(n); }
@@ -112,7 +112,7 @@ function trafficRow(item, fresh) {
 
 Views.traffic = async function (route) {
   const f = { agent: route.query.get("agent") || "", kind: route.query.get("kind") || "", tag: route.query.get("tag") || "", corr: route.query.get("corr") || "" };
-  const { items } = await api("/api/traffic" + query(f));
+  const { items } = await api("/api/traffic" + query(Object.assign({ limit: TRAFFIC_ROWS }, f)));
   const body = h("tbody", { id: "traffic-body", onclick: (e) => {
     const row = e.target.closest("tr.traffic-row");
     if (row && e.target.tagName !== "A") App.showEvent(Number(row.dataset.seq));
@@ -127,36 +127,33 @@ Views.traffic = async function (route) {
   } }, inputs, h("button", { type: "submit" }, "filter"), link("#/traffic", "clear"), counter);
   const view = h("section", {}, h("h1", {}, "Traffic ", h("span", { class: "muted" }, "live")), form,
     h("div", { class: "traffic-wrap" }, h("table", { id: "traffic-table" }, h("thead", {}, h("tr", {}, ["time", "kind", "from → to", "conversation", "seq"].map((x) => h("th", {}, x)))), body)));
-  // Rows are drawn at most every RENDER_EVERY_MS (FLOODED_RENDER_EVERY_MS while flooded): the
-  // browser's style, layout and paint of the table, not the script, are the cost (measured);
-  // between draws arrivals queue (the newest MAX_ROWS_PER_BATCH of them, the rest counted).
-  let skipped = 0, queued = [], timer = null, drawnAt = 0, arrivals = [];
-  const arrivalsPerSecond = () => {
-    const since = performance.now() - 1000;
-    while (arrivals.length && arrivals[0][0] < since) arrivals.shift();
-    return arrivals.reduce((sum, a) => sum + a[1], 0);
-  };
+  // Arrivals queue (the newest TRAFFIC_ROWS of them, the rest counted) until the next draw: one
+  // write of the table per draw, whatever came in between.
+  let skipped = 0, queued = [], scheduled = false, drawnAt = 0;
   const draw = () => {
-    timer = null; drawnAt = performance.now();
+    scheduled = false; drawnAt = performance.now();
+    if (!body.isConnected) return;  // another view replaced this one
     const items = queued; queued = [];
-    // Highlight arrivals only on a quiet bus: the fading highlight repaints at the display's rate
-    // (measured: with a few rows a second the page took most of a core while consuming ran).
-    const fresh = arrivalsPerSecond() <= QUIET_PER_S;
+    const fresh = items.length <= FRESH_AT_MOST;
+    for (const row of body.querySelectorAll("tr.fresh")) row.classList.remove("fresh");
     const frag = document.createDocumentFragment();
     for (let i = items.length - 1; i >= 0; i--) frag.append(trafficRow(items[i], fresh));
-    body.prepend(frag);
-    while (body.childElementCount > MAX_TRAFFIC_ROWS) body.lastElementChild.remove();
+    if (items.length >= TRAFFIC_ROWS) body.replaceChildren(frag);
+    else {
+      body.prepend(frag);
+      while (body.childElementCount > TRAFFIC_ROWS) body.lastElementChild.remove();
+    }
     counter.textContent = `${body.childElementCount} shown` + (skipped ? `, ${num(skipped)} passed too fast to list` : "");
     if (window.__consoleSeen) { const now = Date.now(); for (const it of items) if (it.id) window.__consoleSeen.set(it.id, now); }
   };
   App.follow(f, (batch) => {
     skipped += batch.skipped || 0;
     queued.push(...batch.items);
-    if (queued.length > MAX_ROWS_PER_BATCH) { skipped += queued.length - MAX_ROWS_PER_BATCH; queued = queued.slice(-MAX_ROWS_PER_BATCH); }
-    arrivals.push([performance.now(), batch.items.length + (batch.skipped || 0)]);
-    // Flooded: more than FLOOD_PER_S envelopes arrived in the last second.
-    const every = arrivalsPerSecond() > FLOOD_PER_S ? FLOODED_RENDER_EVERY_MS : RENDER_EVERY_MS;
-    if (timer === null) timer = setTimeout(draw, Math.max(0, drawnAt + every - performance.now()));
+    if (queued.length > TRAFFIC_ROWS) { skipped += queued.length - TRAFFIC_ROWS; queued = queued.slice(-TRAFFIC_ROWS); }
+    if (scheduled) return;
+    scheduled = true;
+    const wait = drawnAt + MIN_DRAW_MS - performance.now();
+    if (wait > 0) setTimeout(() => requestAnimationFrame(draw), wait); else requestAnimationFrame(draw);
   });
   return view;
 };
