@@ -5,16 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from bus import Bus, BusConfig
+from bus.bench.browser import missing_browser
 from bus.console.config import ConsoleConfig
 from bus.console.serve import serve
 from projections.config import ProjectionSettings
 from projections.service import ProjectionService
+
+
+def skip_module_without_browser() -> None:
+    """Skip the calling test module, saying why, when Chromium or playwright is missing; unless
+    CONTINUUM_REQUIRE_BROWSER=1 (CI), where that is a failure. Call it at module level."""
+    reason = missing_browser()
+    if reason is None:
+        return
+    if os.environ.get("CONTINUUM_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(f"CONTINUUM_REQUIRE_BROWSER=1 but the console cannot be tested in a browser: {reason}")
+    pytest.skip(f"the console's browser tests need Chromium: {reason}", allow_module_level=True)
 
 
 @contextlib.asynccontextmanager

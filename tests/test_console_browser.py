@@ -24,16 +24,13 @@ from typing import Any
 
 import pytest
 
-from bus.bench.browser import launch_kwargs, missing_browser
+from bus.bench.browser import launch_kwargs
 from bus.cli.state import read_state
 from bus.server import free_port_outside_ephemeral_range
+from console_fixtures import skip_module_without_browser
 from test_cli import BUS
 
-REASON = missing_browser()
-if REASON is not None:
-    if os.environ.get("CONTINUUM_REQUIRE_BROWSER") == "1":
-        raise RuntimeError(f"CONTINUUM_REQUIRE_BROWSER=1 but the console cannot be tested in a browser: {REASON}")
-    pytest.skip(f"the console's browser tests need Chromium: {REASON}", allow_module_level=True)
+skip_module_without_browser()
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402 - only when a browser is there
 

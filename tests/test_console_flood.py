@@ -10,24 +10,19 @@ CONTINUUM_REQUIRE_BROWSER=1 (CI), where that is a failure.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from console_fixtures import console_served
+from console_fixtures import console_served, skip_module_without_browser
 
 from bus import Bus, BusConfig
-from bus.bench.browser import launch_kwargs, missing_browser
+from bus.bench.browser import launch_kwargs
 from schemas.payloads import Note
 
-REASON = missing_browser()
-if REASON is not None:
-    if os.environ.get("CONTINUUM_REQUIRE_BROWSER") == "1":
-        raise RuntimeError(f"CONTINUUM_REQUIRE_BROWSER=1 but the console cannot be tested in a browser: {REASON}")
-    pytest.skip(f"the console's browser tests need Chromium: {REASON}", allow_module_level=True)
+skip_module_without_browser()
 
 from playwright.async_api import async_playwright  # noqa: E402 - only when a browser is there
 
