@@ -42,7 +42,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -323,18 +323,10 @@ class Runner:
         if archive is not None:
             try:
                 async with contextlib.aclosing(
-                    archived_batches(Path(archive), self._bus.subjects.stream, start - 1)
-                ) as batches:
-                    async for _segment, sealed_batch in batches:
-                        batch = await self._opener.open(sealed_batch, self._offload)
-                        if batch.has_kind(FORGOTTEN):
-                            self._note_forgets(batch)
-                        applied = await self._fold_retrying(
-                            "live", "archive", batch, lambda piece: self._writer.call(self._store.apply, piece)
-                        )
+                    self._fold_archived(Path(archive), start - 1, self._store.apply, "live")
+                ) as folding:
+                    async for applied in folding:
                         folded += applied.events
-                        if applied.events:
-                            self._metrics.applied.labels("live").inc(applied.events)
                         self.watermark.advance(applied.last_seq)
             except ArchiveError as exc:
                 log.error("the archive could not be read past seq %d: %s", self.watermark.seq, exc)
@@ -347,6 +339,28 @@ class Runner:
                         "them", settled + 1, floor,
                         "the archive does not hold them" if archive is not None else "no archive is served")
         return settled + 1
+
+    async def _fold_archived(
+        self, directory: Path, after: int, fold: Callable[[Batch], Applied], target: str
+    ) -> AsyncIterator[Applied]:
+        """(Use it under `contextlib.aclosing`.) Fold the archive's records after `after` with
+        `fold` (on the writer thread) straight from the segment files, a segment per batch, each
+        opened first (sealed private records); yields what each fold applied. `target` is
+        "live" (forgets read are noted, as from the log) or "rebuild". Raises ArchiveError,
+        ArchiveCorrupt, StoreUnusable (via the fold's retries)."""
+        async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
+            async for _segment, sealed_batch in batches:
+                batch = await self._opener.open(sealed_batch, self._offload)
+                if target == "live" and batch.has_kind(FORGOTTEN):
+                    self._note_forgets(batch)
+                applied = await self._fold_retrying(
+                    target, "archive" if target == "live" else target, batch,
+                    lambda piece: self._writer.call(fold, piece),
+                )
+                if applied.events:
+                    self._metrics.batch_size.labels(target).observe(applied.events)
+                    self._metrics.applied.labels(target).inc(applied.events)
+                yield applied
 
     def _settled(self) -> tuple[int, int]:
         """The store's checkpoint once no fold runs, and its swaps so far (one moment, on the
@@ -454,16 +468,9 @@ class Runner:
         archived = 0
         try:
             after = await self._writer.call(lambda: self._store.build_seq)
-            async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
-                async for _segment, sealed_batch in batches:
-                    batch = await self._opener.open(sealed_batch, self._offload)
-                    applied = await self._fold_retrying(
-                        "rebuild", "rebuild", batch, lambda piece: self._writer.call(fold, piece)
-                    )
+            async with contextlib.aclosing(self._fold_archived(directory, after, fold, "rebuild")) as folding:
+                async for applied in folding:
                     archived += applied.events
-                    if applied.events:
-                        self._metrics.batch_size.labels("rebuild").observe(applied.events)
-                        self._metrics.applied.labels("rebuild").inc(applied.events)
                     if applied.swapped:
                         self._after_swap()
                     if done(applied):
