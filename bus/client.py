@@ -107,6 +107,16 @@ def _log_keeper_failure(task: asyncio.Task[None]) -> None:
                   exc_info=task.exception())
 
 
+class LogExtent(msgspec.Struct, frozen=True):
+    """The log's first and last stream sequences, how many messages it holds and their bytes
+    (all 0 when it was never written)."""
+
+    first_seq: int
+    last_seq: int
+    messages: int
+    bytes: int
+
+
 class Sent(msgspec.Struct, frozen=True):
     """A published envelope and the server's receipt for it."""
 
@@ -629,8 +639,15 @@ class Bus:
     async def log_bounds(self) -> tuple[int, int]:
         """The log's first and last stream sequences ((0, 0) when it was never written).
         Raises BusUnavailable (no answer: e.g. the log has no leader right now)."""
+        extent = await self.log_extent()
+        return extent.first_seq, extent.last_seq
+
+    async def log_extent(self) -> LogExtent:
+        """The log's sequences, message count and bytes, from the stream's state.
+        Raises BusUnavailable (no answer: e.g. the log has no leader right now)."""
         try:
             info = await cancellation_kept(self.js.stream_info(self.subjects.stream))
         except Exception as exc:  # nats-py's errors, translated here
             raise translate(exc, f"reading the state of {self.subjects.stream}") from exc
-        return int(info.state.first_seq), int(info.state.last_seq)
+        state = info.state
+        return LogExtent(int(state.first_seq), int(state.last_seq), int(state.messages or 0), int(state.bytes or 0))

@@ -58,6 +58,7 @@ from projections.errors import StoreLocked, StoreMismatch
 from projections.fold import Applied, Generation, HalfCommitted, Lane, after, rollback
 from projections.memory_share import FoldsFirst
 from projections.unsynced import UnsyncedFile, current_boot_id
+from projections.writeback import DEFAULT_INTERVAL_S, WritebackPacer
 from projections.views import VIEWS, ViewSpec
 
 __all__ = ["Applied", "Generation", "Store", "content_hashes", "file_hashes", "generations_in", "open_read_only"]
@@ -132,6 +133,7 @@ class Store:
         fsync: bool = False,
         boot_id: str | None = None,
         archive_dir: str | Path | None = None,
+        writeback_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
         for spec in views:
             if not _IDENT.match(spec.name) or any(not _IDENT.match(r) for r in spec.relations):
@@ -161,6 +163,9 @@ class Store:
         # (projections.unsynced); `boot_id` stands in for this boot's (tests).
         boot = boot_id or (None if fsync else current_boot_id())
         self._unsynced = None if fsync or boot is None else UnsyncedFile(self.path, boot)
+        # What is written unsynced goes to disk a little at a time (projections.writeback).
+        self._writeback_interval_s = writeback_interval_s
+        self.writeback: WritebackPacer | None = None
         # One lane per lane name of the views (see projections.views.LANES), at most `lanes`:
         # with fewer, lane names share connections in turn.
         names = list(dict.fromkeys(spec.lane for spec in views))
@@ -231,6 +236,11 @@ class Store:
                 ) from exc
             raise StoreMismatch(f"cannot open {self.path}: {exc}") from exc
         self._con = con
+        if self._unsynced is not None:
+            self.writeback = WritebackPacer(
+                (self.path, self.path.with_name(self.path.name + ".wal")), interval_s=self._writeback_interval_s
+            )
+            self.writeback.start()
         try:
             if self.archive_dir is not None:
                 # Before external access is disabled (DuckDB refuses to widen it after).
@@ -330,6 +340,9 @@ class Store:
         if guard is not None:
             guard.close()
         con, self._con = self._con, None
+        pacer, self.writeback = self.writeback, None
+        if pacer is not None:
+            pacer.stop()
         if con is not None:
             with contextlib.suppress(duckdb.Error):  # (invalidated: there is nothing left to write)
                 con.close()

@@ -87,3 +87,30 @@ async def test_after_a_flood_the_feed_reads_every_envelope_again(bus: Bus) -> No
         follower.cancel()
     passed = sum(s.passed for s in feed.stats())
     assert sum(s.total for s in feed.stats()) >= 2_020 and sum(s.inbox for s in feed.stats()) == 2_020 - passed
+
+
+async def test_large_records_faster_than_the_feed_reads_bytes_are_jumped_over_and_counted(bus: Bus) -> None:
+    """40 small records between two reads are all read; then 40 records of ~100 KB (4 MB, over
+    `most_bytes`): the feed reads only as many of the newest as fit one push's bytes (here 2),
+    counts the rest as passed and is flooded."""
+    feed = LiveFeed(ConsoleConfig(push_bytes=256 * 1024, max_push=50, recent=100))
+    async with feed.page(TrafficFilter()) as page:
+        await feed.read_newest(bus, most=50, most_bytes=1024 * 1024)  # an empty log
+        for n in range(40):
+            await bus.send("reader", Note(text=str(n)))
+        await feed.read_newest(bus, most=50, keep=50, most_bytes=1024 * 1024)
+        assert not feed.flooded and sum(s.passed for s in feed.stats()) == 0
+        assert len(feed.recent(TrafficFilter(), 100)) == 40
+
+        for n in range(40):
+            await bus.send("reader", Note(text=f"{n:03d}" + "x" * 100_000))
+        last = await bus.last_seq()
+        await feed.read_newest(bus, most=50, keep=50, most_bytes=1024 * 1024)
+        assert feed.head_seq == last and feed.flooded
+        read = [i.seq for i in feed.recent(TrafficFilter(), 100)][40:]
+        assert read == list(range(last - len(read) + 1, last + 1)) and 1 <= len(read) <= 3
+        assert sum(s.passed for s in feed.stats()) == 40 - len(read)
+        assert sum(s.total for s in feed.stats()) == 80
+        feed.push_once()
+        batch = msgspec.json.decode((await page.next()).split(b"data: ", 1)[1])
+        assert batch["items"][-1]["seq"] == last

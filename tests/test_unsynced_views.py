@@ -3,15 +3,18 @@ boot that wrote it: a file left unsynced by another boot is set aside and refold
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import duckdb
-from conftest import read_records
+import pytest
+from conftest import read_records, wait_for
 
 from bus import Bus
 from projections.batch import build_batch
 from projections.store import Store
 from projections.workload import append_batches, synthetic_log
+from projections.writeback import WritebackPacer
 
 STREAM = "CONTINUUM_DEFAULT"
 
@@ -88,3 +91,50 @@ async def test_a_file_left_by_a_process_crash_in_this_boot_is_kept(bus: Bus, tmp
     finally:
         store.close()
     assert not list(tmp_path.glob("views.duckdb.unclean-*"))
+
+
+def test_the_pacer_syncs_what_changed_since_its_last_sync_and_skips_what_is_missing(tmp_path: Path) -> None:
+    """`sync_changed` syncs a file once per change (size or time), not again while it is
+    unchanged, and skips a path that does not exist (a WAL after a checkpoint)."""
+    written = tmp_path / "views.duckdb"
+    written.write_bytes(b"x" * 4096)
+    pacer = WritebackPacer((written, tmp_path / "views.duckdb.wal"), interval_s=60)
+    assert pacer.sync_changed() == 1
+    assert pacer.sync_changed() == 0
+    with open(written, "ab") as out:
+        out.write(b"y" * 4096)
+    assert pacer.sync_changed() == 1
+    (tmp_path / "views.duckdb.wal").write_bytes(b"w")
+    assert pacer.sync_changed() == 1
+    assert pacer.syncs == 3
+    with pytest.raises(ValueError):
+        WritebackPacer((written,), interval_s=0)
+
+
+async def test_an_unsynced_store_writes_its_folds_back_while_open_and_stops_at_close(bus: Bus, tmp_path: Path) -> None:
+    """An open unsynced store syncs its file in the background after a fold (not waiting for the
+    kernel's bulk writeback, which stalls the server's fsyncs); the thread ends at close. A store
+    that fsyncs every commit has no pacer."""
+    last = await append_batches(bus, list(synthetic_log(bus, 300, seed=5)))
+    store = Store(tmp_path / "views.duckdb", stream=STREAM, boot_id="boot-a", writeback_interval_s=0.05)
+    store.open()
+    try:
+        pacer = store.writeback
+        assert pacer is not None
+        await wait_for(lambda: pacer.syncs >= 1, timeout_s=10, what="the opened file synced")
+        before = pacer.syncs
+        store.apply(build_batch(await read_records(bus, last)))
+        await wait_for(lambda: pacer.syncs > before, timeout_s=10, what="the fold written back")
+        threads = {t.name for t in threading.enumerate()}
+        assert "continuum-writeback" in threads
+    finally:
+        store.close()
+    assert store.writeback is None
+    assert "continuum-writeback" not in {t.name for t in threading.enumerate()}
+
+    synced = Store(tmp_path / "synced.duckdb", stream=STREAM, fsync=True)
+    synced.open()
+    try:
+        assert synced.writeback is None
+    finally:
+        synced.close()

@@ -6,6 +6,9 @@
     console_live_delay_p50_ms / _p99_ms  publish -> shown in the traffic view, at 1,000 msg/s
     console_live_shown_fraction          of those envelopes, the share the page listed (it may
                                          aggregate; it must not fall behind)
+    console_live_reach_p50_ms / _p99_ms  publish -> on the page, for every envelope: listed, or
+                                         counted as passed too fast to list (by the sequences drawn)
+    console_live_reached_fraction        of those envelopes, the share some draw reached
     console_live_rows_max                rows the traffic view held at the end (bounded at 50)
     console_publish_ratio                durable publishing with the console open and following
                                          traffic / without it (alternating, same run)
@@ -23,6 +26,7 @@ measures nothing.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import statistics
@@ -47,6 +51,7 @@ LOG_EVENTS = 1_000_000
 CONVERSATION_STEPS = 1_000
 LIVE_RATE_PER_S = 1_000
 LIVE_TICK_S = 0.01
+RATIO_MESSAGES = 200_000
 PAINT_LOADS = 5
 SENDERS = 5
 RECIPIENTS = 20
@@ -194,6 +199,7 @@ async def _live_delay(bus: Bus, browser: Any, base: str, *, seconds: float) -> d
         await page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
         await page.wait_for_selector("#status.live", timeout=30_000)
         sent: dict[str, float] = {}
+        sent_seq: list[tuple[int, float]] = []
         per_tick = max(1, round(LIVE_RATE_PER_S * LIVE_TICK_S))
         ticks = int(seconds / LIVE_TICK_S)
         note = Note(text="live")
@@ -203,29 +209,56 @@ async def _live_delay(bus: Bus, browser: Any, base: str, *, seconds: float) -> d
             now_ms = time.time() * 1000
             for e in envelopes:
                 sent[e.id] = now_ms
-            await asyncio.gather(*(bus.publish(e) for e in envelopes))
+            for receipt in await asyncio.gather(*(bus.publish(e) for e in envelopes)):
+                sent_seq.append((receipt.ack.seq, now_ms))
             pause = started + (tick + 1) * LIVE_TICK_S - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
+        last_seq = max(seq for seq, _ in sent_seq)
         deadline = time.monotonic() + 10
-        seen: dict[str, float] = {}
         while time.monotonic() < deadline:
-            seen = await page.evaluate("() => Object.fromEntries(window.__consoleSeen)")
-            if sum(1 for i in sent if i in seen) >= len(sent):
+            if await page.evaluate(f"() => window.__consoleReached.some(([seq]) => seq >= {last_seq})"):
                 break
             await asyncio.sleep(0.2)
+        seen: dict[str, float] = await page.evaluate("() => Object.fromEntries(window.__consoleSeen)")
+        reached: list[list[float]] = await page.evaluate("() => window.__consoleReached")
         rows = await page.evaluate("() => document.querySelectorAll('tr.traffic-row').length")
     finally:
         await page.close()
     delays = sorted(seen[i] - t for i, t in sent.items() if i in seen)
     if not delays:
         raise RuntimeError("the traffic view listed none of the envelopes published")
+    reach = _reach_delays(sent_seq, reached)
     return {
-        "console_live_delay_p50_ms": delays[len(delays) // 2],
-        "console_live_delay_p99_ms": delays[min(len(delays) - 1, int(len(delays) * 0.99))],
+        "console_live_delay_p50_ms": _quantile(delays, 0.5),
+        "console_live_delay_p99_ms": _quantile(delays, 0.99),
         "console_live_shown_fraction": len(delays) / len(sent),
+        "console_live_reach_p50_ms": _quantile(reach, 0.5),
+        "console_live_reach_p99_ms": _quantile(reach, 0.99),
+        "console_live_reached_fraction": len(reach) / len(sent_seq),
         "console_live_rows_max": float(rows),
     }
+
+
+def _reach_delays(sent: list[tuple[int, float]], reached: list[list[float]]) -> list[float]:
+    """Per envelope sent (its sequence, when it was sent), the time until the page drew a batch
+    reaching its sequence (so it was listed, or counted as passed too fast to list); sorted.
+    An envelope no draw reached is left out."""
+    marks: list[tuple[float, float]] = []  # (sequence, when), the sequences rising
+    for seq, at in reached:
+        if not marks or seq > marks[-1][0]:
+            marks.append((seq, at))
+    seqs = [seq for seq, _ in marks]
+    delays = []
+    for seq, at in sent:
+        index = bisect.bisect_left(seqs, seq)
+        if index < len(marks):
+            delays.append(marks[index][1] - at)
+    return sorted(delays)
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
 
 
 async def _with_and_without(
@@ -233,8 +266,10 @@ async def _with_and_without(
 ) -> dict[str, float]:
     """Durable publishing and consuming without the console and with it open on the traffic view
     (following everything), `env.repeats` times, which goes first alternating; medians and their
-    ratios, and the CPU the browser and the console took while open."""
-    count = env.n(50_000)
+    ratios, and the CPU the browser and the console took while open. Each run moves
+    RATIO_MESSAGES: at ~45k/s, shorter runs (50k, ~1 s) swung the ratios by 10-20% from one
+    repeat to the next, as a single stall of the disk fell into one side or the other."""
+    count = env.n(RATIO_MESSAGES)
     await prepublish(bus, count)
     rates: dict[str, list[float]] = {"pub_without": [], "pub_with": [], "con_without": [], "con_with": []}
     cpu: dict[str, list[float]] = {"browser": [], "console": []}
@@ -261,6 +296,10 @@ async def _with_and_without(
             finally:
                 await page.close()
 
+    # One run of each, not counted: the first consume after the prepublish ran faster than any
+    # after it (51-55k/s against 43-52k/s, either side), which favoured whichever side went first.
+    await durable_rate(bus, count, to="sink")
+    await engine_rate(bus, count)
     for repeat in range(env.repeats):
         # Alternating which side goes first, so a drift of the machine favours neither.
         if repeat % 2 == 0:

@@ -14,8 +14,9 @@ class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     `operator`: retry dead letters and stop agents from the page (needs the admin credential;
     else read-only). The feed keeps `recent` envelopes for a page that opens; it reads the
     newest of the log every `push_interval_s` while a page is open (`idle_interval_s` while none
-    is). More than `max_read` envelopes stored since the last read, or more than `flood_per_s`
-    a second, is a flood: it reads the newest `max_push` and counts the rest, every
+    is). More than `max_read` envelopes (`max_read_bytes`) stored since the last read, or more
+    than `flood_per_s` envelopes (`flood_bytes_per_s` bytes) a second, is a flood: it reads the
+    newest `max_push` (of large records, only as many as fit `push_bytes`) and counts the rest, every
     `flooded_interval_s` while that lasts. It pushes to each page at most `max_push` envelopes
     per read, decoding at most `push_bytes` of them (the rest are counted as skipped), and holds at most `page_queue` pushes for a page
     that reads slowly (older ones are dropped, and counted)."""
@@ -30,6 +31,8 @@ class ConsoleConfig(msgspec.Struct, frozen=True, kw_only=True):
     flooded_interval_s: float = 1.0
     max_read: int = 2_000
     flood_per_s: int = 5_000
+    max_read_bytes: int = 1024 * 1024
+    flood_bytes_per_s: int = 2 * 1024 * 1024
     max_push: int = 50
     push_bytes: int = 256 * 1024
     pending_limit: int = 5_000

@@ -10,7 +10,8 @@
 The feed reads the newest of the log, not all of it: every `push_interval_s` while a page is
 open (`idle_interval_s` while none is), it asks the log's head (stream state) and reads what
 was stored since the last read in one batched direct get. When more was stored than a read may
-take (over `max_read`, or faster than `flood_per_s` since the last read), the feed is flooded:
+take (over `max_read` envelopes or `max_read_bytes`, or faster than `flood_per_s` envelopes or
+`flood_bytes_per_s` since the last read), the feed is flooded:
 it reads only the newest `max_push` (what a page is shown) and counts the sequences it jumped
 over (`passed`: in that second's total, in no subject class; as skipped for the pages), and it
 reads every `flooded_interval_s` instead while that lasts (nobody reads a flood row by row;
@@ -166,6 +167,7 @@ class LiveFeed:
         self._read_to = 0  # the last sequence read (or jumped over)
         self._page_opened = asyncio.Event()
         self._flooded_until = 0.0  # monotonic: until then, read at the flooded pace
+        self._bytes_seen: int | None = None  # the log's bytes at the last read
 
     # -- reading the log ------------------------------------------------------------------
 
@@ -176,7 +178,7 @@ class LiveFeed:
         first, last = await bus.log_bounds()
         self._read_to = max(first - 1, last - config.recent, 0)
         self.head_seq = max(self.head_seq, last)
-        await self.read_newest(bus, most=config.recent)
+        await self.read_newest(bus, most=config.recent, most_bytes=config.max_read_bytes)
         self.following.set()
         loop = asyncio.get_running_loop()
         last_read = loop.time()
@@ -194,21 +196,39 @@ class LiveFeed:
             now = loop.time()
             # More than flood_per_s since the last read is a flood, whatever the interval waited.
             most = min(config.max_read, max(config.max_push, int(config.flood_per_s * (now - last_read))))
+            most_bytes = min(config.max_read_bytes, max(config.push_bytes, int(config.flood_bytes_per_s * (now - last_read))))
             last_read = now
-            await self.read_newest(bus, most=most, keep=config.max_push)
+            await self.read_newest(bus, most=most, keep=config.max_push, most_bytes=most_bytes)
             self.push_once()
 
-    async def read_newest(self, bus: "Bus", *, most: int, keep: int | None = None) -> None:
-        """Take what was stored since the last read: all of it when that is at most `most`,
-        else only the newest `keep` (default `most`; the rest counted as passed, and the feed
-        flooded for FLOOD_HOLD_S). Raises BusUnavailable, PermissionDenied."""
-        first, head = await bus.log_bounds()
+    async def read_newest(self, bus: "Bus", *, most: int, keep: int | None = None, most_bytes: int | None = None) -> None:
+        """Take what was stored since the last read: all of it when that is at most `most`
+        envelopes and `most_bytes` (default: no bound), else only the newest `keep` (default
+        `most`), and of large records only as many as fit `push_bytes`; the rest are counted as
+        passed, and the feed is flooded for FLOOD_HOLD_S. Raises BusUnavailable, PermissionDenied."""
+        extent = await bus.log_extent()
+        first, head = extent.first_seq, extent.last_seq
         self.head_seq = max(self.head_seq, head)
+        # The bytes stored since the last read (a trim or purge makes the difference negative:
+        # then none); on the first read, the log's average record times the records to read.
+        unread = head - self._read_to
+        if self._bytes_seen is None:
+            stored_bytes = unread * extent.bytes // max(1, extent.messages)
+        else:
+            stored_bytes = max(0, extent.bytes - self._bytes_seen)
+        self._bytes_seen = extent.bytes
         if head <= self._read_to:
             return
         start = max(self._read_to + 1, first, 1)
-        if head - start + 1 > most:
-            start = max(start, head - (most if keep is None else keep) + 1)
+        newest = most if keep is None else keep
+        by_bytes = most_bytes is not None and stored_bytes > most_bytes
+        if by_bytes:
+            # Large records (a consumer acking at full speed stores ~100 KB delivery reports,
+            # tens a second): reading them all would cost the server and the console MBs a
+            # second for rows nobody reads. Only as many of the newest as a push decodes.
+            newest = min(newest, max(1, int(self._config.push_bytes * unread / stored_bytes)))
+        if by_bytes or head - start + 1 > most:
+            start = max(start, head - newest + 1)
         if start > self._read_to + 1:
             self.passed(start - self._read_to - 1)
             self._flooded_until = time.monotonic() + FLOOD_HOLD_S

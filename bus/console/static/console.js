@@ -106,6 +106,6 @@ document.addEventListener("visibilitychange", () => {
     App.render();
   }
 });
-if (new URLSearchParams(location.search).has("measure")) window.__consoleSeen = new Map();
+if (new URLSearchParams(location.search).has("measure")) { window.__consoleSeen = new Map(); window.__consoleReached = []; }
 api("/api/info").then((info) => { App.info = info; document.title = `Continuum · ${info.namespace}`; if (info.feed_error) document.getElementById("status").textContent = info.feed_error; }).catch(() => {});
 App.render();

@@ -144,7 +144,12 @@ Views.traffic = async function (route) {
       while (body.childElementCount > TRAFFIC_ROWS) body.lastElementChild.remove();
     }
     counter.textContent = `${body.childElementCount} shown` + (skipped ? `, ${num(skipped)} passed too fast to list` : "");
-    if (window.__consoleSeen) { const now = Date.now(); for (const it of items) if (it.id) window.__consoleSeen.set(it.id, now); }
+    if (window.__consoleSeen) {
+      const now = Date.now();
+      for (const it of items) if (it.id) window.__consoleSeen.set(it.id, now);
+      // Everything up to the newest sequence drawn is on the page now: listed, or counted as passed.
+      if (items.length) window.__consoleReached.push([items[items.length - 1].seq, now]);
+    }
   };
   App.follow(f, (batch) => {
     skipped += batch.skipped || 0;
