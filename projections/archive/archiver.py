@@ -34,7 +34,8 @@ from bus.log_reader import LogReader, LogRecord
 from projections.archive.config import ArchivePolicy, ArchiveSettings
 from projections.archive.copies import copy_segments
 from projections.archive.segment import GENESIS, SegmentMeta
-from projections.archive.verify import Segment, chain_of, verify_file
+from projections.archive.fenced import FencedVerifier
+from projections.archive.verify import Segment, chain_of
 from projections.archive.writer import prepare_segment, remove_leftovers, store_segment, sync_directory
 from projections.errors import ArchiveCorrupt, ArchiveError
 from schemas.ids import stable_id
@@ -185,7 +186,9 @@ def _prepare(directory: Path, stream: str) -> list[Segment]:
     if segments:
         last = segments[-1]
         prev_chain = segments[-2].meta.chain_sha256 if len(segments) > 1 else GENESIS
-        verify_file(last.path, prev_chain=prev_chain, after_seq=last.meta.after_seq)
+        # In a child process: a damaged footer can abort pyarrow's full read (projections.archive.fenced).
+        with FencedVerifier() as verifier:
+            verifier.verify(last.path, stream=stream, prev_chain=prev_chain, after_seq=last.meta.after_seq)
     return segments
 
 

@@ -38,7 +38,8 @@ from projections.archive.config import ArchiveSettings
 from projections.archive.copies import copied_prefix
 from projections.archive.retention import RetentionClass, TrimSettings
 from projections.archive.segment import GENESIS
-from projections.archive.verify import Segment, chain_of, verify_file
+from projections.archive.fenced import FencedVerifier
+from projections.archive.verify import Segment, chain_of
 from projections.errors import ArchiveCorrupt, TrimRefused
 from schemas import DecodeError
 from schemas.payloads import LogTrimmed, MemorySnapshotted, TrimmedClass
@@ -177,10 +178,12 @@ def verify_archive(directory: Path, stream: str, first_seq: int) -> VerifiedArch
     records at or after `first_seq` (the log's first). Raises ArchiveCorrupt, ArchiveError."""
     segments = chain_of(directory, stream)
     prev_chain, after = GENESIS, 0
-    for segment in segments:
-        if segment.meta.last_seq >= first_seq:
-            verify_file(segment.path, prev_chain=prev_chain, after_seq=after)
-        prev_chain, after = segment.meta.chain_sha256, segment.meta.last_seq
+    # In a child process: a damaged footer can abort pyarrow's full read (projections.archive.fenced).
+    with FencedVerifier() as verifier:
+        for segment in segments:
+            if segment.meta.last_seq >= first_seq:
+                verifier.verify(segment.path, stream=stream, prev_chain=prev_chain, after_seq=after)
+            prev_chain, after = segment.meta.chain_sha256, segment.meta.last_seq
     return VerifiedArchive(last_seq=after, chain_sha256=prev_chain, segments=len(segments))
 
 
