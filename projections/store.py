@@ -236,12 +236,13 @@ class Store:
                 ) from exc
             raise StoreMismatch(f"cannot open {self.path}: {exc}") from exc
         self._con = con
-        if self._unsynced is not None:
-            self.writeback = WritebackPacer(
-                (self.path, self.path.with_name(self.path.name + ".wal")), interval_s=self._writeback_interval_s
-            )
-            self.writeback.start()
         try:
+            if self._unsynced is not None:
+                # (After the connect: DuckDB holds the file's lock by now; see projections.writeback.)
+                self.writeback = WritebackPacer(
+                    self.path, others=(self.path.with_name(self.path.name + ".wal"),), interval_s=self._writeback_interval_s
+                )
+                self.writeback.start()
             if self.archive_dir is not None:
                 # Before external access is disabled (DuckDB refuses to widen it after).
                 self._run(f"SET allowed_directories = [{sql_text(str(self.archive_dir.resolve()) + '/')}]")
@@ -346,6 +347,9 @@ class Store:
         if con is not None:
             with contextlib.suppress(duckdb.Error):  # (invalidated: there is nothing left to write)
                 con.close()
+        if pacer is not None:
+            pacer.close()  # only now: closing its descriptor drops DuckDB's lock on the file
+        if con is not None:
             if self._unsynced is not None:
                 self._unsynced.release()
 

@@ -12,10 +12,16 @@ So while the file is open, a thread of the store syncs the file and its WAL ever
 when they changed: each sync writes what was written since the last one (at the bulk fold's rate,
 tens of MB), off the commit path, and the server's fsyncs never queue behind more than that.
 
-    pacer = WritebackPacer((path, wal_path), interval_s=0.5)
-    pacer.start()
+    pacer = WritebackPacer(path, others=(wal_path,), interval_s=0.5)
+    pacer.start()     # after the file's owner opened (and locked) it
     ...
-    pacer.stop()      # joins the thread; call before the file is closed and released
+    pacer.stop()      # joins the thread; before the owner closes the file
+    pacer.close()     # after the owner closed it
+
+The file itself is opened once and held open until `close()`: DuckDB locks it with a POSIX
+record lock, and closing *any* descriptor of a file drops every such lock the process holds on
+it, so opening and closing it at each sync would let a second process open the views file
+beside this one. The WAL (not locked) is opened for each sync, as it is replaced at checkpoints.
 """
 
 from __future__ import annotations
@@ -32,23 +38,27 @@ DEFAULT_INTERVAL_S = 0.5
 
 
 class WritebackPacer:
-    """A thread that fdatasyncs `paths` every `interval_s` while any of them changed (size or
-    modification time). A path that does not exist (a WAL after a checkpoint) is skipped."""
+    """A thread that fdatasyncs `path` and `others` every `interval_s` while any of them changed
+    (size or modification time). One of `others` that does not exist (a WAL after a checkpoint)
+    is skipped. See the module docstring for the order of `start`, `stop` and `close`."""
 
-    def __init__(self, paths: Sequence[Path], *, interval_s: float = DEFAULT_INTERVAL_S) -> None:
+    def __init__(self, path: Path, *, others: Sequence[Path] = (), interval_s: float = DEFAULT_INTERVAL_S) -> None:
         if interval_s <= 0:
             raise ValueError("the writeback interval must be positive")
-        self._paths = tuple(paths)
+        self._path = path
+        self._others = tuple(others)
         self._interval_s = interval_s
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._held: int | None = None  # the file's descriptor, open from start() to close()
         self._seen: dict[Path, tuple[int, int]] = {}
-        self.syncs = 0  # files synced so far (read by tests and the service's metrics)
+        self.syncs = 0  # files synced so far (read by tests)
 
     def start(self) -> None:
-        """Start the thread (once)."""
-        if self._thread is not None:
+        """Open the file and start the thread (once). Raises OSError (the file cannot be opened)."""
+        if self._thread is not None or self._held is not None:
             raise RuntimeError("the writeback pacer is already started")
+        self._held = os.open(self._path, os.O_RDONLY)
         self._thread = threading.Thread(target=self._run, name="continuum-writeback", daemon=True)
         self._thread.start()
 
@@ -59,27 +69,40 @@ class WritebackPacer:
             self._thread.join()
             self._thread = None
 
+    def close(self) -> None:
+        """Stop, and close the file: only once its owner has closed it (module docstring)."""
+        self.stop()
+        held, self._held = self._held, None
+        if held is not None:
+            os.close(held)
+
     def sync_changed(self) -> int:
-        """Sync each path that changed since it was last synced; how many were."""
+        """Sync each file that changed since it was last synced; how many were."""
         synced = 0
-        for path in self._paths:
+        if self._held is not None and self._sync_if_changed(self._path, self._held):
+            synced += 1
+        for path in self._others:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 self._seen.pop(path, None)
                 continue
             try:
-                stat = os.fstat(fd)
-                mark = (stat.st_size, stat.st_mtime_ns)
-                if self._seen.get(path) == mark:
-                    continue
-                os.fdatasync(fd)
-                self._seen[path] = mark
-                synced += 1
+                if self._sync_if_changed(path, fd):
+                    synced += 1
             finally:
                 os.close(fd)
         self.syncs += synced
         return synced
+
+    def _sync_if_changed(self, path: Path, fd: int) -> bool:
+        stat = os.fstat(fd)
+        mark = (stat.st_size, stat.st_mtime_ns)
+        if self._seen.get(path) == mark:
+            return False
+        os.fdatasync(fd)
+        self._seen[path] = mark
+        return True
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval_s):

@@ -3,6 +3,8 @@ boot that wrote it: a file left unsynced by another boot is set aside and refold
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -98,7 +100,8 @@ def test_the_pacer_syncs_what_changed_since_its_last_sync_and_skips_what_is_miss
     unchanged, and skips a path that does not exist (a WAL after a checkpoint)."""
     written = tmp_path / "views.duckdb"
     written.write_bytes(b"x" * 4096)
-    pacer = WritebackPacer((written, tmp_path / "views.duckdb.wal"), interval_s=60)
+    pacer = WritebackPacer(written, others=(tmp_path / "views.duckdb.wal",), interval_s=60)
+    pacer.start()
     assert pacer.sync_changed() == 1
     assert pacer.sync_changed() == 0
     with open(written, "ab") as out:
@@ -107,8 +110,9 @@ def test_the_pacer_syncs_what_changed_since_its_last_sync_and_skips_what_is_miss
     (tmp_path / "views.duckdb.wal").write_bytes(b"w")
     assert pacer.sync_changed() == 1
     assert pacer.syncs == 3
+    pacer.close()
     with pytest.raises(ValueError):
-        WritebackPacer((written,), interval_s=0)
+        WritebackPacer(written, interval_s=0)
 
 
 async def test_an_unsynced_store_writes_its_folds_back_while_open_and_stops_at_close(bus: Bus, tmp_path: Path) -> None:
@@ -138,3 +142,30 @@ async def test_an_unsynced_store_writes_its_folds_back_while_open_and_stops_at_c
         assert synced.writeback is None
     finally:
         synced.close()
+
+
+async def test_while_the_pacer_writes_back_another_process_still_cannot_open_the_file(bus: Bus, tmp_path: Path) -> None:
+    """DuckDB locks the views file with a POSIX lock, which any close of a descriptor of the
+    file in the process would drop: after the pacer has synced the file many times, a second
+    process opening it is still refused (StoreLocked), and can open it once the store closed."""
+    path = tmp_path / "views.duckdb"
+    last = await append_batches(bus, list(synthetic_log(bus, 200, seed=6)))
+    store = Store(path, stream=STREAM, boot_id="boot-a", writeback_interval_s=0.02)
+    store.open()
+    attempt = (
+        "import sys; from projections.store import Store, StoreLocked\n"
+        "store = Store(sys.argv[1], stream=sys.argv[2], boot_id='boot-a')\n"
+        "try:\n    store.open()\nexcept StoreLocked:\n    print('locked')\nelse:\n    print('opened'); store.close()\n"
+    )
+    try:
+        pacer = store.writeback
+        assert pacer is not None
+        store.apply(build_batch(await read_records(bus, last)))
+        synced = pacer.syncs
+        await wait_for(lambda: pacer.syncs >= synced + 1, timeout_s=10, what="the fold written back")
+        other = subprocess.run([sys.executable, "-c", attempt, str(path), STREAM], capture_output=True, text=True, timeout=120)
+        assert other.stdout.strip() == "locked", other.stderr
+    finally:
+        store.close()
+    other = subprocess.run([sys.executable, "-c", attempt, str(path), STREAM], capture_output=True, text=True, timeout=120)
+    assert other.stdout.strip() == "opened", other.stderr
