@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from bus.bench import percentile
 from bus.bench.processes import bus_process
 from bus.bench.publish import durable_rate
 from bus.client import Bus
@@ -165,11 +166,6 @@ async def _lag(bus: Bus, seconds: float) -> tuple[list[float], float]:
     return samples, total / (loop.time() - started)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _service_process(bus: Bus, home: Path) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
     """`bus projections run` in its own process, as `bus up` starts it (so the publishers and
     clients of the benchmark do not share its event loop)."""
@@ -236,10 +232,10 @@ async def run(env: BenchEnv) -> dict[str, float]:
         "read_per_s": round(statistics.median(reads)),
         "catchup_per_s": round(catchup),
         "rebuild_1m_s": round(statistics.median(rebuilds) * _FULL_LOG / count, 2),
-        "query_p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),
-        "query_p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
-        "lag_p50_ms": round(_percentile(lag, 0.50) * 1000, 2),
-        "lag_p99_ms": round(_percentile(lag, 0.99) * 1000, 2),
+        "query_p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "query_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "lag_p50_ms": round(percentile(lag, 0.50) * 1000, 2),
+        "lag_p99_ms": round(percentile(lag, 0.99) * 1000, 2),
         "lag_rate_per_s": round(lag_rate),
         "fold_publish_baseline_per_s": round(statistics.median(publish_rates)),
         "fold_publish_ratio": round(statistics.median(folds) / statistics.median(publish_rates), 2),

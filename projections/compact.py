@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 
 from projections.errors import StoreLocked
+from projections.unsynced import wal_of
 
 
 def rewrite_views_file(path: str | Path, *, wait_s: float = 0.0) -> int:
@@ -55,7 +56,7 @@ def rewrite_views_file(path: str | Path, *, wait_s: float = 0.0) -> int:
     with open(fresh, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(fresh, path)
-    Path(str(path) + ".wal").unlink(missing_ok=True)
+    wal_of(path).unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

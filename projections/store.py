@@ -57,7 +57,7 @@ from projections.crashes import LIVE, CrashGuard
 from projections.errors import StoreLocked, StoreMismatch
 from projections.fold import Applied, Generation, HalfCommitted, Lane, after, rollback
 from projections.memory_share import FoldsFirst
-from projections.unsynced import UnsyncedFile, current_boot_id
+from projections.unsynced import UnsyncedFile, current_boot_id, wal_of
 from projections.writeback import DEFAULT_INTERVAL_S, WritebackPacer
 from projections.views import VIEWS, ViewSpec
 
@@ -240,7 +240,7 @@ class Store:
             if self._unsynced is not None:
                 # (After the connect: DuckDB holds the file's lock by now; see projections.writeback.)
                 self.writeback = WritebackPacer(
-                    self.path, others=(self.path.with_name(self.path.name + ".wal"),), interval_s=self._writeback_interval_s
+                    self.path, others=(wal_of(self.path),), interval_s=self._writeback_interval_s
                 )
                 self.writeback.start()
             if self.archive_dir is not None:
@@ -343,15 +343,14 @@ class Store:
         con, self._con = self._con, None
         pacer, self.writeback = self.writeback, None
         if pacer is not None:
-            pacer.stop()
+            pacer.stop()  # no sync while DuckDB closes the file
         if con is not None:
             with contextlib.suppress(duckdb.Error):  # (invalidated: there is nothing left to write)
                 con.close()
         if pacer is not None:
             pacer.close()  # only now: closing its descriptor drops DuckDB's lock on the file
-        if con is not None:
-            if self._unsynced is not None:
-                self._unsynced.release()
+        if con is not None and self._unsynced is not None:
+            self._unsynced.release()
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:

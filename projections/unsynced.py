@@ -24,6 +24,11 @@ log = logging.getLogger("continuum.projections.unsynced")
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+def wal_of(path: Path) -> Path:
+    """Where DuckDB keeps the write-ahead log of the database file at `path`."""
+    return path.with_name(path.name + ".wal")
+
+
 def current_boot_id() -> str | None:
     """This boot's id, or None where the OS does not say."""
     try:
@@ -51,9 +56,9 @@ class UnsyncedFile:
             return None
         aside = self.path.with_name(f"{self.path.name}.unclean-{time.strftime('%Y%m%dT%H%M%S')}")
         self.path.rename(aside)
-        wal = self.path.with_name(self.path.name + ".wal")
+        wal = wal_of(self.path)
         if wal.exists():
-            wal.rename(aside.with_name(aside.name + ".wal"))
+            wal.rename(wal_of(aside))
         log.warning(
             "%s was being written without fsync when the machine went down (boot %s, now %s): moved it to %s; "
             "the views are folded again from the log", self.path, marked, self._boot_id, aside,
@@ -66,7 +71,7 @@ class UnsyncedFile:
 
     def release(self) -> None:
         """After a clean close: sync the file and its WAL, then remove the marker."""
-        for path in (self.path, self.path.with_name(self.path.name + ".wal")):
+        for path in (self.path, wal_of(self.path)):
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:

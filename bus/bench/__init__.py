@@ -52,3 +52,9 @@ class BenchEnv:
     def n(self, count: int) -> int:
         """`count` scaled, at least 100."""
         return max(100, int(count * self.scale))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The value at quantile `q` (0..1) of `values` (the nearest rank at or below); NaN for none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")

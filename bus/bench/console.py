@@ -37,7 +37,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from bus.bench import BenchEnv
+from bus.bench import BenchEnv, percentile
 from bus.bench.browser import launch_kwargs, missing_browser
 from bus.bench.consume import engine_rate, prepublish
 from bus.bench.processes import bus_process
@@ -230,11 +230,11 @@ async def _live_delay(bus: Bus, browser: Any, base: str, *, seconds: float) -> d
         raise RuntimeError("the traffic view listed none of the envelopes published")
     reach = _reach_delays(sent_seq, reached)
     return {
-        "console_live_delay_p50_ms": _quantile(delays, 0.5),
-        "console_live_delay_p99_ms": _quantile(delays, 0.99),
+        "console_live_delay_p50_ms": percentile(delays, 0.5),
+        "console_live_delay_p99_ms": percentile(delays, 0.99),
         "console_live_shown_fraction": len(delays) / len(sent),
-        "console_live_reach_p50_ms": _quantile(reach, 0.5),
-        "console_live_reach_p99_ms": _quantile(reach, 0.99),
+        "console_live_reach_p50_ms": percentile(reach, 0.5),
+        "console_live_reach_p99_ms": percentile(reach, 0.99),
         "console_live_reached_fraction": len(reach) / len(sent_seq),
         "console_live_rows_max": float(rows),
     }
@@ -255,10 +255,6 @@ def _reach_delays(sent: list[tuple[int, float]], reached: list[list[float]]) -> 
         if index < len(marks):
             delays.append(marks[index][1] - at)
     return sorted(delays)
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
 
 
 async def _with_and_without(

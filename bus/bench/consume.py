@@ -28,7 +28,7 @@ from typing import Any
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from bus.bench import BenchEnv
+from bus.bench import BenchEnv, percentile
 from bus.client import Bus
 from bus.config import BusConfig
 from schemas import Delivery, Envelope
@@ -173,5 +173,5 @@ async def _latency(bus: Bus, count: int, *, agent: str) -> tuple[float, float]:
         await asyncio.wait_for(done.wait(), timeout=30)
     measured = sorted(latencies[_WARMUP:])
     p50 = statistics.median(measured)
-    p99 = measured[min(len(measured) - 1, int(len(measured) * 0.99))]
+    p99 = percentile(measured, 0.99)
     return p50 * 1000.0, p99 * 1000.0

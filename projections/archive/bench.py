@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bus.bench import percentile
 from bus.client import Bus
 from bus.config import BusConfig
 from bus.log_reader import LogRecord
@@ -53,7 +54,7 @@ from projections.archive.copies import copy_segments
 from projections.archive.retention import DEFAULT_RETENTION, TrimSettings
 from projections.archive.trim import run_trim
 from projections.archive.segment import SegmentMeta
-from projections.bench import _answering, _percentile, _read_all, _service_process
+from projections.bench import _answering, _read_all, _service_process
 from projections.config import quick_gil_handoff, tuned_gc
 from projections.rebuild import request_rebuild
 from projections.workload import append_batches, synthetic_log
@@ -177,8 +178,8 @@ async def run(env: BenchEnv) -> dict[str, float]:
         "archive_write_cpu_us_per_event": round(statistics.median(write_cpus), 2),
         "rebuild_archive_1m_s": round(statistics.median(rebuilds) * _FULL_LOG / count, 2),
         "rebuild_log_1m_s": round(baseline.seconds * _FULL_LOG / count, 2),
-        "query_archive_p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),
-        "query_archive_p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
+        "query_archive_p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "query_archive_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "trim_1m_s": round(trim_s * _FULL_LOG / count, 2),
         "archive_copy_cpu_ms_per_mb": copy_cpu_ms_per_mb,
         "archive_copy_mb_per_s": copy_mb_per_s,
