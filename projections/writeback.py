@@ -29,17 +29,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger("continuum.projections.writeback")
 
 DEFAULT_INTERVAL_S = 0.5
+# A file's modification time comes from the kernel's coarse clock (a tick: 1-10 ms), so a write
+# in the same tick as the last look, not changing the size, leaves (size, time) as they were. A
+# file modified this recently is therefore synced again at the next look, whatever it shows.
+SETTLED_AFTER_NS = 100_000_000
 
 
 class WritebackPacer:
     """A thread that fdatasyncs `path` and `others` every `interval_s` while any of them changed
-    (size or modification time). One of `others` that does not exist (a WAL after a checkpoint)
+    (size or modification time, or modified within SETTLED_AFTER_NS of the last look). One of `others` that does not exist (a WAL after a checkpoint)
     is skipped. See the module docstring for the order of `start`, `stop` and `close`."""
 
     def __init__(self, path: Path, *, others: Sequence[Path] = (), interval_s: float = DEFAULT_INTERVAL_S) -> None:
@@ -100,8 +105,12 @@ class WritebackPacer:
         mark = (stat.st_size, stat.st_mtime_ns)
         if self._seen.get(path) == mark:
             return False
+        looked_ns = time.time_ns()
         os.fdatasync(fd)
-        self._seen[path] = mark
+        if looked_ns - stat.st_mtime_ns >= SETTLED_AFTER_NS:
+            self._seen[path] = mark
+        else:  # written just now: a write in the same tick would look the same (SETTLED_AFTER_NS)
+            self._seen.pop(path, None)
         return True
 
     def _run(self) -> None:

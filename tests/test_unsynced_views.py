@@ -3,9 +3,11 @@ boot that wrote it: a file left unsynced by another boot is set aside and refold
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -95,24 +97,57 @@ async def test_a_file_left_by_a_process_crash_in_this_boot_is_kept(bus: Bus, tmp
     assert not list(tmp_path.glob("views.duckdb.unclean-*"))
 
 
+def _settle(path: Path) -> None:
+    """Date `path`'s modification a second back: as the pacer sees a file nobody wrote lately."""
+    past = time.time_ns() - 1_000_000_000
+    os.utime(path, ns=(past, past))
+
+
 def test_the_pacer_syncs_what_changed_since_its_last_sync_and_skips_what_is_missing(tmp_path: Path) -> None:
     """`sync_changed` syncs a file once per change (size or time), not again while it is
     unchanged, and skips a path that does not exist (a WAL after a checkpoint)."""
     written = tmp_path / "views.duckdb"
     written.write_bytes(b"x" * 4096)
+    _settle(written)
     pacer = WritebackPacer(written, others=(tmp_path / "views.duckdb.wal",), interval_s=60)
     pacer.start()
     assert pacer.sync_changed() == 1
     assert pacer.sync_changed() == 0
     with open(written, "ab") as out:
         out.write(b"y" * 4096)
+    _settle(written)
     assert pacer.sync_changed() == 1
     (tmp_path / "views.duckdb.wal").write_bytes(b"w")
+    _settle(tmp_path / "views.duckdb.wal")
     assert pacer.sync_changed() == 1
+    assert pacer.sync_changed() == 0
     assert pacer.syncs == 3
     pacer.close()
     with pytest.raises(ValueError):
         WritebackPacer(written, interval_s=0)
+
+
+def test_a_file_written_just_now_is_synced_again_though_its_size_and_time_look_the_same(tmp_path: Path) -> None:
+    """A write in the same tick of the kernel's coarse clock as the pacer's last look, in place
+    (same size), leaves the file's (size, time) as they were: the pacer syncs a file modified
+    that recently again at its next look, so such a write is not left to the kernel's bulk
+    writeback. (The same tick is made certain here by putting the time back.)"""
+    written = tmp_path / "views.duckdb"
+    written.write_bytes(b"x" * 4096)
+    pacer = WritebackPacer(written, interval_s=60)
+    pacer.start()
+    try:
+        before = os.stat(written).st_mtime_ns
+        assert pacer.sync_changed() == 1
+        with open(written, "r+b") as out:
+            out.write(b"z" * 4096)
+        os.utime(written, ns=(before, before))
+        assert pacer.sync_changed() == 1
+        _settle(written)
+        assert pacer.sync_changed() == 1  # its time changed (settled now)
+        assert pacer.sync_changed() == 0
+    finally:
+        pacer.close()
 
 
 async def test_an_unsynced_store_writes_its_folds_back_while_open_and_stops_at_close(bus: Bus, tmp_path: Path) -> None:
@@ -160,8 +195,9 @@ async def test_while_the_pacer_writes_back_another_process_still_cannot_open_the
     try:
         pacer = store.writeback
         assert pacer is not None
-        store.apply(build_batch(await read_records(bus, last)))
-        synced = pacer.syncs
+        records = await read_records(bus, last)
+        synced = pacer.syncs  # (before the fold: the pacer may sync it while it commits)
+        store.apply(build_batch(records))
         await wait_for(lambda: pacer.syncs >= synced + 1, timeout_s=10, what="the fold written back")
         other = subprocess.run([sys.executable, "-c", attempt, str(path), STREAM], capture_output=True, text=True, timeout=120)
         assert other.stdout.strip() == "locked", other.stderr
