@@ -344,12 +344,12 @@ class Runner:
         self, directory: Path, after: int, fold: Callable[[Batch], Applied], target: str
     ) -> AsyncIterator[Applied]:
         """(Use it under `contextlib.aclosing`.) Fold the archive's records after `after` with
-        `fold` (on the writer thread) straight from the segment files, a segment per batch, each
-        opened first (sealed private records); yields what each fold applied. `target` is
+        `fold` (on the writer thread) straight from the segment files, whole segments of at
+        least archive.reader.BULK_RECORDS per batch, each opened first (sealed private records); yields what each fold applied. `target` is
         "live" (forgets read are noted, as from the log) or "rebuild". Raises ArchiveError,
         ArchiveCorrupt, StoreUnusable (via the fold's retries)."""
         async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
-            async for _segment, sealed_batch in batches:
+            async for sealed_batch in batches:
                 batch = await self._opener.open(sealed_batch, self._offload)
                 if target == "live" and batch.has_kind(FORGOTTEN):
                     self._note_forgets(batch)

@@ -5,13 +5,19 @@ rebuild from the log alone, table by table (content hash).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+import pytest
 
 from bus import Bus
 from bus.errors import QueryError
 from projections.archive.archiver import run_archive
 from projections.archive.config import ArchiveSettings
+from projections.archive.reader import archived_batches
+from projections.batch import Batch
 from projections.config import ProjectionSettings
+from projections.errors import ArchiveCorrupt
 from projections.service import ProjectionService
 from projections.workload import LogItem, append_batches, synthetic_log
 from schemas.ids import new_id
@@ -91,3 +97,36 @@ async def test_a_rebuild_past_a_damaged_segment_reads_the_log_from_there(bus: Bu
     )
     assert archived == run.sealed[0][0].count
     assert from_archive == from_log
+
+
+async def test_the_archive_is_folded_whole_segments_at_a_time_a_bulk_at_least(bus: Bus, tmp_path: Path) -> None:
+    """Segments are read into batches of at least `bulk_records` (so DuckDB writes the big
+    tables straight to the file, not through its WAL), whole segments each, in log order, from
+    the first record after the checkpoint; a segment that cannot be read ends the batches, the
+    records read before it are still handed out first."""
+    await append_batches(bus, list(synthetic_log(bus, 1_000, seed=4)))
+    archive = ArchiveSettings(directory=tmp_path / "archive" / "default", segment_records=150, seal_partial=True)
+    run = await run_archive(bus, archive)
+    last = run.last_seq  # (the run records its own events after the log it sealed)
+    assert [meta.count for meta, _ in run.sealed] == [150] * 6 + [last - 900]
+    stream = bus.subjects.stream
+
+    async def batches(after: int) -> list[Batch]:
+        async with contextlib.aclosing(archived_batches(archive.directory, stream, after, bulk_records=400)) as read:
+            return [batch async for batch in read]
+
+    whole = await batches(0)
+    assert [b.size for b in whole] == [450, 450, last - 900]
+    assert [seq for b in whole for seq in b.seqs] == list(range(1, last + 1))
+    assert [b.size for b in await batches(200)] == [400, last - 600]  # 201..600: the rest of one, two more
+
+    fifth = archive.directory / run.sealed[4][0].name
+    data = bytearray(fifth.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 64] = bytes(64)  # a data page (the footer, at the end, holds)
+    fifth.write_bytes(bytes(data))
+    read: list[Batch] = []
+    with pytest.raises(ArchiveCorrupt):
+        async with contextlib.aclosing(archived_batches(archive.directory, stream, 0, bulk_records=400)) as batches_read:
+            async for batch in batches_read:
+                read.append(batch)
+    assert [(b.first_seq, b.last_seq) for b in read] == [(1, 450), (451, 600)]
