@@ -345,9 +345,10 @@ class Runner:
     ) -> AsyncIterator[Applied]:
         """(Use it under `contextlib.aclosing`.) Fold the archive's records after `after` with
         `fold` (on the writer thread) straight from the segment files, whole segments of at
-        least archive.reader.BULK_RECORDS per batch, each opened first (sealed private records); yields what each fold applied. `target` is
-        "live" (forgets read are noted, as from the log) or "rebuild". Raises ArchiveError,
-        ArchiveCorrupt, StoreUnusable (via the fold's retries)."""
+        least archive.reader.BULK_RECORDS per batch, each opened first (sealed private
+        records); yields what each fold applied. `target` is "live" (forgets read are noted,
+        as from the log) or "rebuild". Raises ArchiveError, ArchiveCorrupt, StoreUnusable (via
+        the fold's retries)."""
         async with contextlib.aclosing(archived_batches(directory, self._bus.subjects.stream, after)) as batches:
             async for sealed_batch in batches:
                 batch = await self._opener.open(sealed_batch, self._offload)

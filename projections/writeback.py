@@ -44,8 +44,9 @@ SETTLED_AFTER_NS = 100_000_000
 
 class WritebackPacer:
     """A thread that fdatasyncs `path` and `others` every `interval_s` while any of them changed
-    (size or modification time, or modified within SETTLED_AFTER_NS of the last look). One of `others` that does not exist (a WAL after a checkpoint)
-    is skipped. See the module docstring for the order of `start`, `stop` and `close`."""
+    (size or modification time, or modified within SETTLED_AFTER_NS of the last look). One of
+    `others` that does not exist (a WAL after a checkpoint) is skipped. See the module docstring
+    for the order of `start`, `stop` and `close`."""
 
     def __init__(self, path: Path, *, others: Sequence[Path] = (), interval_s: float = DEFAULT_INTERVAL_S) -> None:
         if interval_s <= 0:
