@@ -3,8 +3,8 @@ boot that wrote it: a file left unsynced by another boot is set aside and refold
 
 from __future__ import annotations
 
+import asyncio
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -179,6 +179,25 @@ async def test_an_unsynced_store_writes_its_folds_back_while_open_and_stops_at_c
         synced.close()
 
 
+_OPEN_ELSEWHERE = (
+    "import sys; from projections.store import Store, StoreLocked\n"
+    "store = Store(sys.argv[1], stream=sys.argv[2], boot_id='boot-a')\n"
+    "try:\n    store.open()\nexcept StoreLocked:\n    print('locked')\nelse:\n    print('opened'); store.close()\n"
+)
+
+
+async def _open_elsewhere(path: Path) -> str:
+    """What another process gets opening the views file at `path`: "locked" or "opened" (its
+    output; its errors fail the test). Awaited, not run on the loop: the bus stays served."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _OPEN_ELSEWHERE, str(path), STREAM,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(child.communicate(), timeout=120)
+    assert child.returncode == 0, err.decode()
+    return out.decode().strip()
+
+
 async def test_while_the_pacer_writes_back_another_process_still_cannot_open_the_file(bus: Bus, tmp_path: Path) -> None:
     """DuckDB locks the views file with a POSIX lock, which any close of a descriptor of the
     file in the process would drop: after the pacer has synced the file many times, a second
@@ -187,11 +206,6 @@ async def test_while_the_pacer_writes_back_another_process_still_cannot_open_the
     last = await append_batches(bus, list(synthetic_log(bus, 200, seed=6)))
     store = Store(path, stream=STREAM, boot_id="boot-a", writeback_interval_s=0.02)
     store.open()
-    attempt = (
-        "import sys; from projections.store import Store, StoreLocked\n"
-        "store = Store(sys.argv[1], stream=sys.argv[2], boot_id='boot-a')\n"
-        "try:\n    store.open()\nexcept StoreLocked:\n    print('locked')\nelse:\n    print('opened'); store.close()\n"
-    )
     try:
         pacer = store.writeback
         assert pacer is not None
@@ -199,9 +213,7 @@ async def test_while_the_pacer_writes_back_another_process_still_cannot_open_the
         synced = pacer.syncs  # (before the fold: the pacer may sync it while it commits)
         store.apply(build_batch(records))
         await wait_for(lambda: pacer.syncs >= synced + 1, timeout_s=10, what="the fold written back")
-        other = subprocess.run([sys.executable, "-c", attempt, str(path), STREAM], capture_output=True, text=True, timeout=120)
-        assert other.stdout.strip() == "locked", other.stderr
+        assert await _open_elsewhere(path) == "locked"
     finally:
         store.close()
-    other = subprocess.run([sys.executable, "-c", attempt, str(path), STREAM], capture_output=True, text=True, timeout=120)
-    assert other.stdout.strip() == "opened", other.stderr
+    assert await _open_elsewhere(path) == "opened"
