@@ -262,7 +262,7 @@ async def _live_fold(bus: Bus, count: int) -> tuple[float, float, float]:
     started = time.perf_counter()
     rate = await durable_rate(bus, count, to="sink")
     acked = time.perf_counter()
-    # A Bus's query waits for the highest sequence it wrote; these views sit in all three lanes.
+    # A Bus's query waits for the highest sequence it wrote; these views sit in three of the four lanes.
     await bus.query(
         "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM agents), (SELECT count(*) FROM facts)",
         timeout_s=600,

@@ -71,9 +71,10 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     # consumer (its node died or hung): this bounds how long a failover leaves the views behind.
     heartbeat_s: float = 1.0
     # Connections folding at once, at most one per lane of views (projections.views.LANES:
-    # log, runtime, memory). DuckDB runs these statements on one core each; a query waiting
-    # for its write is released when the lanes of the views it reads have committed.
-    lanes: int = 3
+    # log, runtime, memory, delivery; with fewer, lanes share connections in turn, and
+    # `delivery` folds with `log`). DuckDB runs these statements on one core each; a query
+    # waiting for its write is released when the lanes of the views it reads have committed.
+    lanes: int = 4
     # How long a lane may let live batches gather while no query waits for its views (a
     # `min_seq` query for them ends the wait at once): the lanes a writer waits for then get the
     # cores, and the others pay their fold's fixed cost once per several batches. Views no one

@@ -299,7 +299,7 @@ class Lane:
                         rows[gen.view] = 0
                         continue
                     wanted = batch if stand_ins is None or level == 0 else stand_ins.at(level)
-                    tx.use(wanted.table)
+                    tx.use(wanted.fold_table())
                     try:
                         rows[gen.view] = self._specs[gen.view].fold(tx, gen.schema, wanted)
                     except Exception as exc:
@@ -442,11 +442,6 @@ def _reason(failing: Mapping[str, tuple[int, str]] | None) -> str:
     return "; ".join(
         f"fold of view{'s' if len(views) > 1 else ''} {', '.join(views)} failed: {why}" for why, views in views_by_why.items()
     )
-
-
-def after(batch: Batch, after_seq: int) -> Batch:
-    """`batch` as following `after_seq` (what gap detection compares against)."""
-    return batch if batch.after_seq == after_seq else dataclasses.replace(batch, after_seq=after_seq)
 
 
 def _window(batch: Batch, after_seq: int, upto: int | None) -> Batch:

@@ -55,7 +55,7 @@ from projections.batch import Batch
 from projections.compact import rewrite_views_file
 from projections.crashes import LIVE, CrashGuard
 from projections.errors import StoreLocked, StoreMismatch
-from projections.fold import Applied, Generation, HalfCommitted, Lane, after, rollback
+from projections.fold import Applied, Generation, HalfCommitted, Lane, rollback
 from projections.memory_share import FoldsFirst
 from projections.unsynced import UnsyncedFile, current_boot_id, wal_of
 from projections.writeback import DEFAULT_INTERVAL_S, WritebackPacer
@@ -732,12 +732,13 @@ class Store:
         own checkpoint (after a crash, views can be a batch apart)."""
         work: dict[int, list[tuple[list[Generation], Batch]]] = {}
         shares: dict[tuple[int, int], list[Generation]] = {}
+        batch.fold_table()  # (here, once, rather than by each lane at once)
         for gen in gens:
             shares.setdefault((self._lane_of[gen.view], gen.applied_seq), []).append(gen)
         for (lane, done), share in sorted(shares.items()):
             part = batch.window(done, upto)
             if part is not None:
-                work.setdefault(lane, []).append((share, after(part, max(done, self.log_floor))))
+                work.setdefault(lane, []).append((share, part.following(max(done, self.log_floor))))
         if not work:
             return Applied()
         jobs = [functools.partial(self._fold_shares, self._lanes[lane], shares_of) for lane, shares_of in work.items()]

@@ -90,16 +90,16 @@ _UPSERT = """
 INSERT INTO {s}.agents
 WITH sightings AS (
     SELECT sender AS name, seq, stored_at AS seen_at, 1 AS active,
-           (split_part(subject, '.', 2) IN ('inbox', 'group', 'reply'))::INTEGER AS sent,
+           (subject_class IN ('inbox', 'group', 'reply'))::INTEGER AS sent,
            0 AS received, 0 AS recorded, NULL::VARCHAR AS kind, NULL::VARCHAR[] AS tags
     FROM batch WHERE error IS NULL AND sender IS NOT NULL
     UNION ALL
     SELECT recipient, seq, stored_at, 0, 0, 1, 0, NULL, NULL
-    FROM batch WHERE error IS NULL AND recipient IS NOT NULL AND split_part(subject, '.', 2) = 'inbox'
+    FROM batch WHERE error IS NULL AND recipient IS NOT NULL AND subject_class = 'inbox'
     UNION ALL
-    SELECT split_part(subject, '.', 3), seq, stored_at, 0, 0, 0, 1, kind,
+    SELECT subject_name, seq, stored_at, 0, 0, 0, 1, kind,
            CASE WHEN json_type(payload->'tags') = 'ARRAY' THEN from_json(payload->'tags', '["VARCHAR"]') END
-    FROM batch WHERE error IS NULL AND split_part(subject, '.', 2) = 'event'
+    FROM batch WHERE error IS NULL AND subject_class = 'event'
 )
 SELECT name,
        arg_max(tags, seq) FILTER (WHERE tags IS NOT NULL),
@@ -134,7 +134,7 @@ FROM (
     SELECT sender AS name, stored_at AS seen_at, 1 AS active FROM batch WHERE error IS NULL AND sender IS NOT NULL
     UNION ALL
     SELECT recipient, stored_at, 0 FROM batch
-    WHERE error IS NULL AND recipient IS NOT NULL AND split_part(subject, '.', 2) = 'inbox'
+    WHERE error IS NULL AND recipient IS NOT NULL AND subject_class = 'inbox'
 )
 WHERE name IS NOT NULL AND name <> ''
 GROUP BY name
@@ -144,7 +144,7 @@ GROUP BY name
 _REPLICA_UPSERT = """
 INSERT INTO {s}.agent_replicas
 WITH ev AS (
-    SELECT split_part(subject, '.', 3) AS name,
+    SELECT subject_name AS name,
            coalesce(TRY_CAST(payload->>'replica' AS INTEGER), 0) AS replica,
            seq, stored_at, kind, TRY_CAST(payload->>'pid' AS BIGINT) AS pid,
            CASE kind WHEN 'agent.started' THEN 'running'
@@ -154,7 +154,7 @@ WITH ev AS (
                      WHEN 'agent.circuit_opened' THEN 'circuit_open' END AS state,
            payload
     FROM batch
-    WHERE error IS NULL AND split_part(subject, '.', 2) = 'event' AND kind IN {kinds}
+    WHERE error IS NULL AND subject_class = 'event' AND kind IN {kinds}
 ), per_replica AS (
     SELECT name, replica,
            arg_max(pid, seq) FILTER (WHERE pid IS NOT NULL

@@ -47,7 +47,7 @@ LEFT JOIN {s}.chain AS p ON p.correlation_id = c.correlation_id AND p.id = c.cau
 
 _INSERT = """
 INSERT INTO {s}.chain
-SELECT correlation_id, seq, stored_at, id, kind, sender, recipient, tag, split_part(subject, '.', 2), causation_id
+SELECT correlation_id, seq, stored_at, id, kind, sender, recipient, tag, subject_class, causation_id
 FROM batch
 WHERE error IS NULL AND correlation_id IS NOT NULL AND kind IS DISTINCT FROM 'delivery.report'
 """

@@ -43,7 +43,7 @@ RELATIONS = {"events": "SELECT * FROM {s}.events"}
 
 _INSERT = """
 INSERT INTO {s}.events
-SELECT seq, stored_at, subject, split_part(subject, '.', 2), kind, id, sender, recipient, tag,
+SELECT seq, stored_at, subject, subject_class, kind, id, sender, recipient, tag,
        reply_to, correlation_id, causation_id, priority, created_at, expires_at, prev_seq,
        headers, payload, error, raw
 FROM batch

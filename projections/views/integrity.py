@@ -57,10 +57,10 @@ RELATIONS = {"integrity": "SELECT * FROM {s}.integrity"}
 # events fall under which chain.
 _EVENTS = """
 ev AS (
-    SELECT seq, stored_at, subject, id, kind, prev_seq, split_part(subject, '.', 3) AS agent,
-           split_part(subject, '.', 1) || '.event.' || split_part(subject, '.', 3) || '.>' AS agent_chain,
+    SELECT seq, stored_at, subject, id, kind, prev_seq, subject_name AS agent,
+           split_part(subject, '.', 1) || '.event.' || subject_name || '.>' AS agent_chain,
            chain AS claimed_chain
-    FROM batch WHERE split_part(subject, '.', 2) = 'event'
+    FROM batch WHERE subject_class = 'event'
 ), chains AS (
     SELECT agent, chain, bool_or(known) AS known FROM (
         SELECT agent, agent_chain AS chain, TRUE AS known FROM ev
@@ -109,7 +109,10 @@ SELECT seq, stored_at,
             ELSE 'it claims seq ' || prev_seq || ' as its previous event, but seq ' || seen_prev || ' came after that on this chain' END
 FROM checked
 WHERE seen_prev IS NOT NULL AND prev_seq <> seen_prev
-UNION ALL
+"""
+
+_GAPS = """
+INSERT INTO {s}.integrity
 SELECT seq, stored_at, 'stream_gap', NULL, NULL, subject, id, kind, prev + 1, seq - 1,
        'sequences ' || (prev + 1) || '..' || (seq - 1) || ' are missing from the log'
 FROM (SELECT seq, stored_at, subject, id, kind, coalesce(lag(seq) OVER (ORDER BY seq), ?) AS prev FROM batch)
@@ -129,7 +132,7 @@ _ID = "'^" + ID_PATTERN + "$'"
 _RECORDS = """
 INSERT INTO {s}.integrity
 SELECT seq, stored_at, CASE WHEN id IS NULL THEN 'not_an_envelope' ELSE 'bad_id' END,
-       CASE WHEN split_part(subject, '.', 2) = 'event' THEN split_part(subject, '.', 3) END,
+       CASE WHEN subject_class = 'event' THEN subject_name END,
        NULL, subject, id, kind, NULL, NULL,
        CASE WHEN id IS NULL THEN error
             ELSE (CASE WHEN NOT regexp_matches(id, """ + _ID + """) THEN 'id'
@@ -149,8 +152,10 @@ def fold(tx: Tx, s: str, batch: Batch) -> int:
     (Nothing to check without a claimed link, a hole, a refused record or an odd id; nothing to
     advance without events.)"""
     found = 0
-    if batch.claims is not False or not batch.contiguous:
-        found = tx.run(render(_CHECK, s), [batch.after_seq])
+    if batch.claims is not False:
+        found = tx.run(render(_CHECK, s))
+    if not batch.contiguous:
+        found += tx.run(render(_GAPS, s), [batch.after_seq])
     if batch.refused is not False or batch.odd_ids is not False:
         found += tx.run(render(_RECORDS, s))
     if batch.has_category("event"):

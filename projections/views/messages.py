@@ -72,7 +72,7 @@ SELECT seq, id, kind, sender, recipient, tag, reply_to, correlation_id, causatio
        created_at, stored_at, expires_at, 'sent', stored_at, 0, 0, 0, NULL,
        NULL, NULL, NULL, NULL, NULL, NULL, (epoch_us(stored_at) - epoch_us(created_at)) / 1000.0, NULL, NULL, NULL
 FROM batch
-WHERE error IS NULL AND split_part(subject, '.', 2) IN ('inbox', 'group', 'reply')
+WHERE error IS NULL AND subject_class IN ('inbox', 'group', 'reply')
 """
 
 _TERMINAL = "('handled', 'skipped', 'dead_lettered', 'expired')"
