@@ -7,6 +7,7 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import duckdb
 import msgspec
 import pyarrow as pa
 import pytest
@@ -75,6 +76,31 @@ def test_table_schema_is_fixed() -> None:
     """The table has the columns the folds select, in order, with their types and time zone."""
     table = build_batch(records(envelope(), b"garbage")).table
     assert [(f.name, f.type) for f in table.schema] == COLUMNS
+
+
+def test_the_subject_class_and_name_are_what_split_part_gives_for_any_subject() -> None:
+    """Folds read `subject_class` and `subject_name` instead of `split_part(subject, '.', 2)` and
+    `(…, 3)`: the same text for every subject a client can publish to, odd ones included (too
+    few tokens, empty tokens, non-ASCII), in one batch and in a slice of it."""
+    subjects = [
+        "default.event.alice.agent.started", "default.inbox.bob.alice", "default.group.ops.alice",
+        "default.reply.bob.0190.alice", "default.dead.alice", "default.event", "default", "default..x",
+        "default.event.", "default.événement.zoë.x", "default.inbox.bob.alice", "default.event.alice.agent.started",
+    ]
+    batch = build_batch([
+        LogRecord(seq, T0 + seq, subject.encode(), envelope(), b"") for seq, subject in enumerate(subjects, 1)
+    ])
+    con = duckdb.connect()
+    for part in (batch, batch.window(3, 9)):
+        assert part is not None
+        con.register("batch", part.fold_table())
+        rows = con.execute(
+            "SELECT subject_class, split_part(subject, '.', 2), subject_name, split_part(subject, '.', 3) "
+            "FROM batch ORDER BY seq"
+        ).fetchall()
+        assert len(rows) == part.size
+        assert [(r[0], r[2]) for r in rows] == [(r[1], r[3]) for r in rows]
+    assert batch.table.schema.names == [name for name, _ in COLUMNS]  # the table itself is unchanged
 
 
 def test_plain_envelope() -> None:
