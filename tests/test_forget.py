@@ -85,6 +85,7 @@ async def test_forget_erases_an_agents_private_records_everywhere_and_keeps_the_
         key_b64 = __import__("base64").b64encode(key.key)
         assert _files_holding(store_dir, key_b64), "positive control: the key store holds the key"
         assert _files_holding(store_dir, plain_note.encode()), "positive control: a plain record is found"
+        assert _files_holding(tmp_path, secret_a[0].encode()), "positive control: the views' files hold the opened text"
 
         with pytest.raises(ConfigurationError):
             await forget_agent(bus, "alice", why=" ", actor="tester")

@@ -32,8 +32,8 @@ CREATE TABLE {s}.events (
     created_at     TIMESTAMPTZ,       -- when the sender built it
     expires_at     TIMESTAMPTZ,
     prev_seq       BIGINT,            -- Bus-Prev-Seq header of a fenced record
-    headers        JSON,
-    payload        JSON,
+    headers        JSON USING COMPRESSION zstd,
+    payload        JSON USING COMPRESSION zstd,
     error          VARCHAR,           -- why the bytes did not decode (NULL when they did)
     raw            BLOB               -- the bytes, only when they did not decode
 )
