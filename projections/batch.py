@@ -220,7 +220,7 @@ def merge(batches: Sequence[Batch]) -> Batch:
     claims = [b.claims for b in batches]
     odd_ids = [b.odd_ids for b in batches]
     refused = [b.refused for b in batches]
-    return Batch(
+    merged = Batch(
         table=pa.concat_tables([b.table for b in batches]),
         seqs=[seq for b in batches for seq in b.seqs],
         last_time_ns=batches[-1].last_time_ns,
@@ -231,6 +231,10 @@ def merge(batches: Sequence[Batch]) -> Batch:
         odd_ids=_any(odd_ids),
         refused=_any(refused),
     )
+    fold_tables = [b._fold_table for b in batches]
+    if all(table is not None for table in fold_tables):  # (then the merged one's is theirs, joined)
+        object.__setattr__(merged, "_fold_table", pa.concat_tables(fold_tables))
+    return merged
 
 
 def _any(flags: list[bool | None]) -> bool | None:

@@ -540,6 +540,12 @@ class Runner:
             else:
                 batch = await loop.run_in_executor(self._decoder, decode, records)
             batch = await self._opener.open(batch, None if len(records) <= INLINE_DECODE_MAX else self._offload)
+            # What every lane's fold reads (the subject split), worked out once for all of them
+            # here rather than by each lane's thread at once; a big batch's off the event loop.
+            if len(records) <= INLINE_DECODE_MAX:
+                batch.fold_table()
+            else:
+                await loop.run_in_executor(self._decoder, batch.fold_table)
             if live and batch.has_kind(FORGOTTEN):
                 self._note_forgets(batch)
             await decoded.put(batch)

@@ -16,7 +16,7 @@ import projections.batch as batch_module
 from bus.client import Bus
 from bus.config import BusConfig
 from bus.log_reader import LogRecord
-from projections.batch import build_batch
+from projections.batch import build_batch, merge
 from projections.workload import synthetic_log
 from schemas import DecodeError, Envelope, decode_loose
 from schemas.limits import Headers
@@ -91,8 +91,11 @@ def test_the_subject_class_and_name_are_what_split_part_gives_for_any_subject() 
         LogRecord(seq, T0 + seq, subject.encode(), envelope(), b"") for seq, subject in enumerate(subjects, 1)
     ])
     con = duckdb.connect()
-    for part in (batch, batch.window(3, 9)):
+    fresh = batch.window(3, 9)  # sliced before the batch's split is worked out: works out its own
+    batch.fold_table()  # then carried by slices, and by a merge of slices
+    for part in (batch, fresh, batch.window(2, 10), merge([batch.window(0, 5), batch.window(5)])):  # type: ignore[list-item]
         assert part is not None
+        assert part.fold_table().drop_columns(["subject_class", "subject_name"]).equals(part.table)
         con.register("batch", part.fold_table())
         rows = con.execute(
             "SELECT subject_class, split_part(subject, '.', 2), subject_name, split_part(subject, '.', 3) "
