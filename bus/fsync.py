@@ -25,25 +25,39 @@ _HOW = (
 )
 
 
-async def node_fsync(monitor_urls: tuple[str, ...]) -> tuple[dict[str, bool], list[str]]:
-    """Ask every monitoring URL: ({server name: fsyncs every write}, [URLs that could not be read,
-    with the reason])."""
+async def node_fsync(
+    monitor_urls: tuple[str, ...], *, enough: frozenset[str] = frozenset()
+) -> tuple[dict[str, bool], list[str]]:
+    """Ask every monitoring URL at once: ({server name: fsyncs every write}, [URLs that could not
+    be read, with the reason]). With `enough` (server names), return as soon as each of them has
+    a verdict, without waiting for the other URLs: a hung node (SIGSTOPped, partitioned) answers
+    nothing until its timeout, and need not be waited for when it holds no part of the log."""
 
     async def ask(url: str) -> tuple[str, dict[str, Any] | str]:
         try:
+            # A thread: the read blocks. One not waited for ends by its own timeout.
             return url, await asyncio.to_thread(read_varz, url)
         except (OSError, ValueError, http.client.HTTPException) as exc:
             return url, str(exc) or type(exc).__name__
 
     verdicts: dict[str, bool] = {}
     unread: list[str] = []
-    for url, varz in await asyncio.gather(*(ask(u) for u in monitor_urls)):
-        if isinstance(varz, str):
-            unread.append(f"{url} ({varz})")
-            continue
-        name = str(varz.get("server_name") or varz.get("server_id") or url)
-        verdicts[name] = bool(varz.get("jetstream", {}).get("config", {}).get("sync_always"))
-    return verdicts, unread
+    pending = {asyncio.ensure_future(ask(u)) for u in monitor_urls}
+    try:
+        while pending and not (enough and enough <= verdicts.keys()):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for answer in done:
+                url, varz = answer.result()
+                if isinstance(varz, str):
+                    unread.append(f"{url} ({varz})")
+                    continue
+                name = str(varz.get("server_name") or varz.get("server_id") or url)
+                verdicts[name] = bool(varz.get("jetstream", {}).get("config", {}).get("sync_always"))
+    finally:
+        for waiting in pending:
+            waiting.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return verdicts, sorted(unread)
 
 
 async def check_fsync(config: BusConfig, log_nodes: list[str]) -> None:
@@ -55,7 +69,7 @@ async def check_fsync(config: BusConfig, log_nodes: list[str]) -> None:
     if not urls:
         log.debug("no monitor_url: cannot verify that the servers fsync every write")
         return
-    verdicts, unread = await node_fsync(urls)
+    verdicts, unread = await node_fsync(urls, enough=frozenset(log_nodes))
     lazy = sorted(name for name, always in verdicts.items() if not always and (not log_nodes or name in log_nodes))
     if lazy and config.require_fsync:
         raise ConfigurationError(

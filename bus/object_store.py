@@ -43,7 +43,7 @@ from nats.nuid import NUID
 
 from bus.errors import BusUnavailable, ObjectCorrupt, ObjectNotFound
 from bus.puback import parse_puback
-from bus.topology import ensure_stream, like_log, patiently, placement
+from bus.topology import READ_ATTEMPT_S, ensure_stream, like_log, patiently, placement
 from bus.transport import StoredMessage, Transport, translate
 
 # ADR-20's default chunk size: well under the server's message limit (1 MiB by default).
@@ -154,7 +154,7 @@ class ObjectStore:
         stream `like` (the log): an archive copy survives what the log survives. A live bucket
         is used as it is (`bus stream update` moves it with the log). Raises
         ConfigurationError, BusUnavailable, PermissionDenied."""
-        info = await patiently(lambda: transport.js.stream_info(like), f"reading stream {like}")
+        info = await patiently(lambda: transport.js.stream_info(like), f"reading stream {like}", attempt_s=READ_ATTEMPT_S)
         settings = like_log(info)
         await transport.guarded("$JS.API.STREAM.", ensure_stream(
             transport.js, object_store_config(bucket, settings.replicas, placement(settings.placement_tags))

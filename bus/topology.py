@@ -35,6 +35,11 @@ _NS = 1_000_000_000
 # group electing a leader (4-9 s in nats-server), or a cluster that formed a moment ago.
 API_PATIENCE_S = 20.0
 _API_BACKOFF_S = (0.05, 0.1, 0.2, 0.5)
+# One attempt of a read (stream or consumer info) while waiting out an election. A leader answers
+# in milliseconds; a request sent while there was none is never answered, so waiting on it for
+# the API's whole timeout only delays seeing the new leader (a client starting during a leader's
+# SIGSTOP met the election up to 2 s late). Reads are safe to send again.
+READ_ATTEMPT_S = 1.0
 # The server's answer when a stream was created (differently) between our look and our create.
 _STREAM_NAME_IN_USE = 10058
 
@@ -148,16 +153,23 @@ def _leaderless(exc: BaseException) -> bool:
                             asyncio.TimeoutError))
 
 
-async def patiently(call: Callable[[], Awaitable[T]], what: str, patience_s: float = API_PATIENCE_S) -> T:
+async def patiently(
+    call: Callable[[], Awaitable[T]], what: str, patience_s: float = API_PATIENCE_S, *, attempt_s: float | None = None
+) -> T:
     """`await call()`, called again while the failure is one a leader election explains (no
     answer, no responders, 503), for up to `patience_s`: an election is a wait, not an error.
-    Other errors, and the last one once patience runs out, are raised as they are."""
+    With `attempt_s`, one attempt is given up after that long (for reads only: an abandoned
+    write may still happen). Other errors, and the last one once patience runs out, are raised
+    as they are."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience_s
     attempt = 0
     while True:
         try:
-            return await call()
+            if attempt_s is None:
+                return await call()
+            async with asyncio.timeout(attempt_s):
+                return await call()
         except Exception as exc:
             if not _leaderless(exc):
                 raise
@@ -183,14 +195,15 @@ async def ensure_stream(
     what = f"setting up stream {config.name}"
     try:
         try:
-            info = await patiently(lambda: js.stream_info(config.name), what)
+            info = await patiently(lambda: js.stream_info(config.name), what, attempt_s=READ_ATTEMPT_S)
         except NotFoundError:
             try:
                 return await patiently(lambda: js.add_stream(config), what)
             except APIError as exc:
                 if exc.err_code != _STREAM_NAME_IN_USE:
                     raise
-                info = await patiently(lambda: js.stream_info(config.name), what)  # created by another process first
+                # created by another process first
+                info = await patiently(lambda: js.stream_info(config.name), what, attempt_s=READ_ATTEMPT_S)
     except (APIError, nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError) as exc:
         raise _translated(exc, "set up", config.name) from exc
     compared = set(checked)
@@ -448,7 +461,7 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: js_api.Cons
     leader election (`patiently`). Returns its info; raises nats-py's errors."""
     what = f"setting up consumer {config.durable_name}"
     try:
-        info = await patiently(lambda: js.consumer_info(stream, config.durable_name), what)
+        info = await patiently(lambda: js.consumer_info(stream, config.durable_name), what, attempt_s=READ_ATTEMPT_S)
     except NotFoundError:
         return await patiently(lambda: js.add_consumer(stream, config), what)
     live = info.config

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from bus.cluster import LocalCluster
 from cluster import ClusterAccess
 from bus.config import StreamSettings
 from bus.errors import ConfigurationError
+from bus.fsync import node_fsync
 from bus.server import EmbeddedServer, read_varz
 from schemas.payloads import Note
 from conftest import refused_port
@@ -141,6 +143,29 @@ async def test_fsync_is_verified_on_every_node_and_an_unverifiable_one_refused(
     with pytest.raises(ConfigurationError, match="cannot verify"):
         async with Bus(BusConfig(url=nats_server.url, monitor_url="http://127.0.0.1:notaport", credentials=admin_credentials)):
             pass
+
+
+async def test_the_fsync_check_does_not_wait_for_a_hung_node_outside_the_log(
+    nats_cluster: LocalCluster, nats_server: EmbeddedServer
+) -> None:
+    """A hung node (SIGSTOP: its monitoring port accepts, then answers nothing) costs the fsync
+    check nothing when it holds no part of the log: the check returns once the log's nodes are
+    verified, the hung URL neither verified nor waited out. Asked for every URL, the same hung
+    node is named unread once its read times out."""
+    hung = nats_server.settings.monitor_url
+    assert hung is not None and nats_server.pid is not None
+    urls = (*nats_cluster.monitor_urls, hung)
+    log_nodes = frozenset(node.name for node in nats_cluster.nodes)
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        verdicts, unread = await node_fsync(urls, enough=log_nodes)
+        assert verdicts == dict.fromkeys(log_nodes, True)
+        assert unread == []  # not waited for: a read that had timed out would be listed
+        verdicts, unread = await node_fsync(urls)
+        assert verdicts == dict.fromkeys(log_nodes, True)
+        assert [u.split(" ", 1)[0] for u in unread] == [hung], unread
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
 
 
 async def test_routes_between_the_nodes_are_tls_verified_both_ways(
