@@ -52,6 +52,12 @@ CONVERSATION_STEPS = 1_000
 LIVE_RATE_PER_S = 1_000
 LIVE_TICK_S = 0.01
 RATIO_MESSAGES = 200_000
+# Pairs of runs (one without the console, one with it) per repeat asked for. The console costs
+# the two cores ~2% (Chromium ~0.035 of a core, the console ~0.008), while one run's rate swings
+# ~5% from the next and the rates drift 25-30% down over the section (the projection service
+# folds everything published beside them, 0.8-0.9 of a core, more as its views grow): ratios
+# from 3 pairs came out 0.85-1.04 in one hour, from 9 pairs 0.96-0.97.
+PAIRS_PER_REPEAT = 3
 PAINT_LOADS = 5
 SENDERS = 5
 RECIPIENTS = 20
@@ -261,8 +267,8 @@ async def _with_and_without(
     env: BenchEnv, bus: Bus, browser: Any, url: str, home: Path, *, browser_pid: int | None
 ) -> dict[str, float]:
     """Durable publishing and consuming without the console and with it open on the traffic view
-    (following everything), `env.repeats` times, which goes first alternating; medians and their
-    ratios, and the CPU the browser and the console took while open. Each run moves
+    (following everything), PAIRS_PER_REPEAT x `env.repeats` times, which goes first
+    alternating; medians and their ratios, and the CPU the browser and the console took while open. Each run moves
     RATIO_MESSAGES: at ~45k/s, shorter runs (50k, ~1 s) swung the ratios by 10-20% from one
     repeat to the next, as a single stall of the disk fell into one side or the other."""
     count = env.n(RATIO_MESSAGES)
@@ -296,7 +302,7 @@ async def _with_and_without(
     # after it (51-55k/s against 43-52k/s, either side), which favoured whichever side went first.
     await durable_rate(bus, count, to="sink")
     await engine_rate(bus, count)
-    for repeat in range(env.repeats):
+    for repeat in range(PAIRS_PER_REPEAT * env.repeats):
         # Alternating which side goes first, so a drift of the machine favours neither.
         if repeat % 2 == 0:
             await measure("without")
