@@ -156,6 +156,8 @@ async def test_an_unsynced_store_writes_its_folds_back_while_open_and_stops_at_c
     that fsyncs every commit has no pacer."""
     last = await append_batches(bus, list(synthetic_log(bus, 300, seed=5)))
     store = Store(tmp_path / "views.duckdb", stream=STREAM, boot_id="boot-a", writeback_interval_s=0.05)
+    # This store's thread, by identity: a pacer another test left closing may share its name.
+    others = {t for t in threading.enumerate() if t.name == "continuum-writeback"}
     store.open()
     try:
         pacer = store.writeback
@@ -164,12 +166,12 @@ async def test_an_unsynced_store_writes_its_folds_back_while_open_and_stops_at_c
         before = pacer.syncs
         store.apply(build_batch(await read_records(bus, last)))
         await wait_for(lambda: pacer.syncs > before, timeout_s=10, what="the fold written back")
-        threads = {t.name for t in threading.enumerate()}
-        assert "continuum-writeback" in threads
+        ours = {t for t in threading.enumerate() if t.name == "continuum-writeback"} - others
+        assert len(ours) == 1
     finally:
         store.close()
     assert store.writeback is None
-    assert "continuum-writeback" not in {t.name for t in threading.enumerate()}
+    assert not any(t.is_alive() for t in ours)
 
     synced = Store(tmp_path / "synced.duckdb", stream=STREAM, fsync=True)
     synced.open()
