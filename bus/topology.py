@@ -166,9 +166,7 @@ async def patiently(
     attempt = 0
     while True:
         try:
-            if attempt_s is None:
-                return await call()
-            async with asyncio.timeout(attempt_s):
+            async with asyncio.timeout(attempt_s):  # (None: no limit of its own)
                 return await call()
         except Exception as exc:
             if not _leaderless(exc):

@@ -535,14 +535,12 @@ class Runner:
         loop = asyncio.get_running_loop()
         while True:
             records = await read_ahead.take(self._settings.batch_max)
-            if len(records) <= INLINE_DECODE_MAX:
-                batch = decode(records)
-            else:
-                batch = await loop.run_in_executor(self._decoder, decode, records)
-            batch = await self._opener.open(batch, None if len(records) <= INLINE_DECODE_MAX else self._offload)
+            inline = len(records) <= INLINE_DECODE_MAX  # else off the event loop
+            batch = decode(records) if inline else await loop.run_in_executor(self._decoder, decode, records)
+            batch = await self._opener.open(batch, None if inline else self._offload)
             # What every lane's fold reads (the subject split), worked out once for all of them
-            # here rather than by each lane's thread at once; a big batch's off the event loop.
-            if len(records) <= INLINE_DECODE_MAX:
+            # here rather than by each lane's thread at once.
+            if inline:
                 batch.fold_table()
             else:
                 await loop.run_in_executor(self._decoder, batch.fold_table)

@@ -268,9 +268,10 @@ async def _with_and_without(
 ) -> dict[str, float]:
     """Durable publishing and consuming without the console and with it open on the traffic view
     (following everything), PAIRS_PER_REPEAT x `env.repeats` times, which goes first
-    alternating; medians and their ratios, and the CPU the browser and the console took while open. Each run moves
-    RATIO_MESSAGES: at ~45k/s, shorter runs (50k, ~1 s) swung the ratios by 10-20% from one
-    repeat to the next, as a single stall of the disk fell into one side or the other."""
+    alternating; medians and their ratios, and the CPU the browser and the console took while
+    open. Each run moves RATIO_MESSAGES: at ~45k/s, shorter runs (50k, ~1 s) swung the ratios
+    by 10-20% from one repeat to the next, as a single stall of the disk fell into one side or
+    the other."""
     count = env.n(RATIO_MESSAGES)
     await prepublish(bus, count)
     rates: dict[str, list[float]] = {"pub_without": [], "pub_with": [], "con_without": [], "con_with": []}
