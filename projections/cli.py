@@ -44,11 +44,13 @@ from projections.config import (
     DEFAULT_BATCH_MAX,
     DEFAULT_DUCKDB_THREADS,
     DEFAULT_LINGER_S,
+    DEFAULT_NICENESS,
     DEFAULT_QUERY_MEMORY_LIMIT,
     VIEWS_FILE,
     ProjectionSettings,
     QuerySettings,
     format_bytes,
+    lower_cpu_priority,
     parse_bytes,
     quick_gil_handoff,
     tuned_gc,
@@ -94,6 +96,11 @@ def register(subparsers: Any) -> None:
         "--linger-ms", type=non_negative_float, default=DEFAULT_LINGER_S * 1000, metavar="MS",
         help="how long a fold lane may let live batches gather while no query waits for its views "
              "(default %(default)g; a min_seq query for them ends the wait; 0: fold every batch at once)",
+    )
+    run.add_argument(
+        "--nice", type=_niceness, default=DEFAULT_NICENESS, metavar="N",
+        help="CPU niceness, 0-19 (default %(default)s): the views can catch up, the bus cannot wait, so "
+             "on a busy machine the fold takes what the bus leaves; 0 folds at the bus's priority",
     )
     run.add_argument("--fsync", action="store_true",
                      help="fsync the views file at every commit (default: unsynced; after an OS crash "
@@ -145,6 +152,16 @@ def register(subparsers: Any) -> None:
     query.set_defaults(func=_query)
 
 
+def _niceness(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"{value} is not a niceness: use 0 (normal) to 19 (lowest)")
+    return value
+
+
 def _size(text: str) -> int:
     """An argparse type: a size such as 512MB or 1GiB, in bytes (at least 1)."""
     try:
@@ -190,6 +207,8 @@ async def _compact(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    # First: every thread the service starts (DuckDB's, the query workers) takes it from here.
+    lower_cpu_priority(args.nice)
     try:
         settings = _settings(
             args, batch_max=args.batch_max, read_ahead=2 * args.batch_max,

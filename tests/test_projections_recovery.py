@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ import pytest
 from conftest import wait_for
 
 from bus import Bus, BusUnavailable, QueryError
-from projections.config import ProjectionSettings
+from projections.config import DEFAULT_NICENESS, ProjectionSettings
 from projections.service import ProjectionService
 from projections.store import file_checkpoints, file_hashes
 from projections.views import VIEWS
@@ -39,12 +40,12 @@ def _log_file(path: Path) -> BinaryIO:
 
 
 @asynccontextmanager
-async def service_process(bus: Bus, home: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`bus projections run` exactly as `bus up` starts it, as a child process."""
+async def service_process(bus: Bus, home: Path, *options: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`bus projections run` exactly as `bus up` starts it (plus `options`), as a child process."""
     log = _log_file(home / "projections.log")
     try:
         proc = await asyncio.create_subprocess_exec(
-            *_command(bus, home, "projections", "run"), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            *_command(bus, home, "projections", "run"), *options, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )
     finally:
         log.close()
@@ -200,6 +201,45 @@ async def test_cli_status_and_rebuild_talk_to_the_service_or_open_the_file(bus: 
     assert offline_rebuild.returncode == 0, offline_rebuild.stderr
     assert "rebuilding" in offline_rebuild.stdout and "directly" in offline_rebuild.stdout
     assert "rebuilt messages" in offline_rebuild.stdout
+
+
+def _thread_niceness(pid: int) -> dict[int, int]:
+    """Every thread of `pid`: its niceness (/proc/<pid>/task/<tid>/stat, field 19)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            found[int(task.name)] = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads' niceness is read from Linux's /proc")
+async def test_the_service_runs_every_thread_at_its_niceness(bus: Bus, tmp_path: Path) -> None:
+    """`--nice N` is every thread's (the loop's, DuckDB's, the query workers'), so the fold
+    yields the CPU to the bus as a whole; the default is DEFAULT_NICENESS; a niceness outside
+    0-19 is refused with a clear error before anything starts."""
+    home = tmp_path / "home"
+    home.mkdir()
+    last = await append_batches(bus, list(synthetic_log(bus, 300, seed=8)))
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    chosen = min(19, max(own, DEFAULT_NICENESS) + 2)
+    seen: dict[str, dict[int, int]] = {}
+    for label, options in (("chosen", ("--nice", str(chosen))), ("default", ())):
+        async with service_process(bus, home, *options) as proc:
+            await wait_for(lambda: answering(bus), timeout_s=60, what="the service to answer")
+            await bus.query("SELECT count(*) FROM events", min_seq=last, timeout_s=30)
+            seen[label] = _thread_niceness(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+    refused = [await cli(bus, home, "projections", "run", "--nice", value) for value in ("20", "-1", "low")]
+
+    # A folding, answering service has its loop, DuckDB's and the query workers' threads.
+    assert len(seen["chosen"]) >= 4, seen
+    assert set(seen["chosen"].values()) == {chosen}, seen
+    assert set(seen["default"].values()) == {max(own, DEFAULT_NICENESS)}, seen
+    for result in refused:
+        assert result.returncode == 2, result
+        assert "niceness" in result.stderr or "whole number" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 async def test_metrics_port_serves_prometheus_text(bus: Bus, tmp_path: Path) -> None:

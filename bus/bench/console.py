@@ -11,8 +11,14 @@
     console_live_reached_fraction        of those envelopes, the share some draw reached
     console_live_rows_max                rows the traffic view held at the end (bounded at 50)
     console_publish_ratio                durable publishing with the console open and following
-                                         traffic / without it (alternating, same run)
+                                         traffic / without it: the median, over pairs of runs
+                                         next to each other (which goes first alternating), of
+                                         each pair's ratio
     console_consume_ratio                consuming and acking, the same way
+    console_publish_ratio_low / _high    the pairs' ratios at the first and third quartile (how
+    console_consume_ratio_low / _high    far one pair's ratio is to be trusted)
+    console_publish_ratio_unpaired       the median of the runs with the console over the median
+    console_consume_ratio_unpaired       of the runs without (the drift over the section in both)
     console_open_browser_cpu             while those ran with the console open: CPU time of every
     console_open_console_cpu             Chromium process (browser, renderer, GPU) and of the
                                          console's, per second of wall time (cores; medians)
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import logging
 import os
 import statistics
 import time
@@ -47,11 +54,16 @@ from bus.config import BusConfig
 from bus.errors import BusUnavailable, QueryError
 from schemas.payloads import Note
 
+log = logging.getLogger("continuum.bench.console")
+
 LOG_EVENTS = 1_000_000
 CONVERSATION_STEPS = 1_000
 LIVE_RATE_PER_S = 1_000
 LIVE_TICK_S = 0.01
 RATIO_MESSAGES = 200_000
+# A consuming run replays this many (twice a publishing run's): at ~40k/s, runs of 200,000 (5 s)
+# swung ±15% from one to the next, with or without the console, twice what publishing runs did.
+CONSUME_MESSAGES = 2 * RATIO_MESSAGES
 # Pairs of runs (one without the console, one with it) per repeat asked for. The console costs
 # the two cores ~2% (Chromium ~0.035 of a core, the console ~0.008), while one run's rate swings
 # ~5% from the next and the rates drift 25-30% down over the section (the projection service
@@ -268,12 +280,13 @@ async def _with_and_without(
 ) -> dict[str, float]:
     """Durable publishing and consuming without the console and with it open on the traffic view
     (following everything), PAIRS_PER_REPEAT x `env.repeats` times, which goes first
-    alternating; medians and their ratios, and the CPU the browser and the console took while
-    open. Each run moves RATIO_MESSAGES: at ~45k/s, shorter runs (50k, ~1 s) swung the ratios
-    by 10-20% from one repeat to the next, as a single stall of the disk fell into one side or
-    the other."""
-    count = env.n(RATIO_MESSAGES)
-    await prepublish(bus, count)
+    alternating; medians, the pairs' ratios (see `_paired_ratios`; every pair is logged), and
+    the CPU the browser and the console took while open. Each publishing run moves
+    RATIO_MESSAGES, each consuming run CONSUME_MESSAGES: at ~45k/s, shorter runs (50k, ~1 s)
+    swung the ratios by 10-20% from one repeat to the next, as a single stall of the disk fell
+    into one side or the other."""
+    count, replayed = env.n(RATIO_MESSAGES), env.n(CONSUME_MESSAGES)
+    await prepublish(bus, replayed)
     rates: dict[str, list[float]] = {"pub_without": [], "pub_with": [], "con_without": [], "con_with": []}
     cpu: dict[str, list[float]] = {"browser": [], "console": []}
 
@@ -282,7 +295,7 @@ async def _with_and_without(
         await _views_reach(bus, await bus.last_seq(), timeout_s=300)
         rates[f"pub_{side}"].append(await durable_rate(bus, count, to="sink"))
         await _views_reach(bus, await bus.last_seq(), timeout_s=300)
-        rates[f"con_{side}"].append(await engine_rate(bus, count))
+        rates[f"con_{side}"].append(await engine_rate(bus, replayed))
 
     async def with_console() -> None:
         async with _console(url, home) as (base, console_pid):
@@ -302,7 +315,7 @@ async def _with_and_without(
     # One run of each, not counted: the first consume after the prepublish ran faster than any
     # after it (51-55k/s against 43-52k/s, either side), which favoured whichever side went first.
     await durable_rate(bus, count, to="sink")
-    await engine_rate(bus, count)
+    await engine_rate(bus, replayed)
     for repeat in range(PAIRS_PER_REPEAT * env.repeats):
         # Alternating which side goes first, so a drift of the machine favours neither.
         if repeat % 2 == 0:
@@ -311,16 +324,31 @@ async def _with_and_without(
         else:
             await with_console()
             await measure("without")
+    for i, pair in enumerate(zip(*rates.values(), strict=True)):
+        log.info("console pair %d: %s", i, dict(zip(rates, (round(rate) for rate in pair), strict=True)))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     return {
         "console_off_publish_per_s": medians["pub_without"],
         "console_open_publish_per_s": medians["pub_with"],
-        "console_publish_ratio": medians["pub_with"] / medians["pub_without"],
+        **_paired_ratios("console_publish_ratio", rates["pub_with"], rates["pub_without"]),
         "console_off_consume_per_s": medians["con_without"],
         "console_open_consume_per_s": medians["con_with"],
-        "console_consume_ratio": medians["con_with"] / medians["con_without"],
+        **_paired_ratios("console_consume_ratio", rates["con_with"], rates["con_without"]),
         **({"console_open_browser_cpu": statistics.median(cpu["browser"]),
             "console_open_console_cpu": statistics.median(cpu["console"])} if browser_pid is not None else {}),
+    }
+
+
+def _paired_ratios(name: str, with_: list[float], without: list[float]) -> dict[str, float]:
+    """`name`: the median of each pair's ratio (run i with the console over run i without: the
+    two ran next to each other, so the drift of the section, 25-30% as the views grow, is in
+    neither); `name`_low / _high: those ratios' quartiles; `name`_unpaired: median over median."""
+    ratios = sorted(w / wo for w, wo in zip(with_, without, strict=True))
+    return {
+        name: statistics.median(ratios),
+        f"{name}_low": percentile(ratios, 0.25),
+        f"{name}_high": percentile(ratios, 0.75),
+        f"{name}_unpaired": statistics.median(with_) / statistics.median(without),
     }
 
 
