@@ -30,6 +30,7 @@ from bus.cli.common import (
     add_connection_options,
     add_metrics_option,
     metrics_endpoint,
+    niceness,
     non_negative_float,
     open_bus,
     out,
@@ -98,7 +99,7 @@ def register(subparsers: Any) -> None:
              "(default %(default)g; a min_seq query for them ends the wait; 0: fold every batch at once)",
     )
     run.add_argument(
-        "--nice", type=_niceness, default=DEFAULT_NICENESS, metavar="N",
+        "--nice", type=niceness, default=DEFAULT_NICENESS, metavar="N",
         help="CPU niceness, 0-19 (default %(default)s): the views can catch up, the bus cannot wait, so "
              "on a busy machine the fold takes what the bus leaves; 0 folds at the bus's priority",
     )
@@ -150,16 +151,6 @@ def register(subparsers: Any) -> None:
         "an agent's credential can query only this way, as itself",
     )
     query.set_defaults(func=_query)
-
-
-def _niceness(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 19:
-        raise argparse.ArgumentTypeError(f"{value} is not a niceness: use 0 (normal) to 19 (lowest)")
-    return value
 
 
 def _size(text: str) -> int:

@@ -200,12 +200,16 @@ async def open_bus(
     await bus.__aexit__(None, None, None)
 
 
+def _whole(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def port_number(text: str) -> int:
     """An argparse type: a TCP port, 1..65535 (else a message saying what was wrong)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    value = _whole(text, "a port number")
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port {value} is outside 1..65535")
     return value
@@ -213,12 +217,17 @@ def port_number(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1 (else a message saying what was wrong)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _whole(text, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def niceness(text: str) -> int:
+    """An argparse type: a CPU niceness, 0 (normal) to 19 (lowest)."""
+    value = _whole(text, "a whole number")
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"{value} is not a niceness: use 0 (normal) to 19 (lowest)")
     return value
 
 
