@@ -96,7 +96,11 @@ async def test_steps_and_liveness_are_views(bus_config: BusConfig, bus: Bus, tmp
 
     records = await read_all(bus)
     whole = fold(tmp_path / "whole.duckdb", bus, records, batch_size=10_000)
-    steps = rows(whole, "SELECT agent, inbound_id, step_index, name, attempt, result->>'id' FROM steps ORDER BY seq")
+    # By name, not by sequence: the two messages' steps ran at once (the note was sent as soon as
+    # the reply came, while the request's step was still being recorded), and nothing orders one
+    # message's step records against another's. Traced: the reply's record stored 0.7 ms before
+    # the note's, or after it when the handling shifted by a millisecond.
+    steps = rows(whole, "SELECT agent, inbound_id, step_index, name, attempt, result->>'id' FROM steps ORDER BY name")
     assert [s[:5] for s in steps] == [
         ("echo", ping.causation_id, 0, "reply", 1),
         ("echo", note.envelope.id, 0, "send:sink", 1),
