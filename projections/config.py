@@ -169,16 +169,16 @@ def format_bytes(size: int) -> str:
     return f"{size} bytes"
 
 
-def lower_cpu_priority(niceness: int) -> int:
+def lower_cpu_priority(niceness: int) -> None:
     """Make every thread of this process at least `niceness` nice (0-19; a thread already nicer
     is left so). On Linux niceness is each thread's own and a new thread takes its creator's:
     call it from entry points before they start threads of their own (importing DuckDB has
-    already started its allocator's). Returns the main thread's niceness after; where the
-    platform has none, 0. Raises ValueError for a niceness outside 0-19."""
+    already started its allocator's). Does nothing where the platform has no niceness. Raises
+    ValueError for a niceness outside 0-19."""
     if not 0 <= niceness <= 19:
         raise ValueError(f"niceness must be 0-19, not {niceness}")
     if not hasattr(os, "getpriority"):
-        return 0
+        return
     tasks = Path("/proc/self/task")
     threads = [int(entry.name) for entry in tasks.iterdir()] if tasks.is_dir() else [0]
     for thread in threads:
@@ -187,7 +187,6 @@ def lower_cpu_priority(niceness: int) -> int:
                 os.setpriority(os.PRIO_PROCESS, thread, niceness)
         except ProcessLookupError:
             pass  # the thread ended meanwhile
-    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @contextlib.contextmanager

@@ -410,6 +410,8 @@ class Runner:
                     archived = await self._build(fold, done)
                 self._restart_live.set()  # frozen views were swapped: read again from their checkpoint
             except Exception:
+                # (Cancelled, the service is closing: the next open drops the building
+                # generations it leaves, in Store._reconcile.)
                 self._metrics.rebuilds.labels("failed").inc()
                 await self._writer.call(self._store.abandon_build)
                 raise

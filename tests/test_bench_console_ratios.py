@@ -12,9 +12,8 @@ def test_a_drift_over_the_section_does_not_move_the_paired_ratio() -> None:
     step later in the drift: the paired ratio is each pair's, and the spread between pairs is
     none."""
     without = [40_000 * (1 - 0.3 * i / 8) for i in range(9)]
-    with_ = [rate * 0.97 for rate in without]
-    # Which side ran where in the drift: the runs with the console a little later in each pair.
-    with_ = [rate * (1 - 0.3 / 16) for rate in with_]
+    # The console's 3%, and its run half a step later in the drift than its pair's.
+    with_ = [rate * 0.97 * (1 - 0.3 / 16) for rate in without]
 
     figures = _paired_ratios("ratio", with_, without)
 

@@ -161,7 +161,7 @@ async def test_rebuild_while_serving_equals_the_incremental_views(bus: Bus, tmp_
                 result = await bus.query("SELECT count(*) FROM events")
                 assert result.rows[0][0] >= last  # the old views stay whole while the new fill up
                 answers += 1
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the pace of the queries asked while it rebuilds, not a wait
             report = await rebuilding
         finally:
             rebuilding.cancel()
